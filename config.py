@@ -1,0 +1,182 @@
+"""One Config for every script.
+
+Precedence, lowest to highest: the dataclass defaults (the `cpu` preset), `--preset=NAME`,
+`--config=FILE.py` (a Python file assigning Config field names, as in nanoGPT), then
+`--field=value` for any field (values parsed as Python literals; a bare word is a string).
+
+    python train_safe.py --preset=paper --epochs=3 --data=../shared/datasets/ASD
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import sys
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class Config:
+    # data
+    data: str = "Dataset/lab"            # a split folder or a folder of entity folders
+    entities: str = "all"                # 'all' or a comma list of entity names
+    entity: str = ""                     # target entity for --stage=local / test.py
+    seq_len: int = 20                    # sliding window (paper 4.1)
+    stride: int = 1                      # training window stride
+    scaler: str = "minmax"               # minmax | zscore | robust (fitted on train only)
+    val_frac: float = 0.1                # last fraction of each train series held out
+    # model (the `cpu` preset: the paper's architecture scaled down)
+    d_model: int = 64                    # Transformer hidden size
+    n_heads: int = 4
+    n_layers: int = 3
+    d_ff: int = 128                      # Transformer feed-forward size
+    d_h1: int = 64                       # MLP h0 -> h1
+    d_theta: int = 32                    # theta0, theta1 and prototype dimension
+    n_global: int = 10                   # K_g global prototypes beta_g
+    n_local: int = 2                     # K_l local prototypes beta_l
+    sinkhorn_eps: float = 0.1            # entropic regularisation (costs are divided by sqrt(d_theta))
+    sinkhorn_iters: int = 100
+    ot_momentum: float = 0.1             # running prototype potentials used for scoring
+    dropout: float = 0.1
+    min_std: float = 0.01                # floor of every Gaussian's standard deviation
+    # training
+    stage: str = "both"                  # global | local | both
+    epochs: int = 8                      # stage 1 (global) epochs
+    local_epochs: int = 3                # stage 2 (local) epochs
+    adapt_windows: int = 0               # stage 2: first N train windows of the entity (0 = all)
+    batch_size: int = 256
+    lr: float = 1e-3
+    local_lr: float = 1e-2
+    weight_decay: float = 0.0
+    rho1: float = 0.01                   # KL(q(theta1) || p(theta1 | theta0'))
+    rho2: float = 0.01                   # KL(q(theta0) || N(0, I))
+    rho3: float = 0.01                   # OT loss
+    warmup_epochs: int = 3               # rho1..3 rise linearly from 0 over the first K epochs
+    grad_clip: float = 5.0
+    max_bad_steps: int = 20              # consecutive non-finite losses before the run stops
+    max_train_windows: int = 0           # per epoch, random subset (0 = all windows)
+    resume: bool = False
+    # scoring and thresholds
+    score_samples: int = 0               # 0: posterior means (deterministic); L > 0: mean over L samples
+    score_batch: int = 1024
+    threshold: str = "spot"              # spot | percentile
+    spot_q: float = 1e-3                 # SPOT risk level
+    spot_level: float = 0.99             # initial quantile (paper: initial probability 0.01)
+    percentile: float = 99.0
+    # outputs and runtime
+    ckpt: str = "checkpoints/puad.ckpt"
+    loss_csv: str = "loss_metrics.csv"
+    out_dir: str = "res_hr"
+    plots: bool = True
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    num_threads: int = 0                 # torch CPU threads (0 = torch default)
+    seed: int = 0
+    progress: bool = True
+
+
+PRESETS: dict[str, dict] = {
+    "cpu": {},
+    # Paper section 4.1. The paper gives prototypes dimension 256 and theta0 dimension 512, but
+    # eq. 4 (theta0' = M x beta) and the cost ||theta0 - beta_j|| need them equal: both are 512.
+    "paper": dict(d_model=512, n_heads=8, n_layers=3, d_ff=2048, d_h1=256, d_theta=512,
+                  n_global=10, n_local=2, lr=2e-5, batch_size=256, epochs=50, warmup_epochs=10,
+                  local_epochs=10, local_lr=1e-3),
+    # tiny model for tests
+    "test": dict(d_model=16, n_heads=2, n_layers=1, d_ff=32, d_h1=16, d_theta=8, epochs=2,
+                 local_epochs=1, warmup_epochs=1, batch_size=64, progress=False, plots=False),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _coerce(name: str, value, default):
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif kind is str:
+        return str(value)
+    raise ConfigError(f"--{name}: expected {kind.__name__}, got {value!r}")
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as --device=cpu is a string
+
+
+def parse_config(argv: list[str] | None = None, defaults: dict | None = None) -> Config:
+    """Build the effective Config from the command line (see module docstring)."""
+    argv = sys.argv[1:] if argv is None else argv
+    names = {f.name: f.default for f in fields(Config)}
+    preset, config_file, overrides = "cpu", None, {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            if arg.startswith("--") and arg[2:] in names and isinstance(names[arg[2:]], bool):
+                overrides[arg[2:]] = True  # --resume alone means True
+                continue
+            raise ConfigError(f"expected --field=value, got {arg!r}")
+        key, text = arg[2:].split("=", 1)
+        if key == "preset":
+            preset = text
+        elif key == "config":
+            config_file = text
+        elif key in names:
+            overrides[key] = _literal(text)
+        else:
+            raise ConfigError(f"unknown option --{key} (not a Config field)")
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    values = dict(defaults or {})
+    values.update(PRESETS[preset])
+    if config_file:
+        scope: dict = {}
+        try:
+            with open(config_file) as fh:
+                exec(compile(fh.read(), config_file, "exec"), scope)
+        except OSError as e:
+            raise ConfigError(f"{config_file}: cannot read config file ({e.strerror})") from None
+        for key, value in scope.items():
+            if key.startswith("_") or callable(value) or type(value).__name__ == "module":
+                continue
+            if key not in names:
+                raise ConfigError(f"{config_file}: unknown Config field {key!r}")
+            values[key] = value
+    values.update(overrides)
+    cfg = Config(**{k: _coerce(k, v, names[k]) for k, v in values.items()})
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config stored in a checkpoint; fields added since are left at their defaults."""
+    names = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in names})
+
+
+def print_config(cfg: Config) -> None:
+    default = Config()
+    changed = {k: v for k, v in dataclasses.asdict(cfg).items() if getattr(default, k) != v}
+    print("config:", ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    if changed:
+        print("  changed from defaults:", ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+
+
+def cli_config(argv: list[str] | None = None, defaults: dict | None = None) -> Config:
+    """parse_config for scripts: a bad option is a one-line error and exit code 2."""
+    try:
+        cfg = parse_config(argv, defaults)
+    except ConfigError as e:
+        print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print_config(cfg)
+    return cfg

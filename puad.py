@@ -1,0 +1,138 @@
+"""PUAD: Transformer encoder -> prototype OT -> hierarchical VAE (Li et al., ICML 2023).
+
+Anomaly score of a time point: the negative log-likelihood -log p(x_t | theta1) of that
+point's V values under the decoder, summed over V. Higher = more anomalous (the paper's
+S_t = log p(x | ...) with the sign flipped, so every score in the project points one way).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from config import Config, config_from_dict
+from prototype_ot import PrototypeOT
+from transformer import TransformerEncoder
+from utils import atomic_write, create_sequences, window_to_point_scores
+from vae_loss import HierarchicalVAE, gaussian_kl, gaussian_nll, total_loss
+
+
+class PUAD(nn.Module):
+    def __init__(self, cfg: Config, n_features: int):
+        super().__init__()
+        self.encoder = TransformerEncoder(n_features, cfg.seq_len, cfg.d_model, cfg.n_heads,
+                                          cfg.n_layers, cfg.d_ff, cfg.dropout)
+        self.to_h1 = nn.Sequential(nn.Linear(self.encoder.out_dim, cfg.d_h1), nn.GELU())  # eq. 8
+        self.pot = PrototypeOT(cfg.n_global, cfg.n_local, cfg.d_theta, cfg.sinkhorn_eps,
+                               cfg.sinkhorn_iters, cfg.ot_momentum)
+        self.vae = HierarchicalVAE(self.encoder.out_dim, cfg.d_h1, cfg.d_theta, cfg.seq_len,
+                                   n_features, cfg.min_std)
+
+    def forward(self, x: torch.Tensor, use_local: bool = False, sample: bool = True,
+                batch_plan: bool = True) -> dict[str, torch.Tensor]:
+        """x (B, T, V) -> loss parts (batch means) and the per-point NLL (B, T, V)."""
+        h0 = self.encoder(x)
+        h1 = self.to_h1(h0)
+        mu0, std0 = self.vae.phi(h0)
+        theta0 = mu0 + std0 * torch.randn_like(std0) if sample else mu0
+        theta0_prime, ot, plan = self.pot(theta0, use_local, batch_plan)
+        mu_p, std_p = self.vae.f1(theta0_prime)
+        mu1, std1 = self.vae.psi(torch.cat([theta0_prime, h1], dim=-1))
+        theta1 = mu1 + std1 * torch.randn_like(std1) if sample else mu1
+        x_mu, x_std = self.vae.decode(theta1)
+        nll = gaussian_nll(x, x_mu, x_std)
+        out = {
+            "recon": nll.sum((1, 2)).mean(),
+            "kl0": gaussian_kl(mu0, std0).sum(-1).mean(),
+            "kl1": gaussian_kl(mu1, std1, mu_p, std_p).sum(-1).mean(),
+            "ot": ot,
+            "nll": nll,
+            "plan": plan,
+        }
+        return out
+
+    def loss(self, x: torch.Tensor, rho: tuple[float, float, float], use_local: bool = False
+             ) -> dict[str, torch.Tensor]:
+        out = self(x, use_local)
+        out["total"] = total_loss(out["recon"], out["kl0"], out["kl1"], out["ot"], *rho)
+        return out
+
+    @torch.inference_mode()
+    def score(self, x: torch.Tensor, use_local: bool = False, n_samples: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-point anomaly scores (B, T) and the row-normalised transport plan (B, K).
+
+        Each window is scored on its own (running OT potentials), so a score does not depend
+        on the batch. n_samples=0 uses posterior means; L > 0 averages the NLL over L samples.
+        """
+        was_training = self.training
+        self.eval()
+        if n_samples <= 0:
+            out = self(x, use_local, sample=False, batch_plan=False)
+            nll, plan = out["nll"].sum(-1), out["plan"]
+        else:
+            outs = [self(x, use_local, sample=True, batch_plan=False) for _ in range(n_samples)]
+            nll = torch.stack([o["nll"].sum(-1) for o in outs]).mean(0)
+            plan = torch.stack([o["plan"] for o in outs]).mean(0)
+        self.train(was_training)
+        return nll, plan / plan.sum(-1, keepdim=True)
+
+
+# ---- checkpoints: plain dicts of tensors, strings and numbers, loadable with weights_only=True
+
+def local_path(ckpt: str | Path, entity: str) -> Path:
+    """Where the per-entity state (beta_l, its OT potentials and scaler) sits beside the shared model."""
+    ckpt = Path(ckpt)
+    return ckpt.with_name(f"{ckpt.stem}.local-{entity}.pt")
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no checkpoint; train one first with train_safe.py")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise SystemExit(f"{path}: not a readable PUAD checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def build_model(ckpt: dict, device: torch.device | str = "cpu") -> tuple[PUAD, Config]:
+    cfg = config_from_dict(ckpt["config"])
+    model = PUAD(cfg, ckpt["n_features"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, cfg
+
+
+def apply_local_state(model: PUAD, local: dict) -> None:
+    with torch.no_grad():
+        model.pot.beta_l.copy_(local["beta_l"])
+        model.pot.g_local.copy_(local["g_local"])
+
+
+def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = False,
+                 batch_size: int = 1024, n_samples: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Score every point of a scaled series (n, V): the one scorer of the project.
+
+    Returns (point scores (n,), transport plan of the window ending at each point (n, K)).
+    Point t is scored by the window that ends at it; the first seq_len-1 points by the first
+    window (see utils.window_to_point_scores). Windows go through in batches, no Python loop
+    per window.
+    """
+    device = next(model.parameters()).device
+    windows = create_sequences(x, seq_len)
+    scores, plans = [], []
+    for i in range(0, len(windows), batch_size):
+        xb = torch.as_tensor(np.ascontiguousarray(windows[i:i + batch_size]), device=device)
+        s, p = model.score(xb, use_local, n_samples)
+        scores.append(s.float().cpu().numpy())
+        plans.append(p.float().cpu().numpy())
+    window_scores, plan = np.concatenate(scores), np.concatenate(plans)
+    plan = np.concatenate([np.repeat(plan[:1], seq_len - 1, axis=0), plan])
+    return window_to_point_scores(window_scores, seq_len), plan

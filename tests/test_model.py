@@ -1,0 +1,120 @@
+"""Sinkhorn / prototype OT and the VAE's closed forms."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from config import parse_config
+from prototype_ot import PrototypeOT, sinkhorn_log
+from puad import PUAD
+from vae_loss import gaussian_kl, gaussian_nll, total_loss
+
+
+def reference_sinkhorn(C: np.ndarray, eps: float, iters: int = 5000):
+    """Textbook Sinkhorn-Knopp in float64 (scaling form), independent of the module's log domain."""
+    n, k = C.shape
+    a, b = np.full(n, 1 / n), np.full(k, 1 / k)
+    K = np.exp(-C / eps)
+    u, v = np.ones(n), np.ones(k)
+    for _ in range(iters):
+        u = a / (K @ v)
+        v = b / (K.T @ u)
+    M = u[:, None] * K * v[None, :]
+    return M, (M * C).sum() + eps * (M * np.log(M / np.outer(a, b))).sum()
+
+
+def test_sinkhorn_marginals_converge():
+    torch.manual_seed(0)
+    cost = torch.rand(2, 64, 10, dtype=torch.float64) * 3  # batched
+    plan, f, g = sinkhorn_log(cost, eps=0.05, n_iters=2000, tol=1e-9)
+    assert plan.shape == (2, 64, 10)
+    assert torch.allclose(plan.sum(-1), torch.full((2, 64), 1 / 64, dtype=torch.float64), atol=1e-4 / 64)
+    assert torch.allclose(plan.sum(-2), torch.full((2, 10), 1 / 10, dtype=torch.float64), atol=1e-4 / 10)
+
+
+def test_sinkhorn_log_domain_is_stable_for_small_eps():
+    cost = torch.rand(32, 12, dtype=torch.float64) * 50
+    plan, _, _ = sinkhorn_log(cost, eps=0.01, n_iters=300)
+    assert torch.isfinite(plan).all()  # exp(-5000) underflows in the scaling form; not here
+
+
+def test_ot_loss_matches_brute_force():
+    torch.manual_seed(1)
+    pot = PrototypeOT(4, 2, dim=3, eps=0.5, n_iters=3000).double()
+    theta0 = torch.randn(6, 3, dtype=torch.float64)
+    _, ot, plan = pot(theta0, use_local=False)
+    C = pot.cost(theta0, pot.beta_g).detach().numpy()
+    C_direct = np.sqrt(((theta0.numpy()[:, None] - pot.beta_g.detach().numpy()[None]) ** 2).sum(-1)) / math.sqrt(3)
+    np.testing.assert_allclose(C, C_direct, rtol=1e-6)
+    M_ref, loss_ref = reference_sinkhorn(C_direct, 0.5)
+    np.testing.assert_allclose(plan.detach().numpy(), M_ref, atol=1e-7)
+    assert abs(ot.item() - loss_ref) < 1e-6
+
+
+def test_theta0_prime_is_row_normalised_plan_times_prototypes():
+    torch.manual_seed(2)
+    pot = PrototypeOT(5, 2, dim=4).double()
+    theta0 = torch.randn(8, 4, dtype=torch.float64)
+    prime, _, plan = pot(theta0, use_local=True)
+    beta = torch.cat([pot.beta_g, pot.beta_l])
+    expected = (plan / plan.sum(1, keepdim=True)) @ beta
+    assert plan.shape == (8, 7)
+    assert torch.allclose(prime, expected)
+
+
+def test_gradients_flow_and_freeze():
+    torch.manual_seed(3)
+    pot = PrototypeOT(5, 2, dim=4)
+    theta0 = torch.randn(8, 4, requires_grad=True)
+    prime, ot, _ = pot(theta0)
+    (ot + prime.pow(2).sum()).backward()
+    assert theta0.grad is not None and theta0.grad.abs().sum() > 0
+    assert pot.beta_g.grad is not None and pot.beta_g.grad.abs().sum() > 0
+    assert pot.beta_l.grad is None  # global-only transport does not touch beta_l
+
+    pot.zero_grad()
+    pot.freeze_global()
+    theta0 = torch.randn(8, 4, requires_grad=True)
+    prime, ot, _ = pot(theta0, use_local=True)
+    (ot + prime.pow(2).sum()).backward()
+    assert pot.beta_g.grad is None
+    assert pot.beta_l.grad is not None and pot.beta_l.grad.abs().sum() > 0
+
+
+def test_scoring_does_not_depend_on_the_batch():
+    torch.manual_seed(4)
+    cfg = parse_config(["--preset=test"])
+    model = PUAD(cfg, 5)
+    x = torch.rand(16, cfg.seq_len, 5)
+    model.train()
+    for _ in range(3):  # fill the running potentials
+        model.loss(x, (0.01, 0.01, 0.01))
+    alone = torch.cat([model.score(x[i:i + 1])[0] for i in range(4)])
+    together = model.score(x)[0][:4]
+    assert torch.allclose(alone, together, atol=1e-5)
+
+
+def test_gaussian_kl_closed_form():
+    # KL(N(1, 2^2) || N(0, 1)) = ln(1/2) + (4 + 1)/2 - 1/2
+    kl = gaussian_kl(torch.tensor([1.0]), torch.tensor([2.0]))
+    assert kl.item() == pytest.approx(math.log(0.5) + 2.5 - 0.5, abs=1e-6)
+    # KL(N(0, 1) || N(1, 0.5^2)) = ln(0.5) + (1 + 1)/(2 * 0.25) - 1/2
+    kl = gaussian_kl(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor([0.5]))
+    assert kl.item() == pytest.approx(math.log(0.5) + 4.0 - 0.5, abs=1e-6)
+    mu_q, s_q, mu_p, s_p = torch.randn(4, 7), torch.rand(7) + 0.1, torch.randn(7), torch.rand(7) + 0.1
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mu_q, s_q), torch.distributions.Normal(mu_p, s_p))
+    assert torch.allclose(gaussian_kl(mu_q, s_q, mu_p, s_p), ref, atol=1e-5)
+
+
+def test_gaussian_nll_closed_form():
+    # -log N(3 | 1, 2^2) = 0.5 * ((3-1)/2)^2 + 0.5 ln(2 pi) + ln 2
+    nll = gaussian_nll(torch.tensor(3.0), torch.tensor(1.0), torch.tensor(2.0))
+    assert nll.item() == pytest.approx(0.5 + 0.5 * math.log(2 * math.pi) + math.log(2), abs=1e-6)
+    x, mu, s = torch.randn(10), torch.randn(10), torch.rand(10) + 0.05
+    assert torch.allclose(gaussian_nll(x, mu, s), -torch.distributions.Normal(mu, s).log_prob(x), atol=1e-5)
+
+
+def test_total_loss_is_eq_11():
+    r, k0, k1, ot = (torch.tensor(v) for v in (10.0, 2.0, 3.0, 4.0))
+    assert total_loss(r, k0, k1, ot, 0.1, 0.2, 0.3).item() == pytest.approx(10 + 0.1 * 3 + 0.2 * 2 + 0.3 * 4)

@@ -1,0 +1,94 @@
+"""Two-stage training on a real ASD entity, checkpoints, resume, and the NaN guard."""
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import train_safe
+from puad import PUAD, apply_local_state, build_model, local_path, read_checkpoint, score_series
+from utils import Scaler, load_dataset
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def args(tmp, data, *extra):
+    return [f"--data={data}", "--preset=test", f"--ckpt={tmp}/puad.ckpt", f"--loss_csv={tmp}/loss.csv",
+            "--max_train_windows=1536", "--lr=3e-3", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import DATASETS
+    if not (DATASETS / "ASD").is_dir():
+        pytest.skip("../shared/datasets/ASD is absent")
+    tmp = tmp_path_factory.mktemp("train")
+    train_safe.main(args(tmp, DATASETS / "ASD", "--entities=omi-1,omi-2", "--stage=global", "--epochs=4"))
+    return tmp, DATASETS / "ASD"
+
+
+def test_global_stage_lowers_validation_loss(trained):
+    tmp, _ = trained
+    loss = pd.read_csv(tmp / "loss.csv")
+    g = loss[loss.stage == "global"]
+    assert list(g.epoch) == [1, 2, 3, 4]
+    assert g.val_total.iloc[-1] < g.val_total.iloc[0]
+    ckpt = read_checkpoint(tmp / "puad.ckpt")
+    assert ckpt["entities"] == ["omi-1", "omi-2"] and len(ckpt["features"]) == 19
+    assert set(ckpt["scalers"]) == {"omi-1", "omi-2"}
+
+
+def test_local_stage_changes_only_beta_l(trained):
+    tmp, data = trained
+    shared_before = sha(tmp / "puad.ckpt")
+    train_safe.main(args(tmp, data, "--stage=local", "--entity=omi-3", "--local_epochs=2"))
+    assert sha(tmp / "puad.ckpt") == shared_before  # the shared model file is untouched
+    shared = read_checkpoint(tmp / "puad.ckpt")
+    local = read_checkpoint(local_path(tmp / "puad.ckpt", "omi-3"))
+    model, _ = build_model(shared)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_local_state(model, local)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"pot.beta_l", "pot.g_local"}  # beta_l and its OT potentials, nothing else
+    assert local["entity"] == "omi-3" and "scaler" in local
+    loss = pd.read_csv(tmp / "loss.csv")
+    assert (loss.stage == "local").sum() == 2 and (loss.stage == "global").sum() == 4
+
+
+def test_checkpoint_round_trip_gives_identical_scores(trained):
+    tmp, data = trained
+    ckpt = read_checkpoint(tmp / "puad.ckpt")
+    ent = load_dataset(data, "omi-1")[0]
+    x = Scaler.from_state(ckpt["scalers"]["omi-1"]).transform(ent.test[:300])
+    m1, cfg = build_model(ckpt)
+    m2, _ = build_model(torch.load(tmp / "puad.ckpt", weights_only=True))
+    s1, p1 = score_series(m1, x, cfg.seq_len)
+    s2, p2 = score_series(m2, x, cfg.seq_len, batch_size=7)  # batching must not matter either
+    assert s1.shape == (300,) and p1.shape == (300, cfg.n_global)
+    assert np.isfinite(s1).all()
+    np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-4)
+
+
+def test_resume_continues_an_interrupted_run(tmp_path, asd, capsys):
+    base = args(tmp_path, asd, "--entities=omi-1", "--stage=global", "--max_train_windows=256")
+    train_safe.main(base + ["--epochs=1"])  # the "interrupted" run: stopped after epoch 1
+    train_safe.main(base + ["--epochs=2", "--resume"])
+    assert "resuming the global stage after epoch 1" in capsys.readouterr().out
+    loss = pd.read_csv(tmp_path / "loss.csv")
+    assert list(loss.epoch) == [1, 2]
+    assert read_checkpoint(tmp_path / "puad.last.ckpt")["epoch"] == 2
+
+
+def test_repeated_nan_losses_stop_without_saving(tmp_path, asd, monkeypatch):
+    def nan_loss(self, x, rho, use_local=False):
+        out = self(x, use_local)
+        out["total"] = out["recon"] * float("nan")
+        return out
+    monkeypatch.setattr(PUAD, "loss", nan_loss)
+    with pytest.raises(SystemExit, match="non-finite losses in a row"):
+        train_safe.main(args(tmp_path, asd, "--entities=omi-1", "--stage=global", "--max_bad_steps=3"))
+    assert not (tmp_path / "puad.ckpt").exists()

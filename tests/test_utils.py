@@ -1,0 +1,153 @@
+"""The data loader's documented repairs and errors, windowing, and config parsing."""
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from config import ConfigError, parse_config
+from utils import DataError, Scaler, create_sequences, load_dataset, load_entity, window_to_point_scores
+
+
+def write_split(folder, train, test=None, labels=None, gz=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    ext = ".csv.gz" if gz else ".csv"
+    train.to_csv(folder / f"train{ext}", index=False)
+    if test is not None:
+        test.to_csv(folder / f"test{ext}", index=False)
+    if labels is not None:
+        labels.to_csv(folder / f"test_label{ext}", index=False)
+    return folder
+
+
+def frame(n, start=0, cols=("a", "b"), seed=0):
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame(rng.random((n, len(cols))), columns=list(cols))
+    df.insert(0, "timestamp", np.arange(start, start + n))
+    return df
+
+
+def test_shuffled_test_split_is_sorted_and_labels_follow(tmp_path, caplog):
+    test = frame(50, start=100, seed=1)
+    labels = pd.DataFrame({"timestamp": test.timestamp, "label": (test.a > 0.5).astype(int)})
+    shuffled = test.sample(frac=1, random_state=0)
+    write_split(tmp_path / "e", frame(40), shuffled, labels.sample(frac=1, random_state=3), gz=True)
+    with caplog.at_level(logging.WARNING, logger="puad"):
+        ent = load_entity(tmp_path / "e", min_rows=5)
+    assert "not increasing" in caplog.text
+    assert np.all(np.diff(ent.test_ts) > 0)
+    np.testing.assert_allclose(ent.test[:, 0], test.a.to_numpy())
+    np.testing.assert_array_equal(ent.labels, (test.a > 0.5).astype(int).to_numpy())
+
+
+def test_nan_and_inf_are_filled_from_neighbours(tmp_path, caplog):
+    train = frame(30)
+    train.loc[0, "a"] = np.nan
+    train.loc[5, "b"] = np.inf
+    write_split(tmp_path / "e", train)
+    with caplog.at_level(logging.WARNING, logger="puad"):
+        ent = load_entity(tmp_path / "e")
+    assert "2 NaN/inf values filled" in caplog.text
+    assert np.isfinite(ent.train).all()
+    assert ent.train[0, 0] == train.a[1] and ent.train[5, 1] == train.b[4]
+
+
+def test_all_nan_column_is_an_error(tmp_path):
+    train = frame(30)
+    train["b"] = np.nan
+    write_split(tmp_path / "e", train)
+    with pytest.raises(DataError, match=r"train.csv: column\(s\) \['b'\] have no finite value"):
+        load_entity(tmp_path / "e")
+
+
+def test_constant_column_is_kept_and_scales_to_zero(tmp_path):
+    train = frame(30)
+    train["c"] = 7.0
+    test = frame(30, start=30)
+    test["c"] = [7.0] * 29 + [9.0]
+    write_split(tmp_path / "e", train, test)
+    ent = load_entity(tmp_path / "e")
+    sc = Scaler("minmax").fit(ent.train)
+    assert np.all(sc.transform(ent.train)[:, 2] == 0)
+    assert sc.transform(ent.test)[-1, 2] == 2.0  # the change in test stays visible
+
+
+def test_missing_column_is_an_error_extra_is_dropped(tmp_path, caplog):
+    write_split(tmp_path / "m", frame(30, cols=("a", "b", "c")), frame(30, start=30))
+    with pytest.raises(DataError, match=r"test.csv: missing column\(s\) \['c'\]"):
+        load_entity(tmp_path / "m")
+    write_split(tmp_path / "x", frame(30), frame(30, start=30, cols=("a", "b", "z")))
+    with caplog.at_level(logging.WARNING, logger="puad"):
+        ent = load_entity(tmp_path / "x")
+    assert ent.test.shape == (30, 2) and "dropping column(s) ['z']" in caplog.text
+
+
+def test_too_short_file_is_an_error(tmp_path):
+    write_split(tmp_path / "e", frame(10))
+    with pytest.raises(DataError, match=r"train.csv: 10 rows, fewer than one window of 20"):
+        load_entity(tmp_path / "e", min_rows=20)
+
+
+def test_missing_labels_and_bad_labels(tmp_path):
+    test = frame(20, start=20)
+    write_split(tmp_path / "e", frame(20), test, pd.DataFrame({"timestamp": test.timestamp[:-1], "label": 0}))
+    with pytest.raises(DataError, match="no label for 1 test timestamp"):
+        load_entity(tmp_path / "e")
+    write_split(tmp_path / "f", frame(20), test, pd.DataFrame({"timestamp": test.timestamp, "label": 2}))
+    with pytest.raises(DataError, match="labels must be 0 or 1"):
+        load_entity(tmp_path / "f")
+
+
+def test_timestamp_is_optional_and_fault_column_is_read(tmp_path):
+    test = frame(20).drop(columns="timestamp")
+    labels = pd.DataFrame({"label": [0] * 10 + [1] * 10, "fault": [""] * 10 + ["cpu-stress"] * 10})
+    write_split(tmp_path / "e", frame(20).drop(columns="timestamp"), test, labels)
+    ent = load_entity(tmp_path / "e")
+    assert ent.labels.sum() == 10 and list(ent.faults[9:11]) == ["", "cpu-stress"]
+
+
+def test_folder_of_entities_natural_order_and_feature_check(tmp_path):
+    for name in ("e-10", "e-2", "e-1"):
+        write_split(tmp_path / "ds" / name, frame(30))
+    assert [e.name for e in load_dataset(tmp_path / "ds")] == ["e-1", "e-2", "e-10"]
+    assert [e.name for e in load_dataset(tmp_path / "ds", "e-10,e-1")] == ["e-10", "e-1"]
+    with pytest.raises(DataError, match="no entity"):
+        load_dataset(tmp_path / "ds", "nope")
+    write_split(tmp_path / "ds" / "e-3", frame(30, cols=("a", "q")))
+    with pytest.raises(DataError, match="features differ"):
+        load_dataset(tmp_path / "ds")
+
+
+def test_real_asd_entity_loads(asd):
+    ents = load_dataset(asd, "omi-1,omi-12")
+    assert ents[0].train.shape == (8640, 19) and ents[1].train.shape == (7291, 19)
+    assert ents[0].test.shape == (4320, 19) and ents[0].labels.shape == (4320,)
+    assert 0 < ents[0].labels.mean() < 0.2
+
+
+def test_create_sequences_is_a_view():
+    data = np.arange(60, dtype=np.float32).reshape(20, 3)
+    w = create_sequences(data, 5, stride=2)
+    assert w.shape == (8, 5, 3)
+    assert np.shares_memory(w, data)
+    np.testing.assert_array_equal(w[1], data[2:7])
+
+
+def test_window_to_point_scores_alignment():
+    ws = np.arange(4 * 3, dtype=float).reshape(4, 3)  # 4 windows of length 3 over 6 points
+    np.testing.assert_array_equal(window_to_point_scores(ws, 3), [0, 1, 2, 5, 8, 11])
+
+
+def test_config_precedence_and_errors(tmp_path):
+    f = tmp_path / "exp.py"
+    f.write_text("epochs = 7\nlr = 0.5\nimport math\n")
+    cfg = parse_config(["--preset=paper", f"--config={f}", "--lr=0.25", "--device=cpu", "--resume"])
+    assert cfg.d_model == 512 and cfg.epochs == 7 and cfg.lr == 0.25 and cfg.device == "cpu" and cfg.resume
+    assert parse_config([]).d_model == 64  # the cpu preset is the default
+    with pytest.raises(ConfigError, match="unknown option --nope"):
+        parse_config(["--nope=1"])
+    with pytest.raises(ConfigError, match="expected int"):
+        parse_config(["--epochs=many"])
+    f.write_text("epochz = 3\n")
+    with pytest.raises(ConfigError, match="unknown Config field 'epochz'"):
+        parse_config([f"--config={f}"])

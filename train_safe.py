@@ -1,0 +1,276 @@
+"""Train PUAD in two stages (paper Algorithm 1).
+
+Stage 1 (global): the network and the global prototypes beta_g on the train series of one or
+many entities (one shared model; windows never cross entity borders).
+Stage 2 (local): everything frozen but the local prototypes beta_l, fitted on one entity's
+train series (or its first --adapt_windows windows); written to a small file of its own beside
+the shared checkpoint, which stays untouched.
+
+    python train_safe.py                                   # both stages on the default data
+    python train_safe.py --data=../shared/datasets/ASD --entities=omi-1,omi-2 --stage=global
+    python train_safe.py --stage=local --entity=omi-3 --adapt_windows=20
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from config import Config, cli_config
+from puad import PUAD, build_model, local_path, read_checkpoint, save_checkpoint
+from utils import (DataError, Entity, Scaler, get_device, load_dataset, log, set_seed,
+                   split_train_val, write_csv_atomic)
+from vae_loss import total_loss
+
+LOSS_COLUMNS = ["stage", "entity", "epoch", "total", "recon", "kl0", "kl1", "ot", "val_total",
+                "rho1", "rho2", "rho3", "lr", "seconds", "skipped"]
+
+
+class Windows:
+    """Windows of several series, gathered per batch from one flat tensor (no window copies)."""
+
+    def __init__(self, series: list[np.ndarray], seq_len: int, stride: int, device, max_windows: int = 0):
+        self.data = torch.as_tensor(np.concatenate(series).astype(np.float32), device=device)
+        starts, offset = [], 0
+        for s in series:
+            starts.append(offset + np.arange(0, len(s) - seq_len + 1, stride))
+            offset += len(s)
+        self.starts = torch.as_tensor(np.concatenate(starts), device=device)
+        if max_windows:
+            self.starts = self.starts[:max_windows]
+        self.steps = torch.arange(seq_len, device=device)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, limit: int = 0):
+        order = torch.randperm(len(self), generator=generator).to(self.starts.device) if generator else \
+            torch.arange(len(self), device=self.starts.device)
+        if limit:
+            order = order[:limit]
+        for i in range(0, len(order), batch_size):
+            yield self.data[self.starts[order[i:i + batch_size], None] + self.steps]
+
+
+def rho_at(cfg: Config, epoch_progress: float, warm: bool = True) -> tuple[float, float, float]:
+    """rho1..3 rise linearly from 0 to their targets over the first warmup_epochs (paper 3.3);
+    the local stage starts from a trained model and uses the targets (warm=False)."""
+    f = 1.0 if cfg.warmup_epochs <= 0 or not warm else min(1.0, epoch_progress / cfg.warmup_epochs)
+    return cfg.rho1 * f, cfg.rho2 * f, cfg.rho3 * f
+
+
+@torch.no_grad()
+def validate(model: PUAD, windows: Windows, cfg: Config, use_local: bool) -> float:
+    """Validation loss with the target rhos, posterior means, each window on its own."""
+    model.eval()
+    total, n = 0.0, 0
+    for xb in windows.batches(cfg.score_batch):
+        out = model(xb, use_local, sample=False, batch_plan=False)
+        loss = total_loss(out["recon"], out["kl0"], out["kl1"], out["ot"], cfg.rho1, cfg.rho2, cfg.rho3)
+        total += loss.item() * len(xb)
+        n += len(xb)
+    model.train()
+    return total / max(n, 1)
+
+
+def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w: Windows, cfg: Config,
+               stage: str, entity: str, epochs: int, lr: float, save, history: list[dict],
+               start_epoch: int = 0, opt_state: dict | None = None, best_val: float = math.inf) -> float:
+    """The training loop shared by both stages; save(epoch, best, optimizer, improved) persists state."""
+    use_local = stage == "local"
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    if opt_state:
+        opt.load_state_dict(opt_state)
+    gen = torch.Generator().manual_seed(cfg.seed + 1000 * start_epoch + (stage == "local"))
+    steps_per_epoch = math.ceil((cfg.max_train_windows or len(train_w)) / cfg.batch_size)
+    bad_run = 0
+    model.train()
+    for epoch in range(start_epoch + 1, epochs + 1):
+        t0, sums, n, skipped = time.time(), dict(total=0.0, recon=0.0, kl0=0.0, kl1=0.0, ot=0.0), 0, 0
+        bar = tqdm(train_w.batches(cfg.batch_size, gen, cfg.max_train_windows), total=steps_per_epoch,
+                   desc=f"{stage} {entity} epoch {epoch}/{epochs}", disable=None if cfg.progress else True, leave=False)
+        for step, xb in enumerate(bar):
+            rho = rho_at(cfg, epoch - 1 + step / steps_per_epoch, not use_local)
+            out = model.loss(xb, rho, use_local)
+            if not torch.isfinite(out["total"]):
+                skipped, bad_run = skipped + 1, bad_run + 1
+                log.warning("%s epoch %d step %d: non-finite loss, step skipped", stage, epoch, step)
+                if bad_run >= cfg.max_bad_steps:
+                    raise SystemExit(f"train_safe.py: error: {bad_run} non-finite losses in a row "
+                                     f"({stage} stage, epoch {epoch}); stopped without saving. "
+                                     f"Lower --lr or check the data.")
+                continue
+            opt.zero_grad(set_to_none=True)
+            out["total"].backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if not torch.isfinite(grad_norm):
+                skipped, bad_run = skipped + 1, bad_run + 1
+                continue
+            opt.step()
+            bad_run = 0
+            for k in sums:
+                sums[k] += out[k].item() * len(xb)
+            n += len(xb)
+            bar.set_postfix({k: f"{out[k].item():.3g}" for k in ("total", "recon", "kl0", "kl1", "ot")})
+        val = validate(model, val_w, cfg, use_local)
+        rho = rho_at(cfg, epoch, not use_local)
+        row = dict(stage=stage, entity=entity, epoch=epoch, **{k: v / max(n, 1) for k, v in sums.items()},
+                   val_total=val, rho1=rho[0], rho2=rho[1], rho3=rho[2], lr=lr,
+                   seconds=round(time.time() - t0, 3), skipped=skipped)
+        history.append(row)
+        print(f"{stage} {entity} epoch {epoch}/{epochs}: total {row['total']:.4g} recon {row['recon']:.4g} "
+              f"kl0 {row['kl0']:.3g} kl1 {row['kl1']:.3g} ot {row['ot']:.3g} | val {val:.4g} | "
+              f"{row['seconds']:.1f}s {n / max(row['seconds'], 1e-9):.0f} windows/s"
+              + (f" | skipped {skipped}" if skipped else ""), flush=True)
+        improved = math.isfinite(val) and val < best_val
+        best_val = val if improved else best_val
+        write_csv_atomic(cfg.loss_csv, pd.DataFrame(history, columns=LOSS_COLUMNS))
+        save(epoch, best_val, opt.state_dict(), improved)
+    return best_val
+
+
+def prepare(entities: list[Entity], cfg: Config, scalers: dict[str, Scaler] | None = None
+            ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, Scaler]]:
+    """Scale each entity with its own train-fitted scaler and hold out its last val_frac."""
+    scalers = dict(scalers or {})
+    trains, vals = [], []
+    for e in entities:
+        if e.name not in scalers:
+            scalers[e.name] = Scaler(cfg.scaler).fit(e.train)
+        tr, va = split_train_val(scalers[e.name].transform(e.train), cfg.val_frac, cfg.seq_len)
+        trains.append(tr)
+        vals.append(va)
+    return trains, vals, scalers
+
+
+def train_global(cfg: Config, device: torch.device) -> Path:
+    entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
+    trains, vals, scalers = prepare(entities, cfg)
+    train_w = Windows(trains, cfg.seq_len, cfg.stride, device)
+    val_w = Windows(vals, cfg.seq_len, 1, device)
+    print(f"global stage: {len(entities)} entities, {len(entities[0].features)} features, "
+          f"{len(train_w)} train windows, {len(val_w)} validation windows")
+    ckpt_path, last_path = Path(cfg.ckpt), Path(cfg.ckpt).with_suffix(".last.ckpt")
+    model = PUAD(cfg, len(entities[0].features)).to(device)
+    model.pot.freeze_global(False)
+    params = [p for n, p in model.named_parameters() if n != "pot.beta_l"]
+    history, start_epoch, opt_state, best_val = [], 0, None, math.inf
+    if cfg.resume and last_path.is_file():
+        last = read_checkpoint(last_path, device)
+        model.load_state_dict(last["model"])
+        start_epoch, opt_state, best_val = last["epoch"], last["optimizer"], last["best_val"]
+        history = [r for r in last["history"] if r["stage"] == "global"]
+        print(f"resuming the global stage after epoch {start_epoch} from {last_path}")
+    elif cfg.resume:
+        log.warning("--resume: %s not found; starting from scratch", last_path)
+    meta = dict(config=dataclasses.asdict(cfg), n_features=len(entities[0].features),
+                features=entities[0].features, entities=[e.name for e in entities],
+                scalers={k: s.state_dict() for k, s in scalers.items()}, stage="global", version=1)
+
+    def save(epoch: int, best: float, opt_sd: dict, improved: bool) -> None:
+        if improved:
+            save_checkpoint(ckpt_path, dict(meta, model=model.state_dict(), epoch=epoch, val_loss=best))
+        save_checkpoint(last_path, dict(meta, model=model.state_dict(), epoch=epoch, best_val=best,
+                                        optimizer=opt_sd, history=history))
+
+    if start_epoch < cfg.epochs:
+        run_epochs(model, params, train_w, val_w, cfg, "global", "all", cfg.epochs, cfg.lr, save,
+                   history, start_epoch, opt_state, best_val)
+    if not ckpt_path.is_file():
+        raise SystemExit(f"train_safe.py: error: no finite validation loss in {cfg.epochs} epochs; "
+                         f"nothing saved")
+    print(f"saved {ckpt_path} ({ckpt_path.stat().st_size / 1e6:.2f} MB)")
+    return ckpt_path
+
+
+def train_local(cfg: Config, device: torch.device, entity_name: str) -> Path:
+    """Fit beta_l of one entity with every other tensor frozen; write only the local file."""
+    shared = read_checkpoint(cfg.ckpt, device)
+    model, _ = build_model(shared, device)
+    ent = load_dataset(cfg.data, [entity_name], min_rows=cfg.seq_len)[0]
+    if ent.features != shared["features"]:
+        diff = sorted(set(ent.features) ^ set(shared["features"])) or "(order differs)"
+        raise SystemExit(f"train_safe.py: error: {cfg.data}/{entity_name}: features differ from "
+                         f"the checkpoint {cfg.ckpt}: {diff}")
+    series = ent.train
+    if cfg.adapt_windows:
+        series = series[: cfg.adapt_windows + cfg.seq_len - 1]
+    # the history scaler of this entity when it was trained on; else one fitted on what adaptation sees
+    known = {k: Scaler.from_state(v) for k, v in shared["scalers"].items() if k == entity_name and not cfg.adapt_windows}
+    scaler = known.get(entity_name) or Scaler(cfg.scaler).fit(series)
+    if cfg.adapt_windows:
+        tr = val = scaler.transform(series)  # too few windows to hold any out
+    else:
+        tr, val = split_train_val(scaler.transform(series), cfg.val_frac, cfg.seq_len)
+    train_w, val_w = Windows([tr], cfg.seq_len, 1, device), Windows([val], cfg.seq_len, 1, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.pot.beta_l.requires_grad_(True)
+    with torch.no_grad():
+        # "beta_l is summarized from a few samples from the new MTS first" (paper 3.2.1): start
+        # each local prototype at theta0 of a window spread evenly over the adaptation data
+        picks = np.linspace(0, len(train_w) - 1, cfg.n_local).round().astype(int)
+        first = train_w.data[train_w.starts[picks, None] + train_w.steps]
+        model.eval()
+        model.pot.beta_l.copy_(model.vae.phi(model.encoder(first))[0])
+        model.pot.g_local.copy_(torch.cat([model.pot.g_global, model.pot.g_global.new_zeros(cfg.n_local)]))
+    print(f"local stage: entity {entity_name}, {len(train_w)} windows, only beta_l trained")
+    out_path = local_path(cfg.ckpt, entity_name)
+    history = []
+    meta = dict(entity=entity_name, adapt_windows=cfg.adapt_windows, scaler=scaler.state_dict(),
+                features=ent.features, shared_ckpt=str(cfg.ckpt), version=1)
+
+    def save(epoch: int, best: float, opt_sd: dict, improved: bool) -> None:
+        if improved or not out_path.is_file():
+            save_checkpoint(out_path, dict(meta, beta_l=model.pot.beta_l.detach().clone(),
+                                           g_local=model.pot.g_local.clone(), epoch=epoch, val_loss=best))
+
+    model.train()
+    previous = _previous_rows(cfg.loss_csv)
+    history.extend(previous)
+    run_epochs(model, [model.pot.beta_l], train_w, val_w, cfg, "local", entity_name, cfg.local_epochs,
+               cfg.local_lr, save, history)
+    print(f"saved {out_path} ({out_path.stat().st_size / 1e3:.1f} kB)")
+    return out_path
+
+
+def _previous_rows(loss_csv: str) -> list[dict]:
+    """Rows already in loss_metrics.csv (the global stage) so local rows are appended to them."""
+    path = Path(loss_csv)
+    if not path.is_file():
+        return []
+    df = pd.read_csv(path, keep_default_na=False)
+    return df.to_dict("records") if list(df.columns) == LOSS_COLUMNS else []
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = cli_config(argv)
+    if cfg.stage not in ("global", "local", "both"):
+        raise SystemExit(f"train_safe.py: error: --stage must be global, local or both, not {cfg.stage!r}")
+    set_seed(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = get_device(cfg.device)
+    print(f"device: {device}")
+    t0 = time.time()
+    try:
+        if cfg.stage in ("global", "both"):
+            train_global(cfg, device)
+        if cfg.stage in ("local", "both"):
+            targets = [cfg.entity] if cfg.entity else read_checkpoint(cfg.ckpt)["entities"]
+            for name in targets:
+                train_local(cfg, device, name)
+    except DataError as e:
+        raise SystemExit(f"train_safe.py: error: {e}") from None
+    print(f"done in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,309 @@
+"""The project's one data loader, scaler, windowing and small I/O helpers.
+
+Dataset layout (see README): a split folder holding train.csv, test.csv and test_label.csv
+(`.csv.gz` too), or a folder of such entity folders. Repairs the loader makes, each logged:
+  - rows whose timestamps are not increasing are sorted (the seed's test split is shuffled);
+    duplicate timestamps keep their first row;
+  - NaN/inf values are filled from the previous row (the next one at the start of a file);
+    a column with no finite value at all is an error;
+  - columns in test.csv that train.csv lacks are dropped; a train column missing from
+    test.csv is an error;
+  - a column constant over train is kept (it scales to 0 there; any change in test shows).
+A file with fewer rows than one window, or a non-numeric column, is an error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+log = logging.getLogger("puad")
+if not log.handlers:
+    _h = logging.StreamHandler()
+    _h.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    log.addHandler(_h)
+    log.setLevel(logging.INFO)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the problem."""
+
+
+@dataclass
+class Entity:
+    name: str
+    features: list[str]
+    train: np.ndarray                    # (n_train, V) float64, raw (unscaled)
+    train_ts: np.ndarray                 # (n_train,)
+    test: np.ndarray | None = None       # (n_test, V)
+    test_ts: np.ndarray | None = None
+    labels: np.ndarray | None = None     # (n_test,) int, 1 = anomalous
+    faults: np.ndarray | None = None     # (n_test,) fault kind per point, '' outside faults
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.csv", f"{stem}.csv.gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _ts_column(df: pd.DataFrame) -> str | None:
+    for c in df.columns:
+        if str(c).lower().startswith("timestamp"):
+            return c
+    return None
+
+
+def _read_table(path: Path, min_rows: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read one CSV, sort by timestamp if present; returns (values frame, timestamps)."""
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        raise DataError(f"{path}: cannot parse CSV ({str(e).splitlines()[0]})") from None
+    ts_col = _ts_column(df)
+    if ts_col is None:
+        ts = np.arange(len(df))
+    else:
+        ts = df.pop(ts_col).to_numpy()
+        if len(ts) > 1 and not np.all(ts[1:] > ts[:-1]):
+            log.warning("%s: timestamps are not increasing; sorting %d rows by timestamp", path, len(ts))
+            order = np.argsort(ts, kind="stable")
+            df, ts = df.iloc[order].reset_index(drop=True), ts[order]
+            dup = np.concatenate([[False], ts[1:] == ts[:-1]])
+            if dup.any():
+                log.warning("%s: %d duplicate timestamps; keeping the first row of each", path, dup.sum())
+                df, ts = df[~dup].reset_index(drop=True), ts[~dup]
+    if len(df) < min_rows:
+        raise DataError(f"{path}: {len(df)} rows, fewer than one window of {min_rows}")
+    return df, ts
+
+
+def _numeric(df: pd.DataFrame, path: Path) -> np.ndarray:
+    bad = [c for c in df.columns if not pd.api.types.is_numeric_dtype(df[c])]
+    if bad:
+        raise DataError(f"{path}: non-numeric column(s) {bad}")
+    x = df.to_numpy(dtype=np.float64)
+    finite = np.isfinite(x)
+    if not finite.all():
+        empty = [c for c, ok in zip(df.columns, finite.any(axis=0)) if not ok]
+        if empty:
+            raise DataError(f"{path}: column(s) {empty} have no finite value")
+        log.warning("%s: %d NaN/inf values filled from neighbouring rows", path, (~finite).sum())
+        x = pd.DataFrame(np.where(finite, x, np.nan)).ffill().bfill().to_numpy()
+    return x
+
+
+def load_entity(folder: str | Path, min_rows: int = 1, name: str | None = None) -> Entity:
+    """Load one split folder (train, optional test and test_label)."""
+    folder = Path(folder)
+    train_path = _find(folder, "train")
+    if train_path is None:
+        raise DataError(f"{folder}: no train.csv or train.csv.gz")
+    train_df, train_ts = _read_table(train_path, min_rows)
+    features = [str(c) for c in train_df.columns]
+    if not features:
+        raise DataError(f"{train_path}: no feature columns")
+    ent = Entity(name or folder.name, features, _numeric(train_df, train_path), train_ts)
+    if min(ent.train.shape[0], 2) > 1:
+        const = [f for f, s in zip(features, ent.train.std(axis=0)) if s == 0]
+        if const:
+            log.info("%s: %d column(s) constant over train, kept: %s", train_path, len(const),
+                     ", ".join(const[:8]) + (" ..." if len(const) > 8 else ""))
+    test_path = _find(folder, "test")
+    if test_path is None:
+        return ent
+    test_df, test_ts = _read_table(test_path, min_rows)
+    test_df.columns = [str(c) for c in test_df.columns]
+    missing = [f for f in features if f not in test_df.columns]
+    if missing:
+        raise DataError(f"{test_path}: missing column(s) {missing} that train has")
+    extra = [c for c in test_df.columns if c not in features]
+    if extra:
+        log.warning("%s: dropping column(s) %s that train lacks", test_path, extra)
+    ent.test, ent.test_ts = _numeric(test_df[features], test_path), test_ts
+    label_path = _find(folder, "test_label")
+    if label_path is not None:
+        ent.labels, ent.faults = _read_labels(label_path, test_ts, _ts_column(pd.read_csv(test_path, nrows=0)) is not None)
+    return ent
+
+
+def _read_labels(path: Path, test_ts: np.ndarray, test_has_ts: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    lab = pd.read_csv(path)
+    if "label" not in lab.columns:
+        if lab.shape[1] == 1 or (lab.shape[1] == 2 and _ts_column(lab) is not None):
+            lab = lab.rename(columns={[c for c in lab.columns if c != _ts_column(lab)][0]: "label"})
+        else:
+            raise DataError(f"{path}: no 'label' column")
+    ts_col = _ts_column(lab)
+    if ts_col is not None and test_has_ts:
+        lab = lab.drop_duplicates(ts_col).set_index(ts_col)
+        missing = ~pd.Index(test_ts).isin(lab.index)
+        if missing.any():
+            raise DataError(f"{path}: no label for {missing.sum()} test timestamp(s), e.g. {test_ts[missing][0]}")
+        lab = lab.loc[test_ts]
+    elif len(lab) != len(test_ts):
+        raise DataError(f"{path}: {len(lab)} labels for {len(test_ts)} test rows")
+    labels = pd.to_numeric(lab["label"], errors="coerce").to_numpy()
+    if not np.isfinite(labels).all() or not np.isin(labels, (0, 1)).all():
+        raise DataError(f"{path}: labels must be 0 or 1")
+    faults = lab["fault"].fillna("").astype(str).to_numpy() if "fault" in lab.columns else None
+    return labels.astype(np.int64), faults
+
+
+def entity_folders(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such dataset folder")
+    if _find(path, "train") is not None:
+        return [path]
+    subs = sorted((p for p in path.iterdir() if p.is_dir() and _find(p, "train") is not None),
+                  key=lambda p: _natural_key(p.name))
+    if not subs:
+        raise DataError(f"{path}: neither a split folder (train.csv) nor a folder of entity folders")
+    return subs
+
+
+def load_dataset(path: str | Path, entities: str | list[str] = "all", min_rows: int = 1) -> list[Entity]:
+    """Load every entity (or the named ones) of a dataset; all must share one feature list."""
+    folders = entity_folders(path)
+    if entities not in ("all", "", None):
+        wanted = entities.split(",") if isinstance(entities, str) else list(entities)
+        by_name = {p.name: p for p in folders}
+        unknown = [w for w in wanted if w not in by_name]
+        if unknown:
+            raise DataError(f"{path}: no entity {unknown}; have {', '.join(by_name)}")
+        folders = [by_name[w] for w in wanted]
+    ents = [load_entity(p, min_rows) for p in folders]
+    for e in ents[1:]:
+        if e.features != ents[0].features:
+            diff = sorted(set(e.features) ^ set(ents[0].features)) or "(order differs)"
+            raise DataError(f"{path}/{e.name}: features differ from {ents[0].name}: {diff}")
+    return ents
+
+
+class Scaler:
+    """Per-feature affine scaling x -> (x - shift) / scale, fitted on train data only.
+
+    minmax: shift=min, scale=max-min; zscore: mean, std; robust: median, IQR (suits a few
+    windows). A zero scale (constant column) is replaced by 1.
+    """
+
+    def __init__(self, kind: str = "minmax", shift=None, scale=None):
+        if kind not in ("minmax", "zscore", "robust"):
+            raise ValueError(f"unknown scaler {kind!r}; choose minmax, zscore or robust")
+        self.kind = kind
+        self.shift = None if shift is None else np.asarray(shift, dtype=np.float64)
+        self.scale = None if scale is None else np.asarray(scale, dtype=np.float64)
+
+    def fit(self, x: np.ndarray) -> "Scaler":
+        if self.kind == "minmax":
+            self.shift, scale = x.min(axis=0), x.max(axis=0) - x.min(axis=0)
+        elif self.kind == "zscore":
+            self.shift, scale = x.mean(axis=0), x.std(axis=0)
+        else:
+            q1, med, q3 = np.percentile(x, [25, 50, 75], axis=0)
+            self.shift, scale = med, q3 - q1
+        self.scale = np.where(scale > 1e-12, scale, 1.0)
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.shift) / self.scale).astype(np.float32)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "shift": torch.tensor(self.shift), "scale": torch.tensor(self.scale)}
+
+    @classmethod
+    def from_state(cls, d: dict) -> "Scaler":
+        return cls(d["kind"], d["shift"].numpy(), d["scale"].numpy())
+
+
+def split_train_val(x: np.ndarray, val_frac: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out the last val_frac of a series (at least one window); no window crosses the cut."""
+    n_val = max(int(round(len(x) * val_frac)), seq_len) if val_frac > 0 else 0
+    if len(x) - n_val < seq_len:
+        n_val = 0
+        log.warning("series of %d rows too short for a validation split; validating on train", len(x))
+        return x, x
+    return x[: len(x) - n_val], x[len(x) - n_val:]
+
+
+def create_sequences(data: np.ndarray, seq_len: int, stride: int = 1) -> np.ndarray:
+    """Sliding windows (n_windows, seq_len, V) as a strided view: no data is copied."""
+    if len(data) < seq_len:
+        raise DataError(f"{len(data)} rows, fewer than one window of {seq_len}")
+    view = np.lib.stride_tricks.sliding_window_view(data, seq_len, axis=0)  # (n, V, T)
+    return view[::stride].transpose(0, 2, 1)
+
+
+def window_to_point_scores(window_scores: np.ndarray, seq_len: int) -> np.ndarray:
+    """Stride-1 window scores (n_windows, seq_len) -> one score per point.
+
+    Point t is scored by the window that ends at it; the first seq_len-1 points, which no
+    window ends at, by their position in the first window.
+    """
+    return np.concatenate([window_scores[0, :-1], window_scores[:, -1]])
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device={name}: CUDA is not available on this machine")
+    return dev
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(tmp_path), then rename onto path, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    def _write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, default=_json_default)
+            fh.write("\n")
+    atomic_write(path, _write)
+
+
+def write_csv_atomic(path: str | Path, df: pd.DataFrame) -> None:
+    atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return None if not np.isfinite(o) else float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
