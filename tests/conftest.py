@@ -15,3 +15,22 @@ def asd():
     if not (DATASETS / "ASD").is_dir():
         pytest.skip("../shared/datasets/ASD is absent")
     return DATASETS / "ASD"
+
+
+def args(tmp, data, *extra):
+    return [f"--data={data}", "--preset=test", f"--ckpt={tmp}/puad.ckpt", f"--loss_csv={tmp}/loss.csv",
+            "--max_train_windows=1536", "--lr=3e-3", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A small model trained once per session on two real ASD entities (global stage)."""
+    import train_safe
+
+    if not (DATASETS / "ASD").is_dir():
+        pytest.skip("../shared/datasets/ASD is absent")
+    tmp = tmp_path_factory.mktemp("train")
+    train_safe.main(args(tmp, DATASETS / "ASD", "--entities=omi-1,omi-2", "--stage=global", "--epochs=4"))
+    return tmp, DATASETS / "ASD"
+
+

@@ -7,27 +7,13 @@ import pytest
 import torch
 
 import train_safe
+from conftest import args
 from puad import PUAD, apply_local_state, build_model, local_path, read_checkpoint, score_series
 from utils import Scaler, load_dataset
 
 
 def sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def args(tmp, data, *extra):
-    return [f"--data={data}", "--preset=test", f"--ckpt={tmp}/puad.ckpt", f"--loss_csv={tmp}/loss.csv",
-            "--max_train_windows=1536", "--lr=3e-3", *extra]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from conftest import DATASETS
-    if not (DATASETS / "ASD").is_dir():
-        pytest.skip("../shared/datasets/ASD is absent")
-    tmp = tmp_path_factory.mktemp("train")
-    train_safe.main(args(tmp, DATASETS / "ASD", "--entities=omi-1,omi-2", "--stage=global", "--epochs=4"))
-    return tmp, DATASETS / "ASD"
 
 
 def test_global_stage_lowers_validation_loss(trained):

@@ -1,0 +1,50 @@
+"""Draw loss_curve.png from loss_metrics.csv: both training stages, every loss part.
+
+    python plot_loss.py [--loss_csv=loss_metrics.csv] [--out_dir=res_hr]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from config import cli_config  # noqa: E402
+from utils import atomic_write  # noqa: E402
+
+PARTS = ["total", "recon", "kl0", "kl1", "ot", "val_total"]
+
+
+def plot_loss(loss_csv: str | Path, out_png: str | Path) -> Path:
+    path = Path(loss_csv)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file; train first with train_safe.py")
+    df = pd.read_csv(path, keep_default_na=False)
+    missing = [c for c in ["stage", "entity", "epoch"] + PARTS if c not in df.columns]
+    if missing or df.empty:
+        raise SystemExit(f"{path}: not a loss_metrics.csv ({'missing ' + str(missing) if missing else 'no rows'})")
+    runs = [(stage, ent, g) for (stage, ent), g in df.groupby(["stage", "entity"], sort=False)]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7))
+    for ax, part in zip(axes.flat, PARTS):
+        step = 0
+        for stage, ent, g in runs:
+            x = range(step, step + len(g))  # stages one after another on a shared epoch axis
+            ax.plot(x, g[part], marker="o", ms=3, label=f"{stage} ({ent})" if stage == "local" else "global")
+            step += len(g)
+        ax.set_title(part + (" (-log p(x | theta1))" if part == "recon" else ""))
+        ax.set_xlabel("epoch (global, then local)")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"training losses from {path.name}")
+    fig.tight_layout()
+    out_png = Path(out_png)
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return out_png
+
+
+if __name__ == "__main__":
+    cfg = cli_config(sys.argv[1:])
+    print(f"wrote {plot_loss(cfg.loss_csv, Path(cfg.out_dir) / 'loss_curve.png')}")

@@ -1,0 +1,193 @@
+"""Evaluate a trained PUAD checkpoint: scores, label-free threshold, metrics and plots.
+
+    python test.py                          # every entity the checkpoint was trained on
+    python test.py --entity=omi-3           # one entity (uses its local file if adapted)
+
+For each entity: score its train series and its test series (point t is scored by the window
+that ends at t; the first seq_len-1 points by the first window), fix the threshold from the
+train scores alone (SPOT, or a percentile), then compare with the labels. Labels are read only
+to compute metrics. Writes to --out_dir (res_hr/): metrics.json, scores_<entity>.csv,
+evaluation_metrics.png, anomaly_scores_<entity>.png, transport_plan.png.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from config import Config, cli_config, parse_config  # noqa: E402
+from metrics import evaluate, select_threshold, summarize  # noqa: E402
+from puad import apply_local_state, build_model, local_path, read_checkpoint, score_series  # noqa: E402
+from utils import (DataError, Entity, Scaler, atomic_write, get_device, load_dataset, log,  # noqa: E402
+                   write_csv_atomic, write_json_atomic)
+
+SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
+                 "f1_pa", "best_f1_pa_oracle"]
+
+
+def align_features(ent: Entity, features: list[str], where: str) -> Entity:
+    """Order an entity's columns like the checkpoint's, by name; refuse missing ones."""
+    if ent.features == features:
+        return ent
+    missing = [f for f in features if f not in ent.features]
+    if missing:
+        raise DataError(f"{where}: missing feature(s) {missing} that the checkpoint was trained on")
+    idx = [ent.features.index(f) for f in features]
+    ent.train = ent.train[:, idx]
+    ent.test = None if ent.test is None else ent.test[:, idx]
+    ent.features = list(features)
+    return ent
+
+
+def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
+    """Scores of the train and test series of one entity and the threshold fixed from train."""
+    local_file = local_path(cfg.ckpt, ent.name)
+    use_local = local_file.is_file()
+    if use_local:
+        local = read_checkpoint(local_file)
+        apply_local_state(model, local)
+        scaler = Scaler.from_state(local["scaler"])
+    elif ent.name in ckpt["scalers"]:
+        scaler = Scaler.from_state(ckpt["scalers"][ent.name])
+    else:
+        log.warning("%s: not seen in training and not adapted; scaling with its own train data "
+                    "and global prototypes only", ent.name)
+        scaler = Scaler(cfg.scaler).fit(ent.train)
+    kw = dict(use_local=use_local, batch_size=cfg.score_batch, n_samples=cfg.score_samples)
+    train_scores, _ = score_series(model, scaler.transform(ent.train), cfg.seq_len, **kw)
+    test_scores, plan = score_series(model, scaler.transform(ent.test), cfg.seq_len, **kw)
+    threshold = select_threshold(train_scores, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level,
+                                 pct=cfg.percentile)
+    return dict(train_scores=train_scores, test_scores=test_scores, plan=plan, threshold=threshold,
+                use_local=use_local)
+
+
+def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.ndarray, threshold: float) -> None:
+    """The paper's figure 4: input channels, score curve, threshold, true anomaly segments."""
+    fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(14, 6), sharex=True)
+    t = np.arange(len(scores))
+    ax0.plot(t, scaled_test, lw=0.5, alpha=0.6)
+    ax0.set_ylabel("scaled inputs")
+    ax1.plot(t, scores, lw=0.7, color="k", label="score (NLL)")
+    ax1.axhline(threshold, color="r", lw=1, ls="--", label=f"threshold {threshold:.3g}")
+    if ent.labels is not None:
+        edges = np.diff(np.concatenate([[0], ent.labels, [0]]))
+        for s, e in zip(np.where(edges == 1)[0], np.where(edges == -1)[0]):
+            for ax in (ax0, ax1):
+                ax.axvspan(s, e, color="red", alpha=0.15, lw=0)
+    lo, hi = np.percentile(scores, [0.5, 99.5])
+    ax1.set_ylim(lo - 0.1 * (hi - lo), hi + 0.5 * (hi - lo))
+    ax1.set_ylabel("anomaly score")
+    ax1.set_xlabel("test time point")
+    ax1.legend(loc="upper right")
+    ax0.set_title(f"{ent.name}: anomaly scores (shaded: labelled anomalies)")
+    save_figure(fig, path)
+
+
+def plot_metrics(path: Path, results: dict) -> None:
+    mean = results["mean"]
+    keys = [k for k in SHOWN_METRICS if isinstance(mean.get(k), float) and np.isfinite(mean[k])]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    bars = ax.bar(keys, [mean[k] for k in keys], color=["C0"] * (len(keys) - 2) + ["C7", "C7"])
+    ax.bar_label(bars, fmt="%.3f")
+    ax.set_ylim(0, 1.1)
+    ax.set_title(f"mean over {mean.get('n_entities', 0)} entities (grey: point-adjusted)")
+    plt.setp(ax.get_xticklabels(), rotation=20)
+    save_figure(fig, path)
+
+
+def plot_transport(path: Path, plans: list[np.ndarray], labels: list[np.ndarray | None], n_global: int) -> None:
+    """The paper's figure 5: mean transport weight per prototype, normal vs anomalous windows."""
+    plan = np.concatenate(plans)
+    lab = np.concatenate([l if l is not None else np.zeros(len(p), int) for p, l in zip(plans, labels)])
+    k = plan.shape[1]
+    names = [f"g{i}" for i in range(n_global)] + [f"l{i}" for i in range(k - n_global)]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    x = np.arange(k)
+    ax.bar(x - 0.2, plan[lab == 0].mean(0), 0.4, label=f"normal ({(lab == 0).sum()})")
+    if (lab == 1).any():
+        ax.bar(x + 0.2, plan[lab == 1].mean(0), 0.4, label=f"anomalous ({(lab == 1).sum()})")
+    ax.set_xticks(x, names)
+    ax.set_ylabel("mean transport weight")
+    ax.set_title("transport plan per prototype (g: global, l: local)")
+    ax.legend()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    t0 = time.time()
+    ckpt_path = parse_config(argv).ckpt
+    ckpt = read_checkpoint(ckpt_path)
+    cfg = cli_config(argv, defaults=ckpt["config"])  # unset options default to the training run's
+    model, _ = build_model(ckpt, get_device(cfg.device))
+    names = [cfg.entity] if cfg.entity else cfg.entities
+    try:
+        entities = load_dataset(cfg.data, names if names != "all" else "all", min_rows=cfg.seq_len)
+    except DataError as e:
+        raise SystemExit(f"test.py: error: {e}") from None
+    out = Path(cfg.out_dir)
+    per_entity, plans, plan_labels = {}, [], []
+    for ent in entities:
+        if ent.test is None:
+            log.warning("%s: no test.csv; skipped", ent.name)
+            continue
+        try:
+            ent = align_features(ent, ckpt["features"], f"{cfg.data}/{ent.name}")
+        except DataError as e:
+            raise SystemExit(f"test.py: error: {e}") from None
+        r = score_entity(model, ckpt, cfg, ent)
+        # the threshold is fixed; only now are the labels looked at
+        m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults)
+        m.update(threshold_method=cfg.threshold, local_prototypes=r["use_local"])
+        per_entity[ent.name] = m
+        pred = (r["test_scores"] > r["threshold"]).astype(int)
+        write_csv_atomic(out / f"scores_{ent.name}.csv", pd.DataFrame({
+            "timestamp": ent.test_ts, "score": r["test_scores"], "threshold": r["threshold"],
+            "prediction": pred, "label": ent.labels if ent.labels is not None else np.full(len(pred), -1)}))
+        plans.append(r["plan"])
+        plan_labels.append(ent.labels)
+        if cfg.plots:
+            scaled = (ent.test - ent.test.min(0)) / np.maximum(np.ptp(ent.test, 0), 1e-12)  # display only
+            plot_scores(out / f"anomaly_scores_{ent.name}.png", ent, scaled, r["test_scores"], r["threshold"])
+        line = f"{ent.name}: threshold {r['threshold']:.4g}, {m['n_predicted']} of {m['n_points']} points flagged"
+        if "f1" in m:
+            line += (f" | AUC-ROC {m['auc_roc']:.3f} AUC-PR {m['auc_pr']:.3f} F1 {m['f1']:.3f} "
+                     f"best-F1(oracle) {m['best_f1_oracle']:.3f} | F1-PA {m['f1_pa']:.3f}")
+        print(line, flush=True)
+    if not per_entity:
+        raise SystemExit(f"test.py: error: {cfg.data}: no entity with a test.csv")
+    results = summarize(per_entity)
+    results.update(checkpoint=str(cfg.ckpt), data=str(cfg.data), threshold_method=cfg.threshold,
+                   spot_q=cfg.spot_q, spot_level=cfg.spot_level, seconds=round(time.time() - t0, 2))
+    if all(per_entity[e].get("note") for e in per_entity):
+        results["note"] = "no labels: scores and predictions written; metrics need labels"
+        print(results["note"])
+    write_json_atomic(out / "metrics.json", results)
+    if cfg.plots:
+        if "auc_pr" in results["mean"]:
+            plot_metrics(out / "evaluation_metrics.png", results)
+        plot_transport(out / "transport_plan.png", plans, plan_labels, ckpt["config"]["n_global"])
+    mean = results["mean"]
+    if "f1" in mean:
+        print(f"mean over {len(per_entity)} entities: AUC-ROC {mean['auc_roc']:.3f} AUC-PR {mean['auc_pr']:.3f} "
+              f"VUS-PR {mean.get('vus_pr', float('nan')):.3f} F1 {mean['f1']:.3f} "
+              f"best-F1(oracle) {mean['best_f1_oracle']:.3f} | point-adjusted: F1-PA {mean['f1_pa']:.3f} "
+              f"best-F1-PA(oracle) {mean['best_f1_pa_oracle']:.3f}")
+    print(f"wrote {out}/metrics.json in {results['seconds']:.1f}s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
