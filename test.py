@@ -3,9 +3,10 @@
     python test.py                          # every entity the checkpoint was trained on
     python test.py --entity=omi-3           # one entity (uses its local file if adapted)
 
-For each entity: score its train series and its test series (point t is scored by the window
-that ends at t; the first seq_len-1 points by the first window), fix the threshold from the
-train scores alone (SPOT, or a percentile), then compare with the labels. Labels are read only
+For each entity: score the held-out validation tail of its train series and its test series
+(point t is scored by the window that ends at t; the first seq_len-1 points by the first
+window), fix the threshold from the validation scores alone (SPOT, or a percentile), then
+compare with the labels. Labels are read only
 to compute metrics. Writes to --out_dir (res_hr/): metrics.json, scores_<entity>.csv,
 evaluation_metrics.png, anomaly_scores_<entity>.png, transport_plan.png.
 """
@@ -25,7 +26,7 @@ from config import Config, cli_config, parse_config  # noqa: E402
 from metrics import evaluate, select_threshold, summarize  # noqa: E402
 from puad import apply_local_state, build_model, local_path, read_checkpoint, score_series  # noqa: E402
 from utils import (DataError, Entity, Scaler, atomic_write, get_device, load_dataset, log,  # noqa: E402
-                   write_csv_atomic, write_json_atomic)
+                   split_train_val, write_csv_atomic, write_json_atomic)
 
 SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
                  "f1_pa", "best_f1_pa_oracle"]
@@ -46,7 +47,7 @@ def align_features(ent: Entity, features: list[str], where: str) -> Entity:
 
 
 def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
-    """Scores of the train and test series of one entity and the threshold fixed from train."""
+    """Scores of the validation tail and the test series of one entity; threshold from the former."""
     local_file = local_path(cfg.ckpt, ent.name)
     use_local = local_file.is_file()
     if use_local:
@@ -60,11 +61,13 @@ def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
                     "and global prototypes only", ent.name)
         scaler = Scaler(cfg.scaler).fit(ent.train)
     kw = dict(use_local=use_local, batch_size=cfg.score_batch, n_samples=cfg.score_samples)
-    train_scores, _ = score_series(model, scaler.transform(ent.train), cfg.seq_len, **kw)
+    # the held-out validation tail of the train series, as for the baselines
+    _, val = split_train_val(scaler.transform(ent.train), cfg.val_frac, cfg.seq_len)
+    val_scores, _ = score_series(model, val, cfg.seq_len, **kw)
     test_scores, plan = score_series(model, scaler.transform(ent.test), cfg.seq_len, **kw)
-    threshold = select_threshold(train_scores, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level,
+    threshold = select_threshold(val_scores, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level,
                                  pct=cfg.percentile)
-    return dict(train_scores=train_scores, test_scores=test_scores, plan=plan, threshold=threshold,
+    return dict(val_scores=val_scores, test_scores=test_scores, plan=plan, threshold=threshold,
                 use_local=use_local)
 
 

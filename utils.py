@@ -288,22 +288,29 @@ def atomic_write(path: str | Path, write) -> None:
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
+    """Strict JSON (NaN/inf become null), written atomically."""
+    text = json.dumps(json_safe(obj), indent=2) + "\n"
+
     def _write(tmp):
         with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, default=_json_default)
-            fh.write("\n")
+            fh.write(text)
     atomic_write(path, _write)
+
+
+def json_safe(obj):
+    """numpy scalars/arrays to Python, NaN/inf to None, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
 
 
 def write_csv_atomic(path: str | Path, df: pd.DataFrame) -> None:
     atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return None if not np.isfinite(o) else float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")

@@ -1,0 +1,218 @@
+"""Classical baselines scored and evaluated exactly like PUAD.
+
+    python baselines.py --data=../shared/datasets/ASD [--methods=pca,iforest,knn,ae]
+                        [--out_dir=DIR] [any Config field, e.g. --seq_len=20]
+
+Per entity: a scaler fitted on the train series only (as train_safe.prepare does), the last
+``val_frac`` of train held out, each model fitted on the rest (flattened windows of
+``seq_len``), then validation and test windows scored.  Window scores become point scores with
+``utils.window_to_point_scores`` (point t scored by the window ending at t), the threshold is
+chosen on the *validation* scores without labels (``cfg.threshold``: SPOT with
+``spot_q``/``spot_level``, or a percentile), and ``metrics.evaluate`` computes every metric.
+Writes ``<out_dir>/<method>/metrics.json`` = {"entities", "mean", meta...} atomically; the
+default out_dir is ``res_hr/baselines/<dataset folder name>`` (e.g. res_hr/baselines/ASD).
+
+Baseline-only options (not Config fields): --methods, --knn_k (5), --knn_max_train (5000),
+--ae_epochs (5), --pca_var (0.95), --iforest_trees (100).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+from sklearn.ensemble import IsolationForest
+from sklearn.neighbors import NearestNeighbors
+
+import metrics
+from config import Config, ConfigError, parse_config
+from utils import (Entity, Scaler, create_sequences, load_dataset, log, set_seed,
+                   split_train_val, window_to_point_scores, write_json_atomic)
+
+METHODS = ("pca", "iforest", "knn", "ae")
+EXTRA_DEFAULTS: dict[str, Any] = {"methods": ",".join(METHODS), "knn_k": 5,
+                                  "knn_max_train": 5000, "ae_epochs": 5, "pca_var": 0.95,
+                                  "iforest_trees": 100}
+
+# a scorer maps flattened windows (n, T*V) to per-timestep scores (n, T)
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+def _flat(x: np.ndarray, seq_len: int, stride: int = 1) -> np.ndarray:
+    w = create_sequences(x, seq_len, stride)
+    return np.ascontiguousarray(w.reshape(len(w), -1), dtype=np.float32)
+
+
+def _per_window(score: np.ndarray, seq_len: int) -> np.ndarray:
+    """A window-level score repeated over the window's timesteps -> (n, T)."""
+    return np.repeat(np.asarray(score, dtype=np.float64)[:, None], seq_len, axis=1)
+
+
+def fit_pca(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
+    """PCA on flattened windows; score = squared reconstruction error per timestep."""
+    pca = PCA(n_components=float(opt["pca_var"]), svd_solver="full").fit(train)
+    T = cfg.seq_len
+
+    def score(x: np.ndarray) -> np.ndarray:
+        rec = pca.inverse_transform(pca.transform(x))
+        return ((x - rec) ** 2).reshape(len(x), T, -1).mean(axis=2)
+    return score
+
+
+def fit_iforest(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
+    """IsolationForest on flattened windows; score = -score_samples (window level)."""
+    forest = IsolationForest(n_estimators=int(opt["iforest_trees"]), random_state=cfg.seed,
+                             n_jobs=1).fit(train)
+    return lambda x: _per_window(-forest.score_samples(x), cfg.seq_len)
+
+
+def fit_knn(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
+    """Mean Euclidean distance to the k nearest train windows (train subsampled if big)."""
+    rng = np.random.default_rng(cfg.seed)
+    m = int(opt["knn_max_train"])
+    if len(train) > m:
+        train = train[np.sort(rng.choice(len(train), m, replace=False))]
+    k = min(int(opt["knn_k"]), len(train))
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(train)
+
+    def score(x: np.ndarray) -> np.ndarray:
+        out = np.empty(len(x))
+        for i in range(0, len(x), 4096):
+            d, _ = nn.kneighbors(x[i:i + 4096])
+            out[i:i + 4096] = d.mean(axis=1)
+        return _per_window(out, cfg.seq_len)
+    return score
+
+
+class _AE(torch.nn.Module):
+    def __init__(self, d_in: int, hidden: int = 128, code: int = 32):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(d_in, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, code),
+            torch.nn.ReLU(), torch.nn.Linear(code, hidden), torch.nn.ReLU(),
+            torch.nn.Linear(hidden, d_in))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def fit_ae(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
+    """MLP autoencoder over a flattened window; score = squared error per timestep."""
+    torch.manual_seed(cfg.seed)
+    model = _AE(train.shape[1])
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    xt = torch.from_numpy(train)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    bs = max(int(cfg.batch_size), 1)
+    model.train()
+    for _ in range(int(opt["ae_epochs"])):
+        for idx in torch.randperm(len(xt), generator=gen).split(bs):
+            xb = xt[idx]
+            loss = torch.mean((model(xb) - xb) ** 2)
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+    model.eval()
+    T = cfg.seq_len
+
+    @torch.no_grad()
+    def score(x: np.ndarray) -> np.ndarray:
+        xs = torch.from_numpy(x)
+        err = torch.cat([((model(b) - b) ** 2) for b in xs.split(8192)]).numpy()
+        return err.reshape(len(x), T, -1).mean(axis=2).astype(np.float64)
+    return score
+
+
+FITTERS: dict[str, Callable[[np.ndarray, Config, dict], Scorer]] = {
+    "pca": fit_pca, "iforest": fit_iforest, "knn": fit_knn, "ae": fit_ae}
+
+
+def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, Any]:
+    """Fit one baseline on one entity; threshold on validation scores; evaluate on test."""
+    t0 = time.perf_counter()
+    scaler = Scaler(cfg.scaler).fit(ent.train)  # train only
+    tr, val = split_train_val(scaler.transform(ent.train), cfg.val_frac, cfg.seq_len)
+    scorer = FITTERS[method](_flat(tr, cfg.seq_len, max(cfg.stride, 1)), cfg, opt)
+    val_scores = window_to_point_scores(scorer(_flat(val, cfg.seq_len)), cfg.seq_len)
+    thr = metrics.select_threshold(val_scores, cfg.threshold, q=cfg.spot_q,
+                                   level=cfg.spot_level, pct=cfg.percentile)
+    if ent.test is None:
+        raise SystemExit(f"{ent.name}: no test split to score")
+    test_scores = window_to_point_scores(scorer(_flat(scaler.transform(ent.test), cfg.seq_len)),
+                                         cfg.seq_len)
+    res = metrics.evaluate(test_scores, thr, ent.labels, ent.faults)
+    res["n_val"] = int(len(val_scores))
+    res["time_s"] = round(time.perf_counter() - t0, 3)
+    return res
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
+    opt = dict(EXTRA_DEFAULTS)
+    rest = []
+    for arg in argv:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if key in opt and "=" in arg:
+            text = arg.split("=", 1)[1]
+            opt[key] = text if key == "methods" else type(EXTRA_DEFAULTS[key])(float(text))
+        else:
+            rest.append(arg)
+    return rest, opt
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    """Run the chosen baselines; returns {method: metrics.json content}."""
+    argv = sys.argv[1:] if argv is None else argv
+    rest, opt = _split_argv(argv)
+    try:
+        cfg = parse_config(rest, defaults={"out_dir": ""})
+    except ConfigError as e:
+        print(f"baselines.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    methods = [m.strip() for m in str(opt["methods"]).split(",") if m.strip()]
+    unknown = [m for m in methods if m not in FITTERS]
+    if unknown:
+        print(f"baselines.py: error: unknown method(s) {unknown}; choose from {METHODS}",
+              file=sys.stderr)
+        raise SystemExit(2)
+    if not cfg.out_dir:  # default: one folder per dataset, so runs do not overwrite each other
+        cfg.out_dir = str(Path("res_hr") / "baselines" / Path(cfg.data).resolve().name)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
+    out: dict[str, dict] = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        set_seed(cfg.seed)
+        per_entity = {}
+        for ent in entities:
+            per_entity[ent.name] = run_entity(ent, method, cfg, opt)
+            r = per_entity[ent.name]
+            log.info("%s %s: auc_pr=%.3f f1=%.3f best_f1=%.3f (%.1fs)", method, ent.name,
+                     r.get("auc_pr", float("nan")), r.get("f1", float("nan")),
+                     r.get("best_f1_oracle", float("nan")), r["time_s"])
+        summary = metrics.summarize(per_entity)
+        summary.update(method=method, data=str(cfg.data), wall_s=round(time.perf_counter() - t0, 2),
+                       options={k: opt[k] for k in opt if k != "methods"},
+                       config=dataclasses.asdict(cfg))
+        write_json_atomic(f"{cfg.out_dir}/{method}/metrics.json", summary)
+        m = summary["mean"]
+        log.info("%s mean: auc_roc=%s auc_pr=%s f1=%s best_f1=%s best_f1_pa=%s vus_pr=%s  [%.1fs]",
+                 method, *(_fmt(m.get(k)) for k in ("auc_roc", "auc_pr", "f1", "best_f1_oracle",
+                                                     "best_f1_pa_oracle", "vus_pr")),
+                 summary["wall_s"])
+        out[method] = summary
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return "nan" if v is None else f"{v:.3f}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,674 @@
+#!/usr/bin/env python3
+"""Export Prometheus metrics of sock-shop services into the project's dataset layout.
+
+    python export_metrics.py --start 2026-11-24T02:00:00Z --end 2026-11-24T04:00:00Z \
+        --fault_log faults.csv --out Dataset/sockshop
+
+writes, for every service of the metric set (chaos/metrics-sockshop.yaml by default):
+
+    DIR/<service>/train.csv       timestamp, <metric columns in YAML order>   (timestamp < train_end)
+    DIR/<service>/test.csv        same columns                               (timestamp >= train_end)
+    DIR/<service>/test_label.csv  timestamp, label, fault
+
+Rules (also printed by --help):
+- Times: ISO 8601 with 'Z' or an offset, or unix seconds. A time without a zone is refused
+  (a silent local/UTC mix-up would shift every label).
+- Grid: timestamps are integer unix seconds on multiples of --step, from the first multiple
+  >= --start to the last one <= --end. Ranges are split so that no request asks for more than
+  11,000 points per series (Prometheus' limit).
+- Several series from one query (one per pod, ...) are combined point by point with the
+  metric's `agg` (sum by default; mean, max, min). ±Inf and NaN values count as missing.
+- Missing points: a metric's `fill` value if it has one; otherwise runs of at most --max_gap
+  steps are filled (linear interpolation inside the series, nearest value at its start or
+  end); longer runs are reported as warnings and those rows are DROPPED for that service,
+  because the project's loader refuses NaN. A query that returns no data at all is an error.
+- Split: rows with timestamp < --train_end go to train.csv, the rest to test.csv. Without
+  --train_end: with no fault log everything goes to train.csv (a normal-traffic recording);
+  with a fault log, train_end is the start of the first fault in the range minus
+  --label_margin, so train.csv holds only time before any fault.
+- Labels: test_label.csv has label 1 where the timestamp lies in a fault window
+  [start - margin, end + margin] (both ends included), and `fault` = the fault kind ('+'-joined
+  when faults overlap; empty outside faults). --label_scope target (default): a service is
+  labelled only by faults whose target is that service; all: every fault labels every service.
+- Files are written to temporary files next to the targets and renamed into place only when
+  every query succeeded, so a failed export leaves no new files behind.
+- Auth: bearer token from PROMETHEUS_TOKEN, or basic auth from PROMETHEUS_USER and
+  PROMETHEUS_PASSWORD. TLS certificates are verified (--ca_cert FILE, or --insecure).
+
+The fault log (written by chaos/inject.py and the local lab) is a CSV with the header
+`start,end,kind,target,name`, times like 2026-11-24T03:20:00Z; see append_fault().
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import os
+import re
+import string
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import requests
+import yaml
+from tqdm import tqdm
+
+PROG = "export_metrics.py"
+DEFAULT_PROMETHEUS = "http://localhost:9090"
+DEFAULT_METRIC_SET = Path(__file__).resolve().parent / "chaos" / "metrics-sockshop.yaml"
+MAX_POINTS = 11_000  # Prometheus refuses query_range requests with more points per series
+DEFAULT_MAX_GAP = 4
+AGGREGATIONS = ("sum", "mean", "max", "min")
+FAULT_LOG_COLUMNS = ["start", "end", "kind", "target", "name"]
+FAULT_KINDS = ("cpu-stress", "memory-stress", "pod-failure", "network-delay")
+DATASET_FILES = ("train.csv", "test.csv", "test_label.csv")
+
+
+class ExportError(Exception):
+    """A problem the user has to fix; the CLI prints it as one line and exits non-zero."""
+
+
+def warn(message: str) -> None:
+    tqdm.write(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- times
+
+def parse_time(value: Any) -> float:
+    """ISO 8601 with 'Z' or an offset, unix seconds (number or text), an aware datetime,
+    or 'now' -> unix seconds."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ExportError(f"time {value!r} has no timezone")
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    text = str(value).strip()
+    if text == "now":
+        return time.time()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ExportError(f"cannot read time {text!r}: use ISO 8601 like 2026-11-24T03:20:00Z, "
+                          "or unix seconds") from None
+    if parsed.tzinfo is None:
+        raise ExportError(f"time {text!r} has no timezone: add 'Z' for UTC or an offset "
+                          "like +08:00")
+    return parsed.timestamp()
+
+
+def format_time(value: Any) -> str:
+    """-> '2026-11-24T03:20:00Z' (UTC, whole seconds, rounded down)."""
+    seconds = math.floor(parse_time(value))
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_step(value: Any) -> int:
+    """'15s', '1m', '1h' or a number of seconds -> whole seconds (> 0)."""
+    text = str(value).strip()
+    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*(s|m|h)?", text)
+    if not match:
+        raise ExportError(f"cannot read step {text!r}: use e.g. 15s, 1m or 30")
+    seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
+    if seconds < 1 or seconds != int(seconds):
+        raise ExportError(f"step {text!r} must be a whole number of seconds >= 1")
+    return int(seconds)
+
+
+# ---------------------------------------------------------------- fault log
+
+def append_fault(path: str | os.PathLike, start: Any, end: Any, kind: str, target: str,
+                 name: str) -> None:
+    """Append one fault to the fault log CSV (header `start,end,kind,target,name`), creating
+    it with its header if needed. The row is written in one write and fsynced, so the file
+    is a valid log at every moment."""
+    if kind not in FAULT_KINDS:
+        raise ExportError(f"unknown fault kind {kind!r} (expected one of {', '.join(FAULT_KINDS)})")
+    start_text, end_text = format_time(start), format_time(end)
+    if parse_time(end_text) < parse_time(start_text):
+        raise ExportError(f"fault {name!r} ends ({end_text}) before it starts ({start_text})")
+    path = Path(path)
+    new_file = not path.exists() or path.stat().st_size == 0
+    if not new_file:
+        with open(path, newline="") as f:
+            header = f.readline().strip()
+        if header != ",".join(FAULT_LOG_COLUMNS):
+            raise ExportError(f"{path} is not a fault log (header {header!r}, expected "
+                              f"{','.join(FAULT_LOG_COLUMNS)!r})")
+    lines = []
+    prefix = ""
+    if new_file:
+        lines.append(FAULT_LOG_COLUMNS)
+    else:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            prefix = "" if f.read(1) == b"\n" else "\n"  # a hand-edited file without final newline
+    lines.append([start_text, end_text, kind, target, name])
+    with open(path, "a", newline="") as f:
+        text = prefix + "".join(_csv_line(line) for line in lines)
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _csv_line(fields: list[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(fields)
+    return buffer.getvalue()
+
+
+def read_fault_log(path: str | os.PathLike) -> list[dict]:
+    """Read a fault log -> list of {'start', 'end' (int unix seconds), 'kind', 'target',
+    'name'} in file order. Raises ExportError naming the line of a bad row."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"fault log {path} does not exist")
+    faults = []
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header] != FAULT_LOG_COLUMNS:
+            raise ExportError(f"{path}: header must be {','.join(FAULT_LOG_COLUMNS)!r}, "
+                              f"got {','.join(header or [])!r}")
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(FAULT_LOG_COLUMNS):
+                raise ExportError(f"{path}:{line}: expected 5 fields, got {len(row)}")
+            start, end, kind, target, name = (cell.strip() for cell in row)
+            try:
+                start_s, end_s = int(parse_time(start)), int(parse_time(end))
+            except ExportError as e:
+                raise ExportError(f"{path}:{line}: {e}") from None
+            if end_s < start_s:
+                raise ExportError(f"{path}:{line}: end {end} is before start {start}")
+            if kind not in FAULT_KINDS:
+                raise ExportError(f"{path}:{line}: unknown kind {kind!r} (expected one of "
+                                  f"{', '.join(FAULT_KINDS)})")
+            faults.append({"start": start_s, "end": end_s, "kind": kind, "target": target,
+                           "name": name})
+    return faults
+
+
+# ---------------------------------------------------------------- metric set
+
+def load_metric_set(metric_set: str | os.PathLike | dict, namespace: str | None = None,
+                    services: list[str] | None = None) -> dict:
+    """Read and check a metric set YAML (or an already loaded dict) -> {'namespace',
+    'services', 'rate_window', 'metrics': [{'column', 'query', 'agg', 'fill'}, ...]}."""
+    if isinstance(metric_set, dict):
+        raw, where = metric_set, "metric set"
+    else:
+        where = str(metric_set)
+        try:
+            with open(metric_set) as f:
+                raw = yaml.safe_load(f)
+        except OSError as e:
+            raise ExportError(f"cannot read metric set {where}: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ExportError(f"metric set {where} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("metrics"), dict) or not raw["metrics"]:
+        raise ExportError(f"{where}: needs a 'metrics' mapping of column name -> PromQL")
+    result = {
+        "namespace": namespace or raw.get("namespace") or "",
+        "services": list(services or raw.get("services") or []),
+        "rate_window": str(raw.get("rate_window", "1m")),
+        "metrics": [],
+    }
+    if not result["services"]:
+        raise ExportError(f"{where}: no services (give 'services:' or --services)")
+    for column, spec in raw["metrics"].items():
+        column = str(column)
+        if column == "timestamp":
+            raise ExportError(f"{where}: 'timestamp' is reserved, rename that metric")
+        if isinstance(spec, str):
+            spec = {"query": spec}
+        if not isinstance(spec, dict) or not isinstance(spec.get("query"), str):
+            raise ExportError(f"{where}: metric '{column}' needs a query string")
+        unknown = set(spec) - {"query", "agg", "fill"}
+        if unknown:
+            raise ExportError(f"{where}: metric '{column}' has unknown keys {sorted(unknown)}")
+        agg = spec.get("agg", "sum")
+        if agg not in AGGREGATIONS:
+            raise ExportError(f"{where}: metric '{column}': agg must be one of "
+                              f"{', '.join(AGGREGATIONS)}, got {agg!r}")
+        fill = spec.get("fill")
+        if fill is not None and (isinstance(fill, bool) or not isinstance(fill, (int, float))):
+            raise ExportError(f"{where}: metric '{column}': fill must be a number")
+        metric = {"column": column, "query": spec["query"], "agg": agg, "fill": fill}
+        render_query(metric, result, "service")  # fails early on a bad placeholder
+        result["metrics"].append(metric)
+    return result
+
+
+def render_query(metric: dict, metric_set: dict, service: str) -> str:
+    """Fill $namespace, $service and $rate_window into a metric's PromQL."""
+    try:
+        return string.Template(metric["query"]).substitute(
+            namespace=metric_set["namespace"], service=service,
+            rate_window=metric_set["rate_window"])
+    except (KeyError, ValueError) as e:
+        raise ExportError(f"metric '{metric['column']}': bad placeholder {e} in query "
+                          f"(known: $namespace, $service, $rate_window; write $$ for $)") from None
+
+
+# ---------------------------------------------------------------- HTTP
+
+def make_session(token: str | None = None, user: str | None = None,
+                 password: str | None = None, verify: bool | str = True) -> requests.Session:
+    """A requests session with auth from the arguments or, when they are None, from
+    PROMETHEUS_TOKEN / PROMETHEUS_USER / PROMETHEUS_PASSWORD. verify: True, False or a CA
+    bundle path."""
+    token = token if token is not None else os.environ.get("PROMETHEUS_TOKEN")
+    user = user if user is not None else os.environ.get("PROMETHEUS_USER")
+    password = password if password is not None else os.environ.get("PROMETHEUS_PASSWORD")
+    session = requests.Session()
+    if token:
+        session.headers["Authorization"] = f"Bearer {token}"
+    elif user:
+        session.auth = (user, password or "")
+    session.verify = verify
+    return session
+
+
+def _short_reason(error: Exception) -> str:
+    text = str(error)
+    if isinstance(error, requests.Timeout):
+        return "timed out"
+    for needle in ("Connection refused", "Name or service not known", "No route to host",
+                   "Connection reset", "Temporary failure in name resolution"):
+        if needle in text:
+            return needle.lower()
+    return text[:200]
+
+
+def query_range(session: requests.Session, prometheus: str, query: str, start: int, end: int,
+                step: int, what: str = "query", timeout: float = 30.0, retries: int = 3,
+                backoff: float = 0.5) -> list[dict]:
+    """One /api/v1/query_range call -> Prometheus' list of series ({'metric', 'values'}).
+    Timeouts, connection errors, 429 and 5xx are retried `retries` times, waiting
+    backoff, 2*backoff, 4*backoff ... seconds. `what` names the query in errors."""
+    url = prometheus.rstrip("/") + "/api/v1/query_range"
+    params = {"query": query, "start": start, "end": end, "step": step}
+    problem = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            # POST keeps long queries out of the URL
+            response = session.post(url, data=params, timeout=timeout)
+        except requests.exceptions.SSLError as e:
+            raise ExportError(f"TLS error talking to {prometheus}: {_short_reason(e)} "
+                              "(use --ca_cert FILE, or --insecure)") from None
+        except (requests.Timeout, requests.ConnectionError) as e:
+            problem = f"cannot reach Prometheus at {prometheus} ({_short_reason(e)})"
+            continue
+        if response.status_code >= 500 or response.status_code == 429:
+            problem = (f"Prometheus at {prometheus} answered HTTP {response.status_code} for "
+                       f"{what}: {_error_text(response)}")
+            continue
+        break
+    else:
+        raise ExportError(f"{problem} after {retries + 1} tries")
+
+    if response.status_code in (401, 403):
+        raise ExportError(f"Prometheus at {prometheus} refused access (HTTP "
+                          f"{response.status_code}): set PROMETHEUS_TOKEN or "
+                          "PROMETHEUS_USER/PROMETHEUS_PASSWORD")
+    if response.status_code in (400, 422):
+        raise ExportError(f"Prometheus rejected {what}: {_error_text(response)}; query: {query}")
+    if response.status_code != 200:
+        raise ExportError(f"HTTP {response.status_code} from {url} for {what}: is --prometheus "
+                          "the base URL of Prometheus?")
+    try:
+        body = response.json()
+    except ValueError:
+        raise ExportError(f"{url} did not answer JSON for {what}: is --prometheus the base "
+                          "URL of Prometheus?") from None
+    if body.get("status") != "success":
+        raise ExportError(f"Prometheus rejected {what}: {body.get('error', body)}; query: {query}")
+    for text in body.get("warnings") or []:
+        warn(f"Prometheus warning for {what}: {text}")
+    data = body.get("data") or {}
+    if data.get("resultType") != "matrix":
+        raise ExportError(f"{what}: expected a range vector result, got {data.get('resultType')!r}")
+    return data.get("result") or []
+
+
+def _error_text(response: requests.Response) -> str:
+    try:
+        return str(response.json().get("error") or response.text[:200])
+    except ValueError:
+        return response.text.strip()[:200] or response.reason
+
+
+# ---------------------------------------------------------------- one column
+
+def grid(start: Any, end: Any, step: int) -> np.ndarray:
+    """Integer unix seconds on multiples of step within [start, end]."""
+    first = math.ceil(parse_time(start) / step) * step
+    last = math.floor(parse_time(end) / step) * step
+    if last < first:
+        raise ExportError(f"no {step}s step between {format_time(start)} and {format_time(end)}")
+    return np.arange(first, last + step, step, dtype=np.int64)
+
+
+def fetch_column(session: requests.Session, prometheus: str, query: str, timestamps: np.ndarray,
+                 step: int, agg: str = "sum", what: str = "query", timeout: float = 30.0,
+                 retries: int = 3, backoff: float = 0.5) -> pd.Series:
+    """Query one column over the grid (split into requests of <= MAX_POINTS points) and
+    combine several series with `agg` -> float Series indexed by timestamp, NaN where
+    missing. Raises ExportError if the query returns no data at all."""
+    pieces = []
+    for i in range(0, len(timestamps), MAX_POINTS):
+        chunk = timestamps[i:i + MAX_POINTS]
+        series = query_range(session, prometheus, query, int(chunk[0]), int(chunk[-1]), step,
+                             what, timeout, retries, backoff)
+        frame = pd.DataFrame({
+            n: pd.Series([float(v) for _, v in s["values"]],
+                         index=[int(round(float(t))) for t, _ in s["values"]], dtype=float)
+            for n, s in enumerate(series)})
+        if frame.empty:
+            continue
+        frame = frame.replace([np.inf, -np.inf], np.nan)
+        if agg == "sum":
+            pieces.append(frame.sum(axis=1, min_count=1))
+        else:
+            pieces.append(getattr(frame, agg)(axis=1))
+    values = pd.concat(pieces) if pieces else pd.Series(dtype=float)
+    values = values[~values.index.duplicated()].reindex(timestamps)
+    if values.isna().all():
+        raise ExportError(f"{what} returned no data between {format_time(timestamps[0])} and "
+                          f"{format_time(timestamps[-1])}; query: {query}")
+    return values
+
+
+def fill_gaps(values: pd.Series, max_gap: int) -> tuple[pd.Series, list[tuple[int, int]]]:
+    """Fill runs of at most max_gap missing points (linear inside the series, nearest value
+    at its ends) -> (filled series, [(first, last) timestamp of each longer run, left NaN])."""
+    missing = values.isna().to_numpy()
+    if not missing.any():
+        return values, []
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], missing.astype(np.int8), [0]))))
+    inside = values.interpolate(method="linear", limit_area="inside")
+    nearest = values.ffill().bfill()
+    result = values.copy()
+    long_gaps = []
+    for first, stop in zip(edges[0::2], edges[1::2]):  # stop is exclusive
+        if stop - first > max_gap:
+            long_gaps.append((int(values.index[first]), int(values.index[stop - 1])))
+        elif first > 0 and stop < len(values):
+            result.iloc[first:stop] = inside.iloc[first:stop]
+        else:
+            result.iloc[first:stop] = nearest.iloc[first:stop]
+    return result, long_gaps
+
+
+def fetch_service(session: requests.Session, prometheus: str, metric_set: dict, service: str,
+                  timestamps: np.ndarray, step: int, max_gap: int, timeout: float = 30.0,
+                  retries: int = 3, backoff: float = 0.5, bar: tqdm | None = None,
+                  ) -> tuple[pd.DataFrame, list[str]]:
+    """All columns of one service on the grid, gaps handled -> (frame with a timestamp column
+    and no NaN, warnings about dropped rows)."""
+    columns = {}
+    warnings = []
+    for metric in metric_set["metrics"]:
+        column = metric["column"]
+        what = f"column '{column}' (service {service})"
+        values = fetch_column(session, prometheus, render_query(metric, metric_set, service),
+                              timestamps, step, metric["agg"], what, timeout, retries, backoff)
+        if metric["fill"] is not None:
+            values = values.fillna(float(metric["fill"]))
+        values, long_gaps = fill_gaps(values, max_gap)
+        for first, last in long_gaps:
+            steps = (last - first) // step + 1
+            warnings.append(f"{service}/{column}: no data from {format_time(first)} to "
+                            f"{format_time(last)} ({steps} steps > max_gap {max_gap}); "
+                            "those rows are dropped")
+        columns[column] = values.to_numpy()
+        if bar is not None:
+            bar.update(1)
+    frame = pd.DataFrame({"timestamp": timestamps, **columns})
+    return frame.dropna().reset_index(drop=True), warnings
+
+
+# ---------------------------------------------------------------- labels
+
+def make_labels(timestamps: np.ndarray, faults: list[dict], service: str,
+                label_margin: float = 0, label_scope: str = "target") -> pd.DataFrame:
+    """-> DataFrame timestamp, label (0/1), fault (kind, '+'-joined on overlap, '' outside)."""
+    timestamps = np.asarray(timestamps, dtype=np.int64)
+    kinds = [[] for _ in timestamps]
+    for fault in faults:
+        if label_scope == "target" and fault["target"] != service:
+            continue
+        inside = ((timestamps >= fault["start"] - label_margin)
+                  & (timestamps <= fault["end"] + label_margin))
+        for i in np.flatnonzero(inside):
+            if fault["kind"] not in kinds[i]:
+                kinds[i].append(fault["kind"])
+    return pd.DataFrame({"timestamp": timestamps,
+                         "label": np.array([1 if k else 0 for k in kinds], dtype=np.int64),
+                         "fault": ["+".join(k) for k in kinds]})
+
+
+# ---------------------------------------------------------------- writing
+
+def _write_all(files: dict[Path, pd.DataFrame], stale: list[Path]) -> None:
+    """Write every frame to a temp file beside its target, then rename all into place;
+    on any error remove the temp files (and folders this call created)."""
+    created_dirs, temps = [], []
+    try:
+        for path in files:
+            missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+            for folder in reversed(missing):
+                folder.mkdir()
+                created_dirs.append(folder)
+        for path, frame in files.items():
+            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps.append(temp)
+            with os.fdopen(fd, "w", newline="") as f:
+                frame.to_csv(f, index=False)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for temp in temps:
+            Path(temp).unlink(missing_ok=True)
+        for folder in reversed(created_dirs):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
+    for temp, path in zip(temps, files):
+        os.replace(temp, path)
+    for path in stale:
+        path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- export
+
+def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: Any, end: Any,
+           step: Any = "15s", out: str | os.PathLike = "Dataset/sockshop", train_end: Any = None,
+           fault_log: str | os.PathLike | list[dict] | None = None, label_margin: float = 0,
+           label_scope: str = "target", services: list[str] | None = None,
+           namespace: str | None = None, max_gap: int = DEFAULT_MAX_GAP,
+           session: requests.Session | None = None, timeout: float = 30.0, retries: int = 3,
+           backoff: float = 0.5, progress: bool = True) -> dict:
+    """Export one dataset (see the module docstring for the rules) -> {'out', 'columns',
+    'train_end' (unix s or None), 'faults' (in range), 'warnings', 'services': {service:
+    {'train_rows', 'test_rows', 'anomalous_rows', 'dropped_rows', 'files'}}}.
+    Raises ExportError; writes nothing unless every query succeeded."""
+    step_s = parse_step(step)
+    start_s, end_s = parse_time(start), parse_time(end)
+    if end_s <= start_s:
+        raise ExportError(f"--end ({format_time(end_s)}) must be after --start "
+                          f"({format_time(start_s)})")
+    if label_scope not in ("target", "all"):
+        raise ExportError(f"label_scope must be 'target' or 'all', got {label_scope!r}")
+    if label_margin < 0 or max_gap < 0:
+        raise ExportError("label_margin and max_gap must be >= 0")
+    metric_set = load_metric_set(metric_set_path, namespace, services)
+    timestamps = grid(start_s, end_s, step_s)
+
+    faults = []
+    if fault_log is not None:
+        all_faults = fault_log if isinstance(fault_log, list) else read_fault_log(fault_log)
+        faults = [f for f in all_faults
+                  if f["end"] + label_margin >= timestamps[0]
+                  and f["start"] - label_margin <= timestamps[-1]]
+        if not faults:
+            warn(f"no fault of the fault log lies between {format_time(timestamps[0])} and "
+                 f"{format_time(timestamps[-1])}; all labels are 0")
+        for target in sorted({f["target"] for f in faults} - set(metric_set["services"])):
+            if label_scope == "target":
+                warn(f"faults on '{target}' label nothing: it is not an exported service")
+
+    if train_end is not None:
+        split = parse_time(train_end)
+    elif faults:
+        split = min(f["start"] for f in faults) - label_margin
+        warn(f"no --train_end: train.csv ends before the first fault, at {format_time(split)}")
+    else:
+        split = None
+
+    session = session or make_session()
+    results, warnings, files, stale = {}, [], {}, []
+    total = len(metric_set["services"]) * len(metric_set["metrics"])
+    with tqdm(total=total, desc="queries", unit="query", disable=not progress,
+              file=sys.stderr) as bar:
+        for service in metric_set["services"]:
+            frame, service_warnings = fetch_service(
+                session, prometheus, metric_set, service, timestamps, step_s, max_gap,
+                timeout, retries, backoff, bar)
+            warnings += service_warnings
+            results[service] = frame
+    for message in warnings:
+        warn(message)
+
+    out = Path(out)
+    summary = {"out": str(out), "columns": [m["column"] for m in metric_set["metrics"]],
+               "train_end": None if split is None else int(split), "faults": faults,
+               "warnings": warnings, "services": {}}
+    for service, frame in results.items():
+        folder = out / service
+        if split is None:
+            train, test = frame, frame.iloc[0:0]
+        else:
+            train, test = frame[frame["timestamp"] < split], frame[frame["timestamp"] >= split]
+        if train.empty:
+            raise ExportError(f"{service}: no rows left to export" if split is None else
+                              f"{service}: no rows before train_end {format_time(split)} "
+                              "(does the first fault start at the beginning of the range? "
+                              "give --train_end)")
+        if split is not None and test.empty:
+            raise ExportError(f"{service}: no rows at or after train_end {format_time(split)}")
+        labels = make_labels(frame["timestamp"].to_numpy(), faults, service, label_margin,
+                             label_scope)
+        if split is not None and labels.loc[frame["timestamp"].to_numpy() < split, "label"].any():
+            warn(f"{service}: faults lie in the train part (before {format_time(split)})")
+        files[folder / "train.csv"] = train
+        if split is None:
+            stale += [folder / "test.csv", folder / "test_label.csv"]
+        else:
+            files[folder / "test.csv"] = test
+            files[folder / "test_label.csv"] = labels[labels["timestamp"] >= split]
+        summary["services"][service] = {
+            "train_rows": len(train), "test_rows": len(test),
+            "anomalous_rows": int(labels.loc[labels["timestamp"] >= split, "label"].sum())
+            if split is not None else 0,
+            "dropped_rows": len(timestamps) - len(frame),
+            "files": [str(p) for p in files if p.parent == folder],
+        }
+    _write_all(files, [p for p in stale if p.exists()])
+    return summary
+
+
+def fetch_window(prometheus: str, metric_set: str | os.PathLike | dict, service: str, end: Any,
+                 n_steps: int, step: Any = "15s", session: requests.Session | None = None,
+                 max_gap: int = DEFAULT_MAX_GAP, timeout: float = 10.0, retries: int = 2,
+                 backoff: float = 0.5) -> pd.DataFrame:
+    """The last n_steps grid points up to `end` (e.g. 'now') of one service's metrics ->
+    DataFrame timestamp + metric columns, gaps handled as in export(). Rows inside longer
+    gaps are dropped, so fewer than n_steps rows can come back."""
+    step_s = parse_step(step)
+    metric_set = load_metric_set(metric_set)
+    last = math.floor(parse_time(end) / step_s) * step_s
+    timestamps = np.arange(last - (n_steps - 1) * step_s, last + step_s, step_s, dtype=np.int64)
+    frame, _ = fetch_service(session or make_session(), prometheus, metric_set, service,
+                             timestamps, step_s, max_gap, timeout, retries, backoff)
+    return frame
+
+
+# ---------------------------------------------------------------- CLI
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.split("\n\n")[0],
+        epilog="See the top of export_metrics.py for the grid, gap, split and label rules.")
+    parser.add_argument("--prometheus", default=os.environ.get("PROMETHEUS_URL", DEFAULT_PROMETHEUS),
+                        help="Prometheus base URL (env PROMETHEUS_URL; default %(default)s)")
+    parser.add_argument("--metrics", default=str(DEFAULT_METRIC_SET),
+                        help="metric set YAML (default chaos/metrics-sockshop.yaml)")
+    parser.add_argument("--start", required=True, help="ISO 8601 with Z/offset, or unix seconds")
+    parser.add_argument("--end", required=True, help="ISO 8601 with Z/offset, or unix seconds")
+    parser.add_argument("--step", default="15s", help="grid step (default %(default)s)")
+    parser.add_argument("--train_end", help="rows before this go to train.csv, the rest to test.csv")
+    parser.add_argument("--fault_log", help="fault log CSV (start,end,kind,target,name)")
+    parser.add_argument("--label_margin", type=float, default=0,
+                        help="seconds added on both sides of every fault window (default 0)")
+    parser.add_argument("--label_scope", choices=("target", "all"), default="target",
+                        help="target: a service is labelled by its own faults only (default)")
+    parser.add_argument("--services", help="comma separated, overrides the metric set's list")
+    parser.add_argument("--namespace", help="overrides the metric set's namespace")
+    parser.add_argument("--max_gap", type=int, default=DEFAULT_MAX_GAP,
+                        help="fill runs of at most this many missing steps (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    parser.add_argument("--retries", type=int, default=3,
+                        help="retries of a failed request (default %(default)s)")
+    parser.add_argument("--backoff", type=float, default=0.5,
+                        help="first retry delay in seconds, doubled each time")
+    parser.add_argument("--ca_cert", help="CA bundle to verify Prometheus' TLS certificate")
+    parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    parser.add_argument("--out", required=True, help="output folder, one subfolder per service")
+    args = parser.parse_args(argv)
+
+    verify: bool | str = False if args.insecure else (args.ca_cert or True)
+    try:
+        summary = export(
+            args.prometheus, args.metrics, args.start, args.end, args.step, args.out,
+            train_end=args.train_end, fault_log=args.fault_log, label_margin=args.label_margin,
+            label_scope=args.label_scope,
+            services=[s.strip() for s in args.services.split(",") if s.strip()]
+            if args.services else None,
+            namespace=args.namespace, max_gap=args.max_gap,
+            session=make_session(verify=verify), timeout=args.timeout, retries=args.retries,
+            backoff=args.backoff, progress=not args.no_progress)
+    except ExportError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    for service, info in summary["services"].items():
+        print(f"{service}: {info['train_rows']} train rows, {info['test_rows']} test rows "
+              f"({info['anomalous_rows']} labelled anomalous), {info['dropped_rows']} dropped "
+              f"-> {Path(summary['out']) / service}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

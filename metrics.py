@@ -1,0 +1,416 @@
+"""Metrics and label-free thresholds: the one module every script and test uses.
+
+Score convention: a higher score means more anomalous; a point is predicted
+anomalous when ``score > threshold``.
+
+Honesty rules kept here: labels are only ever used to *compute* metrics.
+Threshold selectors (:func:`spot_threshold`, :func:`percentile_threshold`,
+:func:`select_threshold`) take no labels.  Metrics that pick the threshold with
+the labels are oracles and carry the ``_oracle`` suffix; point-adjusted
+numbers (``*_pa``) are always reported next to the point-wise ones.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+log = logging.getLogger(__name__)
+
+NAN = float("nan")
+# VUS-PR buffer range l = 0..VUS_MAX_WINDOW (TSB-UAD: 2 x sliding window; 2 x the default
+# seq_len 20).  Fixed so every method is compared on the same surface.
+VUS_MAX_WINDOW = 40
+
+__all__ = [
+    "segments", "point_adjust", "prf", "auc_roc", "auc_pr",
+    "best_f1_oracle", "best_f1_pa_oracle", "soft_range_labels", "range_pr_auc",
+    "vus_pr", "spot_threshold", "percentile_threshold", "select_threshold",
+    "evaluate", "summarize",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+def _scores(scores: Any) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if s.size and not np.all(np.isfinite(s)):
+        raise ValueError("scores contain NaN/inf")
+    return s
+
+
+def _labels(labels: Any, n: int | None = None) -> np.ndarray:
+    y = np.asarray(labels).ravel().astype(np.int64)
+    if n is not None and y.size != n:
+        raise ValueError(f"labels have {y.size} points, scores have {n}")
+    if y.size and (y.min() < 0 or y.max() > 1):
+        raise ValueError("labels must be 0/1")
+    return y
+
+
+def segments(labels: Any) -> np.ndarray:
+    """Runs of non-zero labels as an (k, 2) int array of [start, end) pairs."""
+    y = np.asarray(labels).ravel() != 0
+    d = np.diff(np.concatenate([[False], y, [False]]).astype(np.int8))
+    starts = np.flatnonzero(d == 1)
+    ends = np.flatnonzero(d == -1)
+    return np.stack([starts, ends], axis=1) if starts.size else np.zeros((0, 2), dtype=np.int64)
+
+
+def point_adjust(labels: Any, pred: Any) -> np.ndarray:
+    """Point adjustment: every point of a true segment with >=1 flagged point becomes flagged."""
+    y = _labels(labels)
+    p = np.asarray(pred).ravel().astype(bool).copy()
+    if p.size != y.size:
+        raise ValueError("labels and pred differ in length")
+    for s, e in segments(y):
+        if p[s:e].any():
+            p[s:e] = True
+    return p
+
+
+def prf(labels: Any, pred: Any) -> tuple[float, float, float]:
+    """Point-wise (precision, recall, F1) of binary predictions.
+
+    Precision is 0 when nothing is predicted (sklearn's zero_division=0); recall
+    and F1 are NaN when there are no true anomalies (undefined).
+    """
+    y = _labels(labels).astype(bool)
+    p = np.asarray(pred).ravel().astype(bool)
+    tp = float(np.sum(y & p))
+    n_pred, n_pos = float(p.sum()), float(y.sum())
+    precision = tp / n_pred if n_pred > 0 else 0.0
+    if n_pos == 0:
+        return precision, NAN, NAN
+    recall = tp / n_pos
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return precision, recall, f1
+
+
+def auc_roc(scores: Any, labels: Any) -> float:
+    """AUC-ROC; NaN when only one class is present."""
+    s = _scores(scores)
+    y = _labels(labels, s.size)
+    if y.size == 0 or y.min() == y.max():
+        return NAN
+    return float(roc_auc_score(y, s))
+
+
+def auc_pr(scores: Any, labels: Any) -> float:
+    """AUC-PR as average precision (sklearn); NaN without anomalies."""
+    s = _scores(scores)
+    y = _labels(labels, s.size)
+    if y.sum() == 0:
+        return NAN
+    return float(average_precision_score(y, s))
+
+
+# --------------------------------------------------------------------------- oracle F1
+def _best_f1_sweep(keys: np.ndarray, tp_w: np.ndarray, fp_w: np.ndarray,
+                   n_pos: float) -> tuple[float, float]:
+    """Max F1 over thresholds 'key >= k' from per-item TP/FP weights, O(n log n).
+
+    Items with equal keys flip together (one candidate per unique key).
+    Returns (best F1, threshold usable as ``score > threshold``).
+    """
+    if n_pos <= 0:
+        return NAN, NAN
+    order = np.argsort(-keys, kind="mergesort")
+    k = keys[order]
+    tp = np.cumsum(tp_w[order])
+    fp = np.cumsum(fp_w[order])
+    last = np.flatnonzero(np.r_[k[1:] != k[:-1], True])  # last index of each tie group
+    tp, fp = tp[last], fp[last]
+    f1 = 2 * tp / (tp + fp + n_pos)  # = 2TP / (2TP + FP + FN)
+    i = int(np.argmax(f1))
+    if f1[i] <= 0:
+        return 0.0, float(k[0])  # predict nothing
+    thr = float(np.nextafter(k[last[i]], -np.inf))  # score > thr  <=>  score >= key
+    return float(f1[i]), thr
+
+
+def best_f1_oracle(scores: Any, labels: Any, return_threshold: bool = False):
+    """ORACLE best point-wise F1 over all thresholds (uses labels to choose it)."""
+    s = _scores(scores)
+    y = _labels(labels, s.size).astype(np.float64)
+    f1, thr = _best_f1_sweep(s, y, 1.0 - y, float(y.sum()))
+    return (f1, thr) if return_threshold else f1
+
+
+def best_f1_pa_oracle(scores: Any, labels: Any, return_threshold: bool = False):
+    """ORACLE best point-adjusted F1 over all thresholds, O(n log n).
+
+    A true segment becomes fully detected at the threshold equal to its max
+    score, so the sweep runs over segment maxima (weight = segment length as TP)
+    together with normal points' scores (weight 1 as FP).
+    """
+    s = _scores(scores)
+    y = _labels(labels, s.size)
+    seg = segments(y)
+    normal = y == 0
+    seg_max = np.array([s[a:b].max() for a, b in seg], dtype=np.float64)
+    seg_len = (seg[:, 1] - seg[:, 0]).astype(np.float64)
+    keys = np.concatenate([seg_max, s[normal]])
+    tp_w = np.concatenate([seg_len, np.zeros(int(normal.sum()))])
+    fp_w = np.concatenate([np.zeros(len(seg)), np.ones(int(normal.sum()))])
+    f1, thr = _best_f1_sweep(keys, tp_w, fp_w, float(y.sum()))
+    return (f1, thr) if return_threshold else f1
+
+
+# --------------------------------------------------------------------------- VUS-PR
+def soft_range_labels(labels: Any, window: int) -> np.ndarray:
+    """Labels with ramp buffers (TSB-UAD ``extend_postive_range``, symmetric version).
+
+    For every anomaly segment [s, e], the ``window // 2`` points before s and
+    after e get ``sqrt(1 - d / window)`` (d = distance to the segment); values
+    of overlapping buffers add up and are clipped at 1.
+    """
+    y = _labels(labels).astype(np.float64)
+    n = y.size
+    half = int(window) // 2
+    if half <= 0:
+        return y
+    out = y.copy()
+    d = np.arange(1, half + 1)
+    ramp = np.sqrt(1.0 - d / float(window))
+    for s, e in segments(y):  # e exclusive; reference's e is e - 1
+        after = (e - 1) + d
+        ok = after < n
+        out[after[ok]] += ramp[ok]
+        before = s - d
+        ok = before >= 0
+        out[before[ok]] += ramp[ok]
+    return np.minimum(out, 1.0)
+
+
+def _sweep_positions(s_sorted: np.ndarray, n_thresholds: int | None) -> np.ndarray:
+    """Last index (in descending order) of the tie group of each evaluated threshold."""
+    n = s_sorted.size
+    last = np.flatnonzero(np.r_[s_sorted[1:] != s_sorted[:-1], True])
+    if n_thresholds is None:
+        return last
+    idx = np.linspace(0, n - 1, int(n_thresholds)).astype(int)  # reference sampling
+    return last[np.searchsorted(last, idx, side="left")]
+
+
+def _range_pr_from_sorted(s: np.ndarray, order: np.ndarray, pos: np.ndarray,
+                          y: np.ndarray, window: int) -> float:
+    soft = soft_range_labels(y, window)
+    seg = segments(soft > 0)
+    n_seg = len(seg)
+    p_orig = float(y.sum())
+    p_new = (p_orig + float(soft.sum())) / 2.0
+    thr = s[order][pos]
+    tp = np.cumsum(soft[order])[pos]
+    n_pred = pos + 1.0
+    masked = np.where(soft > 0, s, -np.inf)
+    seg_max = np.sort(np.maximum.reduceat(masked, seg[:, 0]))
+    exist = n_seg - np.searchsorted(seg_max, thr, side="left")  # segments with max >= thr
+    tpr = np.minimum(tp / p_new, 1.0) * exist / n_seg
+    prec = tp / n_pred
+    tpr = np.r_[0.0, tpr]
+    prec = np.r_[1.0, prec]
+    return float(np.sum((tpr[1:] - tpr[:-1]) * (prec[1:] + prec[:-1]) / 2.0))
+
+
+def range_pr_auc(scores: Any, labels: Any, window: int = 0,
+                 n_thresholds: int | None = None) -> float:
+    """Range-based PR-AUC (Paparrizos et al.) with a label buffer of ``window``.
+
+    Curve, as in TSB-UAD ``RangeAUC``: for thresholds t (pred = score >= t),
+    TP = sum of soft labels on predicted points, recall = min(TP / P', 1) with
+    P' = (P + sum(soft)) / 2, TPR = recall * (fraction of soft segments with a
+    predicted point), precision = TP / #pred; area by trapezoids from (0, 1).
+    ``n_thresholds=None`` uses every distinct score (exact); 250 reproduces the
+    reference's subsampled thresholds.  NaN without anomalies.
+    """
+    s = _scores(scores)
+    y = _labels(labels, s.size)
+    if y.sum() == 0:
+        return NAN
+    order = np.argsort(-s, kind="mergesort")
+    pos = _sweep_positions(s[order], n_thresholds)
+    return _range_pr_from_sorted(s, order, pos, y, window)
+
+
+def vus_pr(scores: Any, labels: Any, max_window: int = VUS_MAX_WINDOW,
+           n_thresholds: int | None = None) -> float:
+    """VUS-PR (Paparrizos et al., VLDB 2022): mean range-PR-AUC over buffers l = 0..max_window.
+
+    Matches TSB-UAD ``RangeAUC_volume`` (``windowSize = max_window``) except that
+    all distinct thresholds are used unless ``n_thresholds=250`` is given.
+    """
+    s = _scores(scores)
+    y = _labels(labels, s.size)
+    if y.sum() == 0:
+        return NAN
+    order = np.argsort(-s, kind="mergesort")
+    pos = _sweep_positions(s[order], n_thresholds)
+    vals = [_range_pr_from_sorted(s, order, pos, y, w) for w in range(int(max_window) + 1)]
+    return float(np.mean(vals))
+
+
+# --------------------------------------------------------------------------- thresholds (no labels)
+def percentile_threshold(scores: Any, pct: float) -> float:
+    """The ``pct``-th percentile (0..100) of label-free scores (e.g. validation)."""
+    s = _scores(scores)
+    return float(np.percentile(s, pct))
+
+
+def _gpd_fit(peaks: np.ndarray) -> tuple[float, float] | None:
+    """(gamma, sigma) of a GPD with loc=0 by maximum likelihood; None on failure."""
+    from scipy.stats import genpareto
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            gamma, _, sigma = genpareto.fit(peaks, floc=0.0)
+    except Exception as exc:  # noqa: BLE001 - any optimiser failure -> fallback
+        log.warning("SPOT: GPD fit failed (%s)", exc)
+        return None
+    if not (np.isfinite(gamma) and np.isfinite(sigma) and sigma > 0):
+        return None
+    # the fit must not be worse than the exponential (gamma=0) special case
+    ll_gpd = float(np.sum(genpareto.logpdf(peaks, gamma, loc=0.0, scale=sigma)))
+    mu = float(peaks.mean())
+    ll_exp = -peaks.size * math.log(mu) - peaks.size
+    if not np.isfinite(ll_gpd) or ll_gpd < ll_exp - 1e-9:
+        return 0.0, mu
+    return float(gamma), float(sigma)
+
+
+def spot_threshold(init_scores: Any, q: float = 1e-3, init_level: float = 0.99,
+                   min_peaks: int = 10) -> float:
+    """Peaks-Over-Threshold threshold (SPOT, Siffer et al., KDD 2017) on label-free scores.
+
+    t = quantile(init_scores, init_level); a generalized Pareto distribution
+    (loc 0) is fitted to the excesses over t by maximum likelihood and
+    z_q = t + sigma/gamma * ((q n / N_t)^(-gamma) - 1)   (t - sigma log(q n / N_t) if gamma = 0).
+    With fewer than ``min_peaks`` excesses or a failed fit an exponential tail
+    (sigma = mean excess) is used, and with < 2 distinct excesses the empirical
+    (1 - q) quantile; both are logged as warnings.
+    """
+    s = _scores(init_scores)
+    if s.size == 0:
+        raise ValueError("spot_threshold needs scores")
+    if not (0 < q < 1 and 0 < init_level < 1):
+        raise ValueError("q and init_level must lie in (0, 1)")
+    n = s.size
+    t = float(np.quantile(s, init_level))
+    peaks = s[s > t] - t
+    n_t = peaks.size
+    if n_t < 2 or np.ptp(peaks) == 0:
+        log.warning("SPOT: %d usable peaks over t=%.6g; using the empirical %.4g quantile",
+                    n_t, t, 1 - q)
+        return float(max(np.quantile(s, 1 - q), t))
+    ratio = q * n / n_t
+    if n_t < min_peaks:
+        log.warning("SPOT: only %d peaks (< %d); exponential tail used", n_t, min_peaks)
+        fit = (0.0, float(peaks.mean()))
+    else:
+        fit = _gpd_fit(peaks)
+        if fit is None:
+            log.warning("SPOT: GPD fit unusable; exponential tail used")
+            fit = (0.0, float(peaks.mean()))
+    gamma, sigma = fit
+    if abs(gamma) < 1e-8:
+        z = t - sigma * math.log(ratio)
+    else:
+        z = t + sigma / gamma * (ratio ** (-gamma) - 1.0)
+    if not np.isfinite(z):
+        log.warning("SPOT: non-finite z_q; using the empirical %.4g quantile", 1 - q)
+        z = float(np.quantile(s, 1 - q))
+    return float(z)
+
+
+def select_threshold(init_scores: Any, method: str = "spot", q: float = 1e-3,
+                     level: float = 0.99, pct: float = 99.0) -> float:
+    """Label-free threshold from (validation) scores: 'spot' or 'percentile'."""
+    method = method.lower()
+    if method in ("spot", "pot"):
+        return spot_threshold(init_scores, q=q, init_level=level)
+    if method in ("percentile", "pct", "quantile"):
+        return percentile_threshold(init_scores, pct)
+    raise ValueError(f"unknown threshold method {method!r}")
+
+
+# --------------------------------------------------------------------------- evaluate / summarize
+def evaluate(scores: Any, threshold: float, labels: Any | None,
+             faults: Any | None = None, vus_max_window: int = VUS_MAX_WINDOW) -> dict[str, Any]:
+    """All metrics for one series at a (label-free) threshold; pred = score > threshold.
+
+    ``faults``: fault-kind strings per point ('' outside faults) -> ``per_fault``
+    with recall / f1 / auc_roc / n_points per kind (that kind's points positive,
+    normal points negative, other kinds excluded).  Undefined values are NaN.
+    """
+    s = _scores(scores)
+    thr = float(threshold)
+    pred = s > thr
+    out: dict[str, Any] = {"threshold": thr, "n_points": int(s.size),
+                           "n_predicted": int(pred.sum())}
+    if labels is None:
+        out["note"] = "no labels: metrics need labels"
+        return out
+    y = _labels(labels, s.size)
+    p, r, f = prf(y, pred)
+    pp, rp, fpa = prf(y, point_adjust(y, pred))
+    out.update(
+        precision=p, recall=r, f1=f,
+        precision_pa=pp, recall_pa=rp, f1_pa=fpa,
+        auc_roc=auc_roc(s, y), auc_pr=auc_pr(s, y),
+        best_f1_oracle=best_f1_oracle(s, y),
+        best_f1_pa_oracle=best_f1_pa_oracle(s, y),
+        vus_pr=vus_pr(s, y, max_window=vus_max_window),
+        vus_max_window=int(vus_max_window),
+        n_anomalies=int(y.sum()),
+    )
+    if faults is not None:
+        fk = np.asarray(faults, dtype=object).ravel()
+        if fk.size != s.size:
+            raise ValueError("faults and scores differ in length")
+        fk = np.array(["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                       for v in fk], dtype=object)
+        normal = (y == 0) & (fk == "")
+        per: dict[str, dict[str, float]] = {}
+        for kind in sorted(set(fk.tolist()) - {""}):
+            pos = fk == kind
+            keep = pos | normal
+            yk = pos[keep].astype(np.int64)
+            _, rk, f1k = prf(yk, pred[keep])
+            per[kind] = {"recall": rk, "f1": f1k, "auc_roc": auc_roc(s[keep], yk),
+                         "n_points": int(pos.sum())}
+        out["per_fault"] = per
+    return out
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _nanmean_dicts(dicts: list[Mapping[str, Any]]) -> dict[str, Any]:
+    keys: list[str] = []
+    for d in dicts:
+        keys += [k for k in d if k not in keys]
+    out: dict[str, Any] = {}
+    for k in keys:
+        vals = [d[k] for d in dicts if k in d]
+        if vals and all(_is_num(v) for v in vals):
+            arr = np.asarray(vals, dtype=np.float64)
+            out[k] = float(np.mean(arr[np.isfinite(arr)])) if np.isfinite(arr).any() else NAN
+        elif vals and all(isinstance(v, Mapping) for v in vals):
+            out[k] = _nanmean_dicts(vals)
+    return out
+
+
+def summarize(per_entity: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """{"entities": per_entity, "mean": nan-mean over entities of every numeric key}.
+
+    Nested dicts (``per_fault``) are averaged key by key over the entities that
+    have them; non-numeric values are left out of the mean.
+    """
+    ents = {str(k): dict(v) for k, v in per_entity.items()}
+    mean = _nanmean_dicts(list(ents.values()))
+    mean["n_entities"] = len(ents)
+    return {"entities": ents, "mean": mean}

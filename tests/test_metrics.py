@@ -1,0 +1,255 @@
+"""Tests for metrics.py (fast: no data, no training)."""
+from __future__ import annotations
+
+import inspect
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import (average_precision_score, f1_score, precision_score,
+                             recall_score, roc_auc_score)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import metrics as M  # noqa: E402
+
+
+def _random_case(rng: np.random.Generator, n: int, decimals: int | None = None):
+    y = np.zeros(n, dtype=int)
+    for _ in range(rng.integers(1, 6)):
+        a = int(rng.integers(0, n))
+        y[a:a + int(rng.integers(1, 20))] = 1
+    s = rng.random(n) + y * rng.random() * 1.5
+    if decimals is not None:
+        s = np.round(s, decimals)  # many ties
+    return y, s
+
+
+# --------------------------------------------------------------------------- vs sklearn
+def test_prf_auc_match_sklearn():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y, s = _random_case(rng, 300)
+        thr = float(np.quantile(s, rng.uniform(0.5, 0.99)))
+        pred = s > thr
+        p, r, f = M.prf(y, pred)
+        assert p == pytest.approx(precision_score(y, pred, zero_division=0))
+        assert r == pytest.approx(recall_score(y, pred, zero_division=0))
+        assert f == pytest.approx(f1_score(y, pred, zero_division=0))
+        assert M.auc_roc(s, y) == pytest.approx(roc_auc_score(y, s))
+        assert M.auc_pr(s, y) == pytest.approx(average_precision_score(y, s))
+        ev = M.evaluate(s, thr, y)
+        assert ev["f1"] == pytest.approx(f1_score(y, pred, zero_division=0))
+        assert ev["n_predicted"] == int(pred.sum()) and ev["n_anomalies"] == int(y.sum())
+
+
+def _f1(y, pred) -> float:
+    tp = np.sum((y == 1) & pred)
+    return 2 * tp / (pred.sum() + y.sum()) if tp else 0.0
+
+
+def _brute_best_f1(s, y, pa: bool) -> float:
+    """Max F1 over every distinct threshold, one full pass each (pred = s >= t)."""
+    best = 0.0
+    for t in np.unique(s):
+        pred = s >= t
+        if pa:
+            pred = M.point_adjust(y, pred)
+        best = max(best, _f1(y, pred))
+    return best
+
+
+@pytest.mark.parametrize("decimals", [None, 1, 2])
+def test_best_f1_oracles_equal_brute_force(decimals):
+    rng = np.random.default_rng(1 + (decimals or 0))
+    for _ in range(15):
+        y, s = _random_case(rng, int(rng.integers(30, 200)), decimals)
+        f1, thr = M.best_f1_oracle(s, y, return_threshold=True)
+        assert f1 == pytest.approx(_brute_best_f1(s, y, False), abs=1e-12)
+        assert f1_score(y, s > thr) == pytest.approx(f1, abs=1e-12)  # threshold reproduces it
+        f1pa, thr_pa = M.best_f1_pa_oracle(s, y, return_threshold=True)
+        assert f1pa == pytest.approx(_brute_best_f1(s, y, True), abs=1e-12)
+        assert f1_score(y, M.point_adjust(y, s > thr_pa)) == pytest.approx(f1pa, abs=1e-12)
+        assert f1pa >= f1 - 1e-12
+
+
+def test_best_f1_tie_flips_together():
+    # the anomaly ties with two normals: cannot take it alone
+    y = np.array([1, 0, 0, 0])
+    s = np.array([0.5, 0.5, 0.5, 0.1])
+    assert M.best_f1_oracle(s, y) == pytest.approx(2 * 1 / 3 * 1 / (1 / 3 + 1))  # P=1/3, R=1
+    # PA: segment max 0.9 ties with one normal
+    y = np.array([0, 1, 1, 0, 0])
+    s = np.array([0.9, 0.2, 0.9, 0.1, 0.0])
+    assert M.best_f1_pa_oracle(s, y) == pytest.approx(2 * 2 / (2 + 1 + 2))
+
+
+# --------------------------------------------------------------------------- point adjustment by hand
+def test_point_adjust_hand_cases():
+    #            seg@start  gap  seg  1-gap seg   seg@end
+    y = np.array([1, 1, 0, 0, 1, 1, 0, 1, 1, 0, 1, 1])
+    pred = np.array([0, 1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1])
+    adj = M.point_adjust(y, pred)
+    assert adj.tolist() == [1, 1, 0, 1, 0, 0, 0, 1, 1, 0, 1, 1]
+    segs = M.segments(y).tolist()
+    assert segs == [[0, 2], [4, 6], [7, 9], [10, 12]]
+    ev = M.evaluate(pred.astype(float), 0.5, y)
+    # point-wise: TP=3, FP=1, P=8
+    assert ev["precision"] == pytest.approx(3 / 4)
+    assert ev["recall"] == pytest.approx(3 / 8)
+    # adjusted: TP=6 (segments 1,3,4), FP=1
+    assert ev["precision_pa"] == pytest.approx(6 / 7)
+    assert ev["recall_pa"] == pytest.approx(6 / 8)
+    assert ev["f1_pa"] == pytest.approx(2 * (6 / 7) * (6 / 8) / (6 / 7 + 6 / 8))
+
+
+def test_degenerate_no_anomalies_and_all_anomalies():
+    s = np.linspace(0, 1, 50)
+    ev = M.evaluate(s, 0.9, np.zeros(50, dtype=int))
+    assert ev["n_anomalies"] == 0 and ev["n_predicted"] == 5
+    for k in ("recall", "f1", "recall_pa", "f1_pa", "auc_roc", "auc_pr", "best_f1_oracle",
+              "best_f1_pa_oracle", "vus_pr"):
+        assert math.isnan(ev[k]), k
+    assert ev["precision"] == 0.0
+    ev = M.evaluate(s, 0.9, np.ones(50, dtype=int))
+    assert math.isnan(ev["auc_roc"])
+    assert ev["precision"] == 1.0 and ev["recall"] == pytest.approx(0.1)
+    assert ev["recall_pa"] == 1.0 and ev["f1_pa"] == 1.0
+    assert ev["best_f1_oracle"] == 1.0 and ev["best_f1_pa_oracle"] == 1.0
+    assert ev["auc_pr"] == pytest.approx(1.0) and ev["vus_pr"] == pytest.approx(1.0)
+    ev = M.evaluate(s, 2.0, None)
+    assert ev["n_predicted"] == 0 and "note" in ev and "f1" not in ev
+
+
+def test_per_fault_and_summarize():
+    y = np.array([0, 0, 1, 1, 0, 1, 1, 0, 0, 0])
+    faults = np.array(["", "", "cpu", "cpu", "", "net", "net", "", "", ""], dtype=object)
+    s = np.array([0, 0, 1, 1, 0, 0.2, 0.9, 0.1, 0.3, 0])
+    ev = M.evaluate(s, 0.5, y, faults=faults)
+    pf = ev["per_fault"]
+    assert set(pf) == {"cpu", "net"}
+    assert pf["cpu"]["recall"] == 1.0 and pf["cpu"]["auc_roc"] == 1.0
+    assert pf["cpu"]["n_points"] == 2
+    assert pf["net"]["recall"] == 0.5
+    # net vs normals: 0.9 beats all 6 normals, 0.2 beats 4 of 6 (0.3, 0.1 above? 0.1 below)
+    assert pf["net"]["auc_roc"] == pytest.approx((6 + 5) / 12)
+    summ = M.summarize({"a": ev, "b": dict(ev, f1=float("nan"), auc_roc=0.0)})
+    assert set(summ) == {"entities", "mean"}
+    assert summ["mean"]["f1"] == pytest.approx(ev["f1"])  # nanmean
+    assert summ["mean"]["auc_roc"] == pytest.approx(ev["auc_roc"] / 2)
+    assert summ["mean"]["per_fault"]["cpu"]["recall"] == 1.0
+    assert summ["mean"]["n_entities"] == 2
+
+
+# --------------------------------------------------------------------------- VUS-PR
+def test_range_pr_auc_hand_case_and_perfect():
+    # l = 0, one segment: the trapezoid PR area from (R=0, P=1)
+    y = np.array([0, 1, 1, 0, 0])
+    s = np.array([0.1, 0.9, 0.3, 0.5, 0.2])
+    # (R,P): (0,1) (.5,1) (.5,.5) (1,2/3) (1,.5) (1,.4)  -> 0.5 + 0.5 * (0.5 + 2/3) / 2
+    assert M.range_pr_auc(s, y, window=0) == pytest.approx(0.5 + 0.5 * (0.5 + 2 / 3) / 2)
+    # existence ratio: TPR = recall * fraction of segments hit
+    y = np.array([1, 0, 0, 0, 1, 1])
+    s = np.array([0.9, 0.1, 0.2, 0.0, 0.8, 0.3])
+    # (0,1) -> (1/3*1/2, 1) -> (2/3, 1) -> (1, 1) -> rest precision < 1 at TPR 1
+    assert M.range_pr_auc(s, y, window=0) == pytest.approx(1.0)
+    rng = np.random.default_rng(3)
+    y = np.zeros(500, dtype=int)
+    y[0:10] = y[200:203] = y[207:215] = y[480:500] = 1  # start, adjacent, end
+    assert M.range_pr_auc(y + 0.0, y, window=0) == pytest.approx(1.0)
+    assert M.vus_pr(y + 0.0, y, max_window=0) == pytest.approx(1.0)
+    # a score that also ranks the buffer ramps correctly stays ~1 for all l; a binary
+    # score ties buffers with normals, which the reference definition penalises
+    dist = np.abs(np.arange(500)[:, None] - np.flatnonzero(y)[None, :]).min(axis=1)
+    ramp = np.exp(-dist / 10.0)
+    assert M.vus_pr(ramp, y, max_window=20) > 0.99
+    assert 0.8 < M.vus_pr(y + 0.0, y, max_window=20) < M.vus_pr(ramp, y, max_window=20)
+    noise = rng.random(500)
+    assert M.vus_pr(noise, y, max_window=20) < M.vus_pr(noise + y, y, max_window=20)
+
+
+def _reference_range_pr(y, score, window):
+    """Loop transcription of TSB-UAD RangeAUC (PR part), 250 sampled thresholds."""
+    p = y.sum()
+    lab = M.soft_range_labels(y, window)
+    segs = M.segments(lab > 0)
+    ss = -np.sort(-score)
+    tpr, prec = [0.0], [1.0]
+    for i in np.linspace(0, len(score) - 1, 250).astype(int):
+        pred = score >= ss[i]
+        prod = lab * pred
+        tp = prod.sum()
+        p_new = (p + lab.sum()) / 2
+        ex = sum(prod[a:b].sum() > 0 for a, b in segs) / len(segs)
+        tpr.append(min(tp / p_new, 1) * ex)
+        prec.append(tp / pred.sum())
+    tpr.append(1.0)
+    tpr, prec = np.array(tpr), np.array(prec)
+    return np.sum((tpr[1:-1] - tpr[:-2]) * (prec[1:] + prec[:-1]) / 2)
+
+
+def test_range_pr_matches_reference_loop():
+    rng = np.random.default_rng(4)
+    for trial in range(8):
+        y, s = _random_case(rng, int(rng.integers(40, 240)), decimals=trial % 3 + 1)
+        for w in (0, 1, 4, 9):
+            ref = _reference_range_pr(y, s, w)
+            assert M.range_pr_auc(s, y, w) == pytest.approx(ref, abs=1e-12)  # n<=250: all thresholds
+            assert M.range_pr_auc(s, y, w, n_thresholds=250) == pytest.approx(ref, abs=1e-12)
+    y, s = _random_case(rng, 2000)
+    assert M.range_pr_auc(s, y, 6, n_thresholds=250) == pytest.approx(
+        _reference_range_pr(y, s, 6), abs=1e-12)
+
+
+def test_soft_labels_ramp():
+    y = np.array([0, 0, 0, 1, 0, 0, 0, 0, 1])
+    soft = M.soft_range_labels(y, 4)  # 2 points each side, sqrt(1 - d/4)
+    r1, r2 = math.sqrt(0.75), math.sqrt(0.5)
+    assert soft == pytest.approx([0, r2, r1, 1, r1, r2, r2, r1, 1])
+
+
+# --------------------------------------------------------------------------- thresholds
+@pytest.mark.parametrize("dist", ["pareto", "student_t"])
+def test_spot_heavy_tail(dist):
+    rng = np.random.default_rng(7)
+    draw = (lambda n: rng.pareto(2.5, n)) if dist == "pareto" else (lambda n: rng.standard_t(3, n))
+    init = draw(20000)
+    q, level = 1e-2, 0.9
+    z = M.spot_threshold(init, q=q, init_level=level)
+    assert z > np.quantile(init, level)
+    rate = float(np.mean(draw(400000) > z))
+    assert 0.6 * q < rate < 1.6 * q, rate
+    z3 = M.spot_threshold(init)  # paper defaults: q=1e-3, init_level=0.99
+    assert z3 > np.quantile(init, 0.99) and z3 > z
+
+
+def test_spot_fallbacks_do_not_crash():
+    assert M.spot_threshold(np.ones(100)) == 1.0
+    z = M.spot_threshold(np.r_[np.zeros(200), np.arange(5.0)])
+    assert np.isfinite(z) and z > 0
+    assert M.percentile_threshold(np.arange(101.0), 95) == pytest.approx(95.0)
+
+
+def test_thresholds_take_no_labels():
+    for fn in (M.spot_threshold, M.percentile_threshold, M.select_threshold):
+        params = inspect.signature(fn).parameters
+        assert not any("label" in p or "fault" in p for p in params), fn.__name__
+    rng = np.random.default_rng(5)
+    s = rng.random(1000)
+    thr = M.select_threshold(s[:500], "spot", q=1e-2, level=0.9)
+    y1 = (rng.random(1000) < 0.1).astype(int)
+    y2 = 1 - y1
+    e1, e2 = M.evaluate(s, thr, y1), M.evaluate(s, thr, y2)
+    assert e1["threshold"] == e2["threshold"] == thr
+    assert e1["n_predicted"] == e2["n_predicted"] == M.evaluate(s, thr, None)["n_predicted"]
+
+
+def test_oracle_is_fast():
+    import time
+    rng = np.random.default_rng(6)
+    y, s = _random_case(rng, 200_000)
+    t0 = time.perf_counter()
+    M.best_f1_oracle(s, y)
+    M.best_f1_pa_oracle(s, y)
+    assert time.perf_counter() - t0 < 2.0
