@@ -42,7 +42,8 @@ class Config:
     stage: str = "both"                  # global | local | both
     epochs: int = 8                      # stage 1 (global) epochs
     local_epochs: int = 3                # stage 2 (local) epochs
-    adapt_windows: int = 0               # stage 2: first N train windows of the entity (0 = all)
+    adapt_windows: int = 0               # use only the first N windows of each train series (0 = all)
+    adapt_scaler: str = "own"            # new entity's scaler: own (fitted on the rows adaptation sees) | history
     batch_size: int = 256
     lr: float = 1e-3
     local_lr: float = 1e-2
@@ -56,8 +57,12 @@ class Config:
     max_train_windows: int = 0           # per epoch, random subset (0 = all windows)
     resume: bool = False
     # scoring and thresholds
+    use_local: bool = True               # test.py: apply the entity's local prototypes when adapted
     score_samples: int = 0               # 0: posterior means (deterministic); L > 0: mean over L samples
     score_batch: int = 1024
+    score_mode: str = "point"            # point: the window ending at each point | block: non-overlapping
+                                         # windows, each scores all its points (~seq_len x fewer passes)
+    score_amp: bool = False              # CUDA only: bf16 autocast for the encoder when scoring (unmeasured)
     threshold: str = "spot"              # spot | percentile
     spot_q: float = 1e-3                 # SPOT risk level
     spot_level: float = 0.99             # initial quantile (paper: initial probability 0.01)

@@ -60,24 +60,40 @@ class PUAD(nn.Module):
         return out
 
     @torch.inference_mode()
-    def score(self, x: torch.Tensor, use_local: bool = False, n_samples: int = 0
+    def score(self, x: torch.Tensor, use_local: bool = False, n_samples: int = 0, amp: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-point anomaly scores (B, T) and the row-normalised transport plan (B, K).
 
         Each window is scored on its own (running OT potentials), so a score does not depend
         on the batch. n_samples=0 uses posterior means; L > 0 averages the NLL over L samples.
+        amp: the encoder under bf16 autocast, on CUDA only (off by default; unmeasured).
         """
         was_training = self.training
         self.eval()
         if n_samples <= 0:
-            out = self(x, use_local, sample=False, batch_plan=False)
-            nll, plan = out["nll"].sum(-1), out["plan"]
+            nll, plan = self._score_means(x, use_local, amp)
         else:
             outs = [self(x, use_local, sample=True, batch_plan=False) for _ in range(n_samples)]
             nll = torch.stack([o["nll"].sum(-1) for o in outs]).mean(0)
             plan = torch.stack([o["plan"] for o in outs]).mean(0)
         self.train(was_training)
         return nll, plan / plan.sum(-1, keepdim=True)
+
+    def _score_means(self, x: torch.Tensor, use_local: bool, amp: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(sample=False, batch_plan=False) reduced to what a score needs: no KL terms, no
+        prior head f1, no OT loss, no sigma of q(theta1). Same numbers as the full forward."""
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp and x.device.type == "cuda"):
+            h0 = self.encoder(x)
+        h0 = h0.float()
+        h1 = self.to_h1(h0)
+        theta0 = self.vae.phi.mu(self.vae.phi.hidden(h0))
+        beta = self.pot.prototypes(use_local)
+        running = self.pot.g_local if use_local else self.pot.g_global
+        plan = torch.softmax((running - self.pot.cost(theta0, beta)) / self.pot.eps, dim=-1)
+        theta1 = self.vae.psi.mu(self.vae.psi.hidden(torch.cat([plan @ beta, h1], dim=-1)))
+        x_mu, x_std = self.vae.decode(theta1)
+        return gaussian_nll(x, x_mu, x_std).sum(-1), plan
 
 
 # ---- checkpoints: plain dicts of tensors, strings and numbers, loadable with weights_only=True
@@ -117,22 +133,43 @@ def apply_local_state(model: PUAD, local: dict) -> None:
 
 
 def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = False,
-                 batch_size: int = 1024, n_samples: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int = 1024, n_samples: int = 0, mode: str = "point", amp: bool = False
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Score every point of a scaled series (n, V): the one scorer of the project.
 
-    Returns (point scores (n,), transport plan of the window ending at each point (n, K)).
-    Point t is scored by the window that ends at it; the first seq_len-1 points by the first
-    window (see utils.window_to_point_scores). Windows go through in batches, no Python loop
-    per window.
+    Returns (point scores (n,), transport plan of the window scoring each point (n, K)).
+    mode="point": point t is scored by the window that ends at it; the first seq_len-1 points by
+    the first window (see utils.window_to_point_scores): one window per point.
+    mode="block": non-overlapping windows (stride seq_len), every point of a window scored by
+    it at once, about seq_len times fewer windows; the tail that no full window covers is
+    scored by the last window, the one ending at the last point. The first seq_len points,
+    the last point of every block and the last point of the series get the same score in both
+    modes (the same window scores them). Windows go through in batches, no Python loop per
+    window; amp: bf16 autocast for the encoder on CUDA (off by default).
     """
+    if mode not in ("point", "block"):
+        raise ValueError(f"score mode must be point or block, not {mode!r}")
     device = next(model.parameters()).device
-    windows = create_sequences(x, seq_len)
+    n = len(x)
+    windows = create_sequences(x, seq_len, seq_len if mode == "block" else 1)
+    tail = n - len(windows) * seq_len if mode == "block" else 0  # points after the last full block
     scores, plans = [], []
     for i in range(0, len(windows), batch_size):
-        xb = torch.as_tensor(np.ascontiguousarray(windows[i:i + batch_size]), device=device)
-        s, p = model.score(xb, use_local, n_samples)
+        batch = windows[i:i + batch_size]
+        if tail and i + batch_size >= len(windows):
+            batch = np.concatenate([batch, x[None, n - seq_len:]])  # the window ending at the last point
+        xb = torch.as_tensor(np.require(batch, requirements=["C", "W"]), device=device)  # copies a view
+        s, p = model.score(xb, use_local, n_samples, amp=amp)
         scores.append(s.float().cpu().numpy())
         plans.append(p.float().cpu().numpy())
     window_scores, plan = np.concatenate(scores), np.concatenate(plans)
+    if mode == "block":
+        n_full = len(windows)
+        point = window_scores[:n_full].reshape(-1)
+        point_plan = np.repeat(plan[:n_full], seq_len, axis=0)
+        if tail:
+            point = np.concatenate([point, window_scores[-1, seq_len - tail:]])
+            point_plan = np.concatenate([point_plan, np.repeat(plan[-1:], tail, axis=0)])
+        return point, point_plan
     plan = np.concatenate([np.repeat(plan[:1], seq_len - 1, axis=0), plan])
     return window_to_point_scores(window_scores, seq_len), plan

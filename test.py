@@ -47,23 +47,29 @@ def align_features(ent: Entity, features: list[str], where: str) -> Entity:
 
 
 def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
-    """Scores of the validation tail and the test series of one entity; threshold from the former."""
+    """Scores of the validation tail (or, for an entity adapted from N windows, those N windows)
+    and of the test series of one entity; the threshold comes from the former."""
     local_file = local_path(cfg.ckpt, ent.name)
-    use_local = local_file.is_file()
-    if use_local:
-        local = read_checkpoint(local_file)
+    local = read_checkpoint(local_file) if local_file.is_file() else None
+    use_local = local is not None and cfg.use_local
+    if local is not None:
         apply_local_state(model, local)
-        scaler = Scaler.from_state(local["scaler"])
+        scaler = Scaler.from_state(local["scaler"])  # also with --use_local=False: only beta_l differs
     elif ent.name in ckpt["scalers"]:
         scaler = Scaler.from_state(ckpt["scalers"][ent.name])
     else:
         log.warning("%s: not seen in training and not adapted; scaling with its own train data "
                     "and global prototypes only", ent.name)
         scaler = Scaler(cfg.scaler).fit(ent.train)
-    kw = dict(use_local=use_local, batch_size=cfg.score_batch, n_samples=cfg.score_samples)
-    # the held-out validation tail of the train series, as for the baselines
-    _, val = split_train_val(scaler.transform(ent.train), cfg.val_frac, cfg.seq_len)
-    val_scores, _ = score_series(model, val, cfg.seq_len, **kw)
+    kw = dict(use_local=use_local, batch_size=cfg.score_batch, n_samples=cfg.score_samples,
+              mode=cfg.score_mode, amp=cfg.score_amp)
+    x = scaler.transform(ent.train)
+    n_adapt = (local if local is not None else ckpt["config"]).get("adapt_windows", 0)
+    if n_adapt:  # adapted from a few windows: the rest of the train series is not known to it
+        calib = x[: n_adapt + cfg.seq_len - 1]
+    else:  # the held-out validation tail of the train series, as for the baselines
+        _, calib = split_train_val(x, cfg.val_frac, cfg.seq_len)
+    val_scores, _ = score_series(model, calib, cfg.seq_len, **kw)
     test_scores, plan = score_series(model, scaler.transform(ent.test), cfg.seq_len, **kw)
     threshold = select_threshold(val_scores, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level,
                                  pct=cfg.percentile)
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not per_entity:
         raise SystemExit(f"test.py: error: {cfg.data}: no entity with a test.csv")
     results = summarize(per_entity)
-    results.update(checkpoint=str(cfg.ckpt), data=str(cfg.data), threshold_method=cfg.threshold,
+    results.update(checkpoint=str(cfg.ckpt), data=str(cfg.data), threshold_method=cfg.threshold, score_mode=cfg.score_mode,
                    spot_q=cfg.spot_q, spot_level=cfg.spot_level, seconds=round(time.time() - t0, 2))
     if all(per_entity[e].get("note") for e in per_entity):
         results["note"] = "no labels: scores and predictions written; metrics need labels"

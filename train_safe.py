@@ -136,15 +136,26 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
     return best_val
 
 
+def used_rows(e: Entity, cfg: Config) -> np.ndarray:
+    """The part of an entity's train series training sees: all of it, or its first adapt_windows windows."""
+    return e.train[: cfg.adapt_windows + cfg.seq_len - 1] if cfg.adapt_windows else e.train
+
+
 def prepare(entities: list[Entity], cfg: Config, scalers: dict[str, Scaler] | None = None
             ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, Scaler]]:
-    """Scale each entity with its own train-fitted scaler and hold out its last val_frac."""
+    """Scale each entity with its own train-fitted scaler and hold out its last val_frac.
+
+    With --adapt_windows=N only the first N windows of each train series are used (scaler
+    fitted on them too); there is then too little to hold out, so they also validate.
+    """
     scalers = dict(scalers or {})
     trains, vals = [], []
     for e in entities:
+        series = used_rows(e, cfg)
         if e.name not in scalers:
-            scalers[e.name] = Scaler(cfg.scaler).fit(e.train)
-        tr, va = split_train_val(scalers[e.name].transform(e.train), cfg.val_frac, cfg.seq_len)
+            scalers[e.name] = Scaler(cfg.scaler).fit(series)
+        x = scalers[e.name].transform(series)
+        tr, va = (x, x) if cfg.adapt_windows else split_train_val(x, cfg.val_frac, cfg.seq_len)
         trains.append(tr)
         vals.append(va)
     return trains, vals, scalers
@@ -172,13 +183,16 @@ def train_global(cfg: Config, device: torch.device) -> Path:
         log.warning("--resume: %s not found; starting from scratch", last_path)
     meta = dict(config=dataclasses.asdict(cfg), n_features=len(entities[0].features),
                 features=entities[0].features, entities=[e.name for e in entities],
-                scalers={k: s.state_dict() for k, s in scalers.items()}, stage="global", version=1)
+                scalers={k: s.state_dict() for k, s in scalers.items()}, stage="global", version=1,
+                # pooled over every history entity: the scaler a new entity may borrow (--adapt_scaler=history)
+                history_scaler=Scaler(cfg.scaler).fit(np.concatenate([used_rows(e, cfg) for e in entities])).state_dict())
 
     def save(epoch: int, best: float, opt_sd: dict, improved: bool) -> None:
         if improved:
             save_checkpoint(ckpt_path, dict(meta, model=model.state_dict(), epoch=epoch, val_loss=best))
-        save_checkpoint(last_path, dict(meta, model=model.state_dict(), epoch=epoch, best_val=best,
-                                        optimizer=opt_sd, history=history))
+        if epoch == cfg.epochs or epoch % max(1, cfg.epochs // 20) == 0:  # long few-shot runs: ~20 resume points
+            save_checkpoint(last_path, dict(meta, model=model.state_dict(), epoch=epoch, best_val=best,
+                                            optimizer=opt_sd, history=history))
 
     if start_epoch < cfg.epochs:
         run_epochs(model, params, train_w, val_w, cfg, "global", "all", cfg.epochs, cfg.lr, save,
@@ -199,17 +213,17 @@ def train_local(cfg: Config, device: torch.device, entity_name: str) -> Path:
         diff = sorted(set(ent.features) ^ set(shared["features"])) or "(order differs)"
         raise SystemExit(f"train_safe.py: error: {cfg.data}/{entity_name}: features differ from "
                          f"the checkpoint {cfg.ckpt}: {diff}")
-    series = ent.train
-    if cfg.adapt_windows:
-        series = series[: cfg.adapt_windows + cfg.seq_len - 1]
-    # the history scaler of this entity when it was trained on; else one fitted on what adaptation sees
-    known = {k: Scaler.from_state(v) for k, v in shared["scalers"].items() if k == entity_name and not cfg.adapt_windows}
-    scaler = known.get(entity_name) or Scaler(cfg.scaler).fit(series)
-    if cfg.adapt_windows:
-        tr = val = scaler.transform(series)  # too few windows to hold any out
+    if entity_name in shared["scalers"] and not cfg.adapt_windows:
+        known = {entity_name: Scaler.from_state(shared["scalers"][entity_name])}  # trained on it
+    elif cfg.adapt_scaler == "history":
+        known = {entity_name: Scaler.from_state(shared["history_scaler"])}
+    elif cfg.adapt_scaler == "own":
+        known = {}  # fitted on the rows adaptation sees
     else:
-        tr, val = split_train_val(scaler.transform(series), cfg.val_frac, cfg.seq_len)
-    train_w, val_w = Windows([tr], cfg.seq_len, 1, device), Windows([val], cfg.seq_len, 1, device)
+        raise SystemExit(f"train_safe.py: error: --adapt_scaler must be own or history, not {cfg.adapt_scaler!r}")
+    trains, vals, scalers = prepare([ent], cfg, known)
+    scaler = scalers[entity_name]
+    train_w, val_w = Windows(trains, cfg.seq_len, 1, device), Windows(vals, cfg.seq_len, 1, device)
     for p in model.parameters():
         p.requires_grad_(False)
     model.pot.beta_l.requires_grad_(True)

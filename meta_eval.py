@@ -1,0 +1,148 @@
+"""Meta anomaly detection on ASD (paper section 4.2.2, table 2): adapt to a new server from N windows.
+
+History: one shared model trained on omi-1..omi-9 (80 % of the servers). For each new server
+(omi-10, omi-11, omi-12) and each N in 1, 5, 10, 20, 200, compare on that server's test split:
+  adapted       history model + local prototypes beta_l fitted on the first N train windows
+  history-only  (a) the same history model, global prototypes only (same scaler)
+  scratch       (b) a PUAD trained from scratch on only those N windows
+  full          (c) a PUAD trained on the server's whole train series (the upper bound; N = all)
+  pca           (d) PCA reconstruction error fitted on the same N windows
+Thresholds come from the N windows' own scores (SPOT), never from labels.
+
+    python meta_eval.py                       # cpu preset, about an hour on 2 cores
+    python meta_eval.py --adapt_scaler=history --out_dir=res_hr/meta_history
+Writes <out_dir>/meta_eval.csv and <out_dir>/meta_eval.png; models under <out_dir>/meta/.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+import baselines  # noqa: E402
+import metrics  # noqa: E402
+import test as evaluate  # noqa: E402
+import train_safe  # noqa: E402
+from config import Config, cli_config  # noqa: E402
+from utils import Scaler, atomic_write, create_sequences, load_dataset, window_to_point_scores, write_csv_atomic  # noqa: E402
+
+HISTORY = [f"omi-{i}" for i in range(1, 10)]
+NEW = ["omi-10", "omi-11", "omi-12"]
+NS = [1, 5, 10, 20, 200]
+ADAPT_STEPS = 100     # gradient steps for the local fit, whatever N (N <= batch: one step an epoch)
+SCRATCH_STEPS = 300   # gradient steps for a model trained from scratch on N windows
+KEYS = ["auc_pr", "auc_roc", "vus_pr", "f1", "best_f1_oracle", "f1_pa", "best_f1_pa_oracle"]
+
+
+def epochs_for(steps: int, n_windows: int, batch: int) -> int:
+    return max(1, math.ceil(steps / math.ceil(n_windows / batch)))
+
+
+def common(cfg: Config, ckpt: Path) -> list[str]:
+    """Options every train/test call shares: the user's choices plus this run's paths."""
+    keep = ("preset", "seq_len", "scaler", "adapt_scaler", "d_model", "n_heads", "n_layers", "d_ff",
+            "d_h1", "d_theta", "n_global", "n_local", "lr", "local_lr", "batch_size", "seed", "device",
+            "threshold", "spot_q", "spot_level", "num_threads", "max_train_windows")
+    opts = [f"--{k}={getattr(cfg, k)!r}" if isinstance(getattr(cfg, k), str) else f"--{k}={getattr(cfg, k)}"
+            for k in keep if hasattr(cfg, k)]
+    return opts + [f"--data={cfg.data}", f"--ckpt={ckpt}", f"--loss_csv={ckpt.parent / 'loss_metrics.csv'}",
+                   "--plots=False", "--progress=False"]
+
+
+def scores_row(res: dict, entity: str, n: int | str, method: str, seconds: float) -> dict:
+    m = res["entities"][entity] if "entities" in res else res
+    return dict(entity=entity, n_windows=n, method=method, **{k: m.get(k) for k in KEYS},
+                threshold=m.get("threshold"), seconds=round(seconds, 1))
+
+
+def pca_few_shot(cfg: Config, entity: str, n: int) -> dict:
+    """(d) PCA fitted on the first n windows, threshold from their own scores."""
+    ent = load_dataset(cfg.data, [entity], min_rows=cfg.seq_len)[0]
+    rows = ent.train[: n + cfg.seq_len - 1]
+    scaler = Scaler(cfg.scaler).fit(rows)
+    flat = lambda x: create_sequences(scaler.transform(x), cfg.seq_len).reshape(-1, cfg.seq_len * len(ent.features))  # noqa: E731
+    score = baselines.FITTERS["pca"](flat(rows), cfg, dict(baselines.EXTRA_DEFAULTS))
+    calib = window_to_point_scores(score(flat(rows)), cfg.seq_len)
+    thr = metrics.select_threshold(calib, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level, pct=cfg.percentile)
+    return metrics.evaluate(window_to_point_scores(score(flat(ent.test)), cfg.seq_len), thr, ent.labels)
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = cli_config(argv, defaults=dict(data="../shared/datasets/ASD"))
+    out = Path(cfg.out_dir)
+    work = out / "meta"
+    rows: list[dict] = []
+    csv_path = out / "meta_eval.csv"
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        write_csv_atomic(csv_path, pd.DataFrame(rows))  # partial results survive an interruption
+        print(f"[meta] {row['entity']} N={row['n_windows']} {row['method']}: AUC-PR {row['auc_pr']:.3f} "
+              f"F1 {row['f1']:.3f} best-F1(oracle) {row['best_f1_oracle']:.3f}", flush=True)
+
+    def test_run(ckpt: Path, entity: str, res_dir: Path, *extra: str) -> dict:
+        return evaluate.main(common(cfg, ckpt) + [f"--entity={entity}", f"--out_dir={res_dir}", *extra])
+
+    history = work / "history" / "puad.ckpt"
+    t0 = time.time()
+    if not history.is_file():
+        train_safe.main(common(cfg, history) + [f"--entities={','.join(HISTORY)}", "--stage=global",
+                                                f"--epochs={cfg.epochs}"])
+    print(f"[meta] history model: {history} ({time.time() - t0:.0f}s)")
+    for entity in NEW:
+        t = time.time()
+        full = work / f"full-{entity}" / "puad.ckpt"
+        train_safe.main(common(cfg, full) + [f"--entities={entity}", "--stage=both", f"--epochs={cfg.epochs}"])
+        record(scores_row(test_run(full, entity, full.parent / "res"), entity, "all", "full", time.time() - t))
+        for n in NS:
+            t = time.time()
+            train_safe.main(common(cfg, history) + ["--stage=local", f"--entity={entity}", f"--adapt_windows={n}",
+                                                    f"--local_epochs={epochs_for(ADAPT_STEPS, n, cfg.batch_size)}",
+                                                    f"--loss_csv={work / f'adapt-{entity}-{n}.csv'}"])
+            res_dir = work / f"adapt-{entity}-{n}"
+            record(scores_row(test_run(history, entity, res_dir), entity, n, "adapted", time.time() - t))
+            t = time.time()
+            record(scores_row(test_run(history, entity, res_dir / "history_only", "--use_local=False"),
+                              entity, n, "history-only", time.time() - t))
+            t = time.time()
+            scratch = work / f"scratch-{entity}-{n}" / "puad.ckpt"
+            epochs = epochs_for(SCRATCH_STEPS, n, cfg.batch_size)
+            train_safe.main(common(cfg, scratch) + [f"--entities={entity}", "--stage=global", f"--adapt_windows={n}",
+                                                    f"--epochs={epochs}", f"--warmup_epochs={max(1, epochs // 3)}"])
+            record(scores_row(test_run(scratch, entity, scratch.parent / "res"), entity, n, "scratch", time.time() - t))
+            t = time.time()
+            record(scores_row(pca_few_shot(cfg, entity, n), entity, n, "pca", time.time() - t))
+    df = pd.DataFrame(rows)
+    plot(df, out / "meta_eval.png")
+    summary = df.groupby(["method", "n_windows"], sort=False)[["auc_pr", "f1", "best_f1_oracle", "f1_pa"]].mean()
+    print(summary.round(3).to_string())
+    print(f"[meta] wrote {csv_path} in {time.time() - t0:.0f}s")
+    return df
+
+
+def plot(df: pd.DataFrame, path: Path) -> None:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key in zip(axes, ["auc_pr", "f1", "best_f1_oracle"]):
+        for method, g in df[df.n_windows != "all"].groupby("method", sort=False):
+            m = g.assign(n=g.n_windows.astype(int)).groupby("n")[key].mean()
+            ax.plot(m.index, m.values, marker="o", label=method)
+        full = df[df.method == "full"][key].mean()
+        ax.axhline(full, color="k", ls="--", lw=1, label="full (upper bound)")
+        ax.set_xscale("log")
+        ax.set_xlabel("N adaptation windows")
+        ax.set_title(f"{key} (mean over {', '.join(NEW)})")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Adapting the shared model to new entities from a few windows (issue: meta adaptation)."""
+import hashlib
+import shutil
+
+import numpy as np
+import pandas as pd
+import torch
+
+import meta_eval
+import train_safe
+from conftest import args
+from puad import apply_local_state, build_model, local_path, read_checkpoint, score_series
+from utils import Scaler, load_dataset
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_adapt_from_one_window_two_entities(trained, tmp_path):
+    src, data = trained
+    shutil.copy(src / "puad.ckpt", tmp_path / "puad.ckpt")
+    before = sha(tmp_path / "puad.ckpt")
+    for entity in ("omi-3", "omi-4"):
+        train_safe.main(args(tmp_path, data, "--stage=local", f"--entity={entity}", "--adapt_windows=1",
+                             "--local_epochs=5", "--scaler=robust"))
+    assert sha(tmp_path / "puad.ckpt") == before  # the shared checkpoint is untouched
+    shared = read_checkpoint(tmp_path / "puad.ckpt")
+    scores, betas = {}, {}
+    for entity in ("omi-3", "omi-4"):
+        local = read_checkpoint(local_path(tmp_path / "puad.ckpt", entity))
+        assert local["adapt_windows"] == 1 and local["scaler"]["kind"] == "robust"
+        assert local_path(tmp_path / "puad.ckpt", entity).stat().st_size < 20_000  # a tiny per-entity file
+        model, cfg = build_model(shared)
+        ref = {k: v.clone() for k, v in model.state_dict().items()}
+        apply_local_state(model, local)
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(ref[k], v)}
+        assert changed <= {"pot.beta_l", "pot.g_local"} and "pot.beta_l" in changed
+        ent = load_dataset(data, entity)[0]
+        s, _ = score_series(model, Scaler.from_state(local["scaler"]).transform(ent.test[:500]), cfg.seq_len,
+                            use_local=True)
+        assert np.isfinite(s).all()
+        scores[entity], betas[entity] = s, local["beta_l"]
+    assert not torch.equal(betas["omi-3"], betas["omi-4"])
+    assert not np.allclose(scores["omi-3"], scores["omi-4"])
+
+
+def test_meta_eval_end_to_end_small(trained, tmp_path, monkeypatch):
+    """The whole table-2 pipeline on one history entity, one new entity and N = 1, 20."""
+    src, data = trained
+    monkeypatch.setattr(meta_eval, "HISTORY", ["omi-1", "omi-2"])
+    monkeypatch.setattr(meta_eval, "NEW", ["omi-10"])
+    monkeypatch.setattr(meta_eval, "NS", [1, 20])
+    monkeypatch.setattr(meta_eval, "ADAPT_STEPS", 3)
+    monkeypatch.setattr(meta_eval, "SCRATCH_STEPS", 3)
+    (tmp_path / "meta" / "history").mkdir(parents=True)
+    shutil.copy(src / "puad.ckpt", tmp_path / "meta" / "history" / "puad.ckpt")  # reuse the session's model
+    df = meta_eval.main([f"--data={data}", "--preset=test", f"--out_dir={tmp_path}", "--epochs=1",
+                         "--max_train_windows=512"])
+    assert set(df.method) == {"full", "adapted", "history-only", "scratch", "pca"}
+    assert len(df) == 1 + 2 * 4
+    assert df.auc_pr.notna().all() and (df.auc_pr > 0).all()
+    saved = pd.read_csv(tmp_path / "meta_eval.csv")
+    assert len(saved) == len(df) and (tmp_path / "meta_eval.png").stat().st_size > 0
