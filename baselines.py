@@ -1,6 +1,6 @@
 """Classical baselines scored and evaluated exactly like PUAD.
 
-    python baselines.py --data=../shared/datasets/ASD [--methods=pca,iforest,knn,ae]
+    python baselines.py --data=../shared/datasets/ASD [--methods=random,pca,iforest,knn,ae]
                         [--out_dir=DIR] [any Config field, e.g. --seq_len=20]
 
 Per entity: a scaler fitted on the train series only (as train_safe.prepare does), the last
@@ -35,7 +35,7 @@ from config import Config, ConfigError, parse_config
 from utils import (Entity, Scaler, create_sequences, load_dataset, log, set_seed,
                    split_train_val, window_to_point_scores, write_json_atomic)
 
-METHODS = ("pca", "iforest", "knn", "ae")
+METHODS = ("random", "pca", "iforest", "knn", "ae")
 EXTRA_DEFAULTS: dict[str, Any] = {"methods": ",".join(METHODS), "knn_k": 5,
                                   "knn_max_train": 5000, "ae_epochs": 5, "pca_var": 0.95,
                                   "iforest_trees": 100}
@@ -52,6 +52,13 @@ def _flat(x: np.ndarray, seq_len: int, stride: int = 1) -> np.ndarray:
 def _per_window(score: np.ndarray, seq_len: int) -> np.ndarray:
     """A window-level score repeated over the window's timesteps -> (n, T)."""
     return np.repeat(np.asarray(score, dtype=np.float64)[:, None], seq_len, axis=1)
+
+
+def fit_random(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
+    """Uniform random scores: the floor every metric should be read against (point adjustment
+    lifts it far above zero)."""
+    rng = np.random.default_rng(cfg.seed)
+    return lambda x: rng.random((len(x), cfg.seq_len))
 
 
 def fit_pca(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
@@ -130,7 +137,7 @@ def fit_ae(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
 
 
 FITTERS: dict[str, Callable[[np.ndarray, Config, dict], Scorer]] = {
-    "pca": fit_pca, "iforest": fit_iforest, "knn": fit_knn, "ae": fit_ae}
+    "random": fit_random, "pca": fit_pca, "iforest": fit_iforest, "knn": fit_knn, "ae": fit_ae}
 
 
 def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, Any]:
