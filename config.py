@@ -63,6 +63,7 @@ class Config:
     score_mode: str = "point"            # point: the window ending at each point | block: non-overlapping
                                          # windows, each scores all its points (~seq_len x fewer passes)
     score_amp: bool = False              # CUDA only: bf16 autocast for the encoder when scoring (unmeasured)
+    score_compile: bool = False          # torch.compile the scorer (compiles ~1 min; no gain measured on CPU; CUDA unmeasured)
     threshold: str = "spot"              # spot | percentile
     spot_q: float = 1e-3                 # SPOT risk level
     spot_level: float = 0.99             # initial quantile (paper: initial probability 0.01)

@@ -60,18 +60,22 @@ class PUAD(nn.Module):
         return out
 
     @torch.inference_mode()
-    def score(self, x: torch.Tensor, use_local: bool = False, n_samples: int = 0, amp: bool = False
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(self, x: torch.Tensor, use_local: bool = False, n_samples: int = 0, amp: bool = False,
+              compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-point anomaly scores (B, T) and the row-normalised transport plan (B, K).
 
         Each window is scored on its own (running OT potentials), so a score does not depend
         on the batch. n_samples=0 uses posterior means; L > 0 averages the NLL over L samples.
         amp: the encoder under bf16 autocast, on CUDA only (off by default; unmeasured).
+        compile: the posterior-mean scorer through torch.compile (dynamic batch size, compiled
+        once per model: ~1 min on 2 CPU cores, and no faster there than eager; CUDA unmeasured).
         """
         was_training = self.training
         self.eval()
         if n_samples <= 0:
-            nll, plan = self._score_means(x, use_local, amp)
+            if compile and "_compiled_scorer" not in self.__dict__:
+                self.__dict__["_compiled_scorer"] = torch.compile(self._score_means, dynamic=True)
+            nll, plan = (self.__dict__["_compiled_scorer"] if compile else self._score_means)(x, use_local, amp)
         else:
             outs = [self(x, use_local, sample=True, batch_plan=False) for _ in range(n_samples)]
             nll = torch.stack([o["nll"].sum(-1) for o in outs]).mean(0)
@@ -133,8 +137,8 @@ def apply_local_state(model: PUAD, local: dict) -> None:
 
 
 def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = False,
-                 batch_size: int = 1024, n_samples: int = 0, mode: str = "point", amp: bool = False
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int = 1024, n_samples: int = 0, mode: str = "point", amp: bool = False,
+                 compile: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Score every point of a scaled series (n, V): the one scorer of the project.
 
     Returns (point scores (n,), transport plan of the window scoring each point (n, K)).
@@ -145,7 +149,7 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
     scored by the last window, the one ending at the last point. The first seq_len points,
     the last point of every block and the last point of the series get the same score in both
     modes (the same window scores them). Windows go through in batches, no Python loop per
-    window; amp: bf16 autocast for the encoder on CUDA (off by default).
+    window; amp: bf16 autocast for the encoder on CUDA, compile: torch.compile (see PUAD.score).
     """
     if mode not in ("point", "block"):
         raise ValueError(f"score mode must be point or block, not {mode!r}")
@@ -159,7 +163,7 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
         if tail and i + batch_size >= len(windows):
             batch = np.concatenate([batch, x[None, n - seq_len:]])  # the window ending at the last point
         xb = torch.as_tensor(np.require(batch, requirements=["C", "W"]), device=device)  # copies a view
-        s, p = model.score(xb, use_local, n_samples, amp=amp)
+        s, p = model.score(xb, use_local, n_samples, amp=amp, compile=compile)
         scores.append(s.float().cpu().numpy())
         plans.append(p.float().cpu().numpy())
     window_scores, plan = np.concatenate(scores), np.concatenate(plans)

@@ -62,7 +62,7 @@ def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
                     "and global prototypes only", ent.name)
         scaler = Scaler(cfg.scaler).fit(ent.train)
     kw = dict(use_local=use_local, batch_size=cfg.score_batch, n_samples=cfg.score_samples,
-              mode=cfg.score_mode, amp=cfg.score_amp)
+              mode=cfg.score_mode, amp=cfg.score_amp, compile=cfg.score_compile)
     x = scaler.transform(ent.train)
     n_adapt = (local if local is not None else ckpt["config"]).get("adapt_windows", 0)
     if n_adapt:  # adapted from a few windows: the rest of the train series is not known to it

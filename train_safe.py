@@ -13,7 +13,10 @@ the shared checkpoint, which stays untouched.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from config import Config, cli_config
@@ -50,13 +54,74 @@ class Windows:
     def __len__(self) -> int:
         return len(self.starts)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None, limit: int = 0):
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, limit: int = 0,
+                split: tuple[int, int] = (0, 1), shard: tuple[int, int] = (0, 1)):
+        """Batches of windows, shuffled by generator (the same seed on every rank: one order).
+
+        split=(rank, world): every batch of batch_size is split across the ranks (rank::world),
+        so together they take the batches one process would (training under DDP); a last batch
+        with fewer windows than ranks is dropped, since every rank must take every step.
+        shard=(rank, world): this rank's windows (rank::world) in batches of batch_size (validation).
+        """
         order = torch.randperm(len(self), generator=generator).to(self.starts.device) if generator else \
             torch.arange(len(self), device=self.starts.device)
         if limit:
             order = order[:limit]
+        order = order[shard[0]::shard[1]]
+        rank, world = split
         for i in range(0, len(order), batch_size):
-            yield self.data[self.starts[order[i:i + batch_size], None] + self.steps]
+            idx = order[i:i + batch_size]
+            if world > 1:
+                if len(idx) < world:
+                    break
+                idx = idx[rank::world]
+            yield self.data[self.starts[idx, None] + self.steps]
+
+
+# ---- distributed training: `torchrun --nproc_per_node=N train_safe.py ...` trains one model with
+# DistributedDataParallel; every rank takes its share of every batch; only rank 0 writes and prints.
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without a process group (plain `python train_safe.py`)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT):
+    NCCL with one GPU per process (cuda:LOCAL_RANK) on CUDA, gloo on CPU. Ranks other than 0 print
+    nothing (stdout to /dev/null, log errors only)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+        log.setLevel(logging.ERROR)
+    return device
+
+
+class LossStep(torch.nn.Module):
+    """model.loss as a forward(), for DistributedDataParallel to hook."""
+
+    def __init__(self, model: PUAD):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, rho: tuple[float, float, float], use_local: bool) -> dict:
+        return self.model.loss(x, rho, use_local)
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums over the ranks (the values themselves with one process)."""
+    if dist_info()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def rho_at(cfg: Config, epoch_progress: float, warm: bool = True) -> tuple[float, float, float]:
@@ -71,12 +136,13 @@ def validate(model: PUAD, windows: Windows, cfg: Config, use_local: bool) -> flo
     """Validation loss with the target rhos, posterior means, each window on its own."""
     model.eval()
     total, n = 0.0, 0
-    for xb in windows.batches(cfg.score_batch):
+    for xb in windows.batches(cfg.score_batch, shard=dist_info()):  # each rank its share
         out = model(xb, use_local, sample=False, batch_plan=False)
         loss = total_loss(out["recon"], out["kl0"], out["kl1"], out["ot"], cfg.rho1, cfg.rho2, cfg.rho3)
         total += loss.item() * len(xb)
         n += len(xb)
     model.train()
+    total, n = all_sum([total, n], windows.data.device)
     return total / max(n, 1)
 
 
@@ -92,14 +158,37 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
     steps_per_epoch = math.ceil((cfg.max_train_windows or len(train_w)) / cfg.batch_size)
     bad_run = 0
     model.train()
+    rank, world = dist_info()
+    step_fn = model.loss
+    if world > 1:
+        # --batch_size is the global batch: each rank takes batch_size/world of it, gradients are
+        # averaged. Parameters and buffers are broadcast from rank 0 here. The per-forward buffer
+        # broadcast is off: it would overwrite the running OT potentials with rank 0's at every
+        # forward (an average over rank 0's batches only); they are averaged over the ranks after
+        # every step instead (the update is linear in g: the running mean of the ranks' mean g).
+        dev = train_w.data.device
+        ddp = torch.nn.parallel.DistributedDataParallel
+        no_fwd_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+            inspect.signature(ddp).parameters else {"broadcast_buffers": False}  # older torch
+        step_fn = ddp(LossStep(model), device_ids=[dev.index] if dev.type == "cuda" else None, **no_fwd_sync)
+        torch.manual_seed(cfg.seed + 1000 * start_epoch + rank + 1)  # each rank its own sampling noise
+        running = model.pot.g_local if use_local else model.pot.g_global
     for epoch in range(start_epoch + 1, epochs + 1):
         t0, sums, n, skipped = time.time(), dict(total=0.0, recon=0.0, kl0=0.0, kl1=0.0, ot=0.0), 0, 0
-        bar = tqdm(train_w.batches(cfg.batch_size, gen, cfg.max_train_windows), total=steps_per_epoch,
-                   desc=f"{stage} {entity} epoch {epoch}/{epochs}", disable=None if cfg.progress else True, leave=False)
+        bar = tqdm(train_w.batches(cfg.batch_size, gen, cfg.max_train_windows, split=(rank, world)),
+                   total=steps_per_epoch, desc=f"{stage} {entity} epoch {epoch}/{epochs}",
+                   disable=None if cfg.progress and rank == 0 else True, leave=False)
         for step, xb in enumerate(bar):
             rho = rho_at(cfg, epoch - 1 + step / steps_per_epoch, not use_local)
-            out = model.loss(xb, rho, use_local)
-            if not torch.isfinite(out["total"]):
+            out = step_fn(xb, rho, use_local)
+            finite = bool(torch.isfinite(out["total"]))
+            if world > 1:  # one collective: average the potentials, skip the step on every rank or none
+                with torch.no_grad():
+                    packed = torch.cat([running, running.new_tensor([float(finite)])])
+                    dist.all_reduce(packed)
+                    running.copy_(packed[:-1] / world)
+                finite = bool(packed[-1] == world)
+            if not finite:
                 skipped, bad_run = skipped + 1, bad_run + 1
                 log.warning("%s epoch %d step %d: non-finite loss, step skipped", stage, epoch, step)
                 if bad_run >= cfg.max_bad_steps:
@@ -119,6 +208,9 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
                 sums[k] += out[k].item() * len(xb)
             n += len(xb)
             bar.set_postfix({k: f"{out[k].item():.3g}" for k in ("total", "recon", "kl0", "kl1", "ot")})
+        if world > 1:  # the epoch's loss over every rank's windows
+            *vals, n = all_sum([*sums.values(), n], train_w.data.device)
+            sums, n = dict(zip(sums, vals)), int(n)
         val = validate(model, val_w, cfg, use_local)
         rho = rho_at(cfg, epoch, not use_local)
         row = dict(stage=stage, entity=entity, epoch=epoch, **{k: v / max(n, 1) for k, v in sums.items()},
@@ -131,8 +223,11 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
               + (f" | skipped {skipped}" if skipped else ""), flush=True)
         improved = math.isfinite(val) and val < best_val
         best_val = val if improved else best_val
-        write_csv_atomic(cfg.loss_csv, pd.DataFrame(history, columns=LOSS_COLUMNS))
-        save(epoch, best_val, opt.state_dict(), improved)
+        if rank == 0:  # the only writer under torchrun
+            write_csv_atomic(cfg.loss_csv, pd.DataFrame(history, columns=LOSS_COLUMNS))
+            save(epoch, best_val, opt.state_dict(), improved)
+    if world > 1:
+        dist.barrier()  # rank 0's files are written before any rank goes on
     return best_val
 
 
@@ -171,6 +266,7 @@ def train_global(cfg: Config, device: torch.device) -> Path:
     ckpt_path, last_path = Path(cfg.ckpt), Path(cfg.ckpt).with_suffix(".last.ckpt")
     model = PUAD(cfg, len(entities[0].features)).to(device)
     model.pot.freeze_global(False)
+    model.pot.beta_l.requires_grad_(False)  # not trained in stage 1 (DDP needs every trainable tensor used)
     params = [p for n, p in model.named_parameters() if n != "pot.beta_l"]
     history, start_epoch, opt_state, best_val = [], 0, None, math.inf
     if cfg.resume and last_path.is_file():
@@ -197,10 +293,11 @@ def train_global(cfg: Config, device: torch.device) -> Path:
     if start_epoch < cfg.epochs:
         run_epochs(model, params, train_w, val_w, cfg, "global", "all", cfg.epochs, cfg.lr, save,
                    history, start_epoch, opt_state, best_val)
-    if not ckpt_path.is_file():
-        raise SystemExit(f"train_safe.py: error: no finite validation loss in {cfg.epochs} epochs; "
-                         f"nothing saved")
-    print(f"saved {ckpt_path} ({ckpt_path.stat().st_size / 1e6:.2f} MB)")
+    if dist_info()[0] == 0:  # only rank 0 writes (and may see) the checkpoint
+        if not ckpt_path.is_file():
+            raise SystemExit(f"train_safe.py: error: no finite validation loss in {cfg.epochs} epochs; "
+                             f"nothing saved")
+        print(f"saved {ckpt_path} ({ckpt_path.stat().st_size / 1e6:.2f} MB)")
     return ckpt_path
 
 
@@ -265,18 +362,25 @@ def _previous_rows(loss_csv: str) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        sys.stdout = open(os.devnull, "w")  # under torchrun only rank 0 prints, the config too
     cfg = cli_config(argv)
     if cfg.stage not in ("global", "local", "both"):
         raise SystemExit(f"train_safe.py: error: --stage must be global, local or both, not {cfg.stage!r}")
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = get_device(cfg.device)
-    print(f"device: {device}")
+    device = init_distributed(get_device(cfg.device))  # a no-op without torchrun
+    rank, world = dist_info()
+    print(f"device: {device}" + (f", {world} processes (DistributedDataParallel)" if world > 1 else ""))
     t0 = time.time()
     try:
         if cfg.stage in ("global", "both"):
             train_global(cfg, device)
+        if world > 1:  # stage 2 is tiny: rank 0 fits it alone, the others are done
+            dist.destroy_process_group()
+            if rank != 0:
+                return
         if cfg.stage in ("local", "both"):
             targets = [cfg.entity] if cfg.entity else read_checkpoint(cfg.ckpt)["entities"]
             for name in targets:

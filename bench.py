@@ -1,0 +1,391 @@
+"""Performance benchmark: matmul peak, training and scoring throughput, FLOPs, memory, scaling.
+
+    python bench.py                                  # presets cpu and paper, writes res_hr/bench.json
+    python bench.py --quick --presets=cpu            # a quick look (~1 min on 2 cores)
+    python bench.py --threads=1 --out=res_hr/bench-1t.json
+    python bench.py --presets=cpu --compile          # also torch.compile'd scoring (~1 min to compile)
+
+Measured on this machine, on the device utils.get_device picks (--device=cpu|cuda):
+  - the matmul peak (GFLOP/s) in fp32, and in bf16 (only fast with hardware bf16: AMX, AVX512-BF16, GPUs);
+  - per preset: model FLOPs per window (torch.utils.flop_counter.FlopCounterMode: matmuls and
+    attention only), training windows/s (the train_safe.py step: forward, backward, clipping,
+    Adam) and so the fraction of the fp32 peak reached; the share of a step in Sinkhorn
+    (prototype_ot.sinkhorn_log, forward and its unrolled backward) and in data loading
+    (train_safe.Windows.batches gather); scoring points/s in both modes (puad.score_series,
+    --score_mode=point|block); peak memory (CPU: VmHWM of /proc/self/status above the RSS before
+    the phase, reset through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated);
+  - scaling (cpu preset): data loading and train/score time against 1, 4, 12 ASD entities (real
+    data from --data, else synthetic series of ASD's shape: V=19, 8640 train and 4320 test rows).
+The machine may be shared: the load average before and after is recorded; timings are the
+best of a few repeats.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import prototype_ot
+import train_safe
+from config import parse_config
+from puad import PUAD, score_series
+from utils import Scaler, get_device, load_dataset, set_seed, write_json_atomic
+
+OPTIONS = dict(presets="cpu,paper", quick=False, out="res_hr/bench.json", data="../shared/datasets/ASD",
+               device="auto", threads=0, score_batch=1024, entities="1,4,12", compile=False)
+V, SEQ_LEN, N_TRAIN, N_TEST = 19, 20, 8640, 4320  # ASD's shape
+
+
+def parse_args(argv: list[str]) -> dict:
+    opts = dict(OPTIONS)
+    for a in argv:
+        if not a.startswith("--"):
+            raise SystemExit(f"bench.py: error: unexpected argument {a!r}")
+        key, _, val = a[2:].partition("=")
+        if key not in opts:
+            raise SystemExit(f"bench.py: error: unknown option --{key}; have {', '.join(opts)}")
+        d = opts[key]
+        opts[key] = (val in ("", "1", "true", "True")) if isinstance(d, bool) else type(d)(val)
+    return opts
+
+
+# ---- timing and memory helpers
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, device, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _status(key: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a phase in bytes: CUDA allocator peak, or on CPU the peak RSS (VmHWM) above
+    the RSS at the start (VmHWM is reset through /proc/self/clear_refs where the kernel allows)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.bytes, self.kind = device, None, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self.reset = True
+            except OSError:
+                self.reset = False
+            self.base = _status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.bytes, self.kind = torch.cuda.max_memory_allocated(self.device) - self.base, "cuda max_memory_allocated"
+        elif self.base is not None:
+            hwm = _status("VmHWM")
+            self.bytes = None if hwm is None else hwm - self.base
+            self.kind = "VmHWM - VmRSS" + ("" if self.reset else " (VmHWM not resettable: an upper bound)")
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = best_time(lambda: a @ b, device, repeats)
+    return 2 * n ** 3 / t / 1e9
+
+
+# ---- per preset
+
+def model_flops(model: PUAD, x: torch.Tensor) -> tuple[float, float]:
+    """FLOPs per window: training forward, and forward + backward (matmuls and attention)."""
+    model.train()
+    with FlopCounterMode(display=False) as fc:
+        model.loss(x, (0.01, 0.01, 0.01))
+    fwd = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        model.loss(x, (0.01, 0.01, 0.01))["total"].backward()
+    model.zero_grad(set_to_none=True)
+    return fwd / len(x), fc.get_total_flops() / len(x)
+
+
+def synthetic_series(n_entities: int, seed: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    t = np.arange(N_TRAIN + N_TEST)[:, None]
+    out = []
+    for i in range(n_entities):
+        x = np.sin(2 * np.pi * t / rng.uniform(50, 500, V)) + 0.1 * rng.standard_normal((len(t), V))
+        out.append((f"synthetic-{i + 1}", x[:N_TRAIN], x[N_TRAIN:]))
+    return out
+
+
+def entity_series(data: str, n_entities: int) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], str, float]:
+    """(name, scaled train, scaled test) of the first n entities of --data, or synthetic ones."""
+    t = time.perf_counter()
+    if Path(data).is_dir():
+        names = sorted((p.name for p in Path(data).iterdir() if p.is_dir()),
+                       key=lambda s: [int(c) if c.isdigit() else c for c in s.replace("-", " ").split()])
+        if len(names) >= n_entities:
+            ents = load_dataset(data, names[:n_entities], min_rows=SEQ_LEN)
+            out = []
+            for e in ents:
+                sc = Scaler("minmax").fit(e.train)
+                out.append((e.name, sc.transform(e.train), sc.transform(e.test)))
+            return out, f"{data} ({n_entities} entities)", time.perf_counter() - t
+    out = [(n, Scaler("minmax").fit(a).transform(a), Scaler("minmax").fit(a).transform(b))
+           for n, a, b in synthetic_series(n_entities)]
+    return out, "synthetic (ASD shape)", time.perf_counter() - t
+
+
+class Probe:
+    """Times prototype_ot.sinkhorn_log (forward) inside the model and keeps its last cost."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.calls, self.cost, self.orig = device, 0.0, 0, None, None
+
+    def __enter__(self):
+        self.orig = prototype_ot.sinkhorn_log
+
+        def timed(cost, *a, **k):
+            sync(self.device)
+            t = time.perf_counter()
+            r = self.orig(cost, *a, **k)
+            sync(self.device)
+            self.seconds += time.perf_counter() - t
+            self.calls += 1
+            self.cost = cost.detach()
+            return r
+        prototype_ot.sinkhorn_log = timed
+        return self
+
+    def __exit__(self, *exc):
+        prototype_ot.sinkhorn_log = self.orig
+
+
+def train_bench(cfg, model: PUAD, windows: train_safe.Windows, device, steps: int) -> dict:
+    """The train_safe.py step timed: data gather, forward, backward, clipping, Adam."""
+    params = [p for n, p in model.named_parameters() if n != "pot.beta_l"]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(0)
+    batches = windows.batches(cfg.batch_size, gen)
+    model.train()
+    load_s = step_s = 0.0
+    n = 0
+
+    def one_step(timed: bool):
+        nonlocal load_s, step_s, n
+        nonlocal batches
+        t0 = time.perf_counter()
+        xb = next(batches, None)
+        if xb is None or len(xb) < cfg.batch_size:
+            batches = windows.batches(cfg.batch_size, gen)
+            xb = next(batches)
+        sync(device)
+        t1 = time.perf_counter()
+        out = model.loss(xb, (cfg.rho1, cfg.rho2, cfg.rho3))
+        opt.zero_grad(set_to_none=True)
+        out["total"].backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sync(device)
+        t2 = time.perf_counter()
+        if timed:
+            load_s += t1 - t0
+            step_s += t2 - t0
+            n += len(xb)
+
+    one_step(False)  # warm-up
+    with Probe(device) as probe:
+        for _ in range(steps):
+            one_step(True)
+    # Sinkhorn's backward (its unrolled last iterations) runs inside backward(); time it alone on
+    # the last real cost matrix: forward + backward, minus the forward already counted
+    cost = probe.cost.clone().requires_grad_(True)
+    pot = model.pot
+
+    def sk_fb():
+        plan, _, _ = prototype_ot.sinkhorn_log(cost, pot.eps, pot.n_iters)
+        plan.sum().backward()
+    def sk_f():
+        with torch.no_grad():
+            prototype_ot.sinkhorn_log(cost.detach(), pot.eps, pot.n_iters)
+    sk_bwd = max(best_time(sk_fb, device, 5) - best_time(sk_f, device, 5), 0.0)
+    sinkhorn_s = probe.seconds / max(probe.calls, 1) + sk_bwd
+    per_step = step_s / steps
+    return dict(batch=cfg.batch_size, steps=steps, windows_per_s=n / step_s, step_s=per_step,
+                sinkhorn_s_per_step=sinkhorn_s, sinkhorn_share=sinkhorn_s / per_step,
+                data_s_per_step=load_s / steps, data_share=load_s / step_s)
+
+
+def score_bench(model: PUAD, series: np.ndarray, cfg, device, batch: int, mode: str, repeats: int,
+                compile: bool = False) -> dict:
+    t0 = time.perf_counter()
+    score_series(model, series[: 3 * cfg.seq_len], cfg.seq_len, mode=mode, compile=compile)  # compiles once
+    first_s = time.perf_counter() - t0
+    t = best_time(lambda: score_series(model, series, cfg.seq_len, batch_size=batch, mode=mode, compile=compile),
+                  device, repeats)
+    n_windows = len(series) - cfg.seq_len + 1 if mode == "point" else math.ceil(len(series) / cfg.seq_len)
+    return dict(mode=mode + ("+compile" if compile else ""), batch=batch, points=len(series), seconds=t,
+                points_per_s=len(series) / t, windows_per_s=n_windows / t, first_call_s=first_s)
+
+
+def bench_preset(name: str, opts: dict, device: torch.device, series: list, peak_fp32: float) -> dict:
+    quick = opts["quick"]
+    cfg = parse_config([f"--preset={name}", f"--seq_len={SEQ_LEN}"])
+    set_seed(0)
+    res: dict = dict(preset=name)
+    with PeakMemory(device) as mem_model:
+        model = PUAD(cfg, V).to(device)
+    res["parameters"] = sum(p.numel() for p in model.parameters())
+    if quick and name == "paper":
+        cfg.batch_size = 64  # one paper-batch step takes seconds on a CPU
+    trains = [tr for _, tr, _ in series]
+    windows = train_safe.Windows(trains, cfg.seq_len, 1, device)
+    xb = windows.data[windows.starts[:cfg.batch_size, None] + windows.steps]
+    fwd, fwd_bwd = model_flops(model, xb)
+    res.update(flops_fwd_per_window=fwd, flops_fwd_bwd_per_window=fwd_bwd)
+    steps = (3 if name == "paper" else 10) if quick else (4 if name == "paper" else 30)
+    with PeakMemory(device) as mem_train:
+        tr = train_bench(cfg, model, windows, device, steps)
+    tr["gflops"] = tr["windows_per_s"] * fwd_bwd / 1e9
+    tr["fraction_of_fp32_peak"] = tr["gflops"] / peak_fp32
+    tr["peak_memory_bytes"] = mem_train.bytes
+    res["train"] = tr
+    model.eval()
+    test = series[0][2]
+    if name == "paper":
+        test = test[: (500 if quick else 1500)]
+    res["score"] = {}
+    modes = [("point", False), ("block", False)]
+    if opts["compile"] and name == "cpu":
+        modes += [("point", True), ("block", True)]
+    for mode, comp in modes:
+        with PeakMemory(device) as mem_score:
+            s = score_bench(model, test, cfg, device, opts["score_batch"], mode, 2 if quick else 3, comp)
+        s["peak_memory_bytes"] = mem_score.bytes
+        s["gflops"] = s["windows_per_s"] * fwd / 1e9
+        res["score"][s["mode"]] = s
+    if name == "cpu" and not quick:  # the batch size does not change a score; does it change the speed?
+        res["score_batch_sweep"] = {b: score_bench(model, test, cfg, device, b, "point", 2)["points_per_s"]
+                                    for b in (256, 1024, 4096, 16384)}
+    res["memory_kind"] = mem_train.kind
+    res["model_memory_bytes"] = mem_model.bytes
+    return res
+
+
+def bench_scaling(opts: dict, device: torch.device) -> list[dict]:
+    """cpu preset: loading, train throughput and scoring against the number of entities."""
+    cfg = parse_config(["--preset=cpu", f"--seq_len={SEQ_LEN}"])
+    rows = []
+    for k in (int(c) for c in opts["entities"].split(",")):
+        series, source, load_s = entity_series(opts["data"], k)
+        set_seed(0)
+        model = PUAD(cfg, V).to(device)
+        t = time.perf_counter()
+        windows = train_safe.Windows([tr for _, tr, _ in series], cfg.seq_len, 1, device)
+        build_s = time.perf_counter() - t
+        tr = train_bench(cfg, model, windows, device, 3 if opts["quick"] else 8)
+        model.eval()
+        t = time.perf_counter()
+        n_points = 0
+        for _, _, test in series:
+            score_series(model, test, cfg.seq_len, batch_size=opts["score_batch"], mode="block")
+            n_points += len(test)
+        score_s = time.perf_counter() - t
+        rows.append(dict(entities=k, source=source, train_windows=len(windows), load_s=load_s,
+                         windows_build_s=build_s, train_windows_per_s=tr["windows_per_s"],
+                         epoch_s_projected=len(windows) / tr["windows_per_s"], data_share=tr["data_share"],
+                         test_points=n_points, score_block_s=score_s, score_block_points_per_s=n_points / score_s))
+    return rows
+
+
+def fmt_bytes(b) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.0f} MiB"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    if opts["threads"]:
+        torch.set_num_threads(opts["threads"])
+    device = get_device(opts["device"])
+    load0 = os.getloadavg()
+    t_start = time.time()
+    quick = opts["quick"]
+    n = 1024 if quick else 2048
+    peak = {"fp32": max(matmul_peak(device, torch.float32, n, 3 if quick else 5) for _ in range(2))}
+    bf16 = matmul_peak(device, torch.bfloat16, 512 if device.type == "cpu" else n, 2)
+    peak["bf16"] = bf16
+    peak["bf16_fast"] = bf16 > peak["fp32"]
+    print(f"device {device}, {torch.get_num_threads()} threads, load average {load0[0]:.2f}: "
+          f"matmul peak fp32 {peak['fp32']:.1f} GFLOP/s, bf16 {bf16:.1f} GFLOP/s"
+          + ("" if peak["bf16_fast"] else " (slow here: no hardware bf16; training and scoring stay fp32)"), flush=True)
+    if load0[0] > 0.5 and torch.get_num_threads() > 1:
+        print(f"warning: load average {load0[0]:.1f} before the run: other jobs share these cores, and "
+              f"{torch.get_num_threads()} OpenMP threads per process slow down badly when a core is taken "
+              f"(measured here: cpu-preset training 305 windows/s with 2 threads vs 1151 with --threads=1)", flush=True)
+    series, source, _ = entity_series(opts["data"], 1)
+    results = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                   cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                   load_average_start=load0, options=opts, data=source, matmul_peak_gflops=peak, presets={})
+    for name in [p for p in opts["presets"].split(",") if p]:
+        r = bench_preset(name, opts, device, series, peak["fp32"])
+        results["presets"][name] = r
+        tr = r["train"]
+        print(f"\n[{name}] {r['parameters'] / 1e6:.2f} M parameters; {r['flops_fwd_per_window'] / 1e6:.1f} MFLOP/window "
+              f"forward, {r['flops_fwd_bwd_per_window'] / 1e6:.1f} MFLOP forward+backward")
+        print(f"  {'phase':<22}{'throughput':>22}{'GFLOP/s':>10}{'% fp32 peak':>13}{'peak memory':>13}")
+        print(f"  {'train (batch ' + str(tr['batch']) + ')':<22}{tr['windows_per_s']:>14.0f} win/s"
+              f"{tr['gflops']:>10.1f}{100 * tr['fraction_of_fp32_peak']:>12.1f}%{fmt_bytes(tr['peak_memory_bytes']):>13}")
+        for s in r["score"].values():
+            print(f"  {'score ' + s['mode']:<22}{s['points_per_s']:>11.0f} points/s{s['gflops']:>10.1f}"
+                  f"{100 * s['gflops'] / peak['fp32']:>12.1f}%{fmt_bytes(s['peak_memory_bytes']):>13}")
+        print(f"  train step {tr['step_s'] * 1e3:.1f} ms: Sinkhorn {tr['sinkhorn_s_per_step'] * 1e3:.2f} ms "
+              f"({100 * tr['sinkhorn_share']:.1f} %), data gather {tr['data_s_per_step'] * 1e3:.2f} ms "
+              f"({100 * tr['data_share']:.2f} %)")
+        if "score_batch_sweep" in r:
+            print("  point scoring vs --score_batch: " + ", ".join(f"{b}: {v:.0f}/s" for b, v in r["score_batch_sweep"].items()))
+    if opts["entities"]:
+        results["scaling"] = rows = bench_scaling(opts, device)
+        print(f"\n[scaling, cpu preset] {rows[0]['source'] if rows else ''}")
+        print(f"  {'entities':>8}{'train windows':>15}{'load s':>8}{'train win/s':>13}{'epoch s':>9}"
+              f"{'test points':>13}{'score block s':>15}")
+        for r in rows:
+            print(f"  {r['entities']:>8}{r['train_windows']:>15}{r['load_s']:>8.2f}{r['train_windows_per_s']:>13.0f}"
+                  f"{r['epoch_s_projected']:>9.1f}{r['test_points']:>13}{r['score_block_s']:>15.2f}")
+    results["load_average_end"] = os.getloadavg()
+    results["seconds"] = round(time.time() - t_start, 1)
+    write_json_atomic(opts["out"], results)
+    print(f"\nload average {results['load_average_end'][0]:.2f} at the end (2 cores shared: timings are noisy); "
+          f"wrote {opts['out']} in {results['seconds']:.0f}s")
+    return results
+
+
+if __name__ == "__main__":
+    main()
