@@ -142,7 +142,7 @@ def load_entity(folder: str | Path, min_rows: int = 1, name: str | None = None) 
 
 
 def _read_labels(path: Path, test_ts: np.ndarray, test_has_ts: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    lab = pd.read_csv(path)
+    lab = pd.read_csv(path, dtype={"fault": str})  # an all-empty fault column must not turn float
     if "label" not in lab.columns:
         if lab.shape[1] == 1 or (lab.shape[1] == 2 and _ts_column(lab) is not None):
             lab = lab.rename(columns={[c for c in lab.columns if c != _ts_column(lab)][0]: "label"})
