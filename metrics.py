@@ -227,21 +227,16 @@ def range_pr_auc(scores: Any, labels: Any, window: int = 0,
     ``n_thresholds=None`` uses every distinct score (exact); 250 reproduces the
     reference's subsampled thresholds.  NaN without anomalies.
     """
-    s = _scores(scores)
-    y = _labels(labels, s.size)
-    if y.sum() == 0:
-        return NAN
-    order = np.argsort(-s, kind="mergesort")
-    pos = _sweep_positions(s[order], n_thresholds)
-    return _range_pr_from_sorted(s, order, pos, y, window)
+    return vus_pr(scores, labels, max_window=window, n_thresholds=n_thresholds, min_window=window)
 
 
 def vus_pr(scores: Any, labels: Any, max_window: int = VUS_MAX_WINDOW,
-           n_thresholds: int | None = None) -> float:
+           n_thresholds: int | None = None, min_window: int = 0) -> float:
     """VUS-PR (Paparrizos et al., VLDB 2022): mean range-PR-AUC over buffers l = 0..max_window.
 
     Matches TSB-UAD ``RangeAUC_volume`` (``windowSize = max_window``) except that
     all distinct thresholds are used unless ``n_thresholds=250`` is given.
+    (min_window = max_window gives the range-PR-AUC of that one buffer.)
     """
     s = _scores(scores)
     y = _labels(labels, s.size)
@@ -249,7 +244,7 @@ def vus_pr(scores: Any, labels: Any, max_window: int = VUS_MAX_WINDOW,
         return NAN
     order = np.argsort(-s, kind="mergesort")
     pos = _sweep_positions(s[order], n_thresholds)
-    vals = [_range_pr_from_sorted(s, order, pos, y, w) for w in range(int(max_window) + 1)]
+    vals = [_range_pr_from_sorted(s, order, pos, y, w) for w in range(int(min_window), int(max_window) + 1)]
     return float(np.mean(vals))
 
 

@@ -25,6 +25,17 @@ def omi1_copy(trained, tmp_path_factory):
     return root
 
 
+def variant(root, name, test=None, labels=None, keep_labels=True):
+    """root/name/omi-1: omi-1's train split with the given test/label frames (default: the originals)."""
+    src, dst = root / "sorted" / "omi-1", root / name / "omi-1"
+    dst.mkdir(parents=True)
+    shutil.copy(src / "train.csv.gz", dst / "train.csv.gz")
+    (pd.read_csv(src / "test.csv.gz") if test is None else test).to_csv(dst / "test.csv", index=False)
+    if keep_labels:
+        (pd.read_csv(src / "test_label.csv.gz") if labels is None else labels).to_csv(dst / "test_label.csv", index=False)
+    return root / name
+
+
 def test_writes_every_file_and_honest_metrics_first(trained, tmp_path):
     ckpt_dir, data = trained
     out, m = run(tmp_path, ckpt_dir, data, "res")
@@ -44,13 +55,11 @@ def test_writes_every_file_and_honest_metrics_first(trained, tmp_path):
 
 def test_shuffled_test_split_gives_the_same_metrics(trained, omi1_copy, tmp_path):
     ckpt_dir, _ = trained
-    src, dst = omi1_copy / "sorted" / "omi-1", omi1_copy / "shuffled" / "omi-1"
-    dst.mkdir(parents=True)
-    shutil.copy(src / "train.csv.gz", dst / "train.csv.gz")
-    pd.read_csv(src / "test.csv.gz").sample(frac=1, random_state=0).to_csv(dst / "test.csv", index=False)
-    pd.read_csv(src / "test_label.csv.gz").sample(frac=1, random_state=1).to_csv(dst / "test_label.csv", index=False)
+    src = omi1_copy / "sorted" / "omi-1"
+    shuffled = variant(omi1_copy, "shuffled", pd.read_csv(src / "test.csv.gz").sample(frac=1, random_state=0),
+                       pd.read_csv(src / "test_label.csv.gz").sample(frac=1, random_state=1))
     _, a = run(tmp_path, ckpt_dir, omi1_copy / "sorted", "a")
-    _, b = run(tmp_path, ckpt_dir, omi1_copy / "shuffled", "b")
+    _, b = run(tmp_path, ckpt_dir, shuffled, "b")
     for k in ("auc_roc", "auc_pr", "f1", "f1_pa", "threshold", "best_f1_oracle"):
         assert a["entities"]["omi-1"][k] == pytest.approx(b["entities"]["omi-1"][k], rel=1e-6), k
 
@@ -58,15 +67,11 @@ def test_shuffled_test_split_gives_the_same_metrics(trained, omi1_copy, tmp_path
 def test_labels_do_not_reach_the_threshold(trained, omi1_copy, tmp_path):
     """Inverted labels would move any label-dependent choice; threshold and predictions must not move."""
     ckpt_dir, _ = trained
-    src, dst = omi1_copy / "sorted" / "omi-1", omi1_copy / "inverted" / "omi-1"
-    dst.mkdir(parents=True)
-    for f in ("train.csv.gz", "test.csv.gz"):
-        shutil.copy(src / f, dst / f)
-    lab = pd.read_csv(src / "test_label.csv.gz")
+    lab = pd.read_csv(omi1_copy / "sorted" / "omi-1" / "test_label.csv.gz")
     lab["label"] = 1 - lab["label"]
-    lab.to_csv(dst / "test_label.csv", index=False)
+    inverted = variant(omi1_copy, "inverted", labels=lab)
     out_a, a = run(tmp_path, ckpt_dir, omi1_copy / "sorted", "a", "--plots=False")
-    out_b, b = run(tmp_path, ckpt_dir, omi1_copy / "inverted", "b", "--plots=False")
+    out_b, b = run(tmp_path, ckpt_dir, inverted, "b", "--plots=False")
     assert a["entities"]["omi-1"]["threshold"] == b["entities"]["omi-1"]["threshold"]
     pa, pb = pd.read_csv(out_a / "scores_omi-1.csv"), pd.read_csv(out_b / "scores_omi-1.csv")
     assert (pa.prediction == pb.prediction).all() and (pa.score == pb.score).all()
@@ -75,11 +80,7 @@ def test_labels_do_not_reach_the_threshold(trained, omi1_copy, tmp_path):
 
 def test_unlabelled_test_set_still_scores(trained, omi1_copy, tmp_path):
     ckpt_dir, _ = trained
-    src, dst = omi1_copy / "sorted" / "omi-1", omi1_copy / "nolabels" / "omi-1"
-    dst.mkdir(parents=True)
-    for f in ("train.csv.gz", "test.csv.gz"):
-        shutil.copy(src / f, dst / f)
-    out, m = run(tmp_path, ckpt_dir, omi1_copy / "nolabels", "c")
+    out, m = run(tmp_path, ckpt_dir, variant(omi1_copy, "nolabels", keep_labels=False), "c")
     assert "metrics need labels" in m["note"]
     scores = pd.read_csv(out / "scores_omi-1.csv")
     assert len(scores) == 4320 and set(scores.prediction) <= {0, 1} and (scores.label == -1).all()
