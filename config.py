@@ -44,6 +44,7 @@ class Config:
     local_epochs: int = 3                # stage 2 (local) epochs
     adapt_windows: int = 0               # use only the first N windows of each train series (0 = all)
     adapt_scaler: str = "own"            # new entity's scaler: own (fitted on the rows adaptation sees) | history
+    local_plan: str = "batch"            # stage 2 transport: batch (balanced Sinkhorn, paper) | running (each window alone)
     batch_size: int = 256
     lr: float = 1e-3
     local_lr: float = 1e-2
@@ -77,6 +78,19 @@ class Config:
     num_threads: int = 0                 # torch CPU threads (0 = torch default)
     seed: int = 0
     progress: bool = True
+    # live detection (detect_live.py; --threshold=NUMBER there sets the threshold explicitly)
+    prometheus: str = "http://localhost:9090"  # Prometheus base URL (env PROMETHEUS_URL when left default)
+    metrics_file: str = "lab/metrics-lab.yaml"  # metric set YAML (export_metrics.py format)
+    rate_window: str = ""                # override the metric set's $rate_window ('' = keep)
+    live_step: int = 15                  # seconds between polls = the grid step of a window
+    port: int = 9109                     # /metrics of the detector
+    listen: str = "127.0.0.1"            # address the detector listens on
+    live_log: str = "live_events.jsonl"  # one JSON line per state change
+    webhook: str = ""                    # Alertmanager-compatible URL (.../api/v2/alerts); '' = off
+    stale_steps: int = 3                 # puad_stale = 1 when the last good query is older than this
+    max_backoff: float = 60.0            # seconds, cap of the retry delay while Prometheus fails
+    query_timeout: float = 5.0           # seconds per Prometheus request
+    max_polls: int = 0                   # stop after N polls (0 = run until SIGTERM/SIGINT)
 
 
 PRESETS: dict[str, dict] = {

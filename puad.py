@@ -53,9 +53,9 @@ class PUAD(nn.Module):
         }
         return out
 
-    def loss(self, x: torch.Tensor, rho: tuple[float, float, float], use_local: bool = False
-             ) -> dict[str, torch.Tensor]:
-        out = self(x, use_local)
+    def loss(self, x: torch.Tensor, rho: tuple[float, float, float], use_local: bool = False,
+             batch_plan: bool = True) -> dict[str, torch.Tensor]:
+        out = self(x, use_local, batch_plan=batch_plan)
         out["total"] = total_loss(out["recon"], out["kl0"], out["kl1"], out["ot"], *rho)
         return out
 

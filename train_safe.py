@@ -159,7 +159,11 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
     bad_run = 0
     model.train()
     rank, world = dist_info()
-    step_fn = model.loss
+    # --local_plan=running: stage 2 transports each window alone with the potentials stage 1
+    # learned; a balanced plan over a batch of N few-shot windows forces those N windows to use
+    # every prototype equally (for N = 1, theta0' is the mean prototype)
+    batch_plan = not (use_local and cfg.local_plan == "running")
+    step_fn = lambda xb, rho, ul: model.loss(xb, rho, ul, batch_plan)  # noqa: E731
     if world > 1:
         # --batch_size is the global batch: each rank takes batch_size/world of it, gradients are
         # averaged. Parameters and buffers are broadcast from rank 0 here. The per-forward buffer

@@ -62,3 +62,18 @@ def test_meta_eval_end_to_end_small(trained, tmp_path, monkeypatch):
     assert df.auc_pr.notna().all() and (df.auc_pr > 0).all()
     saved = pd.read_csv(tmp_path / "meta_eval.csv")
     assert len(saved) == len(df) and (tmp_path / "meta_eval.png").stat().st_size > 0
+
+
+def test_running_local_plan_keeps_the_stage_1_potentials(trained, tmp_path):
+    """--local_plan=running fits beta_l with every window transported alone: the potentials stay
+    those of stage 1 (zero for the local prototypes), whatever the few windows looked like."""
+    src, data = trained
+    shutil.copy(src / "puad.ckpt", tmp_path / "puad.ckpt")
+    train_safe.main(args(tmp_path, data, "--stage=local", "--entity=omi-5", "--adapt_windows=1",
+                         "--local_epochs=3", "--local_plan=running", "--adapt_scaler=history"))
+    shared = read_checkpoint(tmp_path / "puad.ckpt")
+    local = read_checkpoint(local_path(tmp_path / "puad.ckpt", "omi-5"))
+    n_global = shared["config"]["n_global"]
+    assert torch.equal(local["g_local"][:n_global], shared["model"]["pot.g_global"])
+    assert torch.count_nonzero(local["g_local"][n_global:]) == 0
+    assert torch.equal(local["scaler"]["shift"], shared["history_scaler"]["shift"])
