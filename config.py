@@ -43,7 +43,7 @@ class Config:
     epochs: int = 8                      # stage 1 (global) epochs
     local_epochs: int = 3                # stage 2 (local) epochs
     adapt_windows: int = 0               # use only the first N windows of each train series (0 = all)
-    adapt_scaler: str = "own"            # new entity's scaler: own (fitted on the rows adaptation sees) | history
+    adapt_scaler: str = "history"        # new entity's scaler: history (pooled over the history entities) | own (fitted on the N windows)
     local_plan: str = "batch"            # stage 2 transport: batch (balanced Sinkhorn, paper) | running (each window alone)
     batch_size: int = 256
     lr: float = 1e-3
