@@ -23,7 +23,7 @@ def test_adapt_from_one_window_two_entities(trained, tmp_path):
     before = sha(tmp_path / "puad.ckpt")
     for entity in ("omi-3", "omi-4"):
         train_safe.main(args(tmp_path, data, "--stage=local", f"--entity={entity}", "--adapt_windows=1",
-                             "--local_epochs=5", "--scaler=robust"))
+                             "--local_epochs=5", "--scaler=robust", "--adapt_scaler=own"))
     assert sha(tmp_path / "puad.ckpt") == before  # the shared checkpoint is untouched
     shared = read_checkpoint(tmp_path / "puad.ckpt")
     scores, betas = {}, {}
