@@ -99,8 +99,8 @@ def test_chaos_folder_holds_the_expected_files():
         if path.name in names:
             continue
         doc = yaml.safe_load(path.read_text())
-        # anything else must be a plan (a list) or a metric set (has metrics)
-        assert isinstance(doc, list) or (isinstance(doc, dict) and "metrics" in doc), path
+        # anything else must be a plan (a list), a metric set (has metrics) or Prometheus rules (groups)
+        assert isinstance(doc, list) or (isinstance(doc, dict) and ("metrics" in doc or "groups" in doc)), path
 
 
 @needs_crds

@@ -70,8 +70,8 @@ def test_resume_continues_an_interrupted_run(tmp_path, asd, capsys):
 
 
 def test_repeated_nan_losses_stop_without_saving(tmp_path, asd, monkeypatch):
-    def nan_loss(self, x, rho, use_local=False):
-        out = self(x, use_local)
+    def nan_loss(self, x, rho, use_local=False, batch_plan=True):
+        out = self(x, use_local, batch_plan=batch_plan)
         out["total"] = out["recon"] * float("nan")
         return out
     monkeypatch.setattr(PUAD, "loss", nan_loss)
