@@ -78,3 +78,14 @@ def test_repeated_nan_losses_stop_without_saving(tmp_path, asd, monkeypatch):
     with pytest.raises(SystemExit, match="non-finite losses in a row"):
         train_safe.main(args(tmp_path, asd, "--entities=omi-1", "--stage=global", "--max_bad_steps=3"))
     assert not (tmp_path / "puad.ckpt").exists()
+
+
+def test_plot_loss_draws_both_stages_and_refuses_bad_files(trained, tmp_path):
+    import plot_loss
+    src, _ = trained
+    png = plot_loss.plot_loss(src / "loss.csv", tmp_path / "loss_curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit, match="bad.csv: not a loss_metrics.csv"):
+        plot_loss.plot_loss(tmp_path / "bad.csv", tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
