@@ -1,0 +1,454 @@
+#!/usr/bin/env python3
+"""Live anomaly detection: poll Prometheus, score the last window with a PUAD checkpoint,
+serve the result as Prometheus metrics.
+
+    python detect_live.py --ckpt=checkpoints/puad.ckpt --entities=catalogue,payment \
+        --prometheus=http://127.0.0.1:9090 --metrics_file=lab/metrics-lab.yaml \
+        --live_step=15 --port=9109 --num_threads=1 [--threshold=12.5] [--webhook=URL]
+
+Every --live_step seconds, for every entity (= the metric set's $service): query the last
+seq_len grid points (plus the rate window before them) of the metric set's columns that the
+checkpoint was trained on, matched BY NAME to the checkpoint's `features`; scale with the
+entity's scaler (its local file's when adapted, else the checkpoint's; refused if neither);
+score the window (the score of its last point, the window ending at it; higher = more
+anomalous) and compare with the threshold.
+
+Threshold: `--threshold=NUMBER` sets it; otherwise (spot | percentile) it is computed at
+start-up exactly as test.py does, from the scores of the validation tail of the entity's
+train series in --data (which defaults to the checkpoint's training data). Nothing is
+stored in the checkpoint.
+
+Served on --listen:--port /metrics (own CollectorRegistry):
+  puad_anomaly_score{entity}            score of the last scored window
+  puad_anomaly{entity}                  1 when that score > threshold, else 0
+  puad_threshold{entity}
+  puad_stale{entity}                    1 when the entity's last scored window is older than
+                                        --stale_steps steps (Prometheus down, data missing)
+  puad_last_success_timestamp_seconds   last time every query of a poll succeeded
+  puad_query_errors_total               failed polls (Prometheus unreachable, HTTP errors)
+  puad_skipped_windows_total{entity,reason}  windows not scored: missing_points | no_data
+  puad_windows_scored_total{entity}
+  puad_scoring_latency_seconds          histogram, model time per window
+  puad_webhook_errors_total
+Errors and missing data never raise an alarm: puad_anomaly KEEPS ITS LAST VALUE while windows
+are skipped or Prometheus fails (it starts at 0), and puad_stale says the value is old.
+A window with a missing point is skipped and counted, never filled. A point counts as missing
+when Prometheus has no scrape sample (of any `up` series) within 2 steps of it, or any column
+has no value there after the metric set's `fill`; the rate window after a missing point is
+missing too (its rate() would be computed on partial data). While Prometheus fails, polls back
+off (step, 2 x step, ... up to --max_backoff seconds).
+
+One JSON line per state change (normal <-> anomalous) is appended to --live_log; with
+--webhook the change is POSTed as an Alertmanager /api/v2/alerts list (a firing alert, re-sent
+every minute while it lasts, then the same alert with endsAt when it resolves); a failed POST
+is logged and counted, never fatal.
+SIGTERM or SIGINT stops the loop, closes the HTTP server and exits 0.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import requests
+import torch
+
+os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")  # no *_created series
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server  # noqa: E402
+
+import export_metrics  # noqa: E402
+from config import Config, cli_config, parse_config  # noqa: E402
+from metrics import select_threshold  # noqa: E402
+from puad import apply_local_state, build_model, local_path, read_checkpoint, score_series  # noqa: E402
+from utils import DataError, Scaler, load_dataset, split_train_val  # noqa: E402
+
+PROG = "detect_live.py"
+RESEND_S = 60.0  # a firing alert is re-posted this often (Alertmanager's resolve_timeout is 5m)
+log = logging.getLogger("puad.live")
+
+
+class LiveError(Exception):
+    """A start-up problem; printed as one line, exit code 1."""
+
+
+class QueryError(Exception):
+    """Prometheus did not answer a query (down, timeout, HTTP error)."""
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+
+
+# ---------------------------------------------------------------- start-up
+
+def check_features(ckpt_features: list[str], metric_set: dict, ckpt_name: str, set_name: str) -> list[dict]:
+    """The metric set's metrics for the checkpoint's features, in the checkpoint's order.
+    Refuses (LiveError naming the columns) when the metric set lacks one."""
+    by_name = {m["column"]: m for m in metric_set["metrics"]}
+    missing = [f for f in ckpt_features if f not in by_name]
+    extra = [c for c in by_name if c not in ckpt_features]
+    if missing:
+        raise LiveError(f"checkpoint {ckpt_name} does not match metric set {set_name}: "
+                        f"missing from the metric set: {missing}"
+                        + (f"; in the metric set only: {extra}" if extra else ""))
+    if extra:
+        log.warning("metric set %s: column(s) %s not in the checkpoint; not queried", set_name, extra)
+    return [by_name[f] for f in ckpt_features]
+
+
+def entity_state(ckpt: dict, cfg: Config, entity: str) -> dict:
+    """Scaler and local prototypes of one entity: local file if adapted, else the checkpoint's."""
+    lp = local_path(cfg.ckpt, entity)
+    local = read_checkpoint(lp) if lp.is_file() else None
+    if local is not None:
+        if local.get("features", ckpt["features"]) != ckpt["features"]:
+            raise LiveError(f"{lp}: features differ from the checkpoint's")
+        scaler = Scaler.from_state(local["scaler"])
+    elif entity in ckpt["scalers"]:
+        scaler = Scaler.from_state(ckpt["scalers"][entity])
+    else:
+        raise LiveError(f"entity {entity!r}: no scaler (not trained on, no local file {lp}); "
+                        f"the checkpoint knows {sorted(ckpt['scalers'])}")
+    return {"local": local, "scaler": scaler, "use_local": local is not None and cfg.use_local}
+
+
+def explicit_threshold(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(value):
+        raise LiveError(f"--threshold={text}: not a finite number")
+    return value
+
+
+def calibrate(model, ckpt: dict, cfg: Config, entity: str, st: dict) -> float:
+    """The threshold test.py would use: select_threshold on the scores of the validation tail
+    of the entity's train series (or its first adapt_windows windows when adapted from those)."""
+    try:
+        ent = load_dataset(cfg.data, [entity], min_rows=cfg.seq_len)[0]
+    except DataError as e:
+        raise LiveError(f"threshold for {entity}: {e} (give --data=DATASET or --threshold=NUMBER)") from None
+    missing = [f for f in ckpt["features"] if f not in ent.features]
+    if missing:
+        raise LiveError(f"{cfg.data}/{entity}: missing feature(s) {missing} that the checkpoint was trained on")
+    train = ent.train[:, [ent.features.index(f) for f in ckpt["features"]]]
+    x = st["scaler"].transform(train)
+    local = st["local"]
+    n_adapt = (local if local is not None else ckpt["config"]).get("adapt_windows", 0)
+    if n_adapt:
+        calib = x[: n_adapt + cfg.seq_len - 1]
+    else:
+        _, calib = split_train_val(x, cfg.val_frac, cfg.seq_len)
+    if local is not None:
+        apply_local_state(model, local)
+    scores, _ = score_series(model, calib, cfg.seq_len, use_local=st["use_local"],
+                             batch_size=cfg.score_batch, n_samples=cfg.score_samples)
+    return float(select_threshold(scores, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level,
+                                  pct=cfg.percentile))
+
+
+# ---------------------------------------------------------------- Prometheus
+
+def _column(session, prometheus: str, query: str, start: int, end: int, step: int, agg: str,
+            timeout: float) -> dict[int, float]:
+    """One query_range -> {timestamp: value}, several series combined with agg; no retries here
+    (the poll loop backs off). Raises QueryError when Prometheus does not answer."""
+    try:
+        series = export_metrics.query_range(session, prometheus, query, start, end, step,
+                                            timeout=timeout, retries=0)
+    except export_metrics.ExportError as e:
+        raise QueryError(str(e)) from None
+    values: dict[int, list[float]] = {}
+    for s in series:
+        for t, v in s["values"]:
+            v = float(v)
+            if math.isfinite(v):
+                values.setdefault(int(round(float(t))), []).append(v)
+    combine = {"sum": sum, "max": max, "min": min, "mean": lambda xs: sum(xs) / len(xs)}[agg]
+    return {t: combine(vs) for t, vs in values.items()}
+
+
+def window_grid(metric_set: dict, end: int, n: int, step: int) -> tuple[np.ndarray, int]:
+    """Grid of a window of n points ending at `end`, with the rate window's points before it
+    -> (grid, number of rate-window points in front)."""
+    rate_steps = math.ceil(export_metrics.parse_step(metric_set["rate_window"]) / step)
+    first = end - (n - 1 + rate_steps) * step
+    return np.arange(first, end + step, step, dtype=np.int64), rate_steps
+
+
+def fetch_presence(session, prometheus: str, grid: np.ndarray, step: int, timeout: float) -> dict[int, float]:
+    """Grid points at which Prometheus scraped anything (an `up` sample within 2 steps)."""
+    return _column(session, prometheus, f"sum(count_over_time(up[{2 * step}s]))",
+                   int(grid[0]), int(grid[-1]), step, "sum", timeout)
+
+
+def fetch_window(session, prometheus: str, metric_set: dict, metrics: list[dict], service: str,
+                 end: int, n: int, step: int, timeout: float,
+                 presence: dict[int, float] | None = None) -> tuple[np.ndarray, int]:
+    """Raw (unscaled) values (n, V) of the grid points end-(n-1)*step .. end, columns in the
+    order of `metrics`, NaN rows where a point is missing (see the module docstring)
+    -> (values, number of missing rows). `presence`: fetch_presence() of the same grid."""
+    grid, rate_steps = window_grid(metric_set, end, n, step)
+    first = int(grid[0])
+    if presence is None:
+        presence = fetch_presence(session, prometheus, grid, step, timeout)
+    x = np.full((len(grid), len(metrics)), np.nan)
+    for j, m in enumerate(metrics):
+        got = _column(session, prometheus, export_metrics.render_query(m, metric_set, service),
+                      int(first), int(end), step, m["agg"], timeout)
+        x[:, j] = [got.get(int(t), np.nan) for t in grid]
+        if m["fill"] is not None:
+            x[:, j] = np.where(np.isnan(x[:, j]), float(m["fill"]), x[:, j])
+    present = np.array([presence.get(int(t), 0) > 0 for t in grid])
+    missing = ~present | np.isnan(x).any(axis=1)
+    # a rate window that overlaps a missing point (Prometheus down) is computed on partial data
+    gone = np.flatnonzero(~present)
+    for i in gone:
+        missing[i:i + rate_steps + 1] = True
+    x[missing] = np.nan
+    return x[rate_steps:], int(missing[rate_steps:].sum())
+
+
+# ---------------------------------------------------------------- detector
+
+class Detector:
+    def __init__(self, cfg: Config, ckpt: dict, model, entities: list[str], metric_set: dict,
+                 metrics: list[dict], states: dict[str, dict], thresholds: dict[str, float]):
+        self.cfg, self.ckpt, self.model = cfg, ckpt, model
+        self.entities, self.metric_set, self.metrics = entities, metric_set, metrics
+        self.states, self.thresholds = states, thresholds
+        self.prometheus = cfg.prometheus
+        if cfg.prometheus == Config.prometheus and os.environ.get("PROMETHEUS_URL"):
+            self.prometheus = os.environ["PROMETHEUS_URL"]
+        self.session = export_metrics.make_session()
+        self.step = cfg.live_step
+        self.stop_event = threading.Event()
+        self.anomalous = {e: False for e in entities}
+        self.last_scored = {e: 0.0 for e in entities}
+        self.alert_start: dict[str, float] = {}
+        self.last_post: dict[str, float] = {}
+        self.started = time.time()
+        self.failures = 0
+        r = self.registry = CollectorRegistry()
+        self.g_score = Gauge("puad_anomaly_score", "PUAD score of the last scored window (higher = more anomalous)", ["entity"], registry=r)
+        self.g_anomaly = Gauge("puad_anomaly", "1 when the last scored window's score exceeds the threshold", ["entity"], registry=r)
+        self.g_threshold = Gauge("puad_threshold", "Anomaly threshold of the entity", ["entity"], registry=r)
+        self.g_stale = Gauge("puad_stale", "1 when the last scored window is older than stale_steps steps", ["entity"], registry=r)
+        self.g_success = Gauge("puad_last_success_timestamp_seconds", "Unix time of the last poll whose queries all succeeded", registry=r)
+        self.c_errors = Counter("puad_query_errors", "Polls that failed because Prometheus did not answer", registry=r)
+        self.c_skipped = Counter("puad_skipped_windows", "Windows not scored", ["entity", "reason"], registry=r)
+        self.c_scored = Counter("puad_windows_scored", "Windows scored", ["entity"], registry=r)
+        self.c_webhook = Counter("puad_webhook_errors", "Failed alert POSTs to the webhook", registry=r)
+        self.h_latency = Histogram("puad_scoring_latency_seconds", "Model time to score one window", registry=r,
+                                   buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.g_step = Gauge("puad_step_seconds", "Poll interval", registry=r)
+        self.g_step.set(self.step)
+        for e in entities:
+            self.g_score.labels(e).set(float("nan"))
+            self.g_anomaly.labels(e).set(0)
+            self.g_threshold.labels(e).set(thresholds[e])
+            self.g_stale.labels(e).set_function(lambda e=e: float(self.is_stale(e)))
+            self.c_scored.labels(e)
+            for reason in ("missing_points", "no_data"):
+                self.c_skipped.labels(e, reason)
+        self.server = self.server_thread = None
+
+    def is_stale(self, entity: str) -> bool:
+        since = self.last_scored[entity] or self.started
+        return time.time() - since > self.cfg.stale_steps * self.step
+
+    def serve(self) -> None:
+        self.server, self.server_thread = start_http_server(self.cfg.port, self.cfg.listen, registry=self.registry)
+        log.info("serving /metrics on http://%s:%d/metrics", self.cfg.listen, self.server.server_port)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server_thread.join(timeout=5)
+            self.server = None
+
+    def score_window(self, entity: str, raw: np.ndarray) -> float:
+        st = self.states[entity]
+        x = torch.as_tensor(st["scaler"].transform(raw)[None])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if st["local"] is not None:
+                apply_local_state(self.model, st["local"])
+            scores, _ = self.model.score(x, st["use_local"], self.cfg.score_samples)
+        self.h_latency.observe(time.perf_counter() - t0)
+        return float(scores[0, -1])
+
+    def poll(self, end: int) -> None:
+        """One poll of every entity for the window ending at grid time `end`; raises QueryError."""
+        results = {}
+        grid, _ = window_grid(self.metric_set, end, self.cfg.seq_len, self.step)
+        presence = fetch_presence(self.session, self.prometheus, grid, self.step, self.cfg.query_timeout)
+        for entity in self.entities:
+            x, n_missing = fetch_window(self.session, self.prometheus, self.metric_set, self.metrics,
+                                        entity, end, self.cfg.seq_len, self.step, self.cfg.query_timeout,
+                                        presence)
+            results[entity] = (x, n_missing)
+        self.g_success.set(time.time())
+        for entity, (x, n_missing) in results.items():
+            if np.isnan(x).all():
+                self.c_skipped.labels(entity, "no_data").inc()
+                continue
+            if n_missing:
+                self.c_skipped.labels(entity, "missing_points").inc()
+                continue
+            score = self.score_window(entity, x)
+            self.c_scored.labels(entity).inc()
+            self.last_scored[entity] = time.time()
+            self.g_score.labels(entity).set(score)
+            anomalous = bool(score > self.thresholds[entity])
+            self.g_anomaly.labels(entity).set(int(anomalous))
+            if anomalous != self.anomalous[entity]:
+                self.anomalous[entity] = anomalous
+                self.state_change(entity, anomalous, score, end)
+            elif anomalous and self.cfg.webhook and time.time() - self.last_post.get(entity, 0) > RESEND_S:
+                self.send(entity, True, score, end)  # Alertmanager resolves an alert not re-sent
+
+    def send(self, entity: str, anomalous: bool, score: float, end: int) -> None:
+        now = time.time()
+        self.last_post[entity] = now
+        threading.Thread(target=self.post_alert, daemon=True,
+                         args=(entity, anomalous, score, end, self.alert_start.get(entity, now), now)).start()
+
+    def state_change(self, entity: str, anomalous: bool, score: float, end: int) -> None:
+        now = time.time()
+        event = {"time": iso(now), "entity": entity, "state": "anomalous" if anomalous else "normal",
+                 "score": round(score, 6), "threshold": round(self.thresholds[entity], 6),
+                 "window_end": iso(end), "window_end_unix": end}
+        with open(self.cfg.live_log, "a") as f:
+            f.write(json.dumps(event) + "\n")
+        log.info("%s: %s (score %.4g, threshold %.4g)", entity, event["state"], score, self.thresholds[entity])
+        if anomalous:
+            self.alert_start[entity] = now
+        if self.cfg.webhook:
+            self.send(entity, anomalous, score, end)
+
+    def post_alert(self, entity: str, anomalous: bool, score: float, end: int, start: float, now: float) -> None:
+        """POST one alert in Alertmanager's /api/v2/alerts shape; a failure is logged and counted."""
+        alert = {"labels": {"alertname": "PUADAnomaly", "entity": entity, "severity": "warning",
+                            "source": "detect_live"},
+                 "annotations": {"summary": f"PUAD anomaly on {entity}",
+                                 "description": f"score {score:.4g} > threshold {self.thresholds[entity]:.4g} "
+                                                f"for the window ending {iso(end)}",
+                                 "score": f"{score:.6g}", "threshold": f"{self.thresholds[entity]:.6g}"},
+                 "startsAt": iso(start),
+                 "generatorURL": f"http://{self.cfg.listen}:{self.cfg.port}/metrics"}
+        if not anomalous:
+            alert["endsAt"] = iso(now)
+        try:
+            r = requests.post(self.cfg.webhook, json=[alert], timeout=5)
+            if r.status_code >= 300:
+                raise requests.RequestException(f"HTTP {r.status_code}: {r.text[:200]}")
+        except requests.RequestException as e:
+            self.c_webhook.inc()
+            log.warning("webhook %s: %s", self.cfg.webhook, str(e)[:300])
+
+    def run(self) -> None:
+        polls, delay = 0, 0.0
+        next_end = math.floor(time.time() / self.step) * self.step
+        while not self.stop_event.is_set():
+            # wait for the next grid point (+ a little, so its scrapes are in)
+            grid_end = max(next_end, math.floor(time.time() / self.step) * self.step)
+            wake = max(grid_end + min(0.25 * self.step, 2.0), time.time() + delay)
+            if self.stop_event.wait(max(0.0, wake - time.time())):
+                break
+            end = math.floor((time.time() - min(0.25 * self.step, 2.0)) / self.step) * self.step
+            try:
+                self.poll(int(end))
+                self.failures, delay = 0, 0.0
+            except QueryError as e:
+                self.c_errors.inc()
+                self.failures += 1
+                delay = min(self.step * 2 ** (self.failures - 1), self.cfg.max_backoff)
+                log.warning("poll of %s failed (%d in a row; next try in %.1fs): %s",
+                            iso(end), self.failures, delay, str(e)[:300])
+            next_end = end + self.step
+            polls += 1
+            if self.cfg.max_polls and polls >= self.cfg.max_polls:
+                break
+
+
+def setup(argv: list[str]) -> Detector:
+    ckpt_path = parse_config(argv).ckpt
+    ckpt = read_checkpoint(ckpt_path)
+    cfg = cli_config(argv, defaults=ckpt["config"])  # unset options default to the training run's
+    if cfg.live_step < 1:
+        raise LiveError("--live_step must be >= 1 second")
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    try:
+        metric_set = export_metrics.load_metric_set(cfg.metrics_file)
+    except export_metrics.ExportError as e:
+        raise LiveError(str(e)) from None
+    if cfg.rate_window:
+        metric_set["rate_window"] = cfg.rate_window
+    metrics = check_features(list(ckpt["features"]), metric_set, str(cfg.ckpt), cfg.metrics_file)
+    if cfg.entity:
+        entities = [cfg.entity]
+    elif cfg.entities in ("all", ""):
+        entities = list(ckpt.get("entities") or ckpt["scalers"])
+    else:
+        entities = [e.strip() for e in cfg.entities.split(",") if e.strip()]
+    model, _ = build_model(ckpt, "cpu")
+    states = {e: entity_state(ckpt, cfg, e) for e in entities}
+    fixed = explicit_threshold(cfg.threshold)
+    if fixed is None and cfg.threshold.lower() not in ("spot", "pot", "percentile", "pct", "quantile"):
+        raise LiveError(f"--threshold={cfg.threshold}: give a number, spot or percentile")
+    thresholds = {}
+    for e in entities:
+        thresholds[e] = fixed if fixed is not None else calibrate(model, ckpt, cfg, e, states[e])
+        log.info("%s: threshold %.6g (%s)%s", e, thresholds[e], "--threshold" if fixed is not None
+                 else f"{cfg.threshold} on the validation tail of {cfg.data}/{e}",
+                 ", local prototypes" if states[e]["use_local"] else "")
+    Path(cfg.live_log).parent.mkdir(parents=True, exist_ok=True)
+    return Detector(cfg, ckpt, model, entities, metric_set, metrics, states, thresholds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not log.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s detect_live %(levelname)s: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    try:
+        det = setup(argv)
+    except LiveError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+
+    def stop(signum, frame):
+        log.info("%s: stopping", signal.Signals(signum).name)
+        det.stop_event.set()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+    try:
+        det.serve()
+    except OSError as e:
+        print(f"{PROG}: error: cannot listen on {det.cfg.listen}:{det.cfg.port} ({e.strerror})", file=sys.stderr)
+        return 1
+    try:
+        det.run()
+    finally:
+        det.close()
+        log.info("stopped; server closed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

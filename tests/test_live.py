@@ -1,0 +1,377 @@
+"""Live detection (detect_live.py) against real Prometheus servers on loopback.
+
+- a checkpoint whose features the metric set lacks is refused (one line, exit 1);
+- chaos/alert-rules.yaml passes `promtool check rules` and behaves (`promtool test rules`);
+- the lab's shop (lab/shop.py) + Prometheus at 1 s scrapes under a steady load: RECORD_S s of
+  normal data recorded, a tiny model trained on catalogue + payment; the threshold detect_live
+  computes is test.py's; detect_live.py (subprocess, both entities): a normal stretch raises no
+  alarm, a CPU fault on catalogue (the lab's injector: stress-ng attached to its pod) raises one
+  within 10 steps and it clears after the fault, with a JSON event line each and an
+  Alertmanager-shaped POST each (the first answered 500: counted, not fatal); then Prometheus
+  is stopped (the detector keeps serving, counts errors, marks staleness, raises no alarm) and
+  started again on the same port and storage (it recovers); SIGTERM: exit 0, port closed.
+Every process a test starts is stopped at its end (lab.Processes, by process group).
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+MISSING = [b for b in ("prometheus", "stress-ng") if shutil.which(b) is None]
+needs_binaries = pytest.mark.skipif(bool(MISSING), reason=f"needs {', '.join(MISSING)} "
+                                    "(apt-get install prometheus stress-ng)")
+
+SEQ_LEN = 5
+RATE_WINDOW = 5  # seconds; the lab's default is 5 x the scrape interval
+# the services' own columns of the lab metric set (node_* and memory drift with the machine)
+# (latency too: on this loaded 2-core machine the test's own training and start-ups move it)
+COLUMNS = ["up", "request_rate", "error_rate", "cpu_rate", "process_cpu_rate"]
+ENTITIES = ["catalogue", "payment"]
+RECORD_S = 25   # seconds of normal data the test trains on
+MARGIN = 6.0    # the test's explicit threshold = MARGIN x the SPOT threshold (see the E2E test)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(tmp: Path, data: Path, *extra: str) -> Path:
+    import train_safe
+    ckpt = tmp / "puad.ckpt"
+    train_safe.main([f"--data={data}", "--preset=test", f"--ckpt={ckpt}", f"--loss_csv={tmp}/loss.csv",
+                     f"--seq_len={SEQ_LEN}", "--stage=global", "--epochs=3", "--lr=3e-3",
+                     "--num_threads=1", *extra])
+    return ckpt
+
+
+def scrape(port: int) -> dict:
+    """The detector's /metrics -> {'name{labels}': value}."""
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+class Webhook:
+    """A fake Alertmanager /api/v2/alerts: records every POSTed body; answers 500 to the first
+    one (the detector must log it, count it and go on), 200 after."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        received = self.received = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                received.append((self.path, body))
+                self.send_response(500 if len(received) == 1 else 200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/api/v2/alerts"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def wait_for(predicate, timeout: float, what: str, port: int, process):
+    deadline = time.monotonic() + timeout
+    last = {}
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"detect_live.py exited with {process.returncode}"
+        try:
+            last = scrape(port)
+            if predicate(last):
+                return last
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last /metrics: "
+                         + json.dumps({k: v for k, v in last.items() if k.startswith("puad")}))
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    """Refused before any model is built: a checkpoint dict with config and features is enough."""
+    import dataclasses
+    import torch
+    from config import PRESETS, Config
+    ckpt = tmp_path / "puad.ckpt"
+    torch.save({"config": dataclasses.asdict(Config(**PRESETS["test"])), "features": ["up", "cpu_rate", "mystery"],
+                "n_features": 3, "scalers": {}, "entities": ["catalogue"]}, ckpt)
+    result = subprocess.run([sys.executable, str(ROOT / "detect_live.py"), f"--ckpt={ckpt}",
+                             f"--metrics_file={ROOT / 'lab' / 'metrics-lab.yaml'}", "--threshold=1.0",
+                             f"--port={free_port()}", "--num_threads=1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("detect_live.py: error:"), result.stderr
+    assert "missing from the metric set: ['mystery']" in errors[0], errors
+
+
+PROMTOOL = shutil.which("promtool")
+RULES = ROOT / "chaos" / "alert-rules.yaml"
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="needs promtool (apt-get install prometheus)")
+def test_alert_rules(tmp_path):
+    check = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    # the rules' behaviour: an anomaly held for 3 minutes fires PUADAnomaly; a stale detector fires
+    # PUADDetectorStale and mutes PUADAnomaly (an old 1 is not a fresh alarm)
+    tests = {"rule_files": [str(RULES)], "evaluation_interval": "15s", "tests": [{
+        "interval": "15s",
+        "input_series": [
+            {"series": 'puad_anomaly{entity="catalogue",instance="d:9109",job="puad"}', "values": "0x3 1x16"},
+            {"series": 'puad_anomaly_score{entity="catalogue",instance="d:9109",job="puad"}', "values": "1x3 50x16"},
+            {"series": 'puad_stale{entity="catalogue",instance="d:9109",job="puad"}', "values": "0x19"},
+            {"series": 'puad_anomaly{entity="payment",instance="d:9109",job="puad"}', "values": "1x19"},
+            {"series": 'puad_stale{entity="payment",instance="d:9109",job="puad"}', "values": "1x19"},
+            {"series": 'up{job="puad",instance="d:9109"}', "values": "1x19"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "1m", "alertname": "PUADAnomaly", "exp_alerts": []},
+            {"eval_time": "4m", "alertname": "PUADAnomaly", "exp_alerts": [{
+                "exp_labels": {"severity": "warning", "entity": "catalogue", "instance": "d:9109", "job": "puad"},
+                "exp_annotations": {
+                    "summary": "PUAD: anomalous metrics on catalogue",
+                    "description": "The PUAD score of catalogue has been above its threshold for about 2 minutes "
+                                   "(last score 50). Check the service's dashboards and recent deploys; the "
+                                   "detector's event log has the exact windows."}}]},
+            {"eval_time": "4m", "alertname": "PUADDetectorStale", "exp_alerts": [{
+                "exp_labels": {"severity": "warning", "entity": "payment", "instance": "d:9109"},
+                "exp_annotations": {
+                    "summary": "PUAD detector has no fresh score for payment",
+                    "description": "detect_live.py on d:9109 has scored no window of payment for over "
+                                   "--stale_steps steps: Prometheus unreachable (puad_query_errors_total rising) "
+                                   "or missing data (puad_skipped_windows_total). PUADAnomaly is muted for this "
+                                   "entity meanwhile."}}]},
+            {"eval_time": "4m", "alertname": "PUADDetectorDown", "exp_alerts": []},
+        ]}]}
+    (tmp_path / "rules-test.yaml").write_text(yaml.safe_dump(tests, sort_keys=False))
+    result = subprocess.run([PROMTOOL, "test", "rules", str(tmp_path / "rules-test.yaml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def prometheus_config(scrape_targets: dict[str, int]) -> str:
+    return yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "shop", "static_configs": [
+            {"targets": [f"127.0.0.1:{p}"], "labels": {"service": n}} for n, p in scrape_targets.items()]}],
+    })
+
+
+@pytest.fixture(scope="module")
+def live_lab(tmp_path_factory):
+    """Shop + Prometheus at 1 s scrapes under a steady load, RECORD_S seconds of normal data of
+    catalogue and payment exported, and a tiny model trained on them (one shared model)."""
+    if MISSING:
+        pytest.skip(f"needs {', '.join(MISSING)}")
+    import export_metrics
+    import lab
+
+    tmp = tmp_path_factory.mktemp("live")
+    (tmp / "logs").mkdir()
+    procs = lab.Processes(tmp / "logs")
+    try:
+        ports = {name: free_port() for name in lab.SERVICES}
+        urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        core = sorted(os.sched_getaffinity(0))[-1]
+        shop = [sys.executable, str(ROOT / "lab" / "shop.py")]
+        pids = {}
+        for name in ("catalogue", "payment", "front-end"):
+            command = shop + [name, "--port", str(ports[name]), "--seed", "0"]
+            if name == "catalogue":
+                command += ["--db", str(tmp / "catalogue.sqlite"), "--cpu", str(core)]
+            if name == "front-end":
+                command += ["--catalogue", urls["catalogue"], "--payment", urls["payment"]]
+            pids[name] = procs.spawn(command, name).pid
+        for name in ports:
+            lab.wait_http(urls[name] + "/health", 30, name, procs)
+        prom_port = free_port()
+        (tmp / "prometheus.yml").write_text(prometheus_config(ports))
+        prom_cmd = ["prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'tsdb'}",
+                    f"--web.listen-address=127.0.0.1:{prom_port}", "--storage.tsdb.retention.time=1d"]
+        procs.spawn(prom_cmd, "prometheus")
+        prometheus = f"http://127.0.0.1:{prom_port}"
+        lab.wait_http(f"{prometheus}/-/ready", 60, "prometheus", procs)
+        procs.spawn(shop + ["loadgen", "--target", urls["front-end"], "--rate", "10", "--period", "1e7",
+                            "--seed", "0"], "loadgen")
+        metric_set = yaml.safe_load((ROOT / "lab" / "metrics-lab.yaml").read_text())
+        metric_set["metrics"] = {c: metric_set["metrics"][c] for c in COLUMNS}
+        metric_set["rate_window"] = f"{RATE_WINDOW}s"
+        metric_set["services"] = ENTITIES
+        metrics_file = tmp / "metrics-live.yaml"
+        metrics_file.write_text(yaml.safe_dump(metric_set, sort_keys=False))
+        start = time.time() + RATE_WINDOW + 3  # rates settle
+        time.sleep(start + RECORD_S - time.time())
+        export_metrics.export(prometheus, metrics_file, start, time.time() - 1, step=1, out=tmp / "data",
+                              services=ENTITIES, progress=False)
+        ckpt = train(tmp, tmp / "data", "--epochs=6", "--val_frac=0.3")
+        yield dict(tmp=tmp, procs=procs, prometheus=prometheus, prom_cmd=prom_cmd, ckpt=ckpt,
+                   metrics_file=metrics_file, services={n: {"pid": pids[n], "url": urls[n],
+                                                            "cpu": core if n == "catalogue" else None}
+                                                        for n in ports})
+    finally:
+        procs.stop_all()
+
+
+@needs_binaries
+def test_threshold_is_test_py_s(live_lab):
+    """detect_live computes the threshold exactly as test.py does (SPOT on the validation tail),
+    and scores a window as the offline scorer scores its last point."""
+    import detect_live
+    import test as evaluate_script
+    from puad import build_model, read_checkpoint
+    from utils import load_dataset
+    tmp = live_lab["tmp"]
+    det = detect_live.setup([f"--ckpt={live_lab['ckpt']}", f"--metrics_file={live_lab['metrics_file']}",
+                             f"--data={tmp / 'data'}", f"--entities={','.join(ENTITIES)}", f"--live_log={tmp / 'x.jsonl'}"])
+    ckpt = read_checkpoint(live_lab["ckpt"])
+    model, cfg = build_model(ckpt)
+    for ent in load_dataset(tmp / "data"):
+        ent.test = ent.train  # score_entity also scores a test split
+        want = evaluate_script.score_entity(model, ckpt, cfg, ent)["threshold"]
+        assert det.thresholds[ent.name] == pytest.approx(want, rel=1e-6)
+        # a live window's score is the offline scorer's score of its last point
+        from puad import score_series
+        x = ent.train[:, [ent.features.index(f) for f in ckpt["features"]]]
+        offline, _ = score_series(model, det.states[ent.name]["scaler"].transform(x), cfg.seq_len)
+        for i in (SEQ_LEN - 1, len(x) - 1):
+            assert det.score_window(ent.name, x[i - SEQ_LEN + 1:i + 1]) == pytest.approx(offline[i], rel=1e-4, abs=1e-4)
+    live_lab["spot"] = det.thresholds
+
+
+@needs_binaries
+def test_live_detection_fault_outage_and_sigterm(live_lab):
+    """The detector runs with an explicit threshold of MARGIN x the SPOT threshold: with the
+    RECORD_S seconds of data a test can afford, the validation tail holds a handful of windows
+    and SPOT sits at the top of the normal noise (see the report of issue 5 for the false
+    alarms of SPOT thresholds on short recordings); a CPU fault scores ~100x the normal."""
+    import detect_live
+    import lab
+    tmp, procs = live_lab["tmp"], live_lab["procs"]
+    if "spot" not in live_lab:
+        det = detect_live.setup([f"--ckpt={live_lab['ckpt']}", f"--metrics_file={live_lab['metrics_file']}",
+                                 f"--data={tmp / 'data'}", "--entities=catalogue", f"--live_log={tmp / 'x.jsonl'}"])
+        live_lab["spot"] = det.thresholds
+    threshold = MARGIN * live_lab["spot"]["catalogue"]
+    port = free_port()
+    events = tmp / "events.jsonl"
+    command = [sys.executable, str(ROOT / "detect_live.py"), f"--ckpt={live_lab['ckpt']}",
+               f"--entities={','.join(ENTITIES)}", f"--threshold={threshold}",
+               f"--prometheus={live_lab['prometheus']}", f"--metrics_file={live_lab['metrics_file']}",
+               "--live_step=1", f"--port={port}", f"--live_log={events}",
+               "--stale_steps=3", "--max_backoff=2", "--query_timeout=2", "--num_threads=1"]
+    webhook = Webhook()
+    command.append(f"--webhook={webhook.url}")
+    log = open(tmp / "logs" / "detect_live.log", "w")
+    detector = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        m = wait_for(lambda m: all(m.get(f'puad_windows_scored_total{{entity="{e}"}}', 0) >= 1 for e in ENTITIES),
+                     40, "a first scored window of every entity", port, detector)
+        assert m['puad_threshold{entity="catalogue"}'] == pytest.approx(threshold)
+
+        def series(seconds):
+            """(anomaly, score) once a second for `seconds` seconds."""
+            out = []
+            for _ in range(seconds):
+                m = scrape(port)
+                out.append((m['puad_anomaly{entity="catalogue"}'], m['puad_anomaly_score{entity="catalogue"}']))
+                time.sleep(1)
+            return out
+
+        # the windows right after start-up can still hold the CPU contention of the training and
+        # of the detector's own start (a real anomaly on a 2-core machine): let them pass first
+        settled = 0
+        for _ in range(30):
+            settled = settled + 1 if scrape(port)['puad_anomaly{entity="catalogue"}'] == 0 else 0
+            if settled >= 5:
+                break
+            time.sleep(1)
+        normal = series(10)
+        assert not any(a for a, _ in normal), f"false alarm in the normal stretch: {normal}"
+
+        injector = lab.faults.Injector(live_lab["services"], procs.spawn)
+        fault = {"kind": "cpu-stress", "target": "catalogue", "duration": 10, "name": "cpu-live"}
+        t_fault = time.time()
+        handle = injector.start(fault)
+        try:
+            during = series(10)
+        finally:
+            injector.stop(handle)
+        t_end = time.time()
+        first = next((i for i, (a, _) in enumerate(during) if a == 1), None)
+        assert first is not None and first <= 10, f"no alarm within 10 steps of the CPU fault: {during}"
+        after = wait_for(lambda m: m['puad_anomaly{entity="catalogue"}'] == 0, 20, "the alarm to clear",
+                         port, detector)
+        lines = [json.loads(line) for line in events.read_text().splitlines() if '"catalogue"' in line]
+        assert [e["state"] for e in lines][:2] == ["anomalous", "normal"], lines
+        # the webhook got Alertmanager-shaped alerts: firing (answered 500: counted, not fatal), then resolved
+        deadline = time.monotonic() + 10
+        while len(webhook.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (path0, fired), (_, resolved) = webhook.received[:2]
+        assert path0 == "/api/v2/alerts" and len(fired) == 1 and len(resolved) == 1
+        assert fired[0]["labels"]["alertname"] == "PUADAnomaly" and fired[0]["labels"]["entity"] == "catalogue"
+        assert "startsAt" in fired[0] and "endsAt" not in fired[0] and resolved[0]["endsAt"] >= resolved[0]["startsAt"]
+        assert scrape(port)["puad_webhook_errors_total"] == 1
+        print(f"\nthreshold {threshold:.4g} (SPOT {live_lab['spot']['catalogue']:.4g}); normal scores max {max(s for _, s in normal):.4g}; fault scores max "
+              f"{max(s for _, s in during):.4g}; alarm {first} s after the fault start, cleared "
+              f"{time.time() - t_end:.1f} s after its end; scoring latency "
+              f"{after['puad_scoring_latency_seconds_sum'] / after['puad_scoring_latency_seconds_count'] * 1e3:.2f} ms/window")
+
+        # Prometheus stops: /metrics still served, errors counted, stale, no alarm
+        prom = next(p for n, p in procs.started if n == "prometheus")
+        procs.stop("prometheus", prom)
+        errors0 = after["puad_query_errors_total"]
+        m = wait_for(lambda m: m["puad_query_errors_total"] >= errors0 + 2 and m['puad_stale{entity="catalogue"}'] == 1,
+                     20, "errors and staleness while Prometheus is down", port, detector)
+        assert m['puad_anomaly{entity="catalogue"}'] == 0
+        # the same server again (port and storage): the detector recovers
+        procs.spawn(live_lab["prom_cmd"], "prometheus")
+        scored = m['puad_windows_scored_total{entity="catalogue"}']
+        m = wait_for(lambda m: m['puad_stale{entity="catalogue"}'] == 0
+                     and m['puad_windows_scored_total{entity="catalogue"}'] > scored, 60,
+                     "recovery after Prometheus returns", port, detector)
+        assert m["puad_last_success_timestamp_seconds"] > time.time() - 10
+        # the windows over the outage's gap were skipped, not scored on filled-in data
+        assert m['puad_skipped_windows_total{entity="catalogue",reason="missing_points"}'] >= 1
+        assert m['puad_anomaly{entity="catalogue"}'] == 0
+
+        # SIGTERM: exit 0, port closed
+        detector.send_signal(signal.SIGTERM)
+        assert detector.wait(timeout=15) == 0
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2)
+    finally:
+        if detector.poll() is None:
+            os.killpg(detector.pid, signal.SIGKILL)
+            detector.wait(timeout=10)
+        log.close()
+        webhook.close()
+        print((tmp / "logs" / "detect_live.log").read_text()[-3000:])
