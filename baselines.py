@@ -18,7 +18,6 @@ Baseline-only options (not Config fields): --methods, --knn_k (5), --knn_max_tra
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path

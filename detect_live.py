@@ -67,8 +67,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 import export_metrics  # noqa: E402
 from config import Config, cli_config, parse_config  # noqa: E402
 from metrics import select_threshold  # noqa: E402
-from puad import apply_local_state, build_model, local_path, read_checkpoint, score_series  # noqa: E402
-from utils import DataError, Scaler, load_dataset, split_train_val  # noqa: E402
+import puad  # noqa: E402
+from puad import apply_local_state, build_model, calibration_rows, local_path, read_checkpoint, score_series  # noqa: E402
+from utils import DataError, load_dataset  # noqa: E402
 
 PROG = "detect_live.py"
 RESEND_S = 60.0  # a firing alert is re-posted this often (Alertmanager's resolve_timeout is 5m)
@@ -106,17 +107,12 @@ def check_features(ckpt_features: list[str], metric_set: dict, ckpt_name: str, s
 
 def entity_state(ckpt: dict, cfg: Config, entity: str) -> dict:
     """Scaler and local prototypes of one entity: local file if adapted, else the checkpoint's."""
-    lp = local_path(cfg.ckpt, entity)
-    local = read_checkpoint(lp) if lp.is_file() else None
-    if local is not None:
-        if local.get("features", ckpt["features"]) != ckpt["features"]:
-            raise LiveError(f"{lp}: features differ from the checkpoint's")
-        scaler = Scaler.from_state(local["scaler"])
-    elif entity in ckpt["scalers"]:
-        scaler = Scaler.from_state(ckpt["scalers"][entity])
-    else:
-        raise LiveError(f"entity {entity!r}: no scaler (not trained on, no local file {lp}); "
-                        f"the checkpoint knows {sorted(ckpt['scalers'])}")
+    local, scaler = puad.entity_state(ckpt, cfg.ckpt, entity)
+    if local is not None and local.get("features", ckpt["features"]) != ckpt["features"]:
+        raise LiveError(f"{local_path(cfg.ckpt, entity)}: features differ from the checkpoint's")
+    if scaler is None:
+        raise LiveError(f"entity {entity!r}: no scaler (not trained on, no local file "
+                        f"{local_path(cfg.ckpt, entity)}); the checkpoint knows {sorted(ckpt['scalers'])}")
     return {"local": local, "scaler": scaler, "use_local": local is not None and cfg.use_local}
 
 
@@ -141,13 +137,8 @@ def calibrate(model, ckpt: dict, cfg: Config, entity: str, st: dict) -> float:
     if missing:
         raise LiveError(f"{cfg.data}/{entity}: missing feature(s) {missing} that the checkpoint was trained on")
     train = ent.train[:, [ent.features.index(f) for f in ckpt["features"]]]
-    x = st["scaler"].transform(train)
     local = st["local"]
-    n_adapt = (local if local is not None else ckpt["config"]).get("adapt_windows", 0)
-    if n_adapt:
-        calib = x[: n_adapt + cfg.seq_len - 1]
-    else:
-        _, calib = split_train_val(x, cfg.val_frac, cfg.seq_len)
+    calib = calibration_rows(st["scaler"].transform(train), ckpt, local, cfg)
     if local is not None:
         apply_local_state(model, local)
     scores, _ = score_series(model, calib, cfg.seq_len, use_local=st["use_local"],

@@ -15,7 +15,7 @@ from torch import nn
 from config import Config, config_from_dict
 from prototype_ot import PrototypeOT
 from transformer import TransformerEncoder
-from utils import atomic_write, create_sequences, window_to_point_scores
+from utils import Scaler, atomic_write, create_sequences, split_train_val, window_to_point_scores
 from vae_loss import HierarchicalVAE, gaussian_kl, gaussian_nll, total_loss
 
 
@@ -134,6 +134,27 @@ def apply_local_state(model: PUAD, local: dict) -> None:
     with torch.no_grad():
         model.pot.beta_l.copy_(local["beta_l"])
         model.pot.g_local.copy_(local["g_local"])
+
+
+def entity_state(ckpt: dict, ckpt_path: str | Path, entity: str) -> tuple[dict | None, Scaler | None]:
+    """An entity's local file (None unless adapted) and its scaler: the local file's, else the
+    one the shared checkpoint was trained with, else None."""
+    lp = local_path(ckpt_path, entity)
+    local = read_checkpoint(lp) if lp.is_file() else None
+    if local is not None:
+        return local, Scaler.from_state(local["scaler"])
+    if entity in ckpt["scalers"]:
+        return None, Scaler.from_state(ckpt["scalers"][entity])
+    return None, None
+
+
+def calibration_rows(x_train: np.ndarray, ckpt: dict, local: dict | None, cfg: Config) -> np.ndarray:
+    """The scaled train rows a threshold is fitted on: the first N windows when the model saw only
+    those (--adapt_windows=N), else the held-out validation tail (as for the baselines)."""
+    n_adapt = (local if local is not None else ckpt["config"]).get("adapt_windows", 0)
+    if n_adapt:
+        return x_train[: n_adapt + cfg.seq_len - 1]
+    return split_train_val(x_train, cfg.val_frac, cfg.seq_len)[1]
 
 
 def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = False,

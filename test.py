@@ -24,9 +24,10 @@ import pandas as pd  # noqa: E402
 
 from config import Config, cli_config, parse_config  # noqa: E402
 from metrics import evaluate, select_threshold, summarize  # noqa: E402
-from puad import apply_local_state, build_model, local_path, read_checkpoint, score_series  # noqa: E402
+from puad import (apply_local_state, build_model, calibration_rows, entity_state,  # noqa: E402
+                  read_checkpoint, score_series)
 from utils import (DataError, Entity, Scaler, atomic_write, get_device, load_dataset, log,  # noqa: E402
-                   split_train_val, write_csv_atomic, write_json_atomic)
+                   write_csv_atomic, write_json_atomic)
 
 SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
                  "f1_pa", "best_f1_pa_oracle"]
@@ -49,26 +50,17 @@ def align_features(ent: Entity, features: list[str], where: str) -> Entity:
 def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
     """Scores of the validation tail (or, for an entity adapted from N windows, those N windows)
     and of the test series of one entity; the threshold comes from the former."""
-    local_file = local_path(cfg.ckpt, ent.name)
-    local = read_checkpoint(local_file) if local_file.is_file() else None
-    use_local = local is not None and cfg.use_local
+    local, scaler = entity_state(ckpt, cfg.ckpt, ent.name)
+    use_local = local is not None and cfg.use_local  # --use_local=False keeps the local scaler
     if local is not None:
         apply_local_state(model, local)
-        scaler = Scaler.from_state(local["scaler"])  # also with --use_local=False: only beta_l differs
-    elif ent.name in ckpt["scalers"]:
-        scaler = Scaler.from_state(ckpt["scalers"][ent.name])
-    else:
+    if scaler is None:
         log.warning("%s: not seen in training and not adapted; scaling with its own train data "
                     "and global prototypes only", ent.name)
         scaler = Scaler(cfg.scaler).fit(ent.train)
     kw = dict(use_local=use_local, batch_size=cfg.score_batch, n_samples=cfg.score_samples,
               mode=cfg.score_mode, amp=cfg.score_amp, compile=cfg.score_compile)
-    x = scaler.transform(ent.train)
-    n_adapt = (local if local is not None else ckpt["config"]).get("adapt_windows", 0)
-    if n_adapt:  # adapted from a few windows: the rest of the train series is not known to it
-        calib = x[: n_adapt + cfg.seq_len - 1]
-    else:  # the held-out validation tail of the train series, as for the baselines
-        _, calib = split_train_val(x, cfg.val_frac, cfg.seq_len)
+    calib = calibration_rows(scaler.transform(ent.train), ckpt, local, cfg)
     val_scores, _ = score_series(model, calib, cfg.seq_len, **kw)
     test_scores, plan = score_series(model, scaler.transform(ent.test), cfg.seq_len, **kw)
     threshold = select_threshold(val_scores, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level,

@@ -318,7 +318,6 @@ def test_live_detection_fault_outage_and_sigterm(live_lab):
 
         injector = lab.faults.Injector(live_lab["services"], procs.spawn)
         fault = {"kind": "cpu-stress", "target": "catalogue", "duration": 10, "name": "cpu-live"}
-        t_fault = time.time()
         handle = injector.start(fault)
         try:
             during = series(10)
