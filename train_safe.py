@@ -40,15 +40,13 @@ LOSS_COLUMNS = ["stage", "entity", "epoch", "total", "recon", "kl0", "kl1", "ot"
 class Windows:
     """Windows of several series, gathered per batch from one flat tensor (no window copies)."""
 
-    def __init__(self, series: list[np.ndarray], seq_len: int, stride: int, device, max_windows: int = 0):
+    def __init__(self, series: list[np.ndarray], seq_len: int, stride: int, device):
         self.data = torch.as_tensor(np.concatenate(series).astype(np.float32), device=device)
         starts, offset = [], 0
         for s in series:
             starts.append(offset + np.arange(0, len(s) - seq_len + 1, stride))
             offset += len(s)
         self.starts = torch.as_tensor(np.concatenate(starts), device=device)
-        if max_windows:
-            self.starts = self.starts[:max_windows]
         self.steps = torch.arange(seq_len, device=device)
 
     def __len__(self) -> int:
@@ -338,7 +336,7 @@ def train_local(cfg: Config, device: torch.device, entity_name: str) -> Path:
         model.pot.g_local.copy_(torch.cat([model.pot.g_global, model.pot.g_global.new_zeros(cfg.n_local)]))
     print(f"local stage: entity {entity_name}, {len(train_w)} windows, only beta_l trained")
     out_path = local_path(cfg.ckpt, entity_name)
-    history = []
+    history = _previous_rows(cfg.loss_csv)  # the global stage's rows; local rows are appended
     meta = dict(entity=entity_name, adapt_windows=cfg.adapt_windows, scaler=scaler.state_dict(),
                 features=ent.features, shared_ckpt=str(cfg.ckpt), version=1)
 
@@ -348,8 +346,6 @@ def train_local(cfg: Config, device: torch.device, entity_name: str) -> Path:
                                            g_local=model.pot.g_local.clone(), epoch=epoch, val_loss=best))
 
     model.train()
-    previous = _previous_rows(cfg.loss_csv)
-    history.extend(previous)
     run_epochs(model, [model.pot.beta_l], train_w, val_w, cfg, "local", entity_name, cfg.local_epochs,
                cfg.local_lr, save, history)
     print(f"saved {out_path} ({out_path.stat().st_size / 1e3:.1f} kB)")
