@@ -5,10 +5,14 @@
 
 Per entity: a scaler fitted on the train series only (as train_safe.prepare does), the last
 ``val_frac`` of train held out, each model fitted on the rest (flattened windows of
-``seq_len``), then validation and test windows scored.  Window scores become point scores with
-``utils.window_to_point_scores`` (point t scored by the window ending at t), the threshold is
-chosen on the *validation* scores without labels (``cfg.threshold``: SPOT with
-``spot_q``/``spot_level``, or a percentile), and ``metrics.evaluate`` computes every metric.
+``seq_len``), then validation and test windows scored, point t by the window ending at t.
+PCA and the autoencoder reconstruct their input and go through the project's scorer exactly
+as PUAD does (``scoring.calibrate``/``scoring.apply``: ``--score``, ``--score_floor``,
+``--smooth``); kNN, IsolationForest and random give scalar scores, which get the same
+smoothing. The threshold is chosen on the *validation* scores without labels
+(``cfg.threshold``: SPOT with ``spot_q``/``spot_level``, or a percentile), and
+``metrics.evaluate`` computes every metric. ``--score=se --smooth=1`` is the protocol of the
+first results (mean squared error, no smoothing).
 Writes ``<out_dir>/<method>/metrics.json`` = {"entities", "mean", meta...} atomically; the
 default out_dir is ``res_hr/baselines/<dataset folder name>`` (e.g. res_hr/baselines/ASD).
 
@@ -30,6 +34,7 @@ from sklearn.ensemble import IsolationForest
 from sklearn.neighbors import NearestNeighbors
 
 import metrics
+import scoring
 from config import Config, ConfigError, parse_config
 from utils import (Entity, Scaler, create_sequences, load_dataset, log, set_seed,
                    split_train_val, window_to_point_scores, write_json_atomic)
@@ -39,8 +44,10 @@ EXTRA_DEFAULTS: dict[str, Any] = {"methods": ",".join(METHODS), "knn_k": 5,
                                   "knn_max_train": 5000, "ae_epochs": 5, "pca_var": 0.95,
                                   "iforest_trees": 100}
 
-# a scorer maps flattened windows (n, T*V) to per-timestep scores (n, T)
-Scorer = Callable[[np.ndarray], np.ndarray]
+# a scorer maps flattened windows (n, T*V) to {"scores": per-timestep scores (n, T)} or, for a
+# model that reconstructs its input, {"mu": the reconstruction (n, T, V)}; the latter goes through
+# the project's per-feature scoring (scoring.py) exactly as PUAD's reconstruction does
+Scorer = Callable[[np.ndarray], dict]
 
 
 def _flat(x: np.ndarray, seq_len: int, stride: int = 1) -> np.ndarray:
@@ -57,25 +64,21 @@ def fit_random(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
     """Uniform random scores: the floor every metric should be read against (point adjustment
     lifts it far above zero)."""
     rng = np.random.default_rng(cfg.seed)
-    return lambda x: rng.random((len(x), cfg.seq_len))
+    return lambda x: {"scores": rng.random((len(x), cfg.seq_len))}
 
 
 def fit_pca(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
-    """PCA on flattened windows; score = squared reconstruction error per timestep."""
+    """PCA on flattened windows; the reconstruction is scored like PUAD's."""
     pca = PCA(n_components=float(opt["pca_var"]), svd_solver="full").fit(train)
     T = cfg.seq_len
-
-    def score(x: np.ndarray) -> np.ndarray:
-        rec = pca.inverse_transform(pca.transform(x))
-        return ((x - rec) ** 2).reshape(len(x), T, -1).mean(axis=2)
-    return score
+    return lambda x: {"mu": pca.inverse_transform(pca.transform(x)).reshape(len(x), T, -1)}
 
 
 def fit_iforest(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
     """IsolationForest on flattened windows; score = -score_samples (window level)."""
     forest = IsolationForest(n_estimators=int(opt["iforest_trees"]), random_state=cfg.seed,
                              n_jobs=1).fit(train)
-    return lambda x: _per_window(-forest.score_samples(x), cfg.seq_len)
+    return lambda x: {"scores": _per_window(-forest.score_samples(x), cfg.seq_len)}
 
 
 def fit_knn(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
@@ -87,12 +90,12 @@ def fit_knn(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
     k = min(int(opt["knn_k"]), len(train))
     nn = NearestNeighbors(n_neighbors=k, algorithm="brute").fit(train)
 
-    def score(x: np.ndarray) -> np.ndarray:
+    def score(x: np.ndarray) -> dict:
         out = np.empty(len(x))
         for i in range(0, len(x), 4096):
             d, _ = nn.kneighbors(x[i:i + 4096])
             out[i:i + 4096] = d.mean(axis=1)
-        return _per_window(out, cfg.seq_len)
+        return {"scores": _per_window(out, cfg.seq_len)}
     return score
 
 
@@ -109,7 +112,7 @@ class _AE(torch.nn.Module):
 
 
 def fit_ae(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
-    """MLP autoencoder over a flattened window; score = squared error per timestep."""
+    """MLP autoencoder over a flattened window; the reconstruction is scored like PUAD's."""
     torch.manual_seed(cfg.seed)
     model = _AE(train.shape[1])
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -128,10 +131,9 @@ def fit_ae(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
     T = cfg.seq_len
 
     @torch.no_grad()
-    def score(x: np.ndarray) -> np.ndarray:
-        xs = torch.from_numpy(x)
-        err = torch.cat([((model(b) - b) ** 2) for b in xs.split(8192)]).numpy()
-        return err.reshape(len(x), T, -1).mean(axis=2).astype(np.float64)
+    def score(x: np.ndarray) -> dict:
+        rec = torch.cat([model(b) for b in torch.from_numpy(x).split(8192)]).numpy()
+        return {"mu": rec.reshape(len(x), T, -1).astype(np.float64)}
     return score
 
 
@@ -139,21 +141,29 @@ FITTERS: dict[str, Callable[[np.ndarray, Config, dict], Scorer]] = {
     "random": fit_random, "pca": fit_pca, "iforest": fit_iforest, "knn": fit_knn, "ae": fit_ae}
 
 
+def point_output(out: dict, x: np.ndarray, seq_len: int) -> dict:
+    """A scorer's window output -> per point (point t from the window ending at it, as PUAD)."""
+    if "mu" in out:
+        mu = out["mu"]
+        return {"x": x, "mu": np.concatenate([mu[0, :-1], mu[:, -1]])}
+    return {"scores": window_to_point_scores(out["scores"], seq_len)}
+
+
 def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, Any]:
-    """Fit one baseline on one entity; threshold on validation scores; evaluate on test."""
+    """Fit one baseline on one entity; calibrate on validation (scoring.calibrate, as PUAD);
+    evaluate on test."""
     t0 = time.perf_counter()
     scaler = Scaler(cfg.scaler).fit(ent.train)  # train only
     tr, val = split_train_val(scaler.transform(ent.train), cfg.val_frac, cfg.seq_len)
     scorer = FITTERS[method](_flat(tr, cfg.seq_len, max(cfg.stride, 1)), cfg, opt)
-    val_scores = window_to_point_scores(scorer(_flat(val, cfg.seq_len)), cfg.seq_len)
-    thr = metrics.select_threshold(val_scores, cfg.threshold, q=cfg.spot_q,
-                                   level=cfg.spot_level, pct=cfg.percentile)
+    cal = scoring.calibrate(dict(point_output(scorer(_flat(val, cfg.seq_len)), val, cfg.seq_len),
+                                 constant=scoring.constant_features(ent.train)), cfg)
     if ent.test is None:
         raise SystemExit(f"{ent.name}: no test split to score")
-    test_scores = window_to_point_scores(scorer(_flat(scaler.transform(ent.test), cfg.seq_len)),
-                                         cfg.seq_len)
-    res = metrics.evaluate(test_scores, thr, ent.labels, ent.faults)
-    res["n_val"] = int(len(val_scores))
+    test = scaler.transform(ent.test)
+    test_scores, _ = scoring.apply(cal, point_output(scorer(_flat(test, cfg.seq_len)), test, cfg.seq_len))
+    res = metrics.evaluate(test_scores, cal.threshold, ent.labels, ent.faults)
+    res["n_val"] = int(cal.n_rows)
     res["time_s"] = round(time.perf_counter() - t0, 3)
     return res
 

@@ -57,7 +57,12 @@ class Config:
     max_bad_steps: int = 20              # consecutive non-finite losses before the run stops
     max_train_windows: int = 0           # per epoch, random subset (0 = all windows)
     resume: bool = False
-    # scoring and thresholds
+    # scoring and thresholds (scoring.py; docs/ablation.md for how they were chosen)
+    score: str = "norm"                  # norm: squared residual per feature / its robust scale on the calibration
+                                         # rows, mean over features | se: squared error | nll: -log p(x | theta1), learned sigma
+    score_floor: float = 0.1             # norm: smallest residual scale of a feature (scaled units)
+    const_floor: float = 0.01            # norm: the same for a feature constant over the train series
+    smooth: int = 5                      # score = causal mean of the last N point scores (1 = off)
     use_local: bool = True               # test.py: apply the entity's local prototypes when adapted
     score_samples: int = 0               # 0: posterior means (deterministic); L > 0: mean over L samples
     score_batch: int = 1024

@@ -13,10 +13,13 @@ entity's scaler (its local file's when adapted, else the checkpoint's; refused i
 score the window (the score of its last point, the window ending at it; higher = more
 anomalous) and compare with the threshold.
 
-Threshold: `--threshold=NUMBER` sets it; otherwise (spot | percentile) it is computed at
-start-up exactly as test.py does, from the scores of the validation tail of the entity's
-train series in --data (which defaults to the checkpoint's training data). Nothing is
-stored in the checkpoint.
+Calibration: at start-up, exactly as test.py does (puad.calibrate_entity), the score's
+per-feature normaliser and the threshold (spot | percentile) come from the validation tail of
+the entity's train series in --data (which defaults to the checkpoint's training data);
+`--threshold=NUMBER` replaces the threshold. Each poll scores the last `--smooth` windows so
+that the score is test.py's causal smoothed score of the last point. A non-finite score (which
+the clipped inputs of the scorer should make impossible) is never read as normal: the window
+is skipped and counted as reason="non_finite".
 
 Served on --listen:--port /metrics (own CollectorRegistry):
   puad_anomaly_score{entity}            score of the last scored window
@@ -26,7 +29,7 @@ Served on --listen:--port /metrics (own CollectorRegistry):
                                         --stale_steps steps (Prometheus down, data missing)
   puad_last_success_timestamp_seconds   last time every query of a poll succeeded
   puad_query_errors_total               failed polls (Prometheus unreachable, HTTP errors)
-  puad_skipped_windows_total{entity,reason}  windows not scored: missing_points | no_data
+  puad_skipped_windows_total{entity,reason}  windows not scored: missing_points | no_data | non_finite
   puad_windows_scored_total{entity}
   puad_scoring_latency_seconds          histogram, model time per window
   puad_webhook_errors_total
@@ -46,6 +49,7 @@ SIGTERM or SIGINT stops the loop, closes the HTTP server and exits 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -66,9 +70,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 import export_metrics  # noqa: E402
 from config import Config, cli_config, parse_config  # noqa: E402
-from metrics import select_threshold  # noqa: E402
 import puad  # noqa: E402
-from puad import apply_local_state, build_model, calibration_rows, local_path, read_checkpoint, score_series  # noqa: E402
+import scoring  # noqa: E402
+from puad import apply_local_state, build_model, calibrate_entity, local_path, read_checkpoint, score_series  # noqa: E402
 from utils import DataError, load_dataset  # noqa: E402
 
 PROG = "detect_live.py"
@@ -126,25 +130,21 @@ def explicit_threshold(text: str) -> float | None:
     return value
 
 
-def calibrate(model, ckpt: dict, cfg: Config, entity: str, st: dict) -> float:
-    """The threshold test.py would use: select_threshold on the scores of the validation tail
-    of the entity's train series (or its first adapt_windows windows when adapted from those)."""
+def calibrate(model, ckpt: dict, cfg: Config, entity: str, st: dict) -> scoring.Calibration:
+    """The calibration test.py would use (puad.calibrate_entity): the score's normaliser and
+    threshold from the validation tail of the entity's train series in --data (or its first
+    adapt_windows windows when adapted from those)."""
     try:
         ent = load_dataset(cfg.data, [entity], min_rows=cfg.seq_len)[0]
     except DataError as e:
-        raise LiveError(f"threshold for {entity}: {e} (give --data=DATASET or --threshold=NUMBER)") from None
+        raise LiveError(f"calibration of {entity}: {e} (give --data=DATASET, the entity's training data)") from None
     missing = [f for f in ckpt["features"] if f not in ent.features]
     if missing:
         raise LiveError(f"{cfg.data}/{entity}: missing feature(s) {missing} that the checkpoint was trained on")
     train = ent.train[:, [ent.features.index(f) for f in ckpt["features"]]]
-    local = st["local"]
-    calib = calibration_rows(st["scaler"].transform(train), ckpt, local, cfg)
-    if local is not None:
-        apply_local_state(model, local)
-    scores, _ = score_series(model, calib, cfg.seq_len, use_local=st["use_local"],
-                             batch_size=cfg.score_batch, n_samples=cfg.score_samples)
-    return float(select_threshold(scores, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level,
-                                  pct=cfg.percentile))
+    if st["local"] is not None:
+        apply_local_state(model, st["local"])
+    return calibrate_entity(model, ckpt, cfg, st["scaler"].transform(train), st["local"], st["use_local"])
 
 
 # ---------------------------------------------------------------- Prometheus
@@ -213,10 +213,11 @@ def fetch_window(session, prometheus: str, metric_set: dict, metrics: list[dict]
 
 class Detector:
     def __init__(self, cfg: Config, ckpt: dict, model, entities: list[str], metric_set: dict,
-                 metrics: list[dict], states: dict[str, dict], thresholds: dict[str, float]):
+                 metrics: list[dict], states: dict[str, dict], calibrations: dict[str, scoring.Calibration]):
         self.cfg, self.ckpt, self.model = cfg, ckpt, model
         self.entities, self.metric_set, self.metrics = entities, metric_set, metrics
-        self.states, self.thresholds = states, thresholds
+        self.states, self.calibrations = states, calibrations
+        self.thresholds = {e: c.threshold for e, c in calibrations.items()}
         self.prometheus = cfg.prometheus
         if cfg.prometheus == Config.prometheus and os.environ.get("PROMETHEUS_URL"):
             self.prometheus = os.environ["PROMETHEUS_URL"]
@@ -246,10 +247,10 @@ class Detector:
         for e in entities:
             self.g_score.labels(e).set(float("nan"))
             self.g_anomaly.labels(e).set(0)
-            self.g_threshold.labels(e).set(thresholds[e])
+            self.g_threshold.labels(e).set(self.thresholds[e])
             self.g_stale.labels(e).set_function(lambda e=e: float(self.is_stale(e)))
             self.c_scored.labels(e)
-            for reason in ("missing_points", "no_data"):
+            for reason in ("missing_points", "no_data", "non_finite"):
                 self.c_skipped.labels(e, reason)
         self.server = self.server_thread = None
 
@@ -269,24 +270,28 @@ class Detector:
             self.server = None
 
     def score_window(self, entity: str, raw: np.ndarray) -> float:
+        """Score of the last point of raw (seq_len + smooth - 1 rows): the one scorer on the
+        last `smooth` windows, so the causal smoothing is test.py's."""
         st = self.states[entity]
-        x = torch.as_tensor(st["scaler"].transform(raw)[None])
         t0 = time.perf_counter()
         with torch.no_grad():
             if st["local"] is not None:
                 apply_local_state(self.model, st["local"])
-            scores, _ = self.model.score(x, st["use_local"], self.cfg.score_samples)
+            out = score_series(self.model, st["scaler"].transform(raw), self.cfg.seq_len, st["use_local"],
+                               n_samples=self.cfg.score_samples)
+        scores, _ = scoring.apply(self.calibrations[entity], out)
         self.h_latency.observe(time.perf_counter() - t0)
-        return float(scores[0, -1])
+        return float(scores[-1])
 
     def poll(self, end: int) -> None:
         """One poll of every entity for the window ending at grid time `end`; raises QueryError."""
         results = {}
-        grid, _ = window_grid(self.metric_set, end, self.cfg.seq_len, self.step)
+        n = self.cfg.seq_len + max(self.cfg.smooth, 1) - 1  # the last `smooth` windows
+        grid, _ = window_grid(self.metric_set, end, n, self.step)
         presence = fetch_presence(self.session, self.prometheus, grid, self.step, self.cfg.query_timeout)
         for entity in self.entities:
             x, n_missing = fetch_window(self.session, self.prometheus, self.metric_set, self.metrics,
-                                        entity, end, self.cfg.seq_len, self.step, self.cfg.query_timeout,
+                                        entity, end, n, self.step, self.cfg.query_timeout,
                                         presence)
             results[entity] = (x, n_missing)
         self.g_success.set(time.time())
@@ -298,6 +303,10 @@ class Detector:
                 self.c_skipped.labels(entity, "missing_points").inc()
                 continue
             score = self.score_window(entity, x)
+            if not math.isfinite(score):  # never read as normal: skipped, counted, logged
+                self.c_skipped.labels(entity, "non_finite").inc()
+                log.warning("%s: non-finite score for the window ending %s; skipped", entity, iso(end))
+                continue
             self.c_scored.labels(entity).inc()
             self.last_scored[entity] = time.time()
             self.g_score.labels(entity).set(score)
@@ -399,14 +408,18 @@ def setup(argv: list[str]) -> Detector:
     fixed = explicit_threshold(cfg.threshold)
     if fixed is None and cfg.threshold.lower() not in ("spot", "pot", "percentile", "pct", "quantile"):
         raise LiveError(f"--threshold={cfg.threshold}: give a number, spot or percentile")
-    thresholds = {}
+    calibrations = {}
     for e in entities:
-        thresholds[e] = fixed if fixed is not None else calibrate(model, ckpt, cfg, e, states[e])
-        log.info("%s: threshold %.6g (%s)%s", e, thresholds[e], "--threshold" if fixed is not None
+        # an explicit threshold still needs the score's normaliser from the calibration rows
+        calibrations[e] = calibrate(model, ckpt, dataclasses.replace(cfg, threshold="spot") if fixed is not None
+                                    else cfg, e, states[e])
+        if fixed is not None:
+            calibrations[e].threshold = fixed
+        log.info("%s: threshold %.6g (%s)%s", e, calibrations[e].threshold, "--threshold" if fixed is not None
                  else f"{cfg.threshold} on the validation tail of {cfg.data}/{e}",
                  ", local prototypes" if states[e]["use_local"] else "")
     Path(cfg.live_log).parent.mkdir(parents=True, exist_ok=True)
-    return Detector(cfg, ckpt, model, entities, metric_set, metrics, states, thresholds)
+    return Detector(cfg, ckpt, model, entities, metric_set, metrics, states, calibrations)
 
 
 def main(argv: list[str] | None = None) -> int:

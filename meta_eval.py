@@ -27,10 +27,11 @@ import pandas as pd  # noqa: E402
 
 import baselines  # noqa: E402
 import metrics  # noqa: E402
+import scoring  # noqa: E402
 import test as evaluate  # noqa: E402
 import train_safe  # noqa: E402
 from config import Config, cli_config  # noqa: E402
-from utils import Scaler, atomic_write, create_sequences, load_dataset, window_to_point_scores, write_csv_atomic  # noqa: E402
+from utils import Scaler, atomic_write, load_dataset, write_csv_atomic  # noqa: E402
 
 HISTORY = [f"omi-{i}" for i in range(1, 10)]
 NEW = ["omi-10", "omi-11", "omi-12"]
@@ -48,7 +49,8 @@ def common(cfg: Config, ckpt: Path) -> list[str]:
     """Options every train/test call shares: the user's choices plus this run's paths."""
     keep = ("preset", "seq_len", "scaler", "adapt_scaler", "d_model", "n_heads", "n_layers", "d_ff",
             "d_h1", "d_theta", "n_global", "n_local", "lr", "local_lr", "batch_size", "seed", "device",
-            "threshold", "spot_q", "spot_level", "num_threads", "max_train_windows")
+            "threshold", "spot_q", "spot_level", "num_threads", "max_train_windows", "score", "score_floor",
+            "smooth")
     opts = [f"--{k}={getattr(cfg, k)!r}" if isinstance(getattr(cfg, k), str) else f"--{k}={getattr(cfg, k)}"
             for k in keep if hasattr(cfg, k)]
     return opts + [f"--data={cfg.data}", f"--ckpt={ckpt}", f"--loss_csv={ckpt.parent / 'loss_metrics.csv'}",
@@ -62,15 +64,16 @@ def scores_row(res: dict, entity: str, n: int | str, method: str, seconds: float
 
 
 def pca_few_shot(cfg: Config, entity: str, n: int) -> dict:
-    """(d) PCA fitted on the first n windows, threshold from their own scores."""
+    """(d) PCA fitted on the first n windows, calibrated on them (scoring.calibrate, as PUAD)."""
     ent = load_dataset(cfg.data, [entity], min_rows=cfg.seq_len)[0]
     rows = ent.train[: n + cfg.seq_len - 1]
     scaler = Scaler(cfg.scaler).fit(rows)
-    flat = lambda x: create_sequences(scaler.transform(x), cfg.seq_len).reshape(-1, cfg.seq_len * len(ent.features))  # noqa: E731
-    score = baselines.FITTERS["pca"](flat(rows), cfg, dict(baselines.EXTRA_DEFAULTS))
-    calib = window_to_point_scores(score(flat(rows)), cfg.seq_len)
-    thr = metrics.select_threshold(calib, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level, pct=cfg.percentile)
-    return metrics.evaluate(window_to_point_scores(score(flat(ent.test)), cfg.seq_len), thr, ent.labels)
+    score = baselines.FITTERS["pca"](baselines._flat(scaler.transform(rows), cfg.seq_len), cfg,
+                                     dict(baselines.EXTRA_DEFAULTS))
+    out = lambda x: baselines.point_output(score(baselines._flat(x, cfg.seq_len)), x, cfg.seq_len)  # noqa: E731
+    cal = scoring.calibrate(dict(out(scaler.transform(rows)), constant=scoring.constant_features(rows)), cfg)
+    test_scores, _ = scoring.apply(cal, out(scaler.transform(ent.test)))
+    return metrics.evaluate(test_scores, cal.threshold, ent.labels)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

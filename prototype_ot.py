@@ -77,13 +77,14 @@ class PrototypeOT(nn.Module):
         d2 = (theta0.unsqueeze(-2) - beta).pow(2).sum(-1)
         return torch.sqrt(d2 + 1e-8) / self.cost_scale
 
-    def forward(self, theta0: torch.Tensor, use_local: bool = False, batch_plan: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, theta0: torch.Tensor, use_local: bool = False, batch_plan: bool = True,
+                need_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """theta0 (N, d) -> (theta0' (N, d), OT loss (scalar), plan (N, K)).
 
         batch_plan=True: Sinkhorn over the batch (training, eq. 3-5); updates the running
         potentials in training mode. False: each row transported alone with the running
         potentials (scoring); the OT loss is then that of the row-normalised plan.
+        need_loss=False skips the OT loss (returned as None): scoring does not need it.
         """
         beta = self.prototypes(use_local)
         cost = self.cost(theta0, beta)
@@ -97,6 +98,8 @@ class PrototypeOT(nn.Module):
             plan = torch.softmax((running - cost) / self.eps, dim=-1) / cost.shape[0]
         rows = plan / plan.sum(-1, keepdim=True)
         theta0_prime = rows @ beta
+        if not need_loss:
+            return theta0_prime, None, plan
         n, k = plan.shape[-2], plan.shape[-1]
         ot_loss = (plan * cost).sum() + self.eps * (plan * (torch.log(plan + 1e-30) + math.log(n * k))).sum()
         return theta0_prime, ot_loss, plan

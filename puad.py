@@ -1,8 +1,8 @@
 """PUAD: Transformer encoder -> prototype OT -> hierarchical VAE (Li et al., ICML 2023).
 
-Anomaly score of a time point: the negative log-likelihood -log p(x_t | theta1) of that
-point's V values under the decoder, summed over V. Higher = more anomalous (the paper's
-S_t = log p(x | ...) with the sign flipped, so every score in the project points one way).
+The model, its reconstruction of a series (score_series: the decoder's mean and standard
+deviation of every point, from the window ending at it) and checkpoint I/O. scoring.py turns
+reconstructions into anomaly scores (higher = more anomalous) and thresholds.
 """
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
+import scoring
 from config import Config, config_from_dict
 from prototype_ot import PrototypeOT
 from transformer import TransformerEncoder
-from utils import Scaler, atomic_write, create_sequences, split_train_val, window_to_point_scores
+from utils import Scaler, atomic_write, create_sequences, split_train_val
 from vae_loss import HierarchicalVAE, gaussian_kl, gaussian_nll, total_loss
+
+
+INPUT_CLIP = 10.0  # scaled inputs are clipped to +-this before the model (score_series)
 
 
 class PUAD(nn.Module):
@@ -31,27 +35,34 @@ class PUAD(nn.Module):
                                    n_features, cfg.min_std)
 
     def forward(self, x: torch.Tensor, use_local: bool = False, sample: bool = True,
-                batch_plan: bool = True) -> dict[str, torch.Tensor]:
-        """x (B, T, V) -> loss parts (batch means) and the per-point NLL (B, T, V)."""
+                batch_plan: bool = True, score_only: bool = False) -> dict[str, torch.Tensor]:
+        """x (B, T, V) -> loss parts (batch means), the per-point NLL (B, T, V) and the plan (B, K).
+
+        score_only: just what a score needs, the decoder's x_mu and x_std (B, T, V) and the plan;
+        no KL terms, prior head or OT loss (the scorer's fast path, same numbers).
+        """
         h0 = self.encoder(x)
         h1 = self.to_h1(h0)
         mu0, std0 = self.vae.phi(h0)
         theta0 = mu0 + std0 * torch.randn_like(std0) if sample else mu0
-        theta0_prime, ot, plan = self.pot(theta0, use_local, batch_plan)
-        mu_p, std_p = self.vae.f1(theta0_prime)
+        theta0_prime, ot, plan = self.pot(theta0, use_local, batch_plan, need_loss=not score_only)
         mu1, std1 = self.vae.psi(torch.cat([theta0_prime, h1], dim=-1))
         theta1 = mu1 + std1 * torch.randn_like(std1) if sample else mu1
         x_mu, x_std = self.vae.decode(theta1)
+        if score_only:
+            return {"x_mu": x_mu, "x_std": x_std, "plan": plan}
+        mu_p, std_p = self.vae.f1(theta0_prime)
         nll = gaussian_nll(x, x_mu, x_std)
-        out = {
+        return {
             "recon": nll.sum((1, 2)).mean(),
             "kl0": gaussian_kl(mu0, std0).sum(-1).mean(),
             "kl1": gaussian_kl(mu1, std1, mu_p, std_p).sum(-1).mean(),
             "ot": ot,
             "nll": nll,
+            "x_mu": x_mu,
+            "x_std": x_std,
             "plan": plan,
         }
-        return out
 
     def loss(self, x: torch.Tensor, rho: tuple[float, float, float], use_local: bool = False,
              batch_plan: bool = True) -> dict[str, torch.Tensor]:
@@ -60,44 +71,32 @@ class PUAD(nn.Module):
         return out
 
     @torch.inference_mode()
-    def score(self, x: torch.Tensor, use_local: bool = False, n_samples: int = 0, amp: bool = False,
-              compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-point anomaly scores (B, T) and the row-normalised transport plan (B, K).
+    def reconstruct(self, x: torch.Tensor, use_local: bool = False, n_samples: int = 0,
+                    amp: bool = False, compile: bool = False) -> dict[str, torch.Tensor]:
+        """Decoder mean and std of every point of every window (B, T, V), and the row-normalised
+        transport plan (B, K).
 
-        Each window is scored on its own (running OT potentials), so a score does not depend
-        on the batch. n_samples=0 uses posterior means; L > 0 averages the NLL over L samples.
-        amp: the encoder under bf16 autocast, on CUDA only (off by default; unmeasured).
-        compile: the posterior-mean scorer through torch.compile (dynamic batch size, compiled
-        once per model: ~1 min on 2 CPU cores, and no faster there than eager; CUDA unmeasured).
+        Each window is transported on its own (running OT potentials), so nothing depends on
+        the batch. n_samples=0 uses posterior means; L > 0 averages mu and std over L samples.
+        amp: the whole pass under bf16 autocast, on CUDA only (off by default; unmeasured).
+        compile: the posterior-mean pass through torch.compile (dynamic batch size, compiled
+        once per model; see docs/performance.md).
         """
         was_training = self.training
         self.eval()
         if n_samples <= 0:
-            if compile and "_compiled_scorer" not in self.__dict__:
-                self.__dict__["_compiled_scorer"] = torch.compile(self._score_means, dynamic=True)
-            nll, plan = (self.__dict__["_compiled_scorer"] if compile else self._score_means)(x, use_local, amp)
+            if compile and "_compiled" not in self.__dict__:
+                self.__dict__["_compiled"] = torch.compile(self.forward, dynamic=True)
+            fwd = self.__dict__["_compiled"] if compile else self.forward
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=amp and x.device.type == "cuda"):
+                out = fwd(x, use_local, sample=False, batch_plan=False, score_only=True)
+            out = {k: v.float() for k, v in out.items()}
         else:
-            outs = [self(x, use_local, sample=True, batch_plan=False) for _ in range(n_samples)]
-            nll = torch.stack([o["nll"].sum(-1) for o in outs]).mean(0)
-            plan = torch.stack([o["plan"] for o in outs]).mean(0)
+            outs = [self(x, use_local, sample=True, batch_plan=False, score_only=True) for _ in range(n_samples)]
+            out = {k: torch.stack([o[k] for o in outs]).mean(0) for k in outs[0]}
         self.train(was_training)
-        return nll, plan / plan.sum(-1, keepdim=True)
-
-    def _score_means(self, x: torch.Tensor, use_local: bool, amp: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward(sample=False, batch_plan=False) reduced to what a score needs: no KL terms, no
-        prior head f1, no OT loss, no sigma of q(theta1). Same numbers as the full forward."""
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=amp and x.device.type == "cuda"):
-            h0 = self.encoder(x)
-        h0 = h0.float()
-        h1 = self.to_h1(h0)
-        theta0 = self.vae.phi.mu(self.vae.phi.hidden(h0))
-        beta = self.pot.prototypes(use_local)
-        running = self.pot.g_local if use_local else self.pot.g_global
-        plan = torch.softmax((running - self.pot.cost(theta0, beta)) / self.pot.eps, dim=-1)
-        theta1 = self.vae.psi.mu(self.vae.psi.hidden(torch.cat([plan @ beta, h1], dim=-1)))
-        x_mu, x_std = self.vae.decode(theta1)
-        return gaussian_nll(x, x_mu, x_std).sum(-1), plan
+        out["plan"] = out["plan"] / out["plan"].sum(-1, keepdim=True)
+        return out
 
 
 # ---- checkpoints: plain dicts of tensors, strings and numbers, loadable with weights_only=True
@@ -157,44 +156,75 @@ def calibration_rows(x_train: np.ndarray, ckpt: dict, local: dict | None, cfg: C
     return split_train_val(x_train, cfg.val_frac, cfg.seq_len)[1]
 
 
+def score_kwargs(cfg: Config) -> dict:
+    """score_series' options from a Config (the same for calibration and test rows)."""
+    return dict(batch_size=cfg.score_batch, n_samples=cfg.score_samples, mode=cfg.score_mode,
+                amp=cfg.score_amp, compile=cfg.score_compile)
+
+
+def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, local: dict | None,
+                      use_local: bool) -> dict:
+    """What an entity's calibration is fitted on: the reconstruction of its calibration rows
+    (x_train already scaled) and which features were constant over the rows training saw."""
+    rows = calibration_rows(x_train, ckpt, local, cfg)
+    out = score_series(model, rows, cfg.seq_len, use_local, **score_kwargs(cfg))
+    seen = x_train[: len(rows)] if (local if local is not None else ckpt["config"]).get("adapt_windows", 0) else x_train
+    return dict(out, constant=scoring.constant_features(seen))
+
+
+def calibrate_entity(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, local: dict | None,
+                     use_local: bool) -> scoring.Calibration:
+    """The one calibration of an entity (test.py, detect_live.py, meta_eval.py): the score's
+    normaliser and threshold fitted on its calibration rows (scoring.calibrate)."""
+    return scoring.calibrate(calibration_input(model, ckpt, cfg, x_train, local, use_local), cfg)
+
+
 def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = False,
                  batch_size: int = 1024, n_samples: int = 0, mode: str = "point", amp: bool = False,
-                 compile: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Score every point of a scaled series (n, V): the one scorer of the project.
+                 compile: bool = False, clip: float = INPUT_CLIP) -> dict[str, np.ndarray]:
+    """Reconstruct every point of a scaled series (n, V): the one scorer's model half.
 
-    Returns (point scores (n,), transport plan of the window scoring each point (n, K)).
-    mode="point": point t is scored by the window that ends at it; the first seq_len-1 points by
-    the first window (see utils.window_to_point_scores): one window per point.
-    mode="block": non-overlapping windows (stride seq_len), every point of a window scored by
-    it at once, about seq_len times fewer windows; the tail that no full window covers is
-    scored by the last window, the one ending at the last point. The first seq_len points,
-    the last point of every block and the last point of the series get the same score in both
-    modes (the same window scores them). Windows go through in batches, no Python loop per
-    window; amp: bf16 autocast for the encoder on CUDA, compile: torch.compile (see PUAD.score).
+    Returns {"x": the input as the model saw it (n, V), "mu", "std": the decoder's mean and
+    standard deviation of each point (n, V), "plan": the transport plan of the window that
+    reconstructs it (n, K)}; scoring.calibrate / scoring.apply turn these into scores.
+    Inputs are clipped to [-clip, clip] (scaled units: for the default min-max scaler, `clip`
+    train ranges), so any finite input gives a finite score; a clipped value is still far
+    outside every training value and scores as such.
+    mode="point": point t is reconstructed by the window that ends at it; the first seq_len-1
+    points by the first window (see utils.window_to_point_scores): one window per point.
+    mode="block": non-overlapping windows (stride seq_len), every point of a window by it,
+    about seq_len times fewer windows; the tail that no full window covers comes from the
+    window ending at the last point. The first seq_len points, the last point of every block
+    and the last point of the series are the same in both modes. Windows go through in
+    batches, no Python loop per window; amp, compile: see PUAD.reconstruct.
     """
     if mode not in ("point", "block"):
         raise ValueError(f"score mode must be point or block, not {mode!r}")
     device = next(model.parameters()).device
+    x = np.clip(np.nan_to_num(np.asarray(x, np.float64), nan=0.0, posinf=clip, neginf=-clip),
+                -clip, clip).astype(np.float32)
     n = len(x)
     windows = create_sequences(x, seq_len, seq_len if mode == "block" else 1)
     tail = n - len(windows) * seq_len if mode == "block" else 0  # points after the last full block
-    scores, plans = [], []
+    parts: dict[str, list[np.ndarray]] = {"mu": [], "std": [], "plan": []}
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
         if tail and i + batch_size >= len(windows):
             batch = np.concatenate([batch, x[None, n - seq_len:]])  # the window ending at the last point
         xb = torch.as_tensor(np.require(batch, requirements=["C", "W"]), device=device)  # copies a view
-        s, p = model.score(xb, use_local, n_samples, amp=amp, compile=compile)
-        scores.append(s.float().cpu().numpy())
-        plans.append(p.float().cpu().numpy())
-    window_scores, plan = np.concatenate(scores), np.concatenate(plans)
+        out = model.reconstruct(xb, use_local, n_samples, amp=amp, compile=compile)
+        parts["mu"].append(out["x_mu"].cpu().numpy())
+        parts["std"].append(out["x_std"].cpu().numpy())
+        parts["plan"].append(out["plan"].cpu().numpy())
+    mu, std, plan = (np.concatenate(parts[k]) for k in ("mu", "std", "plan"))
     if mode == "block":
         n_full = len(windows)
-        point = window_scores[:n_full].reshape(-1)
+        take = lambda a: np.concatenate([a[:n_full].reshape(-1, a.shape[-1])] +  # noqa: E731
+                                        ([a[-1, seq_len - tail:]] if tail else []))
         point_plan = np.repeat(plan[:n_full], seq_len, axis=0)
         if tail:
-            point = np.concatenate([point, window_scores[-1, seq_len - tail:]])
             point_plan = np.concatenate([point_plan, np.repeat(plan[-1:], tail, axis=0)])
-        return point, point_plan
-    plan = np.concatenate([np.repeat(plan[:1], seq_len - 1, axis=0), plan])
-    return window_to_point_scores(window_scores, seq_len), plan
+        return {"x": x, "mu": take(mu), "std": take(std), "plan": point_plan}
+    point = lambda a: np.concatenate([a[0, :-1], a[:, -1]])  # noqa: E731  (window_to_point_scores)
+    return {"x": x, "mu": point(mu), "std": point(std),
+            "plan": np.concatenate([np.repeat(plan[:1], seq_len - 1, axis=0), plan])}

@@ -23,9 +23,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from config import Config, cli_config, parse_config  # noqa: E402
-from metrics import evaluate, select_threshold, summarize  # noqa: E402
-from puad import (apply_local_state, build_model, calibration_rows, entity_state,  # noqa: E402
-                  read_checkpoint, score_series)
+from metrics import evaluate, summarize  # noqa: E402
+import scoring  # noqa: E402
+from puad import (apply_local_state, build_model, calibrate_entity, entity_state,  # noqa: E402
+                  read_checkpoint, score_kwargs, score_series)
 from utils import (DataError, Entity, Scaler, atomic_write, get_device, load_dataset, log,  # noqa: E402
                    write_csv_atomic, write_json_atomic)
 
@@ -48,8 +49,8 @@ def align_features(ent: Entity, features: list[str], where: str) -> Entity:
 
 
 def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
-    """Scores of the validation tail (or, for an entity adapted from N windows, those N windows)
-    and of the test series of one entity; the threshold comes from the former."""
+    """Calibrate on the validation tail (or, for an entity adapted from N windows, those N
+    windows) of one entity, then score its test series with that calibration."""
     local, scaler = entity_state(ckpt, cfg.ckpt, ent.name)
     use_local = local is not None and cfg.use_local  # --use_local=False keeps the local scaler
     if local is not None:
@@ -58,32 +59,41 @@ def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
         log.warning("%s: not seen in training and not adapted; scaling with its own train data "
                     "and global prototypes only", ent.name)
         scaler = Scaler(cfg.scaler).fit(ent.train)
-    kw = dict(use_local=use_local, batch_size=cfg.score_batch, n_samples=cfg.score_samples,
-              mode=cfg.score_mode, amp=cfg.score_amp, compile=cfg.score_compile)
-    calib = calibration_rows(scaler.transform(ent.train), ckpt, local, cfg)
-    val_scores, _ = score_series(model, calib, cfg.seq_len, **kw)
-    test_scores, plan = score_series(model, scaler.transform(ent.test), cfg.seq_len, **kw)
-    threshold = select_threshold(val_scores, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level,
-                                 pct=cfg.percentile)
-    return dict(val_scores=val_scores, test_scores=test_scores, plan=plan, threshold=threshold,
-                use_local=use_local)
+    cal = calibrate_entity(model, ckpt, cfg, scaler.transform(ent.train), local, use_local)
+    out = score_series(model, scaler.transform(ent.test), cfg.seq_len, use_local, **score_kwargs(cfg))
+    scores, contrib = scoring.apply(cal, out)
+    return dict(test_scores=scores, contrib=contrib, plan=out["plan"], threshold=cal.threshold,
+                calibration=cal, use_local=use_local)
 
 
 def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.ndarray, threshold: float) -> None:
-    """The paper's figure 4: input channels, score curve, threshold, true anomaly segments."""
+    """The paper's figure 4: input channels, score curve, threshold, true anomaly segments.
+    The score axis is logarithmic when the scores span more than three decades above the
+    threshold's tenth (one peak a million times the rest stays readable); flagged points are
+    marked along the bottom of the score panel."""
     fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(14, 6), sharex=True)
     t = np.arange(len(scores))
     ax0.plot(t, scaled_test, lw=0.5, alpha=0.6)
     ax0.set_ylabel("scaled inputs")
-    ax1.plot(t, scores, lw=0.7, color="k", label="score (NLL)")
+    ax1.plot(t, scores, lw=0.7, color="k", label="score")
     ax1.axhline(threshold, color="r", lw=1, ls="--", label=f"threshold {threshold:.3g}")
     if ent.labels is not None:
         edges = np.diff(np.concatenate([[0], ent.labels, [0]]))
         for s, e in zip(np.where(edges == 1)[0], np.where(edges == -1)[0]):
             for ax in (ax0, ax1):
                 ax.axvspan(s, e, color="red", alpha=0.15, lw=0)
-    lo, hi = np.percentile(scores, [0.5, 99.5])
-    ax1.set_ylim(lo - 0.1 * (hi - lo), hi + 0.5 * (hi - lo))
+    lo, hi = float(np.min(scores)), float(np.max(scores))
+    floor = abs(threshold) / 10 if threshold else max(abs(lo), 1e-9)
+    if lo > -floor and hi > 1e3 * floor:  # a wide positive range: log axis (symlog near 0)
+        ax1.set_yscale("symlog", linthresh=floor)
+        ax1.set_ylim(min(lo, 0), hi * 2)
+    else:
+        span = max(hi, threshold) - min(lo, threshold)
+        ax1.set_ylim(min(lo, threshold) - 0.05 * span, max(hi, threshold) + 0.15 * span)
+    flagged = scores > threshold
+    if flagged.any():
+        ax1.plot(t[flagged], np.full(flagged.sum(), ax1.get_ylim()[0]), "|", color="C1", ms=8,
+                 label=f"flagged ({flagged.sum()})", clip_on=False)
     ax1.set_ylabel("anomaly score")
     ax1.set_xlabel("test time point")
     ax1.legend(loc="upper right")
@@ -151,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
         r = score_entity(model, ckpt, cfg, ent)
         # the threshold is fixed; only now are the labels looked at
         m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults)
-        m.update(threshold_method=cfg.threshold, local_prototypes=r["use_local"])
+        m.update(threshold_method=cfg.threshold, local_prototypes=r["use_local"], score=cfg.score,
+                 smooth=cfg.smooth, calibration_rows=r["calibration"].n_rows)
         per_entity[ent.name] = m
         pred = (r["test_scores"] > r["threshold"]).astype(int)
         write_csv_atomic(out / f"scores_{ent.name}.csv", pd.DataFrame({

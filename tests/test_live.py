@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 import yaml
@@ -252,17 +253,20 @@ def test_threshold_is_test_py_s(live_lab):
     det = detect_live.setup([f"--ckpt={live_lab['ckpt']}", f"--metrics_file={live_lab['metrics_file']}",
                              f"--data={tmp / 'data'}", f"--entities={','.join(ENTITIES)}", f"--live_log={tmp / 'x.jsonl'}"])
     ckpt = read_checkpoint(live_lab["ckpt"])
-    model, cfg = build_model(ckpt)
+    model, _ = build_model(ckpt)
+    cfg = det.cfg
+    k = cfg.seq_len + cfg.smooth - 1  # a live poll scores the last `smooth` windows
     for ent in load_dataset(tmp / "data"):
         ent.test = ent.train  # score_entity also scores a test split
-        want = evaluate_script.score_entity(model, ckpt, cfg, ent)["threshold"]
-        assert det.thresholds[ent.name] == pytest.approx(want, rel=1e-6)
-        # a live window's score is the offline scorer's score of its last point
-        from puad import score_series
+        r = evaluate_script.score_entity(model, ckpt, cfg, ent)
+        assert det.thresholds[ent.name] == pytest.approx(r["threshold"], rel=1e-6)
+        cal = det.calibrations[ent.name]  # one calibration: normaliser and threshold alike
+        np.testing.assert_allclose(cal.center, r["calibration"].center, rtol=1e-6)
+        np.testing.assert_allclose(cal.scale, r["calibration"].scale, rtol=1e-6)
+        # a live window's score is the offline (smoothed) score of its last point
         x = ent.train[:, [ent.features.index(f) for f in ckpt["features"]]]
-        offline, _ = score_series(model, det.states[ent.name]["scaler"].transform(x), cfg.seq_len)
-        for i in (SEQ_LEN - 1, len(x) - 1):
-            assert det.score_window(ent.name, x[i - SEQ_LEN + 1:i + 1]) == pytest.approx(offline[i], rel=1e-4, abs=1e-4)
+        for i in (k - 1, len(x) - 1):
+            assert det.score_window(ent.name, x[i - k + 1:i + 1]) == pytest.approx(r["test_scores"][i], rel=1e-4, abs=1e-4)
     live_lab["spot"] = det.thresholds
 
 

@@ -90,9 +90,30 @@ def test_scoring_does_not_depend_on_the_batch():
     model.train()
     for _ in range(3):  # fill the running potentials
         model.loss(x, (0.01, 0.01, 0.01))
-    alone = torch.cat([model.score(x[i:i + 1])[0] for i in range(4)])
-    together = model.score(x)[0][:4]
+    alone = torch.cat([model.reconstruct(x[i:i + 1])["x_mu"] for i in range(4)])
+    together = model.reconstruct(x)["x_mu"][:4]
     assert torch.allclose(alone, together, atol=1e-5)
+
+
+def test_fast_scoring_path_equals_the_full_forward():
+    """reconstruct() (forward with score_only: no KL, prior head or OT loss) gives the numbers
+    of the full forward pass with posterior means and each window transported alone."""
+    torch.manual_seed(5)
+    cfg = parse_config(["--preset=test"])
+    model = PUAD(cfg, 5)
+    x = torch.rand(16, cfg.seq_len, 5)
+    model.train()
+    for _ in range(3):
+        model.loss(x, (0.01, 0.01, 0.01))
+    model.eval()
+    with torch.no_grad():
+        full = model(x, sample=False, batch_plan=False)
+    fast = model.reconstruct(x)
+    assert torch.allclose(fast["x_mu"], full["x_mu"], atol=1e-6)
+    assert torch.allclose(fast["x_std"], full["x_std"], atol=1e-6)
+    plan = full["plan"] / full["plan"].sum(-1, keepdim=True)
+    assert torch.allclose(fast["plan"], plan, atol=1e-6)
+    assert "kl0" not in fast and "recon" in full
 
 
 def test_gaussian_kl_closed_form():

@@ -52,8 +52,8 @@ def test_checkpoint_round_trip_gives_identical_scores(trained):
     x = Scaler.from_state(ckpt["scalers"]["omi-1"]).transform(ent.test[:300])
     m1, cfg = build_model(ckpt)
     m2, _ = build_model(torch.load(tmp / "puad.ckpt", weights_only=True))
-    s1, p1 = score_series(m1, x, cfg.seq_len)
-    s2, p2 = score_series(m2, x, cfg.seq_len, batch_size=7)  # batching must not matter either
+    o1, o2 = score_series(m1, x, cfg.seq_len), score_series(m2, x, cfg.seq_len, batch_size=7)  # batching must not matter
+    (s1, p1), (s2, p2) = [(o["mu"].sum(1), o["plan"]) for o in (o1, o2)]
     assert s1.shape == (300,) and p1.shape == (300, cfg.n_global)
     assert np.isfinite(s1).all()
     np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-4)

@@ -1,0 +1,79 @@
+"""The scorer's second half (scoring.py): normalisation, smoothing, calibration, bounds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import scoring
+from config import parse_config
+from puad import PUAD, score_series
+
+
+def _cfg(*args):
+    return parse_config(["--preset=test", *args])
+
+
+def test_smooth_is_a_causal_moving_mean():
+    x = np.array([0.0, 3, 6, 9, 12])
+    np.testing.assert_allclose(scoring.smooth(x, 3), [0, 1.5, 3, 6, 9])
+    np.testing.assert_allclose(scoring.smooth(x, 1), x)
+    y = x.copy()
+    y[-1] = 1e6  # the future never changes the past
+    np.testing.assert_allclose(scoring.smooth(y, 3)[:-1], scoring.smooth(x, 3)[:-1])
+    two = scoring.smooth(np.stack([x, 2 * x], 1), 2)  # per column for contributions
+    np.testing.assert_allclose(two[:, 1], 2 * two[:, 0])
+
+
+def test_norm_score_measures_each_feature_against_its_own_normal_error():
+    rng = np.random.default_rng(0)
+    n = 2000
+    mu = np.zeros((n, 3))
+    x = rng.normal(0, [0.2, 0.02, 0.0], size=(n, 3))  # a noisy, a quiet and a constant feature
+    cfg = _cfg("--smooth=1", "--spot_q=1e-3")
+    cal = scoring.calibrate({"x": x, "mu": mu, "constant": np.array([False, False, True])}, cfg)
+    assert cal.scale[0] == pytest.approx(0.2, rel=0.1)
+    assert cal.scale[1] == pytest.approx(cfg.score_floor)  # the floor, not 0.02
+    assert cal.scale[2] == pytest.approx(cfg.const_floor)  # constant over train: the smaller floor
+    test = np.zeros((4, 3))
+    test[1, 0] = 0.6     # 3 sigma of the noisy feature: normal
+    test[2, 1] = 2.0     # far outside the quiet feature's floor
+    test[3, 2] = -1.0    # a constant feature left its value (a stopped service's `up`)
+    s, contrib = scoring.apply(cal, {"x": test, "mu": np.zeros((4, 3))})
+    assert s[1] < cal.threshold < s[2] < s[3]
+    assert contrib.shape == (4, 3) and contrib[3].argmax() == 2
+    np.testing.assert_allclose(contrib.mean(1), s)  # contributions average to the score
+
+
+def test_scalar_scores_get_the_same_smoothing_and_threshold_rule():
+    rng = np.random.default_rng(1)
+    cfg = _cfg("--smooth=4", "--threshold=percentile", "--percentile=99")
+    val = rng.random(1000)
+    cal = scoring.calibrate({"scores": val}, cfg)
+    assert cal.threshold == pytest.approx(np.percentile(scoring.smooth(val, 4), 99))
+    s, contrib = scoring.apply(cal, {"scores": val})
+    assert contrib is None
+    np.testing.assert_allclose(s, scoring.smooth(val, 4))
+
+
+@pytest.mark.parametrize("score", scoring.SCORES)
+def test_score_stays_finite_for_extreme_inputs(score):
+    torch.manual_seed(0)
+    cfg = _cfg(f"--score={score}")
+    model = PUAD(cfg, 4).eval()
+    rng = np.random.default_rng(2)
+    calib = rng.random((200, 4)).astype(np.float32)
+    cal = scoring.calibrate(score_series(model, calib, cfg.seq_len), cfg)
+    test = rng.random((100, 4))
+    test[50, 0], test[60, 1], test[70, 2], test[80, 3] = 1e18, -1e30, 3.4e38, np.finfo(np.float64).max
+    out = score_series(model, test, cfg.seq_len)
+    s, _ = scoring.apply(cal, out)
+    assert np.isfinite(s).all() and np.isfinite(out["mu"]).all()
+    assert np.abs(out["x"]).max() <= 10.0  # clipped before the model
+    if score != "nll":
+        assert s[50:55].min() > cal.threshold  # and the extreme point still scores as anomalous
+
+
+def test_unknown_score_is_refused():
+    with pytest.raises(ValueError, match="score must be one of"):
+        scoring.contributions(np.zeros((2, 2)), np.zeros((2, 2)), None, "fast")
