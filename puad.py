@@ -133,7 +133,7 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu", kind: 
         fail(f"{path}: not a readable PUAD checkpoint ({reason})")
     if kind is None:
         kind = "local" if isinstance(ckpt, dict) and "beta_l" in ckpt else "shared"
-    need = ("config", "n_features", "features", "model", "scalers") if kind == "shared" else \
+    need = ("config", "n_features", "features") if kind == "shared" else \
         ("entity", "features", "beta_l", "g_local", "scaler")
     missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
@@ -158,6 +158,8 @@ def build_model(ckpt: dict, device: torch.device | str = "cpu") -> tuple[PUAD, C
     model = PUAD(cfg, ckpt["n_features"]).to(device)
     try:
         model.load_state_dict(ckpt["model"])
+    except KeyError:
+        fail("checkpoint has no model weights")
     except RuntimeError as e:
         fail(f"checkpoint model does not match its own config ({str(e).splitlines()[0]})")
     model.eval()
