@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -114,7 +115,7 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """Stop the running script with a one-line `script.py: error: ...` (exit code 1)."""
     raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}")
 
@@ -146,7 +147,7 @@ def model_id(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(state):
         h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 

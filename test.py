@@ -8,7 +8,9 @@ For each entity: score the held-out validation tail of its train series and its 
 window), fix the threshold from the validation scores alone (SPOT, or a percentile), then
 compare with the labels. Labels are read only
 to compute metrics. Writes to --out_dir (res_hr/): metrics.json, scores_<entity>.csv,
-evaluation_metrics.png, anomaly_scores_<entity>.png, transport_plan.png.
+evaluation_metrics.png, anomaly_scores_<entity>.png, transport_plan.png. One run per --out_dir
+(a second one stops with a one-line error naming <out_dir>/.test.lock). A local file that does
+not belong to the checkpoint and entity is refused (puad.local_mismatch).
 """
 from __future__ import annotations
 

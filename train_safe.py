@@ -9,6 +9,10 @@ the shared checkpoint, which stays untouched.
     python train_safe.py                                   # both stages on the default data
     python train_safe.py --data=../shared/datasets/ASD --entities=omi-1,omi-2 --stage=global
     python train_safe.py --stage=local --entity=omi-3 --adapt_windows=20
+
+One run per --ckpt: a second one stops with a one-line error naming <ckpt>.lock. A run that
+learned nothing (no finite validation loss) exits non-zero and never prints `saved`; Ctrl-C
+exits 130 naming the last complete epoch that --resume continues from.
 """
 from __future__ import annotations
 
@@ -322,10 +326,11 @@ def train_global(cfg: Config, device: torch.device) -> Path:
                  + (f" ({ckpt_path} is an earlier run's)" if ckpt_path.is_file() else ""))
         print(f"saved {ckpt_path} ({ckpt_path.stat().st_size / 1e6:.2f} MB)" if saved else
               f"kept {ckpt_path}: no better epoch after resuming")
-        stale = [p for p in sorted(ckpt_path.parent.glob(f"{ckpt_path.stem}.local-*.pt"))
-                 if local_mismatch(read_checkpoint(p, kind="local"), read_checkpoint(ckpt_path),
-                                   p.stem.split(".local-", 1)[1])]
-        if stale and cfg.stage == "global":
+        locals_ = sorted(ckpt_path.parent.glob(f"{ckpt_path.stem}.local-*.pt")) if cfg.stage == "global" else []
+        shared = read_checkpoint(ckpt_path) if locals_ else None
+        stale = [p for p in locals_
+                 if local_mismatch(read_checkpoint(p, kind="local"), shared, p.stem.split(".local-", 1)[1])]
+        if stale:
             log.warning("%d local file(s) beside %s belong to the previous shared model and are now refused "
                         "by test.py and detect_live.py: %s; refit them with --stage=local",
                         len(stale), ckpt_path, ", ".join(p.name for p in stale))
