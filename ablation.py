@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import scoring
-from config import cli_config
+from config import cli_ckpt, cli_config
 from metrics import evaluate, summarize
 from puad import (apply_local_state, build_model, calibration_input, entity_state, read_checkpoint,
                   score_kwargs, score_series)
@@ -46,8 +46,7 @@ KEYS = ("auc_pr", "f1", "vus_pr", "f1_pa", "auc_roc", "best_f1_oracle")
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     t0 = time.time()
-    from config import parse_config
-    ckpt = read_checkpoint(parse_config(argv).ckpt)
+    ckpt = read_checkpoint(cli_ckpt(argv))
     cfg = cli_config(argv, defaults=dict(ckpt["config"], out_dir="res_hr/ablation"))
     model, _ = build_model(ckpt, get_device(cfg.device))
     try:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
+import re
 import sys
 from dataclasses import dataclass, fields
+from typing import Any, Callable
 
 
 @dataclass
@@ -97,6 +100,11 @@ class Config:
     query_timeout: float = 5.0           # seconds per Prometheus request
     max_polls: int = 0                   # stop after N polls (0 = run until SIGTERM/SIGINT)
 
+    def validate(self) -> "Config":
+        """Raise ConfigError naming the first field out of its range (see CHECKS at the end)."""
+        validate_config(self)
+        return self
+
 
 PRESETS: dict[str, dict] = {
     "cpu": {},
@@ -140,8 +148,9 @@ def _literal(text: str):
         return text  # a bare word such as --device=cpu is a string
 
 
-def parse_config(argv: list[str] | None = None, defaults: dict | None = None) -> Config:
-    """Build the effective Config from the command line (see module docstring)."""
+def parse_config(argv: list[str] | None = None, defaults: dict | None = None, check: bool = True) -> Config:
+    """Build the effective Config from the command line (see module docstring); check=False
+    skips the range checks (a first pass that only needs --ckpt)."""
     argv = sys.argv[1:] if argv is None else argv
     names = {f.name: f.default for f in fields(Config)}
     preset, config_file, overrides = "cpu", None, {}
@@ -179,13 +188,13 @@ def parse_config(argv: list[str] | None = None, defaults: dict | None = None) ->
             values[key] = value
     values.update(overrides)
     cfg = Config(**{k: _coerce(k, v, names[k]) for k, v in values.items()})
-    return cfg
+    return cfg.validate() if check else cfg
 
 
 def config_from_dict(d: dict) -> Config:
     """Rebuild a Config stored in a checkpoint; fields added since are left at their defaults."""
     names = {f.name for f in fields(Config)}
-    return Config(**{k: v for k, v in d.items() if k in names})
+    return Config(**{k: v for k, v in d.items() if k in names}).validate()
 
 
 def print_config(cfg: Config) -> None:
@@ -205,3 +214,89 @@ def cli_config(argv: list[str] | None = None, defaults: dict | None = None) -> C
         raise SystemExit(2)
     print_config(cfg)
     return cfg
+
+
+def cli_ckpt(argv: list[str] | None = None) -> str:
+    """The --ckpt of a command line, before the checkpoint's own config is known (test.py,
+    detect_live.py); a bad option is a one-line error and exit code 2 here too."""
+    try:
+        return parse_config(argv, check=False).ckpt
+    except ConfigError as e:
+        print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# ---- range checks: one entry per field, {field: (ok(value) -> bool, allowed values in words)}.
+# Every float must also be finite. Cross-field checks are in validate_config below.
+
+def _choice(*allowed: str):
+    return (lambda v: v in allowed), "one of " + " | ".join(allowed)
+
+
+def _number_or(*allowed: str):
+    def ok(v: str) -> bool:
+        try:
+            return math.isfinite(float(v))
+        except ValueError:
+            return v.lower() in allowed
+    return ok, "a number or one of " + " | ".join(allowed)
+
+
+_pos = (lambda v: v >= 1), ">= 1"
+_nonneg = (lambda v: v >= 0), ">= 0"
+_positive = (lambda v: v > 0), "> 0"
+_nonempty = (lambda v: v.strip() != ""), "a non-empty string"
+_url = (lambda v: re.match(r"https?://[^/\s]", v) is not None), "an http:// or https:// URL"
+
+CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "data": _nonempty, "entities": _nonempty,
+    "seq_len": _pos, "stride": _pos,
+    "scaler": _choice("minmax", "zscore", "robust"),
+    "val_frac": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "d_model": _pos, "n_heads": _pos, "n_layers": _pos, "d_ff": _pos, "d_h1": _pos, "d_theta": _pos,
+    "n_global": _pos, "n_local": _pos,
+    "sinkhorn_eps": _positive, "sinkhorn_iters": _pos,
+    "ot_momentum": ((lambda v: 0 < v <= 1), "in (0, 1]"),
+    "dropout": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "min_std": _positive,
+    "stage": _choice("global", "local", "both"),
+    "epochs": _pos, "local_epochs": _pos, "adapt_windows": _nonneg,
+    "adapt_scaler": _choice("history", "own"),
+    "local_plan": _choice("batch", "running"),
+    "batch_size": _pos, "lr": _positive, "local_lr": _positive, "weight_decay": _nonneg,
+    "rho1": _nonneg, "rho2": _nonneg, "rho3": _nonneg, "warmup_epochs": _nonneg,
+    "grad_clip": _positive, "max_bad_steps": _pos, "max_train_windows": _nonneg,
+    "score_samples": _nonneg, "score_batch": _pos,
+    "score_mode": _choice("point", "block"),
+    "score": _choice("norm", "se", "nll"), "score_floor": _positive, "const_floor": _positive,
+    "smooth": _pos,
+    # a number only in detect_live.py (a fixed threshold); test.py refuses it
+    "threshold": _number_or("spot", "pot", "percentile", "pct", "quantile"),
+    "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"),
+    "spot_level": ((lambda v: 0 < v < 1), "in (0, 1)"),
+    "percentile": ((lambda v: 0 <= v <= 100), "in [0, 100]"),
+    "ckpt": _nonempty, "loss_csv": _nonempty, "out_dir": _nonempty,
+    "device": ((lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None), "auto | cpu | cuda | cuda:N"),
+    "num_threads": _nonneg,
+    "prometheus": _url, "metrics_file": _nonempty,
+    "rate_window": ((lambda v: v == "" or re.fullmatch(r"(\d+(ms|s|m|h|d|w|y))+", v) is not None),
+                    "'' or a Prometheus duration like 30s or 1m"),
+    "live_step": _pos,
+    "port": ((lambda v: 0 <= v <= 65535), "in [0, 65535]"),
+    "listen": _nonempty,
+    "webhook": ((lambda v: v == "" or _url[0](v)), "'' or an http:// or https:// URL"),
+    "stale_steps": _pos, "max_backoff": _positive, "query_timeout": _positive, "max_polls": _nonneg,
+}
+
+
+def validate_config(cfg: Config) -> None:
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name}={value!r}: must be a finite number")
+        if f.name in CHECKS:
+            ok, allowed = CHECKS[f.name]
+            if not ok(value):
+                raise ConfigError(f"--{f.name}={value!r}: must be {allowed}")
+    if cfg.d_model % cfg.n_heads:
+        raise ConfigError(f"--d_model={cfg.d_model}: must be divisible by --n_heads={cfg.n_heads}")

@@ -69,7 +69,7 @@ os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")  # no *_creat
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server  # noqa: E402
 
 import export_metrics  # noqa: E402
-from config import Config, cli_config, parse_config  # noqa: E402
+from config import Config, cli_ckpt, cli_config  # noqa: E402
 import puad  # noqa: E402
 import scoring  # noqa: E402
 from puad import apply_local_state, build_model, calibrate_entity, local_path, read_checkpoint, score_series  # noqa: E402
@@ -111,9 +111,7 @@ def check_features(ckpt_features: list[str], metric_set: dict, ckpt_name: str, s
 
 def entity_state(ckpt: dict, cfg: Config, entity: str) -> dict:
     """Scaler and local prototypes of one entity: local file if adapted, else the checkpoint's."""
-    local, scaler = puad.entity_state(ckpt, cfg.ckpt, entity)
-    if local is not None and local.get("features", ckpt["features"]) != ckpt["features"]:
-        raise LiveError(f"{local_path(cfg.ckpt, entity)}: features differ from the checkpoint's")
+    local, scaler = puad.entity_state(ckpt, cfg.ckpt, entity)  # refuses a local file of another model/entity
     if scaler is None:
         raise LiveError(f"entity {entity!r}: no scaler (not trained on, no local file "
                         f"{local_path(cfg.ckpt, entity)}); the checkpoint knows {sorted(ckpt['scalers'])}")
@@ -383,7 +381,7 @@ class Detector:
 
 
 def setup(argv: list[str]) -> Detector:
-    ckpt_path = parse_config(argv).ckpt
+    ckpt_path = cli_ckpt(argv)
     ckpt = read_checkpoint(ckpt_path)
     cfg = cli_config(argv, defaults=ckpt["config"])  # unset options default to the training run's
     if cfg.live_step < 1:

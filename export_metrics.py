@@ -12,10 +12,12 @@ writes, for every service of the metric set (chaos/metrics-sockshop.yaml by defa
 
 Rules (also printed by --help):
 - Times: ISO 8601 with 'Z' or an offset, or unix seconds. A time without a zone is refused
-  (a silent local/UTC mix-up would shift every label).
+  (a silent local/UTC mix-up would shift every label), and so is a number > 1e11: that is a
+  time in milliseconds (refused with the value in seconds as a hint, never converted silently).
 - Grid: timestamps are integer unix seconds on multiples of --step, from the first multiple
   >= --start to the last one <= --end. Ranges are split so that no request asks for more than
-  11,000 points per series (Prometheus' limit).
+  11,000 points per series (Prometheus' limit). More than 5,000,000 grid points are refused
+  up front (a larger --step or a shorter range).
 - Several series from one query (one per pod, ...) are combined point by point with the
   metric's `agg` (sum by default; mean, max, min). ±Inf and NaN values count as missing.
 - Missing points: a metric's `fill` value if it has one; otherwise runs of at most --max_gap
@@ -30,8 +32,10 @@ Rules (also printed by --help):
   [start - margin, end + margin] (both ends included), and `fault` = the fault kind ('+'-joined
   when faults overlap; empty outside faults). --label_scope target (default): a service is
   labelled only by faults whose target is that service; all: every fault labels every service.
-- Files are written to temporary files next to the targets and renamed into place only when
-  every query succeeded, so a failed export leaves no new files behind.
+- --out must be empty or absent; a non-empty folder (an existing dataset) is refused unless
+  --overwrite, which replaces it whole: the dataset is written to a temporary folder next to
+  --out and swapped in only when every query succeeded, so a failed export changes nothing
+  and no file of the old dataset survives a successful one.
 - Auth: bearer token from PROMETHEUS_TOKEN, or basic auth from PROMETHEUS_USER and
   PROMETHEUS_PASSWORD. TLS certificates are verified (--ca_cert FILE, or --insecure).
 
@@ -46,6 +50,7 @@ import io
 import math
 import os
 import re
+import shutil
 import string
 import sys
 import tempfile
@@ -64,6 +69,8 @@ PROG = "export_metrics.py"
 DEFAULT_PROMETHEUS = "http://localhost:9090"
 DEFAULT_METRIC_SET = Path(__file__).resolve().parent / "chaos" / "metrics-sockshop.yaml"
 MAX_POINTS = 11_000  # Prometheus refuses query_range requests with more points per series
+MAX_ROWS = 5_000_000  # grid points per export (about 58 days at 1s, 2.4 years at 15s): memory
+MAX_UNIX_SECONDS = 1e11  # year 5138: a larger number is a time in milliseconds
 DEFAULT_MAX_GAP = 4
 AGGREGATIONS = ("sum", "mean", "max", "min")
 FAULT_LOG_COLUMNS = ["start", "end", "kind", "target", "name"]
@@ -89,12 +96,12 @@ def parse_time(value: Any) -> float:
             raise ExportError(f"time {value!r} has no timezone")
         return value.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        return _seconds(float(value))
     text = str(value).strip()
     if text == "now":
         return time.time()
     try:
-        return float(text)
+        return _seconds(float(text))
     except ValueError:
         pass
     try:
@@ -106,6 +113,16 @@ def parse_time(value: Any) -> float:
         raise ExportError(f"time {text!r} has no timezone: add 'Z' for UTC or an offset "
                           "like +08:00")
     return parsed.timestamp()
+
+
+def _seconds(value: float) -> float:
+    """Unix seconds, refusing NaN/inf and milliseconds (a number > 1e11 would be year 5138 or later)."""
+    if not math.isfinite(value):
+        raise ExportError(f"time {value} is not a finite number")
+    if abs(value) > MAX_UNIX_SECONDS:
+        raise ExportError(f"time {value:.0f} looks like milliseconds (as seconds it is after the year "
+                          f"5000); give unix seconds, e.g. {value / 1000:.0f}")
+    return value
 
 
 def format_time(value: Any) -> str:
@@ -141,8 +158,8 @@ def append_fault(path: str | os.PathLike, start: Any, end: Any, kind: str, targe
     path = Path(path)
     new_file = not path.exists() or path.stat().st_size == 0
     if not new_file:
-        with open(path, newline="") as f:
-            header = f.readline().strip()
+        with open(path, "rb") as f:
+            header = f.readline().decode("utf-8", errors="replace").strip()
         if header != ",".join(FAULT_LOG_COLUMNS):
             raise ExportError(f"{path} is not a fault log (header {header!r}, expected "
                               f"{','.join(FAULT_LOG_COLUMNS)!r})")
@@ -174,8 +191,15 @@ def read_fault_log(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise ExportError(f"fault log {path} does not exist")
+    try:
+        return _read_fault_rows(path)
+    except (UnicodeDecodeError, csv.Error) as e:  # a binary file, NUL bytes
+        raise ExportError(f"{path}: not a fault log (not CSV text: {str(e).splitlines()[0][:80]})") from None
+
+
+def _read_fault_rows(path: Path) -> list[dict]:
     faults = []
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != FAULT_LOG_COLUMNS:
@@ -362,6 +386,11 @@ def grid(start: Any, end: Any, step: int) -> np.ndarray:
     last = math.floor(parse_time(end) / step) * step
     if last < first:
         raise ExportError(f"no {step}s step between {format_time(start)} and {format_time(end)}")
+    rows = (last - first) // step + 1
+    if rows > MAX_ROWS:  # refused before anything is allocated or queried
+        raise ExportError(f"{rows:,} grid points from {format_time(start)} to {format_time(end)} at {step}s "
+                          f"steps, more than {MAX_ROWS:,}: give a larger --step (>= "
+                          f"{math.ceil((last - first) / (MAX_ROWS - 1))}s) or a shorter range")
     return np.arange(first, last + step, step, dtype=np.int64)
 
 
@@ -466,36 +495,39 @@ def make_labels(timestamps: np.ndarray, faults: list[dict], service: str,
 
 # ---------------------------------------------------------------- writing
 
-def _write_all(files: dict[Path, pd.DataFrame], stale: list[Path]) -> None:
-    """Write every frame to a temp file beside its target, then rename all into place;
-    on any error remove the temp files (and folders this call created)."""
-    created_dirs, temps = [], []
+def _write_dataset(out: Path, files: dict[Path, pd.DataFrame]) -> None:
+    """Write every frame (paths relative to out) into a new temp folder beside out, then swap
+    it in for out whole: a reader sees the old dataset or the new one, never a mix, and no
+    file of the old dataset survives. On any error the temp folder is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        for path in files:
-            missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
-            for folder in reversed(missing):
-                folder.mkdir()
-                created_dirs.append(folder)
-        for path, frame in files.items():
-            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps.append(temp)
-            with os.fdopen(fd, "w", newline="") as f:
+        for rel, frame in files.items():
+            (temp / rel).parent.mkdir(parents=True, exist_ok=True)
+            with open(temp / rel, "w", newline="") as f:
                 frame.to_csv(f, index=False)
                 f.flush()
                 os.fsync(f.fileno())
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old / out.name)
+        os.rename(temp, out)
     except BaseException:
-        for temp in temps:
-            Path(temp).unlink(missing_ok=True)
-        for folder in reversed(created_dirs):
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+        shutil.rmtree(temp, ignore_errors=True)
         raise
-    for temp, path in zip(temps, files):
-        os.replace(temp, path)
-    for path in stale:
-        path.unlink(missing_ok=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_out(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an output folder that is not empty unless overwrite (then export replaces it whole)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"--out {out}: not empty (an existing dataset?); give --overwrite to replace "
+                          "it whole, or another --out")
 
 
 # ---------------------------------------------------------------- export
@@ -506,11 +538,12 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
            label_scope: str = "target", services: list[str] | None = None,
            namespace: str | None = None, max_gap: int = DEFAULT_MAX_GAP,
            session: requests.Session | None = None, timeout: float = 30.0, retries: int = 3,
-           backoff: float = 0.5, progress: bool = True) -> dict:
+           backoff: float = 0.5, progress: bool = True, overwrite: bool = False) -> dict:
     """Export one dataset (see the module docstring for the rules) -> {'out', 'columns',
     'train_end' (unix s or None), 'faults' (in range), 'warnings', 'services': {service:
     {'train_rows', 'test_rows', 'anomalous_rows', 'dropped_rows', 'files'}}}.
-    Raises ExportError; writes nothing unless every query succeeded."""
+    Raises ExportError; writes nothing unless every query succeeded. A non-empty `out` is
+    refused unless overwrite, and then replaced whole (no file of the old dataset is kept)."""
     step_s = parse_step(step)
     start_s, end_s = parse_time(start), parse_time(end)
     if end_s <= start_s:
@@ -520,6 +553,7 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
         raise ExportError(f"label_scope must be 'target' or 'all', got {label_scope!r}")
     if label_margin < 0 or max_gap < 0:
         raise ExportError("label_margin and max_gap must be >= 0")
+    check_out(out, overwrite)
     metric_set = load_metric_set(metric_set_path, namespace, services)
     timestamps = grid(start_s, end_s, step_s)
 
@@ -545,7 +579,7 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
         split = None
 
     session = session or make_session()
-    results, warnings, files, stale = {}, [], {}, []
+    results, warnings, files = {}, [], {}
     total = len(metric_set["services"]) * len(metric_set["metrics"])
     with tqdm(total=total, desc="queries", unit="query", disable=not progress,
               file=sys.stderr) as bar:
@@ -563,7 +597,7 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
                "train_end": None if split is None else int(split), "faults": faults,
                "warnings": warnings, "services": {}}
     for service, frame in results.items():
-        folder = out / service
+        folder = Path(service)  # inside out
         if split is None:
             train, test = frame, frame.iloc[0:0]
         else:
@@ -580,9 +614,7 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
         if split is not None and labels.loc[frame["timestamp"].to_numpy() < split, "label"].any():
             warn(f"{service}: faults lie in the train part (before {format_time(split)})")
         files[folder / "train.csv"] = train
-        if split is None:
-            stale += [folder / "test.csv", folder / "test_label.csv"]
-        else:
+        if split is not None:
             files[folder / "test.csv"] = test
             files[folder / "test_label.csv"] = labels[labels["timestamp"] >= split]
         summary["services"][service] = {
@@ -590,9 +622,10 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
             "anomalous_rows": int(labels.loc[labels["timestamp"] >= split, "label"].sum())
             if split is not None else 0,
             "dropped_rows": len(timestamps) - len(frame),
-            "files": [str(p) for p in files if p.parent == folder],
+            "files": [str(out / p) for p in files if p.parent == folder],
         }
-    _write_all(files, [p for p in stale if p.exists()])
+    check_out(out, overwrite)  # again: another run may have written there while this one queried
+    _write_dataset(out, files)
     return summary
 
 
@@ -644,6 +677,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", required=True, help="output folder, one subfolder per service")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out whole (refused without this)")
     args = parser.parse_args(argv)
 
     verify: bool | str = False if args.insecure else (args.ca_cert or True)
@@ -656,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.services else None,
             namespace=args.namespace, max_gap=args.max_gap,
             session=make_session(verify=verify), timeout=args.timeout, retries=args.retries,
-            backoff=args.backoff, progress=not args.no_progress)
+            backoff=args.backoff, progress=not args.no_progress, overwrite=args.overwrite)
     except ExportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

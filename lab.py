@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Local chaos lab: real services, real Prometheus, real faults, no Kubernetes.
 
-    python lab.py --minutes=40 --scrape=1s --out=Dataset/lab     # record a dataset
+    python lab.py --minutes=40 --scrape=1s --out=Dataset/lab --overwrite  # re-record a dataset
     python lab.py --ci --out=/tmp/lab                             # about a minute, 2 faults
 
 Starts, all on 127.0.0.1 and each in its own process group:
@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         default="target+front-end")
     parser.add_argument("--label_margin", type=float, default=0.0, help="seconds, both sides")
     parser.add_argument("--out", default=str(ROOT / "Dataset" / "lab"), help="dataset folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --out whole (refused at start-up without this)")
     parser.add_argument("--run_dir", help="config, logs, SQLite and TSDB of this run "
                         "(default lab_runs/<UTC time>)")
     parser.add_argument("--keep_tsdb", action="store_true",
@@ -258,6 +260,7 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict:
     every started process is stopped before it returns or raises."""
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
+    export_metrics.check_out(args.out, args.overwrite)  # before a recording that would be lost
     missing = [b for b in BINARIES if shutil.which(b) is None]
     if missing:
         raise LabError(f"missing program(s) {', '.join(missing)}: apt-get install prometheus "
@@ -398,7 +401,7 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict:
             step=step_s, out=out, train_end=train_end, fault_log=label_faults,
             label_margin=args.label_margin,
             label_scope="all" if args.label_scope == "all" else "target",
-            services=list(SERVICES), progress=not args.no_progress)
+            services=list(SERVICES), progress=not args.no_progress, overwrite=args.overwrite)
         shutil.copyfile(fault_log, out / "faults.csv")
         summary.update(faults=logged, export=exported)
         for name, info in exported["services"].items():

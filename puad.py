@@ -6,14 +6,17 @@ reconstructions into anomaly scores (higher = more anomalous) and thresholds.
 """
 from __future__ import annotations
 
+import hashlib
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 from torch import nn
 
 import scoring
-from config import Config, config_from_dict
+from config import Config, ConfigError, config_from_dict
 from prototype_ot import PrototypeOT
 from transformer import TransformerEncoder
 from utils import Scaler, atomic_write, create_sequences, split_train_val
@@ -111,20 +114,54 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def read_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
+def fail(message: str) -> NoReturn:
+    """Stop the running script with a one-line `script.py: error: ...` (exit code 1)."""
+    raise SystemExit(f"{Path(sys.argv[0]).name}: error: {message}")
+
+
+def read_checkpoint(path: str | Path, device: torch.device | str = "cpu", kind: str | None = None) -> dict:
+    """A checkpoint as a dict; kind='shared' (train_safe.py's model file), 'local' (an entity's
+    file) or None (either, told apart by beta_l): a missing, truncated, empty or foreign file is
+    a one-line error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"{path}: no checkpoint; train one first with train_safe.py")
+        fail(f"{path}: no checkpoint; train one first with train_safe.py")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # a truncated or foreign file: say which one
-        raise SystemExit(f"{path}: not a readable PUAD checkpoint ({str(e).splitlines()[0]})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # an empty file's error has no text
+        fail(f"{path}: not a readable PUAD checkpoint ({reason})")
+    if kind is None:
+        kind = "local" if isinstance(ckpt, dict) and "beta_l" in ckpt else "shared"
+    need = ("config", "n_features", "features") if kind == "shared" else \
+        ("entity", "features", "beta_l", "g_local", "scaler")
+    missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        fail(f"{path}: not a PUAD {kind} checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def model_id(state: dict[str, torch.Tensor]) -> str:
+    """Identity of a shared model: a hash of its tensors (local files record the one they fit)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def build_model(ckpt: dict, device: torch.device | str = "cpu") -> tuple[PUAD, Config]:
-    cfg = config_from_dict(ckpt["config"])
+    try:
+        cfg = config_from_dict(ckpt["config"])
+    except ConfigError as e:
+        fail(f"checkpoint config: {e}")
     model = PUAD(cfg, ckpt["n_features"]).to(device)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except KeyError:
+        fail("checkpoint has no model weights")
+    except RuntimeError as e:
+        fail(f"checkpoint model does not match its own config ({str(e).splitlines()[0]})")
     model.eval()
     return model, cfg
 
@@ -135,12 +172,33 @@ def apply_local_state(model: PUAD, local: dict) -> None:
         model.pot.g_local.copy_(local["g_local"])
 
 
+def local_mismatch(local: dict, ckpt: dict, entity: str) -> str | None:
+    """Why a local file does not belong to this shared checkpoint and entity; None when it does."""
+    if local.get("entity") != entity:
+        return f"written for entity {local.get('entity')!r}, not {entity!r}"
+    if list(local.get("features", [])) != list(ckpt["features"]):
+        return "fitted on other features than the shared checkpoint's"
+    if tuple(local["beta_l"].shape) != tuple(ckpt["model"]["pot.beta_l"].shape):
+        return f"local prototypes of shape {tuple(local['beta_l'].shape)}, the model has " \
+               f"{tuple(ckpt['model']['pot.beta_l'].shape)}"
+    shared = ckpt.get("model_id") or model_id(ckpt["model"])
+    if local.get("shared_id") != shared:
+        return "fitted against another shared model (the checkpoint was retrained since, or the " \
+               "file comes from elsewhere)"
+    return None
+
+
 def entity_state(ckpt: dict, ckpt_path: str | Path, entity: str) -> tuple[dict | None, Scaler | None]:
     """An entity's local file (None unless adapted) and its scaler: the local file's, else the
-    one the shared checkpoint was trained with, else None."""
+    one the shared checkpoint was trained with, else None. A local file that does not belong to
+    this checkpoint and entity (local_mismatch) is refused: a one-line error naming it."""
     lp = local_path(ckpt_path, entity)
-    local = read_checkpoint(lp) if lp.is_file() else None
+    local = read_checkpoint(lp, kind="local") if lp.is_file() else None
     if local is not None:
+        problem = local_mismatch(local, ckpt, entity)
+        if problem:
+            fail(f"{lp}: {problem}; refit it with train_safe.py --stage=local --entity={entity} "
+                 f"or delete it")
         return local, Scaler.from_state(local["scaler"])
     if entity in ckpt["scalers"]:
         return None, Scaler.from_state(ckpt["scalers"][entity])

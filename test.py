@@ -8,7 +8,9 @@ For each entity: score the held-out validation tail of its train series and its 
 window), fix the threshold from the validation scores alone (SPOT, or a percentile), then
 compare with the labels. Labels are read only
 to compute metrics. Writes to --out_dir (res_hr/): metrics.json, scores_<entity>.csv,
-evaluation_metrics.png, anomaly_scores_<entity>.png, transport_plan.png.
+evaluation_metrics.png, anomaly_scores_<entity>.png, transport_plan.png. One run per --out_dir
+(a second one stops with a one-line error naming <out_dir>/.test.lock). A local file that does
+not belong to the checkpoint and entity is refused (puad.local_mismatch).
 """
 from __future__ import annotations
 
@@ -22,13 +24,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from config import Config, cli_config, parse_config  # noqa: E402
+from config import Config, cli_ckpt, cli_config  # noqa: E402
 from metrics import evaluate, summarize  # noqa: E402
 import scoring  # noqa: E402
 from puad import (apply_local_state, build_model, calibrate_entity, entity_state,  # noqa: E402
                   read_checkpoint, score_kwargs, score_series)
-from utils import (DataError, Entity, Scaler, atomic_write, get_device, load_dataset, log,  # noqa: E402
-                   write_csv_atomic, write_json_atomic)
+from utils import (DataError, Entity, LockError, Scaler, atomic_write, get_device, load_dataset,  # noqa: E402
+                   log, output_lock, write_csv_atomic, write_json_atomic)
 
 SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
                  "f1_pa", "best_f1_pa_oracle"]
@@ -139,10 +141,22 @@ def save_figure(fig, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     t0 = time.time()
-    ckpt_path = parse_config(argv).ckpt
+    ckpt_path = cli_ckpt(argv)
     ckpt = read_checkpoint(ckpt_path)
     cfg = cli_config(argv, defaults=ckpt["config"])  # unset options default to the training run's
+    if cfg.threshold.lower() not in ("spot", "pot", "percentile", "pct", "quantile"):
+        raise SystemExit(f"test.py: error: --threshold={cfg.threshold}: a fixed number is for detect_live.py; "
+                         f"test.py takes spot or percentile")
     model, _ = build_model(ckpt, get_device(cfg.device))
+    try:  # one run per --out_dir: two would mix their files
+        with output_lock(Path(cfg.out_dir) / ".test.lock"):
+            return evaluate_all(cfg, ckpt, model, t0)
+    except LockError as e:
+        raise SystemExit(f"test.py: error: {e}") from None
+
+
+def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
+    """Score, threshold and evaluate every entity; write the outputs to cfg.out_dir."""
     names = [cfg.entity] if cfg.entity else cfg.entities
     try:
         entities = load_dataset(cfg.data, names if names != "all" else "all", min_rows=cfg.seq_len)

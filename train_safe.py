@@ -9,9 +9,14 @@ the shared checkpoint, which stays untouched.
     python train_safe.py                                   # both stages on the default data
     python train_safe.py --data=../shared/datasets/ASD --entities=omi-1,omi-2 --stage=global
     python train_safe.py --stage=local --entity=omi-3 --adapt_windows=20
+
+One run per --ckpt: a second one stops with a one-line error naming <ckpt>.lock. A run that
+learned nothing (no finite validation loss) exits non-zero and never prints `saved`; Ctrl-C
+exits 130 naming the last complete epoch that --resume continues from.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -28,9 +33,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from config import Config, cli_config
-from puad import PUAD, build_model, local_path, read_checkpoint, save_checkpoint
-from utils import (DataError, Entity, Scaler, get_device, load_dataset, log, set_seed,
-                   split_train_val, write_csv_atomic)
+from puad import (PUAD, build_model, fail, local_mismatch, local_path, model_id, read_checkpoint,
+                  save_checkpoint)
+from utils import (DataError, Entity, LockError, Scaler, get_device, load_dataset, log, output_lock,
+                   set_seed, split_train_val, write_csv_atomic)
 from vae_loss import total_loss
 
 LOSS_COLUMNS = ["stage", "entity", "epoch", "total", "recon", "kl0", "kl1", "ot", "val_total",
@@ -213,6 +219,10 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
         if world > 1:  # the epoch's loss over every rank's windows
             *vals, n = all_sum([*sums.values(), n], train_w.data.device)
             sums, n = dict(zip(sums, vals)), int(n)
+        if n == 0:  # fewer steps than --max_bad_steps, all of them non-finite: nothing learned
+            raise SystemExit(f"train_safe.py: error: every step of {stage} epoch {epoch} was non-finite "
+                             f"(skipped {skipped}); stopped, this epoch not saved. Lower --lr or check "
+                             f"the data and --sinkhorn_eps.")
         val = validate(model, val_w, cfg, use_local)
         rho = rho_at(cfg, epoch, not use_local)
         row = dict(stage=stage, entity=entity, epoch=epoch, **{k: v / max(n, 1) for k, v in sums.items()},
@@ -273,7 +283,17 @@ def train_global(cfg: Config, device: torch.device) -> Path:
     history, start_epoch, opt_state, best_val = [], 0, None, math.inf
     if cfg.resume and last_path.is_file():
         last = read_checkpoint(last_path, device)
-        model.load_state_dict(last["model"])
+        if list(last["features"]) != entities[0].features:
+            fail(f"{last_path}: --resume: trained on other features than {cfg.data} has; "
+                 f"drop --resume or use another --ckpt")
+        try:
+            model.load_state_dict(last["model"])
+        except RuntimeError:
+            changed = {k: (v, getattr(cfg, k)) for k, v in last["config"].items()
+                       if k in ("seq_len", "d_model", "n_heads", "n_layers", "d_ff", "d_h1", "d_theta",
+                                "n_global", "n_local") and v != getattr(cfg, k)}
+            fail(f"{last_path}: --resume: model of other sizes (saved vs now: {changed or 'see the config'}); "
+                 f"drop --resume or use the same sizes")
         start_epoch, opt_state, best_val = last["epoch"], last["optimizer"], last["best_val"]
         history = [r for r in last["history"] if r["stage"] == "global"]
         print(f"resuming the global stage after epoch {start_epoch} from {last_path}")
@@ -285,9 +305,13 @@ def train_global(cfg: Config, device: torch.device) -> Path:
                 # pooled over every history entity: the scaler a new entity may borrow (--adapt_scaler=history)
                 history_scaler=Scaler(cfg.scaler).fit(np.concatenate([used_rows(e, cfg) for e in entities])).state_dict())
 
+    saved = []  # epochs whose model this run wrote to ckpt_path
+
     def save(epoch: int, best: float, opt_sd: dict, improved: bool) -> None:
         if improved:
-            save_checkpoint(ckpt_path, dict(meta, model=model.state_dict(), epoch=epoch, val_loss=best))
+            sd = model.state_dict()
+            save_checkpoint(ckpt_path, dict(meta, model=sd, model_id=model_id(sd), epoch=epoch, val_loss=best))
+            saved.append(epoch)
         if epoch == cfg.epochs or epoch % max(1, cfg.epochs // 20) == 0:  # long few-shot runs: ~20 resume points
             save_checkpoint(last_path, dict(meta, model=model.state_dict(), epoch=epoch, best_val=best,
                                             optimizer=opt_sd, history=history))
@@ -296,10 +320,20 @@ def train_global(cfg: Config, device: torch.device) -> Path:
         run_epochs(model, params, train_w, val_w, cfg, "global", "all", cfg.epochs, cfg.lr, save,
                    history, start_epoch, opt_state, best_val)
     if dist_info()[0] == 0:  # only rank 0 writes (and may see) the checkpoint
-        if not ckpt_path.is_file():
-            raise SystemExit(f"train_safe.py: error: no finite validation loss in {cfg.epochs} epochs; "
-                             f"nothing saved")
-        print(f"saved {ckpt_path} ({ckpt_path.stat().st_size / 1e6:.2f} MB)")
+        # a file already at ckpt_path is an earlier run's, unless this run resumed it with a finite best
+        if not saved and not (start_epoch and math.isfinite(best_val) and ckpt_path.is_file()):
+            fail(f"no finite validation loss in epochs {start_epoch + 1}..{cfg.epochs}; nothing saved"
+                 + (f" ({ckpt_path} is an earlier run's)" if ckpt_path.is_file() else ""))
+        print(f"saved {ckpt_path} ({ckpt_path.stat().st_size / 1e6:.2f} MB)" if saved else
+              f"kept {ckpt_path}: no better epoch after resuming")
+        locals_ = sorted(ckpt_path.parent.glob(f"{ckpt_path.stem}.local-*.pt")) if cfg.stage == "global" else []
+        shared = read_checkpoint(ckpt_path) if locals_ else None
+        stale = [p for p in locals_
+                 if local_mismatch(read_checkpoint(p, kind="local"), shared, p.stem.split(".local-", 1)[1])]
+        if stale:
+            log.warning("%d local file(s) beside %s belong to the previous shared model and are now refused "
+                        "by test.py and detect_live.py: %s; refit them with --stage=local",
+                        len(stale), ckpt_path, ", ".join(p.name for p in stale))
     return ckpt_path
 
 
@@ -337,17 +371,24 @@ def train_local(cfg: Config, device: torch.device, entity_name: str) -> Path:
     print(f"local stage: entity {entity_name}, {len(train_w)} windows, only beta_l trained")
     out_path = local_path(cfg.ckpt, entity_name)
     history = _previous_rows(cfg.loss_csv)  # the global stage's rows; local rows are appended
+    # what the file belongs to: puad.local_mismatch checks these against the shared checkpoint
     meta = dict(entity=entity_name, adapt_windows=cfg.adapt_windows, scaler=scaler.state_dict(),
-                features=ent.features, shared_ckpt=str(cfg.ckpt), version=1)
+                features=ent.features, shared_ckpt=str(cfg.ckpt),
+                shared_id=shared.get("model_id") or model_id(shared["model"]), version=1)
+    saved = []
 
     def save(epoch: int, best: float, opt_sd: dict, improved: bool) -> None:
-        if improved or not out_path.is_file():
+        if improved:
             save_checkpoint(out_path, dict(meta, beta_l=model.pot.beta_l.detach().clone(),
                                            g_local=model.pot.g_local.clone(), epoch=epoch, val_loss=best))
+            saved.append(epoch)
 
     model.train()
     run_epochs(model, [model.pot.beta_l], train_w, val_w, cfg, "local", entity_name, cfg.local_epochs,
                cfg.local_lr, save, history)
+    if not saved:
+        fail(f"{entity_name}: no finite validation loss in {cfg.local_epochs} local epochs; nothing saved"
+             + (f" ({out_path} is an earlier run's)" if out_path.is_file() else ""))
     print(f"saved {out_path} ({out_path.stat().st_size / 1e3:.1f} kB)")
     return out_path
 
@@ -365,8 +406,6 @@ def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
         sys.stdout = open(os.devnull, "w")  # under torchrun only rank 0 prints, the config too
     cfg = cli_config(argv)
-    if cfg.stage not in ("global", "local", "both"):
-        raise SystemExit(f"train_safe.py: error: --stage must be global, local or both, not {cfg.stage!r}")
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -374,20 +413,38 @@ def main(argv: list[str] | None = None) -> None:
     rank, world = dist_info()
     print(f"device: {device}" + (f", {world} processes (DistributedDataParallel)" if world > 1 else ""))
     t0 = time.time()
+    ckpt_path = Path(cfg.ckpt)
     try:
-        if cfg.stage in ("global", "both"):
-            train_global(cfg, device)
-        if world > 1:  # stage 2 is tiny: rank 0 fits it alone, the others are done
-            dist.destroy_process_group()
-            if rank != 0:
-                return
-        if cfg.stage in ("local", "both"):
-            targets = [cfg.entity] if cfg.entity else read_checkpoint(cfg.ckpt)["entities"]
-            for name in targets:
-                train_local(cfg, device, name)
+        # one run per --ckpt: it writes the checkpoint, its .last.ckpt and the local files beside it
+        lock = output_lock(ckpt_path.with_name(ckpt_path.name + ".lock")) if rank == 0 else None
+        with lock or contextlib.nullcontext():
+            _train(cfg, device, rank, world)
+    except LockError as e:
+        raise SystemExit(f"train_safe.py: error: {e}") from None
     except DataError as e:
         raise SystemExit(f"train_safe.py: error: {e}") from None
+    except KeyboardInterrupt:
+        last = ckpt_path.with_suffix(".last.ckpt")
+        if cfg.stage != "local" and last.is_file() and last.stat().st_mtime >= t0:  # this run's
+            where = f"last complete epoch ({read_checkpoint(last)['epoch']}) saved to {last}; continue with --resume"
+        else:
+            where = "no complete epoch of this run to resume from; run it again"
+        print(f"train_safe.py: interrupted; {where}", file=sys.stderr)
+        raise SystemExit(130) from None
     print(f"done in {time.time() - t0:.1f}s")
+
+
+def _train(cfg: Config, device: torch.device, rank: int, world: int) -> None:
+    if cfg.stage in ("global", "both"):
+        train_global(cfg, device)
+    if world > 1:  # stage 2 is tiny: rank 0 fits it alone, the others are done
+        dist.destroy_process_group()
+        if rank != 0:
+            return
+    if cfg.stage in ("local", "both"):
+        targets = [cfg.entity] if cfg.entity else read_checkpoint(cfg.ckpt)["entities"]
+        for name in targets:
+            train_local(cfg, device, name)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,16 @@ Dataset layout (see README): a split folder holding train.csv, test.csv and test
   - columns in test.csv that train.csv lacks are dropped; a train column missing from
     test.csv is an error;
   - a column constant over train is kept (it scales to 0 there; any change in test shows).
-A file with fewer rows than one window, or a non-numeric column, is an error.
+A file with fewer rows than one window, a non-numeric column, a missing or non-numeric
+timestamp, or a last row with fewer fields than the header (a file cut off while written) is
+an error.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
+import fcntl
+import gzip
 import json
 import logging
 import os
@@ -36,6 +42,10 @@ if not log.handlers:
 
 class DataError(ValueError):
     """Bad input data; the message names the file and the problem."""
+
+
+class LockError(RuntimeError):
+    """Another run holds an output lock; the message names the lock file."""
 
 
 @dataclass
@@ -74,11 +84,20 @@ def _read_table(path: Path, min_rows: int) -> tuple[pd.DataFrame, np.ndarray]:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
         raise DataError(f"{path}: cannot parse CSV ({str(e).splitlines()[0]})") from None
+    n_fields = _last_row_fields(path)
+    if len(df) and n_fields is not None and n_fields < df.shape[1]:
+        raise DataError(f"{path}: line {len(df) + 1}: {n_fields} fields, the header has {df.shape[1]} "
+                        f"(file cut off while written?)")
     ts_col = _ts_column(df)
     if ts_col is None:
         ts = np.arange(len(df))
     else:
         ts = df.pop(ts_col).to_numpy()
+        bad = pd.isna(ts) if not pd.api.types.is_numeric_dtype(ts) else ~np.isfinite(ts.astype(np.float64))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{path}: line {i + 2}: timestamp {ts[i]!r} is missing or not finite "
+                            f"({bad.sum()} such row(s))")
         if len(ts) > 1 and not np.all(ts[1:] > ts[:-1]):
             log.warning("%s: timestamps are not increasing; sorting %d rows by timestamp", path, len(ts))
             order = np.argsort(ts, kind="stable")
@@ -90,6 +109,18 @@ def _read_table(path: Path, min_rows: int) -> tuple[pd.DataFrame, np.ndarray]:
     if len(df) < min_rows:
         raise DataError(f"{path}: {len(df)} rows, fewer than one window of {min_rows}")
     return df, ts
+
+
+def _last_row_fields(path: Path) -> int | None:
+    """Number of comma-separated fields on the last non-empty line (None if unreadable)."""
+    try:
+        with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as fh:
+            if not path.name.endswith(".gz"):
+                fh.seek(max(0, path.stat().st_size - 65536))
+            lines = collections.deque((ln for ln in fh if ln.strip()), maxlen=1)
+    except OSError:
+        return None
+    return lines[0].count(b",") + 1 if lines else None
 
 
 def _numeric(df: pd.DataFrame, path: Path) -> np.ndarray:
@@ -288,6 +319,30 @@ def atomic_write(path: str | Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path):
+    """Hold an exclusive lock on `path` (created if needed, pid written in it) for a with-block.
+
+    Two runs writing the same outputs would mix their files; the second one gets LockError
+    naming the lock. flock is released by the kernel when the process ends, even killed, so a
+    lock file left behind never blocks a later run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise LockError(f"{path}: another run (pid {holder}) is writing these outputs; "
+                            f"wait for it or choose another output path") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

@@ -101,6 +101,8 @@ def load_plan(path: str | Path) -> list[dict]:
         raw = yaml.safe_load(path.read_text())
     except OSError as e:
         raise PlanError(f"cannot read plan {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise PlanError(f"plan {path} is not a text (UTF-8) file") from None
     except yaml.YAMLError as e:
         raise PlanError(f"plan {path} is not valid YAML: {e}") from None
     if not isinstance(raw, list) or not raw:
@@ -117,6 +119,8 @@ def load_plan(path: str | Path) -> list[dict]:
             documents = [d for d in yaml.safe_load_all(manifest_path.read_text()) if d]
         except OSError as e:
             raise PlanError(f"{where}: cannot read {manifest_path}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"{where}: {manifest_path} is not a text (UTF-8) file") from None
         except yaml.YAMLError as e:
             raise PlanError(f"{where}: {manifest_path} is not valid YAML: {e}") from None
         if len(documents) != 1 or not isinstance(documents[0], dict):
@@ -130,7 +134,8 @@ def load_plan(path: str | Path) -> list[dict]:
         duration = item.get("duration", limit_s)
         pause = item.get("pause_after", 0)
         for key, value in (("duration", duration), ("pause_after", pause)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
                 raise PlanError(f"{where}: {key} must be a number of seconds >= 0, got {value!r}")
         if duration <= 0:
             raise PlanError(f"{where}: duration must be > 0")

@@ -191,11 +191,24 @@ def test_plan_example_loads():
     ({"manifest": str(CHAOS / "cpu-stress-test.yaml"), "duration": -1}, "duration"),
     ({"manifest": str(CHAOS / "missing.yaml")}, "cannot read"),
     ({"manifest": str(CHAOS / "cpu-stress-test.yaml"), "durration": 5}, "unknown keys"),
+    ({"manifest": str(CHAOS / "cpu-stress-test.yaml"), "duration": 5, "pause_after": float("nan")}, "pause_after"),
+    ({"manifest": str(CHAOS / "cpu-stress-test.yaml"), "duration": 5, "pause_after": float("inf")}, "pause_after"),
 ])
 def test_bad_plan_is_refused(tmp_path, entry, message):
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump([entry]))
     with pytest.raises(inject.PlanError, match=message):
+        inject.load_plan(plan)
+
+
+def test_binary_plan_or_manifest_is_one_line(tmp_path):
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    with pytest.raises(inject.PlanError, match=r"plan .*binary.yaml is not a text"):
+        inject.load_plan(binary)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump([{"manifest": str(binary), "duration": 5}]))
+    with pytest.raises(inject.PlanError, match=r"entry 1: .*binary.yaml is not a text"):
         inject.load_plan(plan)
 
 

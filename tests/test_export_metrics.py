@@ -529,3 +529,69 @@ def test_default_queries_are_valid_promql(tmp_path):
     result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- reliability: no lost data, one-line errors
+
+def test_existing_dataset_is_refused_then_replaced_whole(tmp_path, capsys):
+    out = tmp_path / "ds"
+    for name, text in (("svc/train.csv", "timestamp,x\n" + "1,2\n" * 50), ("svc/test.csv", "timestamp,x\n9,9\n"),
+                       ("svc/test_label.csv", "timestamp,label\n9,0\n"), ("old/train.csv", "timestamp,x\n1,1\n")):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    fake = FakePrometheus(lambda params: (200, matrix(points(params, lambda t: t % 7))))
+    metric_set = {"services": ["svc"], "metrics": {"x": "x"}}
+    try:
+        with pytest.raises(em.ExportError, match=r"ds: not empty.*--overwrite"):
+            em.export(fake.url, metric_set, 1000, 1100, "10s", out, progress=False)
+        assert not fake.requests  # refused before any query
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+        # the CLI says it in one line, exit 1
+        ms = tmp_path / "set.yaml"
+        ms.write_text(yaml.safe_dump(metric_set))
+        assert em.main(["--prometheus", fake.url, "--metrics", str(ms), "--start", "1000", "--end", "1100",
+                        "--step", "10s", "--out", str(out), "--no_progress"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("export_metrics.py: error: --out ")
+        summary = em.export(fake.url, metric_set, 1000, 1100, "10s", out, progress=False, overwrite=True)
+    finally:
+        fake.close()
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["svc", "svc/train.csv"]  # replaced whole
+    assert len(pd.read_csv(out / "svc" / "train.csv")) == 11
+    assert summary["services"]["svc"]["files"] == [str(out / "svc" / "train.csv")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp or old folder left
+
+
+def test_millisecond_times_are_refused_with_a_hint():
+    with pytest.raises(em.ExportError, match=r"1764000000000 looks like milliseconds.*e\.g\. 1764000000"):
+        em.parse_time(1764000000000)
+    with pytest.raises(em.ExportError, match="milliseconds"):
+        em.parse_time("1764000000000")
+    assert em.parse_time("1764000000") == 1764000000.0
+
+
+def test_huge_grid_is_refused_before_allocating():
+    start = 1_699_999_200  # a multiple of 3600
+    with pytest.raises(em.ExportError, match=r"94,608,001 grid points.*larger --step \(>= 19s\)"):
+        em.grid(start, start + 3 * 365 * 86400, 1)
+    assert len(em.grid(start, start + 3 * 365 * 86400, 3600)) == 3 * 365 * 24 + 1
+
+
+def test_binary_fault_log_is_one_line(tmp_path):
+    log = tmp_path / "faults.csv"
+    log.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe binary")
+    with pytest.raises(em.ExportError, match=r"faults.csv: not a fault log"):
+        em.read_fault_log(log)
+    with pytest.raises(em.ExportError, match=r"faults.csv is not a fault log"):
+        em.append_fault(log, "2026-11-24T03:20:00Z", "2026-11-24T03:25:00Z", "cpu-stress", "catalogue", "x")
+
+
+def test_lab_refuses_a_non_empty_out_before_starting(tmp_path):
+    import lab
+    (tmp_path / "ds" / "svc").mkdir(parents=True)
+    (tmp_path / "ds" / "svc" / "train.csv").write_text("timestamp,x\n1,2\n")
+    with pytest.raises(em.ExportError, match=r"ds: not empty.*--overwrite"):
+        lab.run(["--ci", f"--out={tmp_path / 'ds'}", f"--run_dir={tmp_path / 'run'}"])
+    assert not (tmp_path / "run").exists()
+    assert lab.parse_args(["--overwrite"]).overwrite
