@@ -9,6 +9,10 @@ Per entity: a scaler fitted on the train series only (as train_safe.prepare does
 ``utils.window_to_point_scores`` (point t scored by the window ending at t), the threshold is
 chosen on the *validation* scores without labels (``cfg.threshold``: SPOT with
 ``spot_q``/``spot_level``, or a percentile), and ``metrics.evaluate`` computes every metric.
+PCA and the AE also give each point's per-feature squared error (same alignment); for an
+entity with interpretation labels (interpretation.csv) they add ``hitrate_100``/``hitrate_150``
+(metrics.hitrate) and the random-ranking floors ``hitrate_100_random``/``hitrate_150_random``.
+The other methods have no per-feature score and report none of these keys.
 Writes ``<out_dir>/<method>/metrics.json`` = {"entities", "mean", meta...} atomically; the
 default out_dir is ``res_hr/baselines/<dataset folder name>`` (e.g. res_hr/baselines/ASD).
 
@@ -31,16 +35,18 @@ from sklearn.neighbors import NearestNeighbors
 
 import metrics
 from config import Config, ConfigError, parse_config
-from utils import (Entity, Scaler, create_sequences, load_dataset, log, set_seed,
-                   split_train_val, window_to_point_scores, write_json_atomic)
+from utils import (Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
+                   set_seed, split_train_val, window_to_point_scores, write_json_atomic)
 
 METHODS = ("random", "pca", "iforest", "knn", "ae")
 EXTRA_DEFAULTS: dict[str, Any] = {"methods": ",".join(METHODS), "knn_k": 5,
                                   "knn_max_train": 5000, "ae_epochs": 5, "pca_var": 0.95,
                                   "iforest_trees": 100}
 
-# a scorer maps flattened windows (n, T*V) to per-timestep scores (n, T)
+# a scorer maps flattened windows (n, T*V) to per-timestep scores (n, T); the scorers of PCA
+# and the AE also have .per_feature: flattened windows -> squared errors (n, T, V)
 Scorer = Callable[[np.ndarray], np.ndarray]
+HITRATE_P = (100, 150)
 
 
 def _flat(x: np.ndarray, seq_len: int, stride: int = 1) -> np.ndarray:
@@ -65,9 +71,13 @@ def fit_pca(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
     pca = PCA(n_components=float(opt["pca_var"]), svd_solver="full").fit(train)
     T = cfg.seq_len
 
-    def score(x: np.ndarray) -> np.ndarray:
+    def per_feature(x: np.ndarray) -> np.ndarray:
         rec = pca.inverse_transform(pca.transform(x))
-        return ((x - rec) ** 2).reshape(len(x), T, -1).mean(axis=2)
+        return ((x - rec) ** 2).reshape(len(x), T, -1)
+
+    def score(x: np.ndarray) -> np.ndarray:
+        return per_feature(x).mean(axis=2)
+    score.per_feature = per_feature
     return score
 
 
@@ -128,10 +138,14 @@ def fit_ae(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
     T = cfg.seq_len
 
     @torch.no_grad()
-    def score(x: np.ndarray) -> np.ndarray:
+    def per_feature(x: np.ndarray) -> np.ndarray:
         xs = torch.from_numpy(x)
         err = torch.cat([((model(b) - b) ** 2) for b in xs.split(8192)]).numpy()
-        return err.reshape(len(x), T, -1).mean(axis=2).astype(np.float64)
+        return err.reshape(len(x), T, -1)
+
+    def score(x: np.ndarray) -> np.ndarray:
+        return per_feature(x).mean(axis=2).astype(np.float64)
+    score.per_feature = per_feature
     return score
 
 
@@ -150,12 +164,31 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, An
                                    level=cfg.spot_level, pct=cfg.percentile)
     if ent.test is None:
         raise SystemExit(f"{ent.name}: no test split to score")
-    test_scores = window_to_point_scores(scorer(_flat(scaler.transform(ent.test), cfg.seq_len)),
-                                         cfg.seq_len)
+    test_windows = _flat(scaler.transform(ent.test), cfg.seq_len)
+    test_scores = window_to_point_scores(scorer(test_windows), cfg.seq_len)
     res = metrics.evaluate(test_scores, thr, ent.labels, ent.faults)
+    if ent.interpretation is not None and hasattr(scorer, "per_feature"):
+        res.update(interpretation_metrics(
+            point_contributions(scorer, test_windows, cfg.seq_len),
+            interpretation_segments(ent, ent.features)))
     res["n_val"] = int(len(val_scores))
     res["time_s"] = round(time.perf_counter() - t0, 3)
     return res
+
+
+def point_contributions(scorer: Scorer, windows: np.ndarray, seq_len: int) -> np.ndarray:
+    """Per-point per-feature squared error (n_points, V), aligned like the point scores:
+    point t from the window ending at t (the first seq_len-1 from the first window)."""
+    return window_to_point_scores(np.asarray(scorer.per_feature(windows), dtype=np.float64), seq_len)
+
+
+def interpretation_metrics(contrib: np.ndarray, segments: list) -> dict[str, float]:
+    """hitrate_<P> and its random-ranking floor hitrate_<P>_random for P in HITRATE_P."""
+    out = {}
+    for p in HITRATE_P:
+        out[f"hitrate_{p}"] = metrics.hitrate(contrib, segments, p)
+        out[f"hitrate_{p}_random"] = metrics.hitrate_random(segments, contrib.shape[1], p)
+    return out
 
 
 def _split_argv(argv: list[str]) -> tuple[list[str], dict[str, Any]]:

@@ -41,6 +41,37 @@ def test_baselines_write_valid_metrics(tmp_path):
         assert ent["n_points"] == 4320 and ent["n_anomalies"] > 0
         assert ent["best_f1_oracle"] >= ent["f1"] - 1e-12  # the oracle bounds the honest F1
         assert doc["method"] == method and doc["config"]["seed"] == 0
+        # interpretation: omi-1 has interpretation.csv; only PCA and the AE score features
+        keys = ("hitrate_100", "hitrate_150", "hitrate_100_random", "hitrate_150_random")
+        if method in ("pca", "ae"):
+            for key in keys:
+                assert 0 <= ent[key] <= 1 and mean[key] == pytest.approx(ent[key]), (method, key)
+            assert ent["hitrate_100_random"] < ent["hitrate_150_random"]
+        else:
+            assert not any(key in ent or key in mean for key in keys), method
+
+
+def test_point_contributions_align_with_point_scores():
+    import numpy as np
+
+    import baselines
+    from utils import create_sequences, window_to_point_scores
+    T, V = 4, 3
+    x = np.random.default_rng(0).random((12, V)).astype(np.float32)
+    windows = baselines._flat(x, T)
+
+    def scorer(w):
+        return scorer.per_feature(w).mean(axis=2)
+    # a "squared error" that is just the window's values: point t must get row t of x
+    scorer.per_feature = lambda w: w.reshape(len(w), T, V) ** 1
+    contrib = baselines.point_contributions(scorer, windows, T)
+    assert contrib.shape == (12, V)
+    np.testing.assert_allclose(contrib, x)
+    np.testing.assert_allclose(contrib.mean(axis=1), window_to_point_scores(scorer(windows), T))
+    assert create_sequences(x, T).shape == (9, T, V)
+    res = baselines.interpretation_metrics(contrib, [(0, 11, [int(np.argmax(x[0]))])])
+    assert set(res) == {"hitrate_100", "hitrate_150", "hitrate_100_random", "hitrate_150_random"}
+    assert res["hitrate_100_random"] == pytest.approx(1 / 3)
 
 
 def test_unknown_method_is_an_error(tmp_path):
