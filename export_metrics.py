@@ -506,7 +506,10 @@ def make_interpretation(test_timestamps: np.ndarray, faults: list[dict], service
     return pd.DataFrame([r[:3] for r in rows], columns=["start", "end", "features"])
 
 
-def _interpretation_rows(test_timestamps, faults, service, interpretation, label_margin):
+def _interpretation_rows(test_timestamps: np.ndarray, faults: list[dict], service: str,
+                         interpretation: dict[str, list[str]], label_margin: float
+                         ) -> list[tuple[int, int, str, str]]:
+    """make_interpretation's rows, each with its fault kind as a fourth field."""
     timestamps = np.asarray(test_timestamps, dtype=np.int64)
     rows = []
     for fault in faults:
