@@ -13,6 +13,10 @@ smoothing. The threshold is chosen on the *validation* scores without labels
 (``cfg.threshold``: SPOT with ``spot_q``/``spot_level``, or a percentile), and
 ``metrics.evaluate`` computes every metric. ``--score=se --smooth=1`` is the protocol of the
 first results (mean squared error, no smoothing).
+For an entity with interpretation labels (interpretation.csv), PCA and the autoencoder, whose
+scores are sums over features, also report ``hitrate_100``/``hitrate_150`` from their per-feature
+contributions (metrics.interpretation_metrics) and the random-ranking floors
+``hitrate_100_random``/``hitrate_150_random``; the other methods report none of these keys.
 Writes ``<out_dir>/<method>/metrics.json`` = {"entities", "mean", meta...} atomically; the
 default out_dir is ``res_hr/baselines/<dataset folder name>`` (e.g. res_hr/baselines/ASD).
 
@@ -36,8 +40,8 @@ from sklearn.neighbors import NearestNeighbors
 import metrics
 import scoring
 from config import Config, ConfigError, parse_config
-from utils import (Entity, Scaler, create_sequences, load_dataset, log, set_seed,
-                   split_train_val, window_to_point_scores, write_json_atomic)
+from utils import (Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
+                   set_seed, split_train_val, window_to_point_scores, write_json_atomic)
 
 METHODS = ("random", "pca", "iforest", "knn", "ae")
 EXTRA_DEFAULTS: dict[str, Any] = {"methods": ",".join(METHODS), "knn_k": 5,
@@ -161,8 +165,10 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, An
     if ent.test is None:
         raise SystemExit(f"{ent.name}: no test split to score")
     test = scaler.transform(ent.test)
-    test_scores, _ = scoring.apply(cal, point_output(scorer(_flat(test, cfg.seq_len)), test, cfg.seq_len))
+    test_scores, contrib = scoring.apply(cal, point_output(scorer(_flat(test, cfg.seq_len)), test, cfg.seq_len))
     res = metrics.evaluate(test_scores, cal.threshold, ent.labels, ent.faults)
+    if ent.interpretation is not None and contrib is not None:
+        res.update(metrics.interpretation_metrics(contrib, interpretation_segments(ent, ent.features)))
     res["n_val"] = int(cal.n_rows)
     res["time_s"] = round(time.perf_counter() - t0, 3)
     return res

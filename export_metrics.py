@@ -36,6 +36,14 @@ Rules (also printed by --help):
   --overwrite, which replaces it whole: the dataset is written to a temporary folder next to
   --out and swapped in only when every query succeeded, so a failed export changes nothing
   and no file of the old dataset survives a successful one.
+- Interpretation (which columns a fault moves): when the metric set has an `interpretation:`
+  mapping (fault kind -> columns), DIR/<service>/interpretation.csv gets one row per fault
+  whose target is that service and that has test rows: start,end = first and last test row
+  (0-based, inclusive) inside the fault's labelled window, features = the kind's columns
+  ';'-joined. Services labelled only by scope (a fault on another service) get no rows; a
+  service with no rows gets no file. `--interpretation_only` writes just these files for an
+  already exported folder, from its test_label.csv and the fault log (see
+  write_interpretation()).
 - Auth: bearer token from PROMETHEUS_TOKEN, or basic auth from PROMETHEUS_USER and
   PROMETHEUS_PASSWORD. TLS certificates are verified (--ca_cert FILE, or --insecure).
 
@@ -76,6 +84,7 @@ AGGREGATIONS = ("sum", "mean", "max", "min")
 FAULT_LOG_COLUMNS = ["start", "end", "kind", "target", "name"]
 FAULT_KINDS = ("cpu-stress", "memory-stress", "pod-failure", "network-delay")
 DATASET_FILES = ("train.csv", "test.csv", "test_label.csv")
+INTERPRETATION_FILE = "interpretation.csv"
 
 
 class ExportError(Exception):
@@ -231,7 +240,8 @@ def _read_fault_rows(path: Path) -> list[dict]:
 def load_metric_set(metric_set: str | os.PathLike | dict, namespace: str | None = None,
                     services: list[str] | None = None) -> dict:
     """Read and check a metric set YAML (or an already loaded dict) -> {'namespace',
-    'services', 'rate_window', 'metrics': [{'column', 'query', 'agg', 'fill'}, ...]}."""
+    'services', 'rate_window', 'metrics': [{'column', 'query', 'agg', 'fill'}, ...],
+    'interpretation': {fault kind: [columns]} ({} when the YAML has none)}."""
     if isinstance(metric_set, dict):
         raw, where = metric_set, "metric set"
     else:
@@ -274,7 +284,28 @@ def load_metric_set(metric_set: str | os.PathLike | dict, namespace: str | None 
         metric = {"column": column, "query": spec["query"], "agg": agg, "fill": fill}
         render_query(metric, result, "service")  # fails early on a bad placeholder
         result["metrics"].append(metric)
+    result["interpretation"] = _interpretation_map(raw.get("interpretation"), result, where)
     return result
+
+
+def _interpretation_map(raw: Any, metric_set: dict, where: str) -> dict[str, list[str]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ExportError(f"{where}: 'interpretation' must map fault kind -> list of columns")
+    columns = [m["column"] for m in metric_set["metrics"]]
+    mapping = {}
+    for kind, cols in raw.items():
+        if kind not in FAULT_KINDS:
+            raise ExportError(f"{where}: interpretation: unknown fault kind {kind!r} (expected "
+                              f"one of {', '.join(FAULT_KINDS)})")
+        if not isinstance(cols, list) or not cols or not all(isinstance(c, str) for c in cols):
+            raise ExportError(f"{where}: interpretation: {kind} needs a non-empty list of columns")
+        unknown = [c for c in cols if c not in columns]
+        if unknown:
+            raise ExportError(f"{where}: interpretation: {kind}: unknown column(s) {unknown}")
+        mapping[kind] = list(dict.fromkeys(cols))
+    return mapping
 
 
 def render_query(metric: dict, metric_set: dict, service: str) -> str:
@@ -493,6 +524,81 @@ def make_labels(timestamps: np.ndarray, faults: list[dict], service: str,
                          "fault": ["+".join(k) for k in kinds]})
 
 
+def make_interpretation(test_timestamps: np.ndarray, faults: list[dict], service: str,
+                        interpretation: dict[str, list[str]], label_margin: float = 0
+                        ) -> pd.DataFrame:
+    """-> DataFrame start, end (0-based inclusive rows of test_timestamps), features (';'-joined
+    columns of the fault's kind): one row per fault whose target is `service`, whose kind the
+    mapping declares, and whose window [start - margin, end + margin] holds test rows. These
+    rows are labelled 1 by make_labels with the same faults and margin (any scope)."""
+    rows = _interpretation_rows(test_timestamps, faults, service, interpretation, label_margin)
+    return pd.DataFrame([r[:3] for r in rows], columns=["start", "end", "features"])
+
+
+def _interpretation_rows(test_timestamps: np.ndarray, faults: list[dict], service: str,
+                         interpretation: dict[str, list[str]], label_margin: float
+                         ) -> list[tuple[int, int, str, str]]:
+    """make_interpretation's rows, each with its fault kind as a fourth field."""
+    timestamps = np.asarray(test_timestamps, dtype=np.int64)
+    rows = []
+    for fault in faults:
+        if fault["target"] != service or fault["kind"] not in interpretation:
+            continue
+        inside = np.flatnonzero((timestamps >= fault["start"] - label_margin)
+                                & (timestamps <= fault["end"] + label_margin))
+        if inside.size:
+            rows.append((int(inside[0]), int(inside[-1]), ";".join(interpretation[fault["kind"]]),
+                         fault["kind"]))
+    return rows
+
+
+def write_interpretation(out: str | os.PathLike, metric_set_path: str | os.PathLike | dict,
+                         fault_log: str | os.PathLike | list[dict], label_margin: float = 0,
+                         services: list[str] | None = None) -> dict[str, int]:
+    """Write DIR/<service>/interpretation.csv for an already exported folder (no Prometheus):
+    test rows from its test_label.csv, faults from the fault log, columns from the metric
+    set's `interpretation:`. Every row must lie on rows labelled with its fault's kind (else
+    the margin or fault log differs from the export's). -> {service: number of rows}."""
+    metric_set = load_metric_set(metric_set_path, services=services)
+    if not metric_set["interpretation"]:
+        raise ExportError(f"{metric_set_path}: no 'interpretation' mapping")
+    faults = fault_log if isinstance(fault_log, list) else read_fault_log(fault_log)
+    files, stale, counts = {}, [], {}
+    for service in metric_set["services"]:
+        folder = Path(out) / service
+        label_path = folder / "test_label.csv"
+        if not label_path.is_file():
+            raise ExportError(f"{label_path} does not exist")
+        labels = pd.read_csv(label_path, dtype={"fault": str}, keep_default_na=False)
+        if not {"timestamp", "label", "fault"} <= set(labels.columns):
+            raise ExportError(f"{label_path}: needs columns timestamp,label,fault")
+        rows = _interpretation_rows(labels["timestamp"].to_numpy(), faults, service,
+                                    metric_set["interpretation"], label_margin)
+        for start, end, _, kind in rows:
+            part = labels.iloc[start:end + 1]
+            if not (part["label"] == 1).all() or not all(kind in k.split("+") for k in part["fault"]):
+                raise ExportError(f"{label_path}: rows {start}..{end} are not all labelled "
+                                  f"{kind}; do --label_margin and the fault log match the export?")
+        frame = pd.DataFrame([r[:3] for r in rows], columns=["start", "end", "features"])
+        counts[service] = len(frame)
+        if len(frame):
+            files[folder / INTERPRETATION_FILE] = frame
+        else:
+            stale.append(folder / INTERPRETATION_FILE)
+    for path, frame in files.items():  # every file checked before any is written
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                frame.to_csv(f, index=False)
+            os.chmod(temp, 0o644)
+            os.replace(temp, path)
+        finally:
+            Path(temp).unlink(missing_ok=True)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return counts
+
+
 # ---------------------------------------------------------------- writing
 
 def _write_dataset(out: Path, files: dict[Path, pd.DataFrame]) -> None:
@@ -538,12 +644,15 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
            label_scope: str = "target", services: list[str] | None = None,
            namespace: str | None = None, max_gap: int = DEFAULT_MAX_GAP,
            session: requests.Session | None = None, timeout: float = 30.0, retries: int = 3,
-           backoff: float = 0.5, progress: bool = True, overwrite: bool = False) -> dict:
+           backoff: float = 0.5, progress: bool = True, overwrite: bool = False,
+           interpretation_faults: list[dict] | None = None) -> dict:
     """Export one dataset (see the module docstring for the rules) -> {'out', 'columns',
     'train_end' (unix s or None), 'faults' (in range), 'warnings', 'services': {service:
-    {'train_rows', 'test_rows', 'anomalous_rows', 'dropped_rows', 'files'}}}.
-    Raises ExportError; writes nothing unless every query succeeded. A non-empty `out` is
-    refused unless overwrite, and then replaced whole (no file of the old dataset is kept)."""
+    {'train_rows', 'test_rows', 'anomalous_rows', 'interpretation_rows', 'dropped_rows',
+    'files'}}}. interpretation_faults: the faults with their real targets when the fault
+    list given for labels has been widened (lab.py's target+front-end scope); default: the
+    fault log. Raises ExportError; writes nothing unless every query succeeded. A non-empty
+    `out` is refused unless overwrite, and then replaced whole (no file of the old dataset is kept)."""
     step_s = parse_step(step)
     start_s, end_s = parse_time(start), parse_time(end)
     if end_s <= start_s:
@@ -614,13 +723,21 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
         if split is not None and labels.loc[frame["timestamp"].to_numpy() < split, "label"].any():
             warn(f"{service}: faults lie in the train part (before {format_time(split)})")
         files[folder / "train.csv"] = train
+        interpretation = pd.DataFrame()
         if split is not None:
             files[folder / "test.csv"] = test
             files[folder / "test_label.csv"] = labels[labels["timestamp"] >= split]
+            interpretation = make_interpretation(
+                test["timestamp"].to_numpy(),
+                faults if interpretation_faults is None else interpretation_faults, service,
+                metric_set["interpretation"], label_margin)
+        if len(interpretation):
+            files[folder / INTERPRETATION_FILE] = interpretation
         summary["services"][service] = {
             "train_rows": len(train), "test_rows": len(test),
             "anomalous_rows": int(labels.loc[labels["timestamp"] >= split, "label"].sum())
             if split is not None else 0,
+            "interpretation_rows": len(interpretation),
             "dropped_rows": len(timestamps) - len(frame),
             "files": [str(out / p) for p in files if p.parent == folder],
         }
@@ -655,8 +772,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="Prometheus base URL (env PROMETHEUS_URL; default %(default)s)")
     parser.add_argument("--metrics", default=str(DEFAULT_METRIC_SET),
                         help="metric set YAML (default chaos/metrics-sockshop.yaml)")
-    parser.add_argument("--start", required=True, help="ISO 8601 with Z/offset, or unix seconds")
-    parser.add_argument("--end", required=True, help="ISO 8601 with Z/offset, or unix seconds")
+    parser.add_argument("--start", help="ISO 8601 with Z/offset, or unix seconds (required)")
+    parser.add_argument("--end", help="ISO 8601 with Z/offset, or unix seconds (required)")
     parser.add_argument("--step", default="15s", help="grid step (default %(default)s)")
     parser.add_argument("--train_end", help="rows before this go to train.csv, the rest to test.csv")
     parser.add_argument("--fault_log", help="fault log CSV (start,end,kind,target,name)")
@@ -679,7 +796,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output folder, one subfolder per service")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty --out whole (refused without this)")
+    parser.add_argument("--interpretation_only", action="store_true",
+                        help="only write OUT/<service>/interpretation.csv of an exported folder "
+                        "from its test_label.csv, --fault_log and the metric set's "
+                        "interpretation mapping (no Prometheus)")
     args = parser.parse_args(argv)
+    services = ([s.strip() for s in args.services.split(",") if s.strip()]
+                if args.services else None)
+    if args.interpretation_only:
+        if not args.fault_log:
+            parser.error("--interpretation_only needs --fault_log")
+        try:
+            counts = write_interpretation(args.out, args.metrics, args.fault_log,
+                                          args.label_margin, services)
+        except ExportError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
+        for service, n in counts.items():
+            print(f"{service}: {n} interpretation row(s)"
+                  + (f" -> {Path(args.out) / service / INTERPRETATION_FILE}" if n else ""))
+        return 0
+    if not args.start or not args.end:
+        parser.error("--start and --end are required")
 
     verify: bool | str = False if args.insecure else (args.ca_cert or True)
     try:
@@ -687,8 +825,7 @@ def main(argv: list[str] | None = None) -> int:
             args.prometheus, args.metrics, args.start, args.end, args.step, args.out,
             train_end=args.train_end, fault_log=args.fault_log, label_margin=args.label_margin,
             label_scope=args.label_scope,
-            services=[s.strip() for s in args.services.split(",") if s.strip()]
-            if args.services else None,
+            services=services,
             namespace=args.namespace, max_gap=args.max_gap,
             session=make_session(verify=verify), timeout=args.timeout, retries=args.retries,
             backoff=args.backoff, progress=not args.no_progress, overwrite=args.overwrite)
@@ -700,7 +837,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     for service, info in summary["services"].items():
         print(f"{service}: {info['train_rows']} train rows, {info['test_rows']} test rows "
-              f"({info['anomalous_rows']} labelled anomalous), {info['dropped_rows']} dropped "
+              f"({info['anomalous_rows']} labelled anomalous, {info['interpretation_rows']} "
+              f"interpretation rows), {info['dropped_rows']} dropped "
               f"-> {Path(summary['out']) / service}")
     return 0
 

@@ -401,7 +401,8 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict:
             step=step_s, out=out, train_end=train_end, fault_log=label_faults,
             label_margin=args.label_margin,
             label_scope="all" if args.label_scope == "all" else "target",
-            services=list(SERVICES), progress=not args.no_progress, overwrite=args.overwrite)
+            services=list(SERVICES), progress=not args.no_progress, overwrite=args.overwrite,
+            interpretation_faults=logged)  # the front-end copies above get no interpretation
         shutil.copyfile(fault_log, out / "faults.csv")
         summary.update(faults=logged, export=exported)
         for name, info in exported["services"].items():

@@ -30,7 +30,7 @@ __all__ = [
     "segments", "point_adjust", "prf", "auc_roc", "auc_pr",
     "best_f1_oracle", "best_f1_pa_oracle", "soft_range_labels", "range_pr_auc",
     "vus_pr", "spot_threshold", "percentile_threshold", "select_threshold",
-    "evaluate", "summarize",
+    "evaluate", "summarize", "hitrate", "hitrate_random", "interpretation_metrics",
 ]
 
 
@@ -331,7 +331,86 @@ def select_threshold(init_scores: Any, method: str = "spot", q: float = 1e-3,
     raise ValueError(f"unknown threshold method {method!r}")
 
 
+# --------------------------------------------------------------------------- interpretation
+def _truth_mask(segs: Any, n: int, n_features: int) -> np.ndarray:
+    """(n, V) bool: feature j is in the ground truth of point i; overlapping segments unite."""
+    mask = np.zeros((n, n_features), dtype=bool)
+    for start, end, feats in segs:
+        start, end = int(start), int(end)
+        if not 0 <= start <= end < n:
+            raise ValueError(f"segment [{start}, {end}] outside 0..{n - 1} or start > end")
+        idx = np.asarray(list(feats), dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n_features):
+            raise ValueError(f"segment [{start}, {end}]: feature index outside 0..{n_features - 1}")
+        mask[start:end + 1, idx] = True
+    return mask
+
+
+def _top_k(n_truth: np.ndarray, p: float, n_features: int) -> np.ndarray:
+    if not p > 0:
+        raise ValueError(f"p must be > 0 (a percentage such as 100), got {p}")
+    # floor(P% x |G|); the epsilon keeps e.g. 150 x 2 / 100 from flooring to 2.999..
+    return np.minimum(np.floor(p * n_truth / 100.0 + 1e-9).astype(np.int64), n_features)
+
+
+def hitrate(contrib: Any, segments: Any, p: float) -> float:
+    """HitRate@P% (OmniAnomaly, KDD 2019) of per-feature contributions ``contrib`` (n, V).
+
+    ``segments``: (start, end_inclusive, feature indices) per interpretation segment.  For each
+    point covered by a segment, with ground truth G (the union of the sets of the segments
+    covering it): |G ∩ top-k| / |G|, where top-k are the k = floor(P% x |G|) features of highest
+    contribution at that point; averaged over the points.  Ties are broken by a stable sort of
+    the descending contributions, so among equal values the lower feature index ranks first.
+    NaN when no point has a non-empty G.
+    """
+    c = np.asarray(contrib, dtype=np.float64)
+    if c.ndim != 2:
+        raise ValueError(f"contrib must be (n_points, n_features), got shape {c.shape}")
+    if c.size and not np.all(np.isfinite(c)):
+        raise ValueError("contrib contains NaN/inf")
+    truth = _truth_mask(segments, *c.shape)
+    rows = np.flatnonzero(truth.any(axis=1))
+    if rows.size == 0:
+        return NAN
+    truth, c = truth[rows], c[rows]
+    order = np.argsort(-c, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(c.shape[1])[None, :].repeat(len(rows), 0), axis=1)
+    n_truth = truth.sum(axis=1)
+    k = _top_k(n_truth, p, c.shape[1])
+    hits = (truth & (rank < k[:, None])).sum(axis=1)
+    return float(np.mean(hits / n_truth))
+
+
+def hitrate_random(segments: Any, n_features: int, p: float) -> float:
+    """Expected HitRate@P% of a uniformly random feature ranking: the floor to read
+    :func:`hitrate` against.  For a random ranking, E|G ∩ top-k| = k |G| / V, so each point
+    contributes k / V (k = min(floor(P% x |G|), V)); averaged over the same points as
+    :func:`hitrate`.  NaN when there are none."""
+    segs = list(segments)
+    if not segs:
+        return NAN
+    n = max(int(e) for _, e, _ in segs) + 1
+    truth = _truth_mask(segs, n, int(n_features))
+    n_truth = truth.sum(axis=1)
+    n_truth = n_truth[n_truth > 0]
+    if n_truth.size == 0:
+        return NAN
+    return float(np.mean(_top_k(n_truth, p, int(n_features)) / float(n_features)))
+
+
 # --------------------------------------------------------------------------- evaluate / summarize
+def interpretation_metrics(contrib: np.ndarray, segments: list, ps: tuple[int, ...] = (100, 150)
+                           ) -> dict[str, float]:
+    """hitrate_<P> of per-feature contributions (n, V) and its random-ranking floor
+    hitrate_<P>_random, for P in ps (test.py and baselines.py report the same keys)."""
+    out = {}
+    for p in ps:
+        out[f"hitrate_{p}"] = hitrate(contrib, segments, p)
+        out[f"hitrate_{p}_random"] = hitrate_random(segments, contrib.shape[1], p)
+    return out
+
+
 def evaluate(scores: Any, threshold: float, labels: Any | None,
              faults: Any | None = None, vus_max_window: int = VUS_MAX_WINDOW) -> dict[str, Any]:
     """All metrics for one series at a (label-free) threshold; pred = score > threshold.

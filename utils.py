@@ -12,6 +12,12 @@ Dataset layout (see README): a split folder holding train.csv, test.csv and test
 A file with fewer rows than one window, a non-numeric column, a missing or non-numeric
 timestamp, or a last row with fewer fields than the header (a file cut off while written) is
 an error.
+
+Optional interpretation labels (which metrics are anomalous): interpretation.csv beside
+test.csv, columns start,end,features = first and last test row (0-based, inclusive, rows in
+the loader's order, i.e. sorted by timestamp) and the ';'-joined names of the anomalous
+feature columns. Kept as names on Entity.interpretation; interpretation_segments() maps them
+to the indices of a given column order.
 """
 from __future__ import annotations
 
@@ -58,6 +64,8 @@ class Entity:
     test_ts: np.ndarray | None = None
     labels: np.ndarray | None = None     # (n_test,) int, 1 = anomalous
     faults: np.ndarray | None = None     # (n_test,) fault kind per point, '' outside faults
+    # (start, end inclusive, feature names) per interpretation segment, from interpretation.csv
+    interpretation: list[tuple[int, int, list[str]]] | None = None
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -169,7 +177,53 @@ def load_entity(folder: str | Path, min_rows: int = 1, name: str | None = None) 
     label_path = _find(folder, "test_label")
     if label_path is not None:
         ent.labels, ent.faults = _read_labels(label_path, test_ts, _ts_column(pd.read_csv(test_path, nrows=0)) is not None)
+    interp_path = _find(folder, "interpretation")
+    if interp_path is not None:
+        ent.interpretation = _read_interpretation(interp_path, len(test_ts), features)
+        if ent.labels is not None and any(not ent.labels[a:b + 1].all() for a, b, _ in ent.interpretation):
+            log.warning("%s: some interpretation segments cover rows labelled 0", interp_path)
     return ent
+
+
+def _read_interpretation(path: Path, n_test: int, features: list[str]) -> list[tuple[int, int, list[str]]]:
+    try:
+        df = pd.read_csv(path, dtype={"features": str}, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        raise DataError(f"{path}: cannot parse CSV ({str(e).splitlines()[0]})") from None
+    missing = [c for c in ("start", "end", "features") if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; need start,end,features")
+    bounds = df[["start", "end"]].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(bounds).all() or (bounds != np.round(bounds)).any():
+        raise DataError(f"{path}: start and end must be whole row numbers")
+    known = set(features)
+    segments = []
+    for row, ((start, end), text) in enumerate(zip(bounds.astype(np.int64), df["features"]), start=2):
+        if start > end:
+            raise DataError(f"{path}:{row}: start {start} > end {end}")
+        if start < 0 or end >= n_test:
+            raise DataError(f"{path}:{row}: rows {start}..{end} outside the {n_test} test rows")
+        names = [f.strip() for f in str(text).split(";") if f.strip()]
+        if not names:
+            raise DataError(f"{path}:{row}: no features")
+        unknown = [f for f in names if f not in known]
+        if unknown:
+            raise DataError(f"{path}:{row}: unknown feature(s) {unknown}")
+        segments.append((int(start), int(end), names))
+    return segments
+
+
+def interpretation_segments(ent: Entity, features: list[str] | None = None) -> list[tuple[int, int, list[int]]]:
+    """ent.interpretation with names mapped to indices into ``features`` (default: ent.features),
+    as metrics.hitrate takes them; [] when the entity has no interpretation labels."""
+    index = {f: i for i, f in enumerate(ent.features if features is None else features)}
+    out = []
+    for start, end, names in ent.interpretation or []:
+        unknown = [f for f in names if f not in index]
+        if unknown:
+            raise DataError(f"{ent.name}: interpretation feature(s) {unknown} not among the given features")
+        out.append((start, end, [index[f] for f in names]))
+    return out
 
 
 def _read_labels(path: Path, test_ts: np.ndarray, test_has_ts: bool) -> tuple[np.ndarray, np.ndarray | None]:

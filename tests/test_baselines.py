@@ -41,6 +41,31 @@ def test_baselines_write_valid_metrics(tmp_path):
         assert ent["n_points"] == 4320 and ent["n_anomalies"] > 0
         assert ent["best_f1_oracle"] >= ent["f1"] - 1e-12  # the oracle bounds the honest F1
         assert doc["method"] == method and doc["config"]["seed"] == 0
+        # interpretation: omi-1 has interpretation.csv; only PCA and the AE score features
+        keys = ("hitrate_100", "hitrate_150", "hitrate_100_random", "hitrate_150_random")
+        if method in ("pca", "ae"):
+            for key in keys:
+                assert 0 <= ent[key] <= 1 and mean[key] == pytest.approx(ent[key]), (method, key)
+            assert ent["hitrate_100_random"] < ent["hitrate_150_random"]
+        else:
+            assert not any(key in ent or key in mean for key in keys), method
+
+
+def test_point_output_aligns_reconstructions_with_points():
+    import numpy as np
+
+    import baselines
+    import metrics
+    T, V = 4, 3
+    x = np.random.default_rng(0).random((12, V)).astype(np.float32)
+    windows = baselines._flat(x, T)
+    # a "reconstruction" that is the window itself shifted by 1: point t must get row t of x + 1
+    out = baselines.point_output({"mu": windows.reshape(len(windows), T, V) + 1}, x, T)
+    assert out["mu"].shape == (12, V)
+    np.testing.assert_allclose(out["mu"], x + 1)
+    res = metrics.interpretation_metrics(out["mu"], [(0, 11, [int(np.argmax(x[0]))])])
+    assert set(res) == {"hitrate_100", "hitrate_150", "hitrate_100_random", "hitrate_150_random"}
+    assert res["hitrate_100_random"] == pytest.approx(1 / 3)
 
 
 def test_unknown_method_is_an_error(tmp_path):

@@ -595,3 +595,86 @@ def test_lab_refuses_a_non_empty_out_before_starting(tmp_path):
         lab.run(["--ci", f"--out={tmp_path / 'ds'}", f"--run_dir={tmp_path / 'run'}"])
     assert not (tmp_path / "run").exists()
     assert lab.parse_args(["--overwrite"]).overwrite
+
+
+# ---------------------------------------------------------------- interpretation labels
+
+@pytest.mark.parametrize("mapping,message", [
+    ({"disk-fill": ["x"]}, r"interpretation: unknown fault kind 'disk-fill'"),
+    ({"cpu-stress": ["x", "cpu"]}, r"interpretation: cpu-stress: unknown column\(s\) \['cpu'\]"),
+    ({"cpu-stress": "x"}, r"cpu-stress needs a non-empty list of columns"),
+    ({"cpu-stress": []}, r"cpu-stress needs a non-empty list of columns"),
+    (["cpu-stress"], r"'interpretation' must map fault kind"),
+])
+def test_interpretation_mapping_is_validated(mapping, message):
+    with pytest.raises(em.ExportError, match=message):
+        em.load_metric_set({"services": ["a"], "metrics": {"x": "x", "y": "y"},
+                            "interpretation": mapping})
+    assert em.load_metric_set({"services": ["a"], "metrics": {"x": "x"}})["interpretation"] == {}
+
+
+def test_shipped_metric_sets_declare_every_fault_kind():
+    for path in (em.DEFAULT_METRIC_SET, REPO / "lab" / "metrics-lab.yaml"):
+        assert set(em.load_metric_set(path)["interpretation"]) == set(em.FAULT_KINDS), path
+
+
+def test_export_writes_interpretation_on_labelled_rows(tmp_path):
+    start, end = 1000, 1299
+    fake = FakePrometheus(lambda params: (200, matrix(points(params, lambda t: t % 5))))
+    faults = [{"start": 1100, "end": 1120, "kind": "cpu-stress", "target": "a", "name": "c"},
+              {"start": 1200, "end": 1230, "kind": "network-delay", "target": "a", "name": "n"},
+              {"start": 1250, "end": 1260, "kind": "memory-stress", "target": "b", "name": "m"}]
+    metric_set = {"services": ["a", "b", "c"], "metrics": {"x": "x", "y": "y", "z": "z"},
+                  "interpretation": {"cpu-stress": ["y", "x"], "network-delay": ["z"]}}
+    out = tmp_path / "out"
+    (out / "c").mkdir(parents=True)
+    (out / "c" / "interpretation.csv").write_text("start,end,features\n0,0,x\n")  # stale
+    try:
+        summary = em.export(fake.url, metric_set, start, end, "1s", out, train_end=1050,
+                            fault_log=faults, label_margin=2, label_scope="all", progress=False)
+    finally:
+        fake.close()
+    interp = pd.read_csv(out / "a" / "interpretation.csv")
+    assert list(interp.columns) == ["start", "end", "features"]
+    assert interp.values.tolist() == [[48, 72, "y;x"], [148, 182, "z"]]  # row 0 = t 1050, margin 2
+    labels = pd.read_csv(out / "a" / "test_label.csv", keep_default_na=False)
+    for s, e, _ in interp.values:
+        assert labels["label"].iloc[s:e + 1].all()
+        assert labels["label"].iloc[s - 1] == 0 and labels["label"].iloc[e + 1] == 0
+    # b's memory-stress has no declared columns; c is labelled (scope all) but is no target
+    assert not (out / "b" / "interpretation.csv").exists()
+    assert not (out / "c" / "interpretation.csv").exists()
+    assert summary["services"]["a"]["interpretation_rows"] == 2
+    assert no_temp_files(tmp_path)
+
+    # the one-off command rebuilds the same file from test_label.csv and the fault log
+    log = tmp_path / "faults.csv"
+    for f in faults:
+        em.append_fault(log, f["start"], f["end"], f["kind"], f["target"], f["name"])
+    (out / "a" / "interpretation.csv").unlink()
+    metric_path = tmp_path / "metrics.yaml"
+    metric_path.write_text(yaml.safe_dump(metric_set))
+    assert em.main(["--interpretation_only", f"--out={out}", f"--fault_log={log}",
+                    f"--metrics={metric_path}", "--label_margin=2"]) == 0
+    assert pd.read_csv(out / "a" / "interpretation.csv").values.tolist() == interp.values.tolist()
+    # a margin other than the export's puts rows off the labels
+    with pytest.raises(em.ExportError, match=r"a/test_label.csv: rows .* are not all labelled"):
+        em.write_interpretation(out, metric_set, log, label_margin=5)
+
+
+def test_widened_label_faults_get_no_interpretation(tmp_path):
+    """lab.py's target+front-end scope: the front-end copies of faults label it but name no
+    columns of it."""
+    fake = FakePrometheus(lambda params: (200, matrix(points(params, lambda t: 1.0))))
+    fault = {"start": 1100, "end": 1120, "kind": "cpu-stress", "target": "a", "name": "c"}
+    metric_set = {"services": ["a", "front"], "metrics": {"x": "x"},
+                  "interpretation": {"cpu-stress": ["x"]}}
+    try:
+        em.export(fake.url, metric_set, 1000, 1199, "1s", tmp_path, train_end=1050,
+                  fault_log=[fault, {**fault, "target": "front"}], interpretation_faults=[fault],
+                  progress=False)
+    finally:
+        fake.close()
+    assert pd.read_csv(tmp_path / "front" / "test_label.csv")["label"].sum() == 21
+    assert not (tmp_path / "front" / "interpretation.csv").exists()
+    assert pd.read_csv(tmp_path / "a" / "interpretation.csv").values.tolist() == [[50, 70, "x"]]

@@ -132,3 +132,30 @@ def test_committed_dataset_matches_its_fault_log():
         assert len(e.train) + len(e.test) >= 1000 and e.labels.sum() > 0
         assert e.train_ts.max() < e.test_ts.min() <= min(f["start"] for f in faults)
     check_labels(DATASET, faults, run["args"]["label_scope"], run["args"]["label_margin"])
+
+
+@pytest.mark.skipif(not (DATASET / "faults.csv").is_file(), reason="Dataset/lab has not been recorded")
+def test_committed_interpretation_labels(tmp_path):
+    """Dataset/lab/<target>/interpretation.csv: loads through utils, names only dataset
+    columns, lies on rows labelled with its fault's kind, and is what
+    `export_metrics.py --interpretation_only` makes from faults.csv and lab/metrics-lab.yaml."""
+    from export_metrics import write_interpretation
+    from utils import interpretation_segments
+    faults = read_fault_log(DATASET / "faults.csv")
+    by_name = {e.name: e for e in load_dataset(DATASET)}
+    assert by_name["front-end"].interpretation is None  # labelled by scope only
+    for name in ("catalogue", "payment"):
+        ent = by_name[name]
+        assert len(ent.interpretation) == sum(f["target"] == name for f in faults)
+        assert len(interpretation_segments(ent)) == len(ent.interpretation)
+        for start, end, features in ent.interpretation:
+            assert set(features) <= set(ent.features)
+            assert ent.labels[start:end + 1].all()
+            assert len(set(ent.faults[start:end + 1])) == 1
+        for entity in SERVICES:
+            (tmp_path / entity).mkdir(exist_ok=True)
+            shutil.copy(DATASET / entity / "test_label.csv", tmp_path / entity)
+    write_interpretation(tmp_path, ROOT / "lab" / "metrics-lab.yaml", DATASET / "faults.csv")
+    for name in ("catalogue", "payment"):
+        assert (tmp_path / name / "interpretation.csv").read_text() == \
+            (DATASET / name / "interpretation.csv").read_text()

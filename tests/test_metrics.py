@@ -253,3 +253,54 @@ def test_oracle_is_fast():
     M.best_f1_oracle(s, y)
     M.best_f1_pa_oracle(s, y)
     assert time.perf_counter() - t0 < 2.0
+
+
+# --------------------------------------------------------------------------- HitRate@P%
+def test_hitrate_hand_computed():
+    # 4 features; point 0: order 2,0,3,1; point 1: order 1,3,0,2; point 2 is outside segments
+    contrib = np.array([[0.5, 0.1, 0.9, 0.2],
+                        [0.3, 0.8, 0.1, 0.4],
+                        [9.0, 9.0, 9.0, 9.0]])
+    segs = [(0, 1, {0, 1})]  # G = {0, 1}
+    # P=100: k=2. point 0: top {2, 0} -> 1/2; point 1: top {1, 3} -> 1/2
+    assert M.hitrate(contrib, segs, 100) == pytest.approx(0.5)
+    # P=150: k=floor(3)=3. point 0: top {2, 0, 3} -> 1/2; point 1: top {1, 3, 0} -> 2/2
+    assert M.hitrate(contrib, segs, 150) == pytest.approx(0.75)
+    # |G| = 1, P=150: k = floor(1.5) = 1. point 1: top {1} hits G = {1}
+    assert M.hitrate(contrib, [(1, 1, [1])], 150) == 1.0
+    assert M.hitrate(contrib, [(0, 0, [1])], 150) == 0.0
+    # k is capped at V: everything is found
+    assert M.hitrate(contrib, [(0, 1, [0, 1, 2, 3])], 150) == 1.0
+
+
+def test_hitrate_ties_overlaps_and_empty():
+    contrib = np.zeros((3, 4))
+    # all tied: stable sort ranks feature 0 first, then 1 ...
+    assert M.hitrate(contrib, [(0, 2, [0])], 100) == 1.0
+    assert M.hitrate(contrib, [(0, 2, [3])], 100) == 0.0
+    # overlapping segments unite their sets at the shared point 1: G = {0, 3}, k = 2 -> {0, 1}
+    c = np.array([[0, 0, 0, 1.0], [1.0, 0.5, 0, 0], [0, 0, 0, 1.0]])
+    segs = [(0, 1, [3]), (1, 2, [0, 3])]
+    # point 0: G={3}, top1={3} -> 1; point 1: G={0,3}, top2={0,1} -> 1/2; point 2: G={0,3}, top2={3,0} -> 1
+    assert M.hitrate(c, segs, 100) == pytest.approx((1 + 0.5 + 1) / 3)
+    assert math.isnan(M.hitrate(c, [], 100))
+    assert math.isnan(M.hitrate(c, [(0, 2, [])], 100))
+    assert math.isnan(M.hitrate_random([], 4, 100))
+    for bad in ([(2, 1, [0])], [(0, 3, [0])], [(0, 1, [4])], [(-1, 1, [0])]):
+        with pytest.raises(ValueError):
+            M.hitrate(c, bad, 100)
+    with pytest.raises(ValueError, match="NaN"):
+        M.hitrate(np.full((3, 4), np.nan), [(0, 0, [0])], 100)
+
+
+def test_hitrate_random_closed_form_and_simulation():
+    # V = 10; |G| = 2 on 3 points, |G| = 4 on 1 point
+    segs = [(0, 2, [1, 2]), (5, 5, [0, 3, 4, 9])]
+    # P=100: k = |G| -> (3 * 2/10 + 4/10) / 4
+    assert M.hitrate_random(segs, 10, 100) == pytest.approx((3 * 0.2 + 0.4) / 4)
+    # P=150: k = 3 and 6 -> (3 * 3/10 + 6/10) / 4
+    assert M.hitrate_random(segs, 10, 150) == pytest.approx((3 * 0.3 + 0.6) / 4)
+    assert M.hitrate_random([(0, 0, range(10))], 10, 150) == 1.0  # k capped at V
+    rng = np.random.default_rng(0)
+    sims = [M.hitrate(rng.random((6, 10)), segs, 150) for _ in range(3000)]
+    assert np.mean(sims) == pytest.approx(M.hitrate_random(segs, 10, 150), abs=0.01)

@@ -151,3 +151,65 @@ def test_config_precedence_and_errors(tmp_path):
     f.write_text("epochz = 3\n")
     with pytest.raises(ConfigError, match="unknown Config field 'epochz'"):
         parse_config([f"--config={f}"])
+
+
+# --------------------------------------------------------------------------- interpretation.csv
+def test_real_interpretation_labels_load_and_lie_on_labels():
+    from conftest import DATASETS
+    from utils import interpretation_segments
+    for folder in ("ASD/omi-1", "SMD/machine-1-6"):
+        if not (DATASETS / folder).is_dir():
+            pytest.skip(f"{DATASETS / folder} is absent")
+        ent = load_entity(DATASETS / folder)
+        assert ent.interpretation, folder
+        segs = interpretation_segments(ent)
+        assert len(segs) == len(ent.interpretation)
+        for (start, end, idx), (_, _, names) in zip(segs, ent.interpretation):
+            assert 0 <= start <= end < len(ent.test) and ent.labels[start:end + 1].all()
+            assert [ent.features[i] for i in idx] == names
+    # indices follow the column order asked for, not the file's
+    reordered = ent.features[::-1]
+    for (_, _, idx), (_, _, names) in zip(interpretation_segments(ent, reordered), ent.interpretation):
+        assert [reordered[i] for i in idx] == names
+
+
+def _interp_split(tmp_path, text, gz=False):
+    test = frame(20, start=100)
+    labels = pd.DataFrame({"timestamp": test.timestamp, "label": 0})
+    labels.loc[3:6, "label"] = 1
+    folder = write_split(tmp_path / "e", frame(20), test, labels)
+    path = folder / ("interpretation.csv.gz" if gz else "interpretation.csv")
+    pd.DataFrame([line.split(",") for line in text.splitlines()[1:]],
+                 columns=text.splitlines()[0].split(",")).to_csv(path, index=False)
+    return folder
+
+
+def test_synthetic_interpretation_loads(tmp_path):
+    from utils import interpretation_segments
+    ent = load_entity(_interp_split(tmp_path, "start,end,features\n3,6,b;a\n5,5,a", gz=True))
+    assert ent.interpretation == [(3, 6, ["b", "a"]), (5, 5, ["a"])]
+    assert interpretation_segments(ent) == [(3, 6, [1, 0]), (5, 5, [0])]
+    assert interpretation_segments(ent, ["b", "a"]) == [(3, 6, [0, 1]), (5, 5, [1])]
+    with pytest.raises(DataError, match="not among the given features"):
+        interpretation_segments(ent, ["a"])
+    assert load_entity(write_split(tmp_path / "none", frame(20), frame(20))).interpretation is None
+
+
+@pytest.mark.parametrize("text,message", [
+    ("start,features\n3,a", r"interpretation.csv: missing column\(s\) \['end'\]"),
+    ("start,end,features\n6,3,a", r"interpretation.csv:2: start 6 > end 3"),
+    ("start,end,features\n3,4,a\n15,20,a", r"interpretation.csv:3: rows 15..20 outside the 20 test rows"),
+    ("start,end,features\n-1,4,a", r"outside the 20 test rows"),
+    ("start,end,features\n3,4,a;cpu", r"interpretation.csv:2: unknown feature\(s\) \['cpu'\]"),
+    ("start,end,features\n3,4,", r"interpretation.csv:2: no features"),
+    ("start,end,features\n3.5,4,a", r"whole row numbers"),
+])
+def test_bad_interpretation_is_refused(tmp_path, text, message):
+    with pytest.raises(DataError, match=message):
+        load_entity(_interp_split(tmp_path, text))
+
+
+def test_interpretation_on_unlabelled_rows_warns(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="puad"):
+        load_entity(_interp_split(tmp_path, "start,end,features\n2,4,a"))
+    assert "cover rows labelled 0" in caplog.text
