@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import scoring
-from config import cli_ckpt, cli_config
+from config import Config, cli_ckpt, cli_config
 from metrics import evaluate, summarize
 from puad import (apply_local_state, build_model, calibration_input, entity_state, read_checkpoint,
                   score_kwargs, score_series)
@@ -27,7 +27,7 @@ from utils import DataError, Scaler, atomic_write, get_device, load_dataset, log
 
 # name -> Config overrides; the first row is the default, each other row changes one thing
 VARIANTS: dict[str, dict] = {
-    "default (norm, smooth 5, floor 0.1, constant-feature floor 0.01, SPOT)": {},
+    "default (norm, smooth 5, floor 0.1, constant-feature floor 0.01, SPOT q=1e-2 level 0.98)": {},
     "paper's score: NLL with learned sigma, no smoothing": dict(score="nll", smooth=1),
     "fixed-variance squared error (authors' code), no smoothing": dict(score="se", smooth=1),
     "squared error, smooth 5": dict(score="se"),
@@ -37,7 +37,7 @@ VARIANTS: dict[str, dict] = {
     "floor 0.05": dict(score_floor=0.05),
     "floor 0.2": dict(score_floor=0.2),
     "no constant-feature floor (0.1 for all)": dict(const_floor=0.1),
-    "SPOT q=1e-2, level 0.98": dict(spot_q=1e-2, spot_level=0.98),
+    "SPOT q=1e-3, level 0.99 (the previous default)": dict(spot_q=1e-3, spot_level=0.99),
     "percentile 99 of the calibration scores": dict(threshold="percentile", percentile=99.0),
 }
 KEYS = ("auc_pr", "f1", "vus_pr", "f1_pa", "auc_roc", "best_f1_oracle")
@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     t0 = time.time()
     ckpt = read_checkpoint(cli_ckpt(argv))
-    cfg = cli_config(argv, defaults=dict(ckpt["config"], out_dir="res_hr/ablation"))
+    # the scoring fields take today's defaults, not the training run's (each row is a change from them)
+    scoring_defaults = {k: getattr(Config, k) for k in ("score", "score_floor", "const_floor", "smooth",
+                                                         "threshold", "spot_q", "spot_level", "percentile")}
+    cfg = cli_config(argv, defaults=dict(ckpt["config"], **scoring_defaults, out_dir="res_hr/ablation"))
     model, _ = build_model(ckpt, get_device(cfg.device))
     try:
         entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)

@@ -23,6 +23,8 @@ is skipped and counted as reason="non_finite".
 
 Served on --listen:--port /metrics (own CollectorRegistry):
   puad_anomaly_score{entity}            score of the last scored window
+  puad_feature_score{entity,feature}    each feature's contribution to that score (the score is
+                                        their mean): V features x entities series, bounded
   puad_anomaly{entity}                  1 when that score > threshold, else 0
   puad_threshold{entity}
   puad_stale{entity}                    1 when the entity's last scored window is older than
@@ -41,7 +43,8 @@ has no value there after the metric set's `fill`; the rate window after a missin
 missing too (its rate() would be computed on partial data). While Prometheus fails, polls back
 off (step, 2 x step, ... up to --max_backoff seconds).
 
-One JSON line per state change (normal <-> anomalous) is appended to --live_log; with
+One JSON line per state change (normal <-> anomalous), with the 3 features of the largest share
+of the score ("top_features"), is appended to --live_log; the alert's description names them. With
 --webhook the change is POSTed as an Alertmanager /api/v2/alerts list (a firing alert, re-sent
 every minute while it lasts, then the same alert with endsAt when it resolves); a failed POST
 is logged and counted, never fatal.
@@ -225,6 +228,9 @@ class Detector:
         self.anomalous = {e: False for e in entities}
         self.last_scored = {e: 0.0 for e in entities}
         self.alert_start: dict[str, float] = {}
+        self.features = list(ckpt["features"])
+        self.last_contrib: dict[str, np.ndarray | None] = {}
+        self.top: dict[str, list[str]] = {}
         self.last_post: dict[str, float] = {}
         self.started = time.time()
         self.failures = 0
@@ -240,6 +246,8 @@ class Detector:
         self.c_webhook = Counter("puad_webhook_errors", "Failed alert POSTs to the webhook", registry=r)
         self.h_latency = Histogram("puad_scoring_latency_seconds", "Model time to score one window", registry=r,
                                    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
+        self.g_feature = Gauge("puad_feature_score", "Each feature's part of the last score (features x entities series)",
+                               ["entity", "feature"], registry=r)
         self.g_step = Gauge("puad_step_seconds", "Poll interval", registry=r)
         self.g_step.set(self.step)
         for e in entities:
@@ -277,8 +285,9 @@ class Detector:
                 apply_local_state(self.model, st["local"])
             out = score_series(self.model, st["scaler"].transform(raw), self.cfg.seq_len, st["use_local"],
                                n_samples=self.cfg.score_samples)
-        scores, _ = scoring.apply(self.calibrations[entity], out)
+        scores, contrib = scoring.apply(self.calibrations[entity], out)
         self.h_latency.observe(time.perf_counter() - t0)
+        self.last_contrib[entity] = None if contrib is None else contrib[-1]
         return float(scores[-1])
 
     def poll(self, end: int) -> None:
@@ -308,6 +317,11 @@ class Detector:
             self.c_scored.labels(entity).inc()
             self.last_scored[entity] = time.time()
             self.g_score.labels(entity).set(score)
+            contrib = self.last_contrib.get(entity)
+            if contrib is not None:  # which metrics: each feature's part of the last score
+                for name, c in zip(self.features, contrib):
+                    self.g_feature.labels(entity, name).set(float(c))
+                self.top[entity] = [n for n, _ in scoring.top_features(contrib, self.features, 3)]
             anomalous = bool(score > self.thresholds[entity])
             self.g_anomaly.labels(entity).set(int(anomalous))
             if anomalous != self.anomalous[entity]:
@@ -326,10 +340,11 @@ class Detector:
         now = time.time()
         event = {"time": iso(now), "entity": entity, "state": "anomalous" if anomalous else "normal",
                  "score": round(score, 6), "threshold": round(self.thresholds[entity], 6),
-                 "window_end": iso(end), "window_end_unix": end}
+                 "top_features": self.top.get(entity, []), "window_end": iso(end), "window_end_unix": end}
         with open(self.cfg.live_log, "a") as f:
             f.write(json.dumps(event) + "\n")
-        log.info("%s: %s (score %.4g, threshold %.4g)", entity, event["state"], score, self.thresholds[entity])
+        log.info("%s: %s (score %.4g, threshold %.4g; top features %s)", entity, event["state"], score,
+                 self.thresholds[entity], ", ".join(event["top_features"]) or "n/a")
         if anomalous:
             self.alert_start[entity] = now
         if self.cfg.webhook:
@@ -340,8 +355,10 @@ class Detector:
         alert = {"labels": {"alertname": "PUADAnomaly", "entity": entity, "severity": "warning",
                             "source": "detect_live"},
                  "annotations": {"summary": f"PUAD anomaly on {entity}",
-                                 "description": f"score {score:.4g} > threshold {self.thresholds[entity]:.4g} "
-                                                f"for the window ending {iso(end)}",
+                                 "description": ", ".join(self.top.get(entity, [])),
+                                 "details": f"score {score:.4g} > threshold {self.thresholds[entity]:.4g} "
+                                            f"for the window ending {iso(end)}; top features (largest share "
+                                            f"of the score first): {', '.join(self.top.get(entity, [])) or 'n/a'}",
                                  "score": f"{score:.6g}", "threshold": f"{self.thresholds[entity]:.6g}"},
                  "startsAt": iso(start),
                  "generatorURL": f"http://{self.cfg.listen}:{self.cfg.port}/metrics"}

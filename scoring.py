@@ -117,6 +117,18 @@ def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
                        {"score": score, "smooth": int(cfg.smooth), "threshold_method": cfg.threshold})
 
 
+def top_features(contrib: np.ndarray, features: list[str], k: int = 3) -> list[tuple[str, float]]:
+    """The k features with the largest share of the score over some points (contributions
+    (n, V) or (V,)) -> [(name, share of the score in 0..1)], largest first. The one ranking
+    behind test.py's segment tables, detect_live.py's alerts and the HitRate metrics."""
+    c = np.asarray(contrib, np.float64)
+    c = c.sum(0) if c.ndim == 2 else c
+    c = np.maximum(c, 0)
+    order = np.argsort(-c, kind="stable")[:k]
+    total = c.sum()
+    return [(features[i], float(c[i] / total) if total > 0 else 0.0) for i in order]
+
+
 def constant_features(x_train: np.ndarray) -> np.ndarray:
     """(V,) True where a feature takes one value over the whole train series."""
     return np.ptp(x_train, axis=0) == 0

@@ -25,11 +25,11 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from config import Config, cli_ckpt, cli_config  # noqa: E402
-from metrics import evaluate, summarize  # noqa: E402
+from metrics import evaluate, interpretation_metrics, segments, summarize  # noqa: E402
 import scoring  # noqa: E402
 from puad import (apply_local_state, build_model, calibrate_entity, entity_state,  # noqa: E402
                   read_checkpoint, score_kwargs, score_series)
-from utils import (DataError, Entity, LockError, Scaler, atomic_write, get_device, load_dataset,  # noqa: E402
+from utils import (DataError, Entity, LockError, Scaler, atomic_write, get_device, interpretation_segments, load_dataset,  # noqa: E402
                    log, output_lock, write_csv_atomic, write_json_atomic)
 
 SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
@@ -70,9 +70,9 @@ def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
 
 def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.ndarray, threshold: float) -> None:
     """The paper's figure 4: input channels, score curve, threshold, true anomaly segments.
-    The score axis is logarithmic when the scores span more than three decades above the
-    threshold's tenth (one peak a million times the rest stays readable); flagged points are
-    marked along the bottom of the score panel."""
+    The score axis is logarithmic (linear below a tenth of the threshold) when the highest
+    score is more than 30 times the threshold, so the threshold and the normal scores stay
+    readable beside peaks a million times larger; flagged points are marked along the bottom."""
     fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(14, 6), sharex=True)
     t = np.arange(len(scores))
     ax0.plot(t, scaled_test, lw=0.5, alpha=0.6)
@@ -86,7 +86,7 @@ def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.nda
                 ax.axvspan(s, e, color="red", alpha=0.15, lw=0)
     lo, hi = float(np.min(scores)), float(np.max(scores))
     floor = abs(threshold) / 10 if threshold else max(abs(lo), 1e-9)
-    if lo > -floor and hi > 1e3 * floor:  # a wide positive range: log axis (symlog near 0)
+    if lo > -floor and threshold > 0 and hi > 30 * threshold:  # a wide positive range: log axis
         ax1.set_yscale("symlog", linthresh=floor)
         ax1.set_ylim(min(lo, 0), hi * 2)
     else:
@@ -100,6 +100,57 @@ def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.nda
     ax1.set_xlabel("test time point")
     ax1.legend(loc="upper right")
     ax0.set_title(f"{ent.name}: anomaly scores (shaded: labelled anomalies)")
+    save_figure(fig, path)
+
+
+def predicted_segments(ent: Entity, scores: np.ndarray, pred: np.ndarray, contrib: np.ndarray | None
+                       ) -> pd.DataFrame | None:
+    """One row per run of flagged points: where, how high, and the 3 features with the largest
+    share of the score over the run (scoring.top_features); None without contributions."""
+    if contrib is None:
+        return None
+    rows = []
+    for s, e in segments(pred):
+        top = scoring.top_features(contrib[s:e], ent.features, 3)
+        rows.append({"start": int(s), "end": int(e - 1), "start_time": ent.test_ts[s], "end_time": ent.test_ts[e - 1],
+                     "max_score": float(scores[s:e].max()),
+                     "top_features": ";".join(name for name, _ in top),
+                     "top_shares": ";".join(f"{share:.2f}" for _, share in top)})
+    return pd.DataFrame(rows, columns=["start", "end", "start_time", "end_time", "max_score", "top_features",
+                                       "top_shares"])
+
+
+def plot_contributions(path: Path, ent: Entity, scores: np.ndarray, threshold: float, contrib: np.ndarray,
+                       segs: pd.DataFrame, max_segments: int = 6, n_features: int = 8, pad: int = 30) -> None:
+    """For the max_segments predicted segments with the highest scores: the score beside a heatmap
+    of the features' contributions over time (the n_features largest in that segment, log colour
+    scale), pad points either side; labelled anomalies shaded."""
+    top = segs.sort_values("max_score", ascending=False).head(max_segments).sort_values("start")
+    fig, axes = plt.subplots(2, len(top), figsize=(4.2 * len(top), 5.5), squeeze=False,
+                             gridspec_kw={"height_ratios": [1, 2]})
+    for j, (_, seg) in enumerate(top.iterrows()):
+        a, b = max(int(seg.start) - pad, 0), min(int(seg.end) + pad + 1, len(scores))
+        t = np.arange(a, b)
+        ax0, ax1 = axes[0, j], axes[1, j]
+        ax0.plot(t, scores[a:b], color="k", lw=0.8)
+        ax0.axhline(threshold, color="r", ls="--", lw=0.8)
+        if np.max(scores[a:b]) > 100 * max(threshold, 1e-9):
+            ax0.set_yscale("symlog", linthresh=max(threshold / 10, 1e-9))
+        if ent.labels is not None:
+            ax0.fill_between(t, 0, 1, where=ent.labels[a:b] > 0, color="red", alpha=0.15,
+                             transform=ax0.get_xaxis_transform(), lw=0)
+        ax0.set_title(f"rows {int(seg.start)}-{int(seg.end)}", fontsize=9)
+        feats = np.argsort(-contrib[int(seg.start):int(seg.end) + 1].sum(0), kind="stable")[:n_features]
+        img = np.log10(1 + contrib[a:b, feats].T)
+        ax1.imshow(img, aspect="auto", cmap="magma", interpolation="nearest", extent=(a - 0.5, b - 0.5, len(feats) - 0.5, -0.5))
+        ax1.set_yticks(range(len(feats)), [ent.features[i][:22] for i in feats], fontsize=8)
+        ax1.axvspan(int(seg.start) - 0.5, int(seg.end) + 0.5, fill=False, ec="cyan", lw=1)
+        ax1.set_xlabel("test row", fontsize=8)
+    axes[0, 0].set_ylabel("score")
+    axes[1, 0].set_ylabel("log10(1 + contribution)")
+    fig.suptitle(f"{ent.name}: which features make each flagged segment anomalous "
+                 f"({len(top)} of {len(segs)} segments, highest scores)", fontsize=10)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -177,6 +228,8 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
         m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults)
         m.update(threshold_method=cfg.threshold, local_prototypes=r["use_local"], score=cfg.score,
                  smooth=cfg.smooth, calibration_rows=r["calibration"].n_rows)
+        if ent.interpretation is not None:  # which metrics: HitRate of the per-feature contributions
+            m.update(interpretation_metrics(r["contrib"], interpretation_segments(ent, ent.features)))
         per_entity[ent.name] = m
         pred = (r["test_scores"] > r["threshold"]).astype(int)
         write_csv_atomic(out / f"scores_{ent.name}.csv", pd.DataFrame({
@@ -184,9 +237,15 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
             "prediction": pred, "label": ent.labels if ent.labels is not None else np.full(len(pred), -1)}))
         plans.append(r["plan"])
         plan_labels.append(ent.labels)
+        segs = predicted_segments(ent, r["test_scores"], pred, r["contrib"])
+        if segs is not None:
+            write_csv_atomic(out / f"segments_{ent.name}.csv", segs)
         if cfg.plots:
             scaled = (ent.test - ent.test.min(0)) / np.maximum(np.ptp(ent.test, 0), 1e-12)  # display only
             plot_scores(out / f"anomaly_scores_{ent.name}.png", ent, scaled, r["test_scores"], r["threshold"])
+            if segs is not None and len(segs):
+                plot_contributions(out / f"contributions_{ent.name}.png", ent, r["test_scores"], r["threshold"],
+                                   r["contrib"], segs)
         line = f"{ent.name}: threshold {r['threshold']:.4g}, {m['n_predicted']} of {m['n_points']} points flagged"
         if "f1" in m:
             line += (f" | AUC-ROC {m['auc_roc']:.3f} AUC-PR {m['auc_pr']:.3f} F1 {m['f1']:.3f} "

@@ -335,6 +335,10 @@ def test_live_detection_fault_outage_and_sigterm(live_lab):
                          port, detector)
         lines = [json.loads(line) for line in events.read_text().splitlines() if '"catalogue"' in line]
         assert [e["state"] for e in lines][:2] == ["anomalous", "normal"], lines
+        # which metrics: the CPU fault's alarm names a CPU column among its top 3 features
+        assert len(lines[0]["top_features"]) == 3, lines[0]
+        assert {"cpu_rate", "process_cpu_rate"} & set(lines[0]["top_features"]), lines[0]
+        assert 'puad_feature_score{entity="catalogue",feature="cpu_rate"}' in scrape(port)
         # the webhook got Alertmanager-shaped alerts: firing (answered 500: counted, not fatal), then resolved
         deadline = time.monotonic() + 10
         while len(webhook.received) < 2 and time.monotonic() < deadline:
@@ -342,6 +346,7 @@ def test_live_detection_fault_outage_and_sigterm(live_lab):
         (path0, fired), (_, resolved) = webhook.received[:2]
         assert path0 == "/api/v2/alerts" and len(fired) == 1 and len(resolved) == 1
         assert fired[0]["labels"]["alertname"] == "PUADAnomaly" and fired[0]["labels"]["entity"] == "catalogue"
+        assert fired[0]["annotations"]["description"] == ", ".join(lines[0]["top_features"])
         assert "startsAt" in fired[0] and "endsAt" not in fired[0] and resolved[0]["endsAt"] >= resolved[0]["startsAt"]
         assert scrape(port)["puad_webhook_errors_total"] == 1
         print(f"\nthreshold {threshold:.4g} (SPOT {live_lab['spot']['catalogue']:.4g}); normal scores max {max(s for _, s in normal):.4g}; fault scores max "
