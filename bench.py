@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import prototype_ot
 import train_safe
 from config import parse_config
+import scoring
 from puad import PUAD, score_series
 from utils import Scaler, get_device, load_dataset, set_seed, write_json_atomic
 
@@ -246,11 +247,14 @@ def train_bench(cfg, model: PUAD, windows: train_safe.Windows, device, steps: in
 
 def score_bench(model: PUAD, series: np.ndarray, cfg, device, batch: int, mode: str, repeats: int,
                 compile: bool = False) -> dict:
+    """The whole default scorer: reconstruction (score_series) and scoring.apply (normalise,
+    combine, smooth), with a calibration fitted once on the series' first rows."""
     t0 = time.perf_counter()
-    score_series(model, series[: 3 * cfg.seq_len], cfg.seq_len, mode=mode, compile=compile)  # compiles once
+    cal = scoring.calibrate(score_series(model, series[: 10 * cfg.seq_len], cfg.seq_len, mode=mode,
+                                         compile=compile), cfg)  # compiles once
     first_s = time.perf_counter() - t0
-    t = best_time(lambda: score_series(model, series, cfg.seq_len, batch_size=batch, mode=mode, compile=compile),
-                  device, repeats)
+    t = best_time(lambda: scoring.apply(cal, score_series(model, series, cfg.seq_len, batch_size=batch, mode=mode,
+                                                          compile=compile)), device, repeats)
     n_windows = len(series) - cfg.seq_len + 1 if mode == "point" else math.ceil(len(series) / cfg.seq_len)
     return dict(mode=mode + ("+compile" if compile else ""), batch=batch, points=len(series), seconds=t,
                 points_per_s=len(series) / t, windows_per_s=n_windows / t, first_call_s=first_s)

@@ -205,10 +205,15 @@ def entity_state(ckpt: dict, ckpt_path: str | Path, entity: str) -> tuple[dict |
     return None, None
 
 
+def adapted_windows(ckpt: dict, local: dict | None) -> int:
+    """N when the model saw only the first N windows of the entity (--adapt_windows=N), else 0."""
+    return (local if local is not None else ckpt["config"]).get("adapt_windows", 0)
+
+
 def calibration_rows(x_train: np.ndarray, ckpt: dict, local: dict | None, cfg: Config) -> np.ndarray:
     """The scaled train rows a threshold is fitted on: the first N windows when the model saw only
     those (--adapt_windows=N), else the held-out validation tail (as for the baselines)."""
-    n_adapt = (local if local is not None else ckpt["config"]).get("adapt_windows", 0)
+    n_adapt = adapted_windows(ckpt, local)
     if n_adapt:
         return x_train[: n_adapt + cfg.seq_len - 1]
     return split_train_val(x_train, cfg.val_frac, cfg.seq_len)[1]
@@ -226,7 +231,7 @@ def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray,
     (x_train already scaled) and which features were constant over the rows training saw."""
     rows = calibration_rows(x_train, ckpt, local, cfg)
     out = score_series(model, rows, cfg.seq_len, use_local, **score_kwargs(cfg))
-    seen = x_train[: len(rows)] if (local if local is not None else ckpt["config"]).get("adapt_windows", 0) else x_train
+    seen = rows if adapted_windows(ckpt, local) else x_train
     return dict(out, constant=scoring.constant_features(seen))
 
 

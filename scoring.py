@@ -15,12 +15,12 @@ of its V values, from the window that ends at t (puad.score_series). With the de
     s_t  = mean_v c_tv, then the mean of the last `smooth` points (causal: live detection can
            compute it from the last `smooth` windows)
 
-A feature constant over the whole train series (`up` of a service, an error count at 0) has no
-normal error to speak of, and its leaving that value is a fault nearly every time (ASD, SMD and
-the lab: docs/ablation.md): its small floor makes a stopped service score far above the
-threshold. Every feature is measured against its own normal error, whatever its noise level (Garg et al.
+Every feature is measured against its own normal error, whatever its noise level (Garg et al.
 2021, "An evaluation of anomaly detection and diagnosis in multivariate time series", found this
-normalisation and smoothing matter more than the model). `--score=nll` is the paper's score
+normalisation and smoothing matter more than the model). A feature constant over the whole train
+series (`up` of a service, an error count at 0) has no normal error to speak of, and its leaving
+that value is a fault nearly every time (ASD, SMD and the lab: docs/ablation.md): its small
+floor makes a stopped service score far above the threshold. `--score=nll` is the paper's score
 (-log N(x | mu, sigma) summed over V, learned sigma), `--score=se` a fixed-variance squared error
 (the authors' code); both are kept for the ablation (docs/ablation.md).
 
@@ -47,12 +47,7 @@ class Calibration:
     center: np.ndarray | None = None     # (V,) median residual per feature (score=norm)
     scale: np.ndarray | None = None      # (V,) robust residual scale per feature, >= floor
     n_rows: int = 0                      # calibration rows it was fitted on
-    info: dict = field(default_factory=dict)
-
-    def state_dict(self) -> dict:
-        return {"threshold": float(self.threshold), "n_rows": int(self.n_rows),
-                "center": None if self.center is None else self.center.tolist(),
-                "scale": None if self.scale is None else self.scale.tolist(), **self.info}
+    info: dict = field(default_factory=dict)  # score, smooth and threshold method it was fitted with
 
 
 def smooth(x: np.ndarray, k: int) -> np.ndarray:

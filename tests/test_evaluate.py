@@ -84,3 +84,33 @@ def test_unlabelled_test_set_still_scores(trained, omi1_copy, tmp_path):
     assert "metrics need labels" in m["note"]
     scores = pd.read_csv(out / "scores_omi-1.csv")
     assert len(scores) == 4320 and set(scores.prediction) <= {0, 1} and (scores.label == -1).all()
+
+
+def test_extreme_test_value_scores_finite_and_flags_it(trained, omi1_copy, tmp_path):
+    """One 1e18 in a test column used to end in 'scores contain NaN/inf': the scorer clips what the
+    model sees, so the run completes, every score is finite and the extreme point is flagged."""
+    ckpt_dir, _ = trained
+    test = pd.read_csv(omi1_copy / "sorted" / "omi-1" / "test.csv.gz")
+    test.loc[2000, "feature_3"] = 1e18
+    out, m = run(tmp_path, ckpt_dir, variant(omi1_copy, "extreme", test=test), "x", "--plots=False")
+    scores = pd.read_csv(out / "scores_omi-1.csv")
+    assert np.isfinite(scores.score).all() and scores.prediction[2000] == 1
+    assert np.isfinite(m["entities"]["omi-1"]["auc_pr"])
+
+
+def test_segments_name_features_and_hitrate_is_reported(trained, tmp_path):
+    """Every flagged run gets a row with its 3 top features; ASD's interpretation labels give
+    HitRate@100/150 % beside the random ranking's floor."""
+    ckpt_dir, data = trained
+    out, m = run(tmp_path, ckpt_dir, data, "seg")
+    segs = pd.read_csv(out / "segments_omi-1.csv")
+    scores = pd.read_csv(out / "scores_omi-1.csv")
+    assert len(segs) > 0 and segs.start.le(segs.end).all()
+    assert all(scores.prediction[s:e + 1].all() for s, e in zip(segs.start, segs.end))
+    assert int((segs.end - segs.start + 1).sum()) == int(scores.prediction.sum())
+    assert all(len(t.split(";")) == 3 and all(f.startswith("feature_") for f in t.split(";")) for t in segs.top_features)
+    assert (out / "contributions_omi-1.png").stat().st_size > 0
+    e = m["entities"]["omi-1"]
+    for k in ("hitrate_100", "hitrate_150", "hitrate_100_random", "hitrate_150_random"):
+        assert 0 <= e[k] <= 1, k
+    assert e["hitrate_150"] >= e["hitrate_100"] and e["score"] == "norm" and e["smooth"] == 5

@@ -629,9 +629,10 @@ def test_export_writes_interpretation_on_labelled_rows(tmp_path):
     out = tmp_path / "out"
     (out / "c").mkdir(parents=True)
     (out / "c" / "interpretation.csv").write_text("start,end,features\n0,0,x\n")  # stale
-    try:
+    try:  # an old dataset there: --overwrite replaces it whole, its stale file included
         summary = em.export(fake.url, metric_set, start, end, "1s", out, train_end=1050,
-                            fault_log=faults, label_margin=2, label_scope="all", progress=False)
+                            fault_log=faults, label_margin=2, label_scope="all", progress=False,
+                            overwrite=True)
     finally:
         fake.close()
     interp = pd.read_csv(out / "a" / "interpretation.csv")

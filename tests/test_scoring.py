@@ -77,3 +77,35 @@ def test_score_stays_finite_for_extreme_inputs(score):
 def test_unknown_score_is_refused():
     with pytest.raises(ValueError, match="score must be one of"):
         scoring.contributions(np.zeros((2, 2)), np.zeros((2, 2)), None, "fast")
+
+
+def test_live_detector_never_reads_a_non_finite_score_as_normal(tmp_path, monkeypatch):
+    """A NaN score (impossible with clipped inputs, so forced here) skips the window, counts it as
+    reason="non_finite" and leaves puad_anomaly where it was; an extreme input scores finite."""
+    import detect_live
+    from puad import model_id
+    from utils import Scaler
+    torch.manual_seed(0)
+    cfg = _cfg(f"--live_log={tmp_path / 'events.jsonl'}", "--smooth=2")
+    V = 3
+    model = PUAD(cfg, V).eval()
+    ckpt = {"features": ["a", "b", "c"], "config": {}, "model": model.state_dict()}
+    ckpt["model_id"] = model_id(ckpt["model"])
+    rng = np.random.default_rng(0)
+    scaler = Scaler().fit(rng.random((100, V)))
+    cal = scoring.calibrate(score_series(model, scaler.transform(rng.random((200, V))), cfg.seq_len), cfg)
+    states = {"svc": {"local": None, "scaler": scaler, "use_local": False}}
+    det = detect_live.Detector(cfg, ckpt, model, ["svc"], {"rate_window": "1s"}, [], states, {"svc": cal})
+    n = cfg.seq_len + cfg.smooth - 1
+    window = rng.random((n, V))
+    window[-1, 0] = 1e30
+    monkeypatch.setattr(detect_live, "fetch_presence", lambda *a, **k: {})
+    monkeypatch.setattr(detect_live, "fetch_window", lambda *a, **k: (window, 0))
+    det.poll(1000)
+    assert det.c_scored.labels("svc")._value.get() == 1 and np.isfinite(det.g_score.labels("svc")._value.get())
+    assert det.g_anomaly.labels("svc")._value.get() == 1  # the 1e30 is far out of range
+    monkeypatch.setattr(det, "score_window", lambda *a: float("nan"))
+    det.poll(1001)
+    assert det.c_skipped.labels("svc", "non_finite")._value.get() == 1
+    assert det.c_scored.labels("svc")._value.get() == 1
+    assert det.g_anomaly.labels("svc")._value.get() == 1  # kept, neither raised nor cleared by a NaN
