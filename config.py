@@ -95,7 +95,7 @@ class Config:
     progress: bool = True
     # live detection (detect_live.py; --threshold=NUMBER there sets the threshold explicitly)
     prometheus: str = "http://localhost:9090"  # Prometheus base URL (env PROMETHEUS_URL when left default)
-    metrics_file: str = "lab/metrics-lab.yaml"  # metric set YAML (export_metrics.py format)
+    metrics_file: str = "labshop/metrics-lab.yaml"  # metric set YAML (export_metrics.py format)
     rate_window: str = ""                # override the metric set's $rate_window ('' = keep)
     live_step: int = 15                  # seconds between polls = the grid step of a window
     port: int = 9109                     # /metrics of the detector

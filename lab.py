@@ -5,15 +5,15 @@
     python lab.py --ci --out=/tmp/lab                             # about a minute, 2 faults
 
 Starts, all on 127.0.0.1 and each in its own process group:
-  - the shop (lab/shop.py): front-end -> catalogue (SQLite) and payment, and a load
+  - the shop (labshop/shop.py): front-end -> catalogue (SQLite) and payment, and a load
     generator whose rate follows a slow cycle plus a wandering random factor;
   - node_exporter and Prometheus (generated config, temporary storage in the run folder)
     scraping every service every --scrape;
 then runs: warm-up (scrapes settle, every target must be up) -> normal period (train) ->
-test period playing a seeded random fault schedule (lab/faults.py: cpu-stress,
+test period playing a seeded random fault schedule (labshop/faults.py: cpu-stress,
 memory-stress, pod-failure, network-delay on catalogue and payment, with normal gaps),
 writing the fault log as it goes -> stops the shop -> exports the recording with
-export_metrics.export() and lab/metrics-lab.yaml into OUT/<service>/{train,test,
+export_metrics.export() and labshop/metrics-lab.yaml into OUT/<service>/{train,test,
 test_label}.csv, copies the fault log to OUT/faults.csv and writes OUT/lab_run.json ->
 stops Prometheus. Every process it started is stopped at the end, also on Ctrl-C, SIGTERM,
 SIGHUP or an error (SIGCONT + SIGTERM to its process group, SIGKILL after 5 s); children
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import json
 import math
 import os
@@ -47,14 +46,13 @@ from pathlib import Path
 import requests
 import yaml
 
-ROOT = Path(__file__).resolve().parent
-LAB = ROOT / "lab"
-sys.path.insert(0, str(ROOT))
-import export_metrics  # noqa: E402
+import export_metrics
+import faultlog
+import prometheus
+from labshop import faults
 
-_spec = importlib.util.spec_from_file_location("lab_faults", LAB / "faults.py")
-faults = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(faults)
+ROOT = Path(__file__).resolve().parent
+LAB = ROOT / "labshop"
 
 PROG = "lab.py"
 SERVICES = ("front-end", "catalogue", "payment")
@@ -256,7 +254,7 @@ def query_up(prometheus: str) -> dict[str, float]:
 
 def run(args: argparse.Namespace | list[str] | None = None) -> dict:
     """Run the lab (see the module docstring) -> summary dict (also OUT/lab_run.json).
-    Raises LabError, export_metrics.ExportError, faults.FaultError or KeyboardInterrupt;
+    Raises LabError, faultlog.ExportError, faults.FaultError or KeyboardInterrupt;
     every started process is stopped before it returns or raises."""
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
@@ -265,12 +263,12 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict:
     if missing:
         raise LabError(f"missing program(s) {', '.join(missing)}: apt-get install prometheus "
                        "prometheus-node-exporter stress-ng")
-    scrape_s = export_metrics.parse_step(args.scrape)
-    step_s = export_metrics.parse_step(args.step or args.scrape)
+    scrape_s = prometheus.parse_step(args.scrape)
+    step_s = prometheus.parse_step(args.step or args.scrape)
     rate_window = args.rate_window or f"{5 * scrape_s}s"
     total = args.minutes * 60
     recorded = total - args.warmup
-    if args.warmup < export_metrics.parse_step(rate_window) + scrape_s or recorded <= 0:
+    if args.warmup < prometheus.parse_step(rate_window) + scrape_s or recorded <= 0:
         raise LabError(f"--warmup ({args.warmup:.0f}s) must exceed the rate window "
                        f"({rate_window}) by a scrape, and --minutes must leave time after it")
     train_s = round(recorded * args.train_fraction)
@@ -363,9 +361,9 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict:
         train_end = start + train_s
         end = train_end + round(test_s)
         summary["times"] = {"start": start, "train_end": train_end, "end": end,
-                            "start_iso": export_metrics.format_time(start),
-                            "train_end_iso": export_metrics.format_time(train_end),
-                            "end_iso": export_metrics.format_time(end)}
+                            "start_iso": faultlog.format_time(start),
+                            "train_end_iso": faultlog.format_time(train_end),
+                            "end_iso": faultlog.format_time(end)}
         say(f"normal period (train) {summary['times']['start_iso']} .. "
             f"{summary['times']['train_end_iso']}")
         sleep_until(train_end, processes)
@@ -382,14 +380,14 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict:
             summary["pids"] = processes.pids()
             sleep_until(fault_start + fault["duration"], processes)
             injector.stop(active)
-            export_metrics.append_fault(fault_log, fault_start, math.ceil(time.time()),
+            faultlog.append_fault(fault_log, fault_start, math.ceil(time.time()),
                                         fault["kind"], fault["target"], fault["name"])
             active = None
             say(f"fault {fault['name']} ended")
         sleep_until(end + 2 * scrape_s, processes)  # the last points are scraped
 
         processes.stop_matching(("loadgen", "front-end", "catalogue", "payment", "node_exporter"))
-        logged = export_metrics.read_fault_log(fault_log)
+        logged = faultlog.read_fault_log(fault_log)
         if args.label_scope == "target+front-end":
             label_faults = logged + [{**f, "target": "front-end"} for f in logged
                                      if f["target"] != "front-end"]
@@ -419,7 +417,7 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict:
                 try:
                     injector.stop(active)
                 finally:
-                    export_metrics.append_fault(fault_log, fault_start, math.ceil(time.time()),
+                    faultlog.append_fault(fault_log, fault_start, math.ceil(time.time()),
                                                 active["fault"]["kind"], active["fault"]["target"],
                                                 active["fault"]["name"] + "-interrupted")
             processes.stop_all()
@@ -440,7 +438,7 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(argv))
-    except (LabError, export_metrics.ExportError, faults.FaultError) as e:
+    except (LabError, faultlog.ExportError, faults.FaultError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
