@@ -174,6 +174,19 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for a script's own options (bench.py): a bad option is one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        cli_error(message)
+
+
+def parse_bool(text: str) -> bool:
+    """--flag=True|False (also 1/0, yes/no) for argparse."""
+    value = _coerce("flag", text, False)
+    return value
+
+
 def _type_name(default) -> str:
     return type(default).__name__
 

@@ -136,8 +136,8 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu", kind: 
         kind = "local" if isinstance(ckpt, dict) and "beta_l" in ckpt else "shared"
     need = ("n_features", "features") if kind == "shared" else ("entity", "features", "beta_l", "g_local", "scaler")
     missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
-    if kind == "shared" and isinstance(ckpt, dict) and not ("model_args" in ckpt or "config" in ckpt):
-        missing.append("config or model_args")
+    if kind == "shared" and not (isinstance(ckpt, dict) and ("model_args" in ckpt or "config" in ckpt)):
+        missing.insert(0, "config or model_args")  # model_args since they were split from config
     if missing:
         fail(f"{path}: not a PUAD {kind} checkpoint (no {', '.join(missing)})")
     return ckpt

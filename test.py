@@ -176,10 +176,17 @@ def save_figure(fig, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    t0 = time.time()
     parsed = cli(argv, description=__doc__, show=False)
-    ckpt = read_checkpoint(parsed.cfg.ckpt)
-    cfg = run_config(parsed.cfg, ckpt, parsed.given)  # the model fields are the checkpoint's
+    return evaluate_checkpoint(parsed.cfg, parsed.given)
+
+
+def evaluate_checkpoint(cfg: Config, given: set[str] = frozenset()) -> dict:
+    """Evaluate cfg.ckpt (what `python test.py` runs; meta_eval.py calls it with Config objects):
+    the model fields are the checkpoint's, --data and --entities default to its training data
+    unless given (puad.run_config)."""
+    t0 = time.time()
+    ckpt = read_checkpoint(cfg.ckpt)
+    cfg = run_config(cfg, ckpt, given)
     print_config(cfg)
     if cfg.threshold.lower() not in ("spot", "pot", "percentile", "pct", "quantile"):
         raise SystemExit(f"test.py: error: --threshold={cfg.threshold}: a fixed number is for detect_live.py; "

@@ -369,7 +369,13 @@ def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
         sys.stdout = open(os.devnull, "w")  # under torchrun only rank 0 prints, the config too
     parsed = cli(argv, description=__doc__)
-    cfg = parsed.cfg
+    train(parsed.cfg, parsed.given)
+
+
+def train(cfg: Config, given: set[str] = frozenset()) -> None:
+    """Both stages as cfg.stage says (what `python train_safe.py` runs; meta_eval.py calls it with
+    Config objects). given: the fields set on the command line (the local stage takes --data and
+    --entities from the checkpoint unless given)."""
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -382,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         # one run per --ckpt: it writes the checkpoint, its .last.ckpt and the local files beside it
         lock = output_lock(ckpt_path.with_name(ckpt_path.name + ".lock")) if rank == 0 else None
         with lock or contextlib.nullcontext():
-            _train(cfg, device, rank, world, parsed.given)
+            _train(cfg, device, rank, world, given)
     except LockError as e:
         raise SystemExit(f"train_safe.py: error: {e}") from None
     except DataError as e:

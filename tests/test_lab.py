@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from export_metrics import parse_step, read_fault_log
+from faultlog import read_fault_log
+from prometheus import parse_step
 from utils import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
