@@ -158,6 +158,9 @@ MODEL_FIELDS = ("seq_len", "d_model", "n_heads", "n_layers", "d_ff", "d_h1", "d_
 # what it was trained on: the defaults of a run on the checkpoint (--data, --entities, --val_frac
 # may change them) and adapt_windows (which rows calibrate it)
 TRAINED_ON = ("data", "entities", "val_frac", "adapt_windows")
+# defaults from the checkpoint that a run may change: the data, and the scaler kind of an entity
+# the checkpoint has no scaler for (a new entity adapted with --adapt_scaler=own, or scored unseen)
+OVERRIDABLE = ("data", "entities", "val_frac", "scaler")
 
 
 def model_args(cfg: Config) -> dict:
@@ -176,15 +179,14 @@ def checkpoint_args(ckpt: dict) -> dict:
 def run_config(cfg: Config, ckpt: dict, given: set[str] = frozenset()) -> Config:
     """The Config of a run on a trained checkpoint (test.py, detect_live.py, ablation.py, the local
     stage): the model fields are the checkpoint's (one set differently on the command line is
-    ignored, with a warning); --data, --entities and --val_frac default to those it was trained on;
-    every run option (scoring, thresholds, outputs, device...) is the command line's."""
+    ignored, with a warning); --data, --entities, --val_frac and --scaler (OVERRIDABLE) default to
+    the checkpoint's unless given; every run option (scoring, thresholds, outputs, device...) is the command line's."""
     args = checkpoint_args(ckpt)
     ignored = [f"--{k}={getattr(cfg, k)!r} (checkpoint: {args[k]!r})" for k in MODEL_FIELDS
-               if k in given and getattr(cfg, k) != args[k]]
+               if k in given and k not in OVERRIDABLE and getattr(cfg, k) != args[k]]
     if ignored:
         log.warning("the checkpoint fixes the model; ignored: %s", ", ".join(ignored))
-    values = {k: args[k] for k in MODEL_FIELDS}
-    values.update({k: args[k] for k in ("data", "entities", "val_frac") if k not in given})
+    values = {k: args[k] for k in dict.fromkeys(MODEL_FIELDS + OVERRIDABLE) if k not in OVERRIDABLE or k not in given}
     try:
         return dataclasses.replace(cfg, **values).validate()
     except ConfigError as e:
