@@ -29,7 +29,10 @@ from pathlib import Path
 
 import yaml
 
-from faultlog import ExportError, append_fault, format_time, read_fault_log
+try:
+    from faultlog import ExportError, append_fault, format_time, read_fault_log
+except ModuleNotFoundError:  # run as a file: the repository root is not on the path
+    raise SystemExit("inject.py: error: run it from the repository root as `python -m chaos.inject ...`") from None
 
 PROG = "inject.py"
 PLAN_KEYS = {"manifest", "duration", "pause_after", "name"}
