@@ -336,30 +336,61 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
     check_out(out, overwrite)
     metric_set = load_metric_set(metric_set_path, namespace, services)
     timestamps = grid(start_s, end_s, step_s)
+    faults = faults_in_range(fault_log, timestamps, label_margin, label_scope, metric_set)
+    split = train_split(train_end, faults, label_margin)
+    results, warnings = query_services(session or make_session(), prometheus, metric_set, timestamps, step_s,
+                                       max_gap, timeout, retries, backoff, progress)
+    out = Path(out)
+    summary = {"out": str(out), "columns": [m["column"] for m in metric_set["metrics"]],
+               "train_end": None if split is None else int(split), "faults": faults,
+               "warnings": warnings, "services": {}}
+    files = {}
+    for service, frame in results.items():
+        service_files, info = split_service(service, frame, split, faults, interpretation_faults, metric_set,
+                                            label_margin, label_scope)
+        files.update(service_files)
+        summary["services"][service] = dict(info, dropped_rows=len(timestamps) - len(frame),
+                                            files=[str(out / p) for p in service_files])
+    check_out(out, overwrite)  # again: another run may have written there while this one queried
+    _write_dataset(out, files)
+    return summary
 
-    faults = []
-    if fault_log is not None:
-        all_faults = fault_log if isinstance(fault_log, list) else read_fault_log(fault_log)
-        faults = [f for f in all_faults
-                  if f["end"] + label_margin >= timestamps[0]
-                  and f["start"] - label_margin <= timestamps[-1]]
-        if not faults:
-            warn(f"no fault of the fault log lies between {format_time(timestamps[0])} and "
-                 f"{format_time(timestamps[-1])}; all labels are 0")
-        for target in sorted({f["target"] for f in faults} - set(metric_set["services"])):
-            if label_scope == "target":
-                warn(f"faults on '{target}' label nothing: it is not an exported service")
 
+def faults_in_range(fault_log: str | os.PathLike | list[dict] | None, timestamps: np.ndarray, label_margin: float,
+                    label_scope: str, metric_set: dict) -> list[dict]:
+    """The faults of the log (a path or a list) whose labelled window meets the grid; warns when
+    none does, or when a fault's target is not an exported service."""
+    if fault_log is None:
+        return []
+    all_faults = fault_log if isinstance(fault_log, list) else read_fault_log(fault_log)
+    faults = [f for f in all_faults
+              if f["end"] + label_margin >= timestamps[0]
+              and f["start"] - label_margin <= timestamps[-1]]
+    if not faults:
+        warn(f"no fault of the fault log lies between {format_time(timestamps[0])} and "
+             f"{format_time(timestamps[-1])}; all labels are 0")
+    for target in sorted({f["target"] for f in faults} - set(metric_set["services"])):
+        if label_scope == "target":
+            warn(f"faults on '{target}' label nothing: it is not an exported service")
+    return faults
+
+
+def train_split(train_end: Any, faults: list[dict], label_margin: float) -> float | None:
+    """Where train.csv ends: --train_end, else before the first fault, else None (all train)."""
     if train_end is not None:
-        split = parse_time(train_end)
-    elif faults:
+        return parse_time(train_end)
+    if faults:
         split = min(f["start"] for f in faults) - label_margin
         warn(f"no --train_end: train.csv ends before the first fault, at {format_time(split)}")
-    else:
-        split = None
+        return split
+    return None
 
-    session = session or make_session()
-    results, warnings, files = {}, [], {}
+
+def query_services(session: requests.Session, prometheus: str, metric_set: dict, timestamps: np.ndarray,
+                   step_s: int, max_gap: int, timeout: float, retries: int, backoff: float,
+                   progress: bool) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """Every column of every service over the grid -> ({service: frame}, warnings)."""
+    results, warnings = {}, []
     total = len(metric_set["services"]) * len(metric_set["metrics"])
     with tqdm(total=total, desc="queries", unit="query", disable=not progress,
               file=sys.stderr) as bar:
@@ -371,50 +402,45 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
             results[service] = frame
     for message in warnings:
         warn(message)
+    return results, warnings
 
-    out = Path(out)
-    summary = {"out": str(out), "columns": [m["column"] for m in metric_set["metrics"]],
-               "train_end": None if split is None else int(split), "faults": faults,
-               "warnings": warnings, "services": {}}
-    for service, frame in results.items():
-        folder = Path(service)  # inside out
-        if split is None:
-            train, test = frame, frame.iloc[0:0]
-        else:
-            train, test = frame[frame["timestamp"] < split], frame[frame["timestamp"] >= split]
-        if train.empty:
-            raise ExportError(f"{service}: no rows left to export" if split is None else
-                              f"{service}: no rows before train_end {format_time(split)} "
-                              "(does the first fault start at the beginning of the range? "
-                              "give --train_end)")
-        if split is not None and test.empty:
-            raise ExportError(f"{service}: no rows at or after train_end {format_time(split)}")
-        labels = make_labels(frame["timestamp"].to_numpy(), faults, service, label_margin,
-                             label_scope)
-        if split is not None and labels.loc[frame["timestamp"].to_numpy() < split, "label"].any():
-            warn(f"{service}: faults lie in the train part (before {format_time(split)})")
-        files[folder / "train.csv"] = train
-        interpretation = pd.DataFrame()
-        if split is not None:
-            files[folder / "test.csv"] = test
-            files[folder / "test_label.csv"] = labels[labels["timestamp"] >= split]
-            interpretation = make_interpretation(
-                test["timestamp"].to_numpy(),
-                faults if interpretation_faults is None else interpretation_faults, service,
-                metric_set["interpretation"], label_margin)
-        if len(interpretation):
-            files[folder / INTERPRETATION_FILE] = interpretation
-        summary["services"][service] = {
-            "train_rows": len(train), "test_rows": len(test),
+
+def split_service(service: str, frame: pd.DataFrame, split: float | None, faults: list[dict],
+                  interpretation_faults: list[dict] | None, metric_set: dict, label_margin: float,
+                  label_scope: str) -> tuple[dict[Path, pd.DataFrame], dict]:
+    """One service's files (paths inside out: train, test, labels, interpretation) and its row counts."""
+    folder = Path(service)  # inside out
+    if split is None:
+        train, test = frame, frame.iloc[0:0]
+    else:
+        train, test = frame[frame["timestamp"] < split], frame[frame["timestamp"] >= split]
+    if train.empty:
+        raise ExportError(f"{service}: no rows left to export" if split is None else
+                          f"{service}: no rows before train_end {format_time(split)} "
+                          "(does the first fault start at the beginning of the range? "
+                          "give --train_end)")
+    if split is not None and test.empty:
+        raise ExportError(f"{service}: no rows at or after train_end {format_time(split)}")
+    labels = make_labels(frame["timestamp"].to_numpy(), faults, service, label_margin,
+                         label_scope)
+    if split is not None and labels.loc[frame["timestamp"].to_numpy() < split, "label"].any():
+        warn(f"{service}: faults lie in the train part (before {format_time(split)})")
+    files = {folder / "train.csv": train}
+    interpretation = pd.DataFrame()
+    if split is not None:
+        files[folder / "test.csv"] = test
+        files[folder / "test_label.csv"] = labels[labels["timestamp"] >= split]
+        interpretation = make_interpretation(
+            test["timestamp"].to_numpy(),
+            faults if interpretation_faults is None else interpretation_faults, service,
+            metric_set["interpretation"], label_margin)
+    if len(interpretation):
+        files[folder / INTERPRETATION_FILE] = interpretation
+    info = {"train_rows": len(train), "test_rows": len(test),
             "anomalous_rows": int(labels.loc[labels["timestamp"] >= split, "label"].sum())
             if split is not None else 0,
-            "interpretation_rows": len(interpretation),
-            "dropped_rows": len(timestamps) - len(frame),
-            "files": [str(out / p) for p in files if p.parent == folder],
-        }
-    check_out(out, overwrite)  # again: another run may have written there while this one queried
-    _write_dataset(out, files)
-    return summary
+            "interpretation_rows": len(interpretation)}
+    return files, info
 
 
 def fetch_window(prometheus: str, metric_set: str | os.PathLike | dict, service: str, end: Any,

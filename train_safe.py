@@ -111,6 +111,29 @@ def validate(model: PUAD, windows: Windows, cfg: Config, use_local: bool) -> flo
     return total / max(n, 1)
 
 
+def make_step(model: PUAD, cfg: Config, dev: torch.device, use_local: bool, start_epoch: int):
+    """The training step, step_fn(xb, rho, use_local) -> loss parts, and the running OT potentials
+    the ranks average after every step (None with one process)."""
+    # --local_plan=running: stage 2 transports each window alone with the potentials stage 1
+    # learned; a balanced plan over a batch of N few-shot windows forces those N windows to use
+    # every prototype equally (for N = 1, theta0' is the mean prototype)
+    batch_plan = not (use_local and cfg.local_plan == "running")
+    rank, world = dist_info()
+    if world == 1:
+        return (lambda xb, rho, ul: model.loss(xb, rho, ul, batch_plan)), None
+    # --batch_size is the global batch: each rank takes batch_size/world of it, gradients are
+    # averaged. Parameters and buffers are broadcast from rank 0 here. The per-forward buffer
+    # broadcast is off: it would overwrite the running OT potentials with rank 0's at every
+    # forward (an average over rank 0's batches only); they are averaged over the ranks after
+    # every step instead (the update is linear in g: the running mean of the ranks' mean g).
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_fwd_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+        inspect.signature(ddp).parameters else {"broadcast_buffers": False}  # older torch
+    step_fn = ddp(LossStep(model), device_ids=[dev.index] if dev.type == "cuda" else None, **no_fwd_sync)
+    torch.manual_seed(cfg.seed + 1000 * start_epoch + rank + 1)  # each rank its own sampling noise
+    return step_fn, (model.pot.g_local if use_local else model.pot.g_global)
+
+
 def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w: Windows, cfg: Config,
                stage: str, entity: str, epochs: int, lr: float, save, history: list[dict],
                start_epoch: int = 0, opt_state: dict | None = None, best_val: float = math.inf) -> float:
@@ -124,24 +147,7 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
     bad_run = 0
     model.train()
     rank, world = dist_info()
-    # --local_plan=running: stage 2 transports each window alone with the potentials stage 1
-    # learned; a balanced plan over a batch of N few-shot windows forces those N windows to use
-    # every prototype equally (for N = 1, theta0' is the mean prototype)
-    batch_plan = not (use_local and cfg.local_plan == "running")
-    step_fn = lambda xb, rho, ul: model.loss(xb, rho, ul, batch_plan)  # noqa: E731
-    if world > 1:
-        # --batch_size is the global batch: each rank takes batch_size/world of it, gradients are
-        # averaged. Parameters and buffers are broadcast from rank 0 here. The per-forward buffer
-        # broadcast is off: it would overwrite the running OT potentials with rank 0's at every
-        # forward (an average over rank 0's batches only); they are averaged over the ranks after
-        # every step instead (the update is linear in g: the running mean of the ranks' mean g).
-        dev = train_w.data.device
-        ddp = torch.nn.parallel.DistributedDataParallel
-        no_fwd_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
-            inspect.signature(ddp).parameters else {"broadcast_buffers": False}  # older torch
-        step_fn = ddp(LossStep(model), device_ids=[dev.index] if dev.type == "cuda" else None, **no_fwd_sync)
-        torch.manual_seed(cfg.seed + 1000 * start_epoch + rank + 1)  # each rank its own sampling noise
-        running = model.pot.g_local if use_local else model.pot.g_global
+    step_fn, running = make_step(model, cfg, train_w.data.device, use_local, start_epoch)
     for epoch in range(start_epoch + 1, epochs + 1):
         t0, sums, n, skipped = time.time(), dict(total=0.0, recon=0.0, kl0=0.0, kl1=0.0, ot=0.0), 0, 0
         bar = tqdm(train_w.batches(cfg.batch_size, gen, cfg.max_train_windows, split=(rank, world)),
