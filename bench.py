@@ -1,9 +1,9 @@
 """Performance benchmark: matmul peak, training and scoring throughput, FLOPs, memory, scaling.
 
     python bench.py                                  # presets cpu and paper, writes res_hr/bench.json
-    python bench.py --quick --presets=cpu            # a quick look (~1 min on 2 cores)
+    python bench.py --quick --presets=cpu            # a quick look
     python bench.py --threads=1 --out=res_hr/bench-1t.json
-    python bench.py --presets=cpu --compile          # also torch.compile'd scoring (~1 min to compile)
+    python bench.py --presets=cpu --compile          # also torch.compile'd scoring
 
 Measured on this machine, on the device utils.get_device picks (--device=cpu|cuda):
   - the matmul peak (GFLOP/s) in fp32, and in bf16 (only fast with hardware bf16: AMX, AVX512-BF16, GPUs);
@@ -274,7 +274,7 @@ def bench_preset(name: str, opts: dict, device: torch.device, series: list, peak
         model = PUAD(cfg, V).to(device)
     res["parameters"] = sum(p.numel() for p in model.parameters())
     if quick and name == "paper":
-        cfg.batch_size = 64  # one paper-batch step takes seconds on a CPU
+        cfg.batch_size = 64  # --quick: a smaller paper batch
     trains = [tr for _, tr, _ in series]
     windows = Windows(trains, cfg.seq_len, 1, device)
     xb = windows.data[windows.starts[:cfg.batch_size, None] + windows.steps]
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     if load0[0] > 0.5 and torch.get_num_threads() > 1:
         print(f"warning: load average {load0[0]:.1f} before the run: other jobs share these cores, and "
               f"{torch.get_num_threads()} OpenMP threads per process slow down badly when a core is taken "
-              f"(measured here: cpu-preset training 305 windows/s with 2 threads vs 1151 with --threads=1)", flush=True)
+              f"(try --threads=1)", flush=True)
     series, source, _ = entity_series(opts["data"], 1)
     results = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                    cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["load_average_end"] = os.getloadavg()
     results["seconds"] = round(time.time() - t_start, 1)
     write_json_atomic(opts["out"], results)
-    print(f"\nload average {results['load_average_end'][0]:.2f} at the end (2 cores shared: timings are noisy); "
+    print(f"\nload average {results['load_average_end'][0]:.2f} at the end; "
           f"wrote {opts['out']} in {results['seconds']:.0f}s")
     return results
 

@@ -78,8 +78,8 @@ class Config:
     score_batch: int = 1024
     score_mode: str = "point"            # point: the window ending at each point | block: non-overlapping
                                          # windows, each scores all its points (~seq_len x fewer passes)
-    score_amp: bool = False              # CUDA only: bf16 autocast for the encoder when scoring (unmeasured)
-    score_compile: bool = False          # torch.compile the scorer (compiles ~1 min; no gain measured on CPU; CUDA unmeasured)
+    score_amp: bool = False              # CUDA only: bf16 autocast for the encoder when scoring
+    score_compile: bool = False          # torch.compile the scorer (compiled once per model; docs/performance.md)
     threshold: str = "spot"              # spot | percentile
     spot_q: float = 1e-2                 # SPOT risk level (docs/ablation.md: 1e-3 flags too little on ASD and SMD)
     spot_level: float = 0.98             # initial quantile of the peaks-over-threshold fit

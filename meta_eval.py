@@ -9,7 +9,7 @@ History: one shared model trained on omi-1..omi-9 (80 % of the servers). For eac
   pca           (d) PCA reconstruction error fitted on the same N windows
 Thresholds come from the N windows' own scores (SPOT), never from labels.
 
-    python meta_eval.py                       # cpu preset, about an hour on 2 cores
+    python meta_eval.py                       # cpu preset
     python meta_eval.py --adapt_scaler=history --out_dir=res_hr/meta_history
 Writes <out_dir>/meta_eval.csv and <out_dir>/meta_eval.png; models under <out_dir>/meta/.
 """

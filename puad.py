@@ -82,7 +82,7 @@ class PUAD(nn.Module):
 
         Each window is transported on its own (running OT potentials), so nothing depends on
         the batch. n_samples=0 uses posterior means; L > 0 averages mu and std over L samples.
-        amp: the whole pass under bf16 autocast, on CUDA only (off by default; unmeasured).
+        amp: the whole pass under bf16 autocast, on CUDA only (off by default).
         compile: the posterior-mean pass through torch.compile (dynamic batch size, compiled
         once per model; see docs/performance.md).
         """
