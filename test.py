@@ -11,6 +11,10 @@ to compute metrics. Writes to --out_dir (res_hr/): metrics.json, scores_<entity>
 evaluation_metrics.png, anomaly_scores_<entity>.png, transport_plan.png. One run per --out_dir
 (a second one stops with a one-line error naming <out_dir>/.test.lock). A local file that does
 not belong to the checkpoint and entity is refused (puad.local_mismatch).
+
+The model (the checkpoint's model_args) is the checkpoint's; --data, --entities, --val_frac and
+--scaler default to its training run's; every other option (scoring, thresholds, outputs) is
+the command line's, with Config's defaults (puad.run_config).
 """
 from __future__ import annotations
 

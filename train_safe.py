@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from config import Config, cli
-from puad import (PUAD, build_model, fail, local_mismatch, local_path, model_args, model_id, read_checkpoint,
+from puad import (PUAD, build_model, checkpoint_args, fail, local_mismatch, local_path, model_args, model_id, read_checkpoint,
                   run_config, save_checkpoint)
 from utils import (DataError, Entity, LockError, Scaler, Windows, align_features, get_device, load_dataset, log,
                    output_lock, set_seed, split_train_val, write_csv_atomic)
@@ -259,7 +259,7 @@ def train_global(cfg: Config, device: torch.device) -> Path:
         try:
             model.load_state_dict(last["model"])
         except RuntimeError:
-            changed = {k: (v, getattr(cfg, k)) for k, v in last["config"].items()
+            changed = {k: (v, getattr(cfg, k)) for k, v in checkpoint_args(last).items()
                        if k in ("seq_len", "d_model", "n_heads", "n_layers", "d_ff", "d_h1", "d_theta",
                                 "n_global", "n_local") and v != getattr(cfg, k)}
             fail(f"{last_path}: --resume: model of other sizes (saved vs now: {changed or 'see the config'}); "

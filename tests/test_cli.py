@@ -150,3 +150,30 @@ def test_scripts_use_plain_imports(script):
     # lab.py runs export_metrics.export(), a script's function; the others need no script at all
     forbidden = {"train_safe"} | (set() if script == "lab.py" else {"export_metrics"})
     assert not imports(script) & forbidden
+
+
+def test_train_and_test_with_space_separated_options(tmp_path, capsys):
+    """`--epochs 1` end to end: the checkpoint stores model_args, test.py takes the model from it
+    and its run options from the command line; metrics.json holds the whole config."""
+    import json
+
+    import test as evaluate_script
+    import train_safe
+    from puad import read_checkpoint
+    from test_reliability import make_dataset
+    data = make_dataset(tmp_path / "data", features=("a", "b", "c"))
+    (data / "e2" / "train.csv").write_text(  # another column order: aligned by name
+        __import__("pandas").read_csv(data / "e2" / "train.csv")[["timestamp", "c", "a", "b"]].to_csv(index=False))
+    train_safe.main(["--data", str(data), "--preset", "test", "--ckpt", str(tmp_path / "puad.ckpt"),
+                     "--loss_csv", str(tmp_path / "loss.csv"), "--seq_len", "10", "--epochs", "1",
+                     "--stage", "global", "--no-progress", "--num_threads", "1"])
+    ckpt = read_checkpoint(tmp_path / "puad.ckpt")
+    assert ckpt["model_args"]["seq_len"] == 10 and ckpt["model_args"]["data"] == str(data)
+    capsys.readouterr()
+    res = evaluate_script.main(["--ckpt", str(tmp_path / "puad.ckpt"), "--out_dir", str(tmp_path / "res"),
+                                "--no-plots", "--smooth", "1"])
+    printed = capsys.readouterr().out
+    assert "seq_len=10" in printed and "smooth=1" in printed and "score_floor" not in printed
+    doc = json.loads((tmp_path / "res" / "metrics.json").read_text())
+    assert doc["config"]["seq_len"] == 10 and doc["config"]["smooth"] == 1 and doc["config"]["data"] == str(data)
+    assert set(res["entities"]) == {"e1", "e2"}
