@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import math
@@ -134,6 +135,7 @@ class ConfigError(ValueError):
 # comments above), so every script answers --help and takes --field=value, --field value,
 # --flag / --no-flag and --flag=True|False.
 
+@functools.lru_cache(maxsize=None)
 def _field_docs() -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
     """From this file's source: {field: its comment}, {field: its group}, {group: group comment}.
 

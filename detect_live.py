@@ -71,11 +71,11 @@ import torch
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")  # no *_created series
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server  # noqa: E402
 
-import prometheus  # noqa: E402
 import puad  # noqa: E402
 import scoring  # noqa: E402
 from config import Config, cli, print_config  # noqa: E402
 from faultlog import ExportError  # noqa: E402
+from prometheus import load_metric_set, make_session, parse_step, query_range, render_query  # noqa: E402
 from puad import (apply_local_state, build_model, calibrate_entity, local_path, read_checkpoint,  # noqa: E402
                   run_config, score_series)
 from utils import DataError, align_features, load_dataset  # noqa: E402
@@ -157,7 +157,7 @@ def _column(session, prometheus: str, query: str, start: int, end: int, step: in
     """One query_range -> {timestamp: value}, several series combined with agg; no retries here
     (the poll loop backs off). Raises QueryError when Prometheus does not answer."""
     try:
-        series = prometheus.query_range(session, prometheus, query, start, end, step,
+        series = query_range(session, prometheus, query, start, end, step,
                                             timeout=timeout, retries=0)
     except ExportError as e:
         raise QueryError(str(e)) from None
@@ -174,7 +174,7 @@ def _column(session, prometheus: str, query: str, start: int, end: int, step: in
 def window_grid(metric_set: dict, end: int, n: int, step: int) -> tuple[np.ndarray, int]:
     """Grid of a window of n points ending at `end`, with the rate window's points before it
     -> (grid, number of rate-window points in front)."""
-    rate_steps = math.ceil(prometheus.parse_step(metric_set["rate_window"]) / step)
+    rate_steps = math.ceil(parse_step(metric_set["rate_window"]) / step)
     first = end - (n - 1 + rate_steps) * step
     return np.arange(first, end + step, step, dtype=np.int64), rate_steps
 
@@ -197,7 +197,7 @@ def fetch_window(session, prometheus: str, metric_set: dict, metrics: list[dict]
         presence = fetch_presence(session, prometheus, grid, step, timeout)
     x = np.full((len(grid), len(metrics)), np.nan)
     for j, m in enumerate(metrics):
-        got = _column(session, prometheus, prometheus.render_query(m, metric_set, service),
+        got = _column(session, prometheus, render_query(m, metric_set, service),
                       int(first), int(end), step, m["agg"], timeout)
         x[:, j] = [got.get(int(t), np.nan) for t in grid]
         if m["fill"] is not None:
@@ -224,7 +224,7 @@ class Detector:
         self.prometheus = cfg.prometheus
         if cfg.prometheus == Config.prometheus and os.environ.get("PROMETHEUS_URL"):
             self.prometheus = os.environ["PROMETHEUS_URL"]
-        self.session = prometheus.make_session()
+        self.session = make_session()
         self.step = cfg.live_step
         self.stop_event = threading.Event()
         self.anomalous = {e: False for e in entities}
@@ -409,7 +409,7 @@ def setup(argv: list[str]) -> Detector:
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     try:
-        metric_set = prometheus.load_metric_set(cfg.metrics_file)
+        metric_set = load_metric_set(cfg.metrics_file)
     except ExportError as e:
         raise LiveError(str(e)) from None
     if cfg.rate_window:

@@ -124,7 +124,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     torch.save({"config": dataclasses.asdict(Config(**PRESETS["test"])), "features": ["up", "cpu_rate", "mystery"],
                 "n_features": 3, "scalers": {}, "entities": ["catalogue"]}, ckpt)
     result = subprocess.run([sys.executable, str(ROOT / "detect_live.py"), f"--ckpt={ckpt}",
-                             f"--metrics_file={ROOT / 'lab' / 'metrics-lab.yaml'}", "--threshold=1.0",
+                             f"--metrics_file={ROOT / 'labshop' / 'metrics-lab.yaml'}", "--threshold=1.0",
                              f"--port={free_port()}", "--num_threads=1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
