@@ -387,6 +387,7 @@ def _number_or(*allowed: str):
     return ok, "a number or one of " + " | ".join(allowed)
 
 
+THRESHOLD_METHODS = ("spot", "pot", "percentile", "pct", "quantile")  # --threshold's names (scoring.py)
 _pos = (lambda v: v >= 1), ">= 1"
 _nonneg = (lambda v: v >= 0), ">= 0"
 _positive = (lambda v: v > 0), "> 0"
@@ -416,7 +417,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "score": _choice("norm", "se", "nll"), "score_floor": _positive, "const_floor": _positive,
     "smooth": _pos,
     # a number only in detect_live.py (a fixed threshold); test.py refuses it
-    "threshold": _number_or("spot", "pot", "percentile", "pct", "quantile"),
+    "threshold": _number_or(*THRESHOLD_METHODS),
     "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "spot_level": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "percentile": ((lambda v: 0 <= v <= 100), "in [0, 100]"),

@@ -73,7 +73,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 import puad  # noqa: E402
 import scoring  # noqa: E402
-from config import Config, cli, print_config  # noqa: E402
+from config import THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
 from faultlog import ExportError  # noqa: E402
 from prometheus import load_metric_set, make_session, parse_step, query_range, render_query  # noqa: E402
 from puad import (apply_local_state, build_model, calibrate_entity, local_path, read_checkpoint,  # noqa: E402
@@ -424,7 +424,7 @@ def setup(argv: list[str]) -> Detector:
     model, _ = build_model(ckpt, "cpu")
     states = {e: entity_state(ckpt, cfg, e) for e in entities}
     fixed = explicit_threshold(cfg.threshold)
-    if fixed is None and cfg.threshold.lower() not in ("spot", "pot", "percentile", "pct", "quantile"):
+    if fixed is None and cfg.threshold.lower() not in THRESHOLD_METHODS:
         raise LiveError(f"--threshold={cfg.threshold}: give a number, spot or percentile")
     calibrations = {}
     for e in entities:

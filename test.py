@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from config import Config, cli, print_config  # noqa: E402
+from config import THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
 from metrics import evaluate, interpretation_metrics, segments, summarize  # noqa: E402
 import scoring  # noqa: E402
 from puad import (apply_local_state, build_model, calibrate_entity, entity_state,  # noqa: E402
@@ -192,7 +192,7 @@ def evaluate_checkpoint(cfg: Config, given: set[str] = frozenset()) -> dict:
     ckpt = read_checkpoint(cfg.ckpt)
     cfg = run_config(cfg, ckpt, given)
     print_config(cfg)
-    if cfg.threshold.lower() not in ("spot", "pot", "percentile", "pct", "quantile"):
+    if cfg.threshold.lower() not in THRESHOLD_METHODS:
         raise SystemExit(f"test.py: error: --threshold={cfg.threshold}: a fixed number is for detect_live.py; "
                          f"test.py takes spot or percentile")
     model, _ = build_model(ckpt, get_device(cfg.device))
