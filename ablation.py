@@ -12,18 +12,18 @@ share of test points flagged. Labels are used only for the metrics. Writes the t
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 import scoring
-from config import Config, cli_ckpt, cli_config
+from config import cli, print_config
 from metrics import evaluate, summarize
 from puad import (apply_local_state, build_model, calibration_input, entity_state, read_checkpoint,
-                  score_kwargs, score_series)
-from utils import DataError, Scaler, atomic_write, get_device, load_dataset, log, write_json_atomic
+                  run_config, score_kwargs, score_series)
+from utils import (DataError, Scaler, align_features, atomic_write, get_device, load_dataset, log,
+                   write_json_atomic)
 
 # name -> Config overrides; the first row is the default, each other row changes one thing
 VARIANTS: dict[str, dict] = {
@@ -44,13 +44,11 @@ KEYS = ("auc_pr", "f1", "vus_pr", "f1_pa", "auc_roc", "best_f1_oracle")
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
     t0 = time.time()
-    ckpt = read_checkpoint(cli_ckpt(argv))
-    # the scoring fields take today's defaults, not the training run's (each row is a change from them)
-    scoring_defaults = {k: getattr(Config, k) for k in ("score", "score_floor", "const_floor", "smooth",
-                                                         "threshold", "spot_q", "spot_level", "percentile")}
-    cfg = cli_config(argv, defaults=dict(ckpt["config"], **scoring_defaults, out_dir="res_hr/ablation"))
+    parsed = cli(argv, defaults=dict(out_dir="res_hr/ablation"), description=__doc__, show=False)
+    ckpt = read_checkpoint(parsed.cfg.ckpt)
+    cfg = run_config(parsed.cfg, ckpt, parsed.given)  # the model fields are the checkpoint's
+    print_config(cfg)
     model, _ = build_model(ckpt, get_device(cfg.device))
     try:
         entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
@@ -62,14 +60,17 @@ def main(argv: list[str] | None = None) -> dict:
         if ent.labels is None:
             log.warning("%s: no labels; skipped", ent.name)
             continue
-        idx = [ent.features.index(f) for f in ckpt["features"]]
+        try:
+            ent = align_features(ent, list(ckpt["features"]), f"{cfg.data}/{ent.name}")
+        except DataError as e:
+            raise SystemExit(f"ablation.py: error: {e}") from None
         local, scaler = entity_state(ckpt, cfg.ckpt, ent.name)
         use_local = local is not None and cfg.use_local
         if local is not None:
             apply_local_state(model, local)
-        scaler = scaler or Scaler(cfg.scaler).fit(ent.train[:, idx])
-        calib = calibration_input(model, ckpt, cfg, scaler.transform(ent.train[:, idx]), local, use_local)
-        test = score_series(model, scaler.transform(ent.test[:, idx]), cfg.seq_len, use_local, **score_kwargs(cfg))
+        scaler = scaler or Scaler(cfg.scaler).fit(ent.train)
+        calib = calibration_input(model, ckpt, cfg, scaler.transform(ent.train), local, use_local)
+        test = score_series(model, scaler.transform(ent.test), cfg.seq_len, use_local, **score_kwargs(cfg))
         for name, overrides in VARIANTS.items():
             vcfg = dataclasses.replace(cfg, **overrides)
             cal = scoring.calibrate(calib, vcfg)
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
                     + f" | {100 * results[name]['flagged']:.1f} % |")
     table = ("| variant | AUC-PR | F1 (label-free threshold) | VUS-PR | F1-PA | AUC-ROC | best F1 (oracle) | flagged |\n"
              "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    head = (f"{cfg.data}, checkpoint {cfg.ckpt} (best epoch {ckpt.get('epoch', '?')} of {ckpt['config']['epochs']}), "
+    head = (f"{cfg.data}, checkpoint {cfg.ckpt} (best epoch {ckpt.get('epoch', '?')} of {ckpt.get('config', {}).get('epochs', '?')}), "
             f"means over {len(per_variant[next(iter(VARIANTS))])} entities\n\n")
     print("\n" + head + table)
     out = Path(cfg.out_dir)

@@ -26,7 +26,6 @@ Baseline-only options (not Config fields): --methods, --knn_k (5), --knn_max_tra
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +38,7 @@ from sklearn.neighbors import NearestNeighbors
 
 import metrics
 import scoring
-from config import Config, ConfigError, parse_config
+from config import Config, cli, cli_error
 from utils import (Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
                    set_seed, split_train_val, window_to_point_scores, write_json_atomic)
 
@@ -174,34 +173,25 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, An
     return res
 
 
-def _split_argv(argv: list[str]) -> tuple[list[str], dict[str, Any]]:
-    opt = dict(EXTRA_DEFAULTS)
-    rest = []
-    for arg in argv:
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        if key in opt and "=" in arg:
-            text = arg.split("=", 1)[1]
-            opt[key] = text if key == "methods" else type(EXTRA_DEFAULTS[key])(float(text))
-        else:
-            rest.append(arg)
-    return rest, opt
+def add_options(parser) -> None:
+    """baselines.py's own options (EXTRA_DEFAULTS), after Config's."""
+    group = parser.add_argument_group("baselines")
+    group.add_argument("--methods", default=EXTRA_DEFAULTS["methods"],
+                       help=f"comma list of {', '.join(METHODS)} (default: all)")
+    for key, value in EXTRA_DEFAULTS.items():
+        if key != "methods":
+            group.add_argument(f"--{key}", type=lambda t, kind=type(value): kind(float(t)), default=value,
+                               metavar=type(value).__name__.upper(), help=f"[default {value!r}]")
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     """Run the chosen baselines; returns {method: metrics.json content}."""
-    argv = sys.argv[1:] if argv is None else argv
-    rest, opt = _split_argv(argv)
-    try:
-        cfg = parse_config(rest, defaults={"out_dir": ""})
-    except ConfigError as e:
-        print(f"baselines.py: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    parsed = cli(argv, defaults={"out_dir": ""}, description=__doc__, extra=add_options)
+    cfg, opt = parsed.cfg, vars(parsed.opts)
     methods = [m.strip() for m in str(opt["methods"]).split(",") if m.strip()]
     unknown = [m for m in methods if m not in FITTERS]
     if unknown:
-        print(f"baselines.py: error: unknown method(s) {unknown}; choose from {METHODS}",
-              file=sys.stderr)
-        raise SystemExit(2)
+        cli_error(f"unknown method(s) {unknown}; choose from {METHODS}")
     if not cfg.out_dir:  # default: one folder per dataset, so runs do not overwrite each other
         cfg.out_dir = str(Path("res_hr") / "baselines" / Path(cfg.data).resolve().name)
     if cfg.num_threads > 0:

@@ -1,9 +1,9 @@
 """Performance benchmark: matmul peak, training and scoring throughput, FLOPs, memory, scaling.
 
     python bench.py                                  # presets cpu and paper, writes res_hr/bench.json
-    python bench.py --quick --presets=cpu            # a quick look (~1 min on 2 cores)
+    python bench.py --quick --presets=cpu            # a quick look
     python bench.py --threads=1 --out=res_hr/bench-1t.json
-    python bench.py --presets=cpu --compile          # also torch.compile'd scoring (~1 min to compile)
+    python bench.py --presets=cpu --compile          # also torch.compile'd scoring
 
 Measured on this machine, on the device utils.get_device picks (--device=cpu|cuda):
   - the matmul peak (GFLOP/s) in fp32, and in bf16 (only fast with hardware bf16: AMX, AVX512-BF16, GPUs);
@@ -11,7 +11,7 @@ Measured on this machine, on the device utils.get_device picks (--device=cpu|cud
     attention only), training windows/s (the train_safe.py step: forward, backward, clipping,
     Adam) and so the fraction of the fp32 peak reached; the share of a step in Sinkhorn
     (prototype_ot.sinkhorn_log, forward and its unrolled backward) and in data loading
-    (train_safe.Windows.batches gather); scoring points/s in both modes (puad.score_series,
+    (Windows.batches gather); scoring points/s in both modes (puad.score_series,
     --score_mode=point|block); peak memory (CPU: VmHWM of /proc/self/status above the RSS before
     the phase, reset through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated);
   - scaling (cpu preset): data loading and train/score time against 1, 4, 12 ASD entities (real
@@ -21,6 +21,7 @@ best of a few repeats.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -33,28 +34,36 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import prototype_ot
-import train_safe
-from config import parse_config
+from config import OneLineParser, parse_bool, parse_config
 import scoring
 from puad import PUAD, score_series
-from utils import Scaler, get_device, load_dataset, set_seed, write_json_atomic
+from utils import Scaler, Windows, get_device, load_dataset, set_seed, write_json_atomic
 
 OPTIONS = dict(presets="cpu,paper", quick=False, out="res_hr/bench.json", data="../shared/datasets/ASD",
                device="auto", threads=0, score_batch=1024, entities="1,4,12", compile=False)
 V, SEQ_LEN, N_TRAIN, N_TEST = 19, 20, 8640, 4320  # ASD's shape
 
 
+OPTION_HELP = dict(presets="comma list of config.py presets to measure", quick="fewer repeats and smaller matmuls (a quick look)", out="JSON file of every number",
+                   data="ASD-shaped dataset for the real-data runs (synthetic series when absent)",
+                   device="auto | cpu | cuda | cuda:N", threads="torch CPU threads (0 = torch default)",
+                   score_batch="windows per scoring batch", entities="entity counts of the scaling runs ('' = skip)",
+                   compile="also torch.compile'd scoring")
+
+
 def parse_args(argv: list[str]) -> dict:
-    opts = dict(OPTIONS)
-    for a in argv:
-        if not a.startswith("--"):
-            raise SystemExit(f"bench.py: error: unexpected argument {a!r}")
-        key, _, val = a[2:].partition("=")
-        if key not in opts:
-            raise SystemExit(f"bench.py: error: unknown option --{key}; have {', '.join(opts)}")
-        d = opts[key]
-        opts[key] = (val in ("", "1", "true", "True")) if isinstance(d, bool) else type(d)(val)
-    return opts
+    """bench.py's own options (OPTIONS; not Config fields): --help lists them."""
+    parser = OneLineParser(prog="bench.py", description=__doc__, allow_abbrev=False,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, default in OPTIONS.items():
+        if isinstance(default, bool):
+            parser.add_argument(f"--{key}", nargs="?", const=True, type=parse_bool, default=default, metavar="BOOL",
+                                help=f"{OPTION_HELP[key]} (--{key} / --no-{key}; default: {default})")
+            parser.add_argument(f"--no-{key}", dest=key, action="store_false", help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(f"--{key}", type=type(default), default=default, metavar=type(default).__name__.upper(),
+                                help=f"{OPTION_HELP[key]} (default: {default!r})")
+    return vars(parser.parse_args(argv))
 
 
 # ---- timing and memory helpers
@@ -190,7 +199,7 @@ class Probe:
         prototype_ot.sinkhorn_log = self.orig
 
 
-def train_bench(cfg, model: PUAD, windows: train_safe.Windows, device, steps: int) -> dict:
+def train_bench(cfg, model: PUAD, windows: Windows, device, steps: int) -> dict:
     """The train_safe.py step timed: data gather, forward, backward, clipping, Adam."""
     params = [p for n, p in model.named_parameters() if n != "pot.beta_l"]
     opt = torch.optim.Adam(params, lr=cfg.lr)
@@ -269,9 +278,9 @@ def bench_preset(name: str, opts: dict, device: torch.device, series: list, peak
         model = PUAD(cfg, V).to(device)
     res["parameters"] = sum(p.numel() for p in model.parameters())
     if quick and name == "paper":
-        cfg.batch_size = 64  # one paper-batch step takes seconds on a CPU
+        cfg.batch_size = 64  # --quick: a smaller paper batch
     trains = [tr for _, tr, _ in series]
-    windows = train_safe.Windows(trains, cfg.seq_len, 1, device)
+    windows = Windows(trains, cfg.seq_len, 1, device)
     xb = windows.data[windows.starts[:cfg.batch_size, None] + windows.steps]
     fwd, fwd_bwd = model_flops(model, xb)
     res.update(flops_fwd_per_window=fwd, flops_fwd_bwd_per_window=fwd_bwd)
@@ -313,7 +322,7 @@ def bench_scaling(opts: dict, device: torch.device) -> list[dict]:
         set_seed(0)
         model = PUAD(cfg, V).to(device)
         t = time.perf_counter()
-        windows = train_safe.Windows([tr for _, tr, _ in series], cfg.seq_len, 1, device)
+        windows = Windows([tr for _, tr, _ in series], cfg.seq_len, 1, device)
         build_s = time.perf_counter() - t
         tr = train_bench(cfg, model, windows, device, 3 if opts["quick"] else 8)
         model.eval()
@@ -353,7 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
     if load0[0] > 0.5 and torch.get_num_threads() > 1:
         print(f"warning: load average {load0[0]:.1f} before the run: other jobs share these cores, and "
               f"{torch.get_num_threads()} OpenMP threads per process slow down badly when a core is taken "
-              f"(measured here: cpu-preset training 305 windows/s with 2 threads vs 1151 with --threads=1)", flush=True)
+              f"(try --threads=1)", flush=True)
     series, source, _ = entity_series(opts["data"], 1)
     results = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
                    cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
@@ -386,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["load_average_end"] = os.getloadavg()
     results["seconds"] = round(time.time() - t_start, 1)
     write_json_atomic(opts["out"], results)
-    print(f"\nload average {results['load_average_end'][0]:.2f} at the end (2 cores shared: timings are noisy); "
+    print(f"\nload average {results['load_average_end'][0]:.2f} at the end; "
           f"wrote {opts['out']} in {results['seconds']:.0f}s")
     return results
 

@@ -2,19 +2,27 @@
 
 Precedence, lowest to highest: the dataclass defaults (the `cpu` preset), `--preset=NAME`,
 `--config=FILE.py` (a Python file assigning Config field names, as in nanoGPT), then
-`--field=value` for any field (values parsed as Python literals; a bare word is a string).
+`--field=value` or `--field value` for any field (values parsed as Python literals; a bare word
+is a string; bools also as `--flag` / `--no-flag`). `python SCRIPT.py --help` lists every field
+with its type, default and the comment beside it below, grouped as below.
 
     python train_safe.py --preset=paper --epochs=3 --data=../shared/datasets/ASD
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
+import functools
+import inspect
+import io
 import math
 import re
 import sys
+import tokenize
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, NoReturn
 
 
 @dataclass
@@ -71,8 +79,8 @@ class Config:
     score_batch: int = 1024
     score_mode: str = "point"            # point: the window ending at each point | block: non-overlapping
                                          # windows, each scores all its points (~seq_len x fewer passes)
-    score_amp: bool = False              # CUDA only: bf16 autocast for the encoder when scoring (unmeasured)
-    score_compile: bool = False          # torch.compile the scorer (compiles ~1 min; no gain measured on CPU; CUDA unmeasured)
+    score_amp: bool = False              # CUDA only: bf16 autocast for the encoder when scoring
+    score_compile: bool = False          # torch.compile the scorer (compiled once per model; docs/performance.md)
     threshold: str = "spot"              # spot | percentile
     spot_q: float = 1e-2                 # SPOT risk level (docs/ablation.md: 1e-3 flags too little on ASD and SMD)
     spot_level: float = 0.98             # initial quantile of the peaks-over-threshold fit
@@ -88,7 +96,7 @@ class Config:
     progress: bool = True
     # live detection (detect_live.py; --threshold=NUMBER there sets the threshold explicitly)
     prometheus: str = "http://localhost:9090"  # Prometheus base URL (env PROMETHEUS_URL when left default)
-    metrics_file: str = "lab/metrics-lab.yaml"  # metric set YAML (export_metrics.py format)
+    metrics_file: str = "labshop/metrics-lab.yaml"  # metric set YAML (export_metrics.py format)
     rate_window: str = ""                # override the metric set's $rate_window ('' = keep)
     live_step: int = 15                  # seconds between polls = the grid step of a window
     port: int = 9109                     # /metrics of the detector
@@ -123,6 +131,107 @@ class ConfigError(ValueError):
     pass
 
 
+# ---- the command line: an argparse parser built from Config (its fields, types, defaults and the
+# comments above), so every script answers --help and takes --field=value, --field value,
+# --flag / --no-flag and --flag=True|False.
+
+@functools.lru_cache(maxsize=None)
+def _field_docs() -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """From this file's source: {field: its comment}, {field: its group}, {group: group comment}.
+
+    A field's comment is the `#` text on its line plus comment-only lines indented further below
+    it; a comment-only line at the fields' indent starts a group (`# data`, `# model ...`)."""
+    try:
+        src = inspect.getsource(sys.modules[__name__])
+    except (OSError, TypeError):  # no source (frozen): options still work, without comments
+        return {}, {}, {}
+    tree = ast.parse(src)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
+    comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
+                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
+    field_at = {n.lineno: n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+    indent = cls.body[0].col_offset
+    lines = src.splitlines()
+    docs, groups, group_docs = {}, {}, {}
+    group, last = "other", None
+    for ln in range(cls.lineno + 1, cls.end_lineno + 1):
+        if ln in field_at:
+            last = field_at[ln]
+            docs[last], groups[last] = comments.get(ln, (0, ""))[1], group
+        elif ln in comments and lines[ln - 1].strip().startswith("#"):
+            col, text = comments[ln]
+            if last is not None and col > indent:
+                docs[last] = f"{docs[last]} {text}".strip()
+            else:
+                group, last = text.split(" (")[0], None
+                if text != group:
+                    group_docs[group] = text[len(group):].strip(" ()")
+        else:
+            last = None
+    return docs, groups, group_docs
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # a ConfigError; cli() prints it as one line, exit code 2
+        raise ConfigError(message)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse for a script's own options (bench.py): a bad option is one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        cli_error(message)
+
+
+def parse_bool(text: str) -> bool:
+    """--flag=True|False (also 1/0, yes/no) for argparse."""
+    value = _coerce("flag", text, False)
+    return value
+
+
+def _type_name(default) -> str:
+    return type(default).__name__
+
+
+def build_parser(prog: str | None = None, description: str | None = None, defaults: dict | None = None,
+                 extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
+    """The parser of a Config script: --preset, --config, one option per field grouped as in
+    Config, then the script's own options (extra(parser) adds them)."""
+    docs, groups, group_docs = _field_docs()
+    shown = dict(PRESETS["cpu"], **(defaults or {}))
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False,
+                     usage="%(prog)s [-h] [--preset=NAME] [--config=FILE.py] [--field=value ...]",
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Precedence, lowest to highest: the defaults, --preset, --config, --field. "
+                            "Values are Python literals (a bare word is a string); the range checks at "
+                            "the end of config.py apply.")
+    base = parser.add_argument_group("run")
+    base.add_argument("--preset", default=argparse.SUPPRESS, metavar="NAME",
+                      help=f"one of {', '.join(PRESETS)} (default: cpu)")
+    base.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.py",
+                      help="a Python file assigning Config field names (as in nanoGPT)")
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(Config):
+        group = groups.get(f.name, "other")
+        if group not in sections:
+            sections[group] = parser.add_argument_group(group, group_docs.get(group))
+        default = shown.get(f.name, f.default)
+        kind = "bool: --{0} / --no-{0}".format(f.name) if isinstance(f.default, bool) else _type_name(f.default)
+        help_text = f"{docs.get(f.name, '')} [{kind}, default {default!r}]".strip()
+        help_text = help_text.replace("%", "%%")
+        if isinstance(f.default, bool):
+            sections[group].add_argument(f"--{f.name}", nargs="?", const=True, default=argparse.SUPPRESS,
+                                         metavar="BOOL", help=help_text)
+            sections[group].add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const=False,
+                                         default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            sections[group].add_argument(f"--{f.name}", default=argparse.SUPPRESS,
+                                         metavar=_type_name(f.default).upper(), help=help_text)
+    if extra is not None:
+        extra(parser)
+    return parser
+
+
 def _coerce(name: str, value, default):
     kind = type(default)
     if kind is bool:
@@ -148,31 +257,47 @@ def _literal(text: str):
         return text  # a bare word such as --device=cpu is a string
 
 
-def parse_config(argv: list[str] | None = None, defaults: dict | None = None, check: bool = True) -> Config:
-    """Build the effective Config from the command line (see module docstring); check=False
-    skips the range checks (a first pass that only needs --ckpt)."""
-    argv = sys.argv[1:] if argv is None else argv
+def _value(name: str, raw, default):
+    """A command-line value: a Python literal (a bare word is a string); for a string field only
+    a quoted literal is evaluated, so --entities=1,2 stays the text '1,2'."""
+    if isinstance(raw, str) and not isinstance(default, str):
+        raw = _literal(raw)
+    elif isinstance(raw, str) and raw[:1] in "'\"" and len(raw) > 1 and raw[-1] == raw[0]:
+        raw = _literal(raw)
+    return _coerce(name, raw, default)
+
+
+@dataclass
+class CLI:
+    """A parsed command line: the Config, the fields a preset, config file or option set, and
+    the script's own options (extra)."""
+    cfg: "Config"
+    given: set[str]
+    opts: argparse.Namespace
+
+
+def parse_cli(argv: list[str] | None = None, defaults: dict | None = None, check: bool = True,
+              prog: str | None = None, description: str | None = None,
+              extra: Callable[[argparse.ArgumentParser], None] | None = None) -> CLI:
+    """Parse a command line (see the module docstring); raises ConfigError. `defaults`: the
+    script's own defaults, below --preset; check=False skips the range checks."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(prog, description, defaults, extra)
+    ns, unknown = parser.parse_known_args(argv)
+    if unknown:
+        arg = unknown[0]
+        if arg.startswith("--"):
+            raise ConfigError(f"unknown option {arg.split('=', 1)[0]} (not a Config field)")
+        raise ConfigError(f"unexpected argument {arg!r}")
+    ns = vars(ns)
     names = {f.name: f.default for f in fields(Config)}
-    preset, config_file, overrides = "cpu", None, {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            if arg.startswith("--") and arg[2:] in names and isinstance(names[arg[2:]], bool):
-                overrides[arg[2:]] = True  # --resume alone means True
-                continue
-            raise ConfigError(f"expected --field=value, got {arg!r}")
-        key, text = arg[2:].split("=", 1)
-        if key == "preset":
-            preset = text
-        elif key == "config":
-            config_file = text
-        elif key in names:
-            overrides[key] = _literal(text)
-        else:
-            raise ConfigError(f"unknown option --{key} (not a Config field)")
+    preset, config_file = ns.pop("preset", "cpu"), ns.pop("config", None)
+    flags = {k: ns.pop(k) for k in list(ns) if k in names}
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     values = dict(defaults or {})
     values.update(PRESETS[preset])
+    given = set(PRESETS[preset])
     if config_file:
         scope: dict = {}
         try:
@@ -186,9 +311,17 @@ def parse_config(argv: list[str] | None = None, defaults: dict | None = None, ch
             if key not in names:
                 raise ConfigError(f"{config_file}: unknown Config field {key!r}")
             values[key] = value
-    values.update(overrides)
-    cfg = Config(**{k: _coerce(k, v, names[k]) for k, v in values.items()})
-    return cfg.validate() if check else cfg
+            given.add(key)
+    values = {k: _coerce(k, v, names[k]) for k, v in values.items()}
+    values.update({k: _value(k, v, names[k]) for k, v in flags.items()})
+    given |= set(flags)
+    cfg = Config(**values)
+    return CLI(cfg.validate() if check else cfg, given, argparse.Namespace(**ns))
+
+
+def parse_config(argv: list[str] | None = None, defaults: dict | None = None, check: bool = True) -> Config:
+    """The effective Config of a command line (see parse_cli); raises ConfigError."""
+    return parse_cli(argv, defaults, check).cfg
 
 
 def config_from_dict(d: dict) -> Config:
@@ -197,33 +330,45 @@ def config_from_dict(d: dict) -> Config:
     return Config(**{k: v for k, v in d.items() if k in names}).validate()
 
 
-def print_config(cfg: Config) -> None:
+def changed_fields(cfg: Config) -> dict[str, Any]:
+    """The fields of cfg that differ from Config's defaults."""
     default = Config()
-    changed = {k: v for k, v in dataclasses.asdict(cfg).items() if getattr(default, k) != v}
-    print("config:", ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
-    if changed:
-        print("  changed from defaults:", ", ".join(f"{k}={v!r}" for k, v in changed.items()))
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if getattr(default, k) != v}
 
 
-def cli_config(argv: list[str] | None = None, defaults: dict | None = None) -> Config:
-    """parse_config for scripts: a bad option is a one-line error and exit code 2."""
+def print_config(cfg: Config) -> None:
+    """The effective config as the fields that differ from the defaults (the whole config goes
+    into the checkpoint and metrics.json)."""
+    changed = changed_fields(cfg)
+    print("config:", ", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "the defaults",
+          flush=True)
+
+
+def cli(argv: list[str] | None = None, defaults: dict | None = None, description: str | None = None,
+        extra: Callable[[argparse.ArgumentParser], None] | None = None, show: bool = True) -> CLI:
+    """parse_cli for scripts: --help prints every option and exits 0; a bad option is a one-line
+    error and exit code 2; show=True prints the effective config (print_config)."""
+    prog = Path(sys.argv[0]).name
     try:
-        cfg = parse_config(argv, defaults)
+        parsed = parse_cli(argv, defaults, prog=prog, description=description, extra=extra)
     except ConfigError as e:
-        print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
-    print_config(cfg)
-    return cfg
+    if show:
+        print_config(parsed.cfg)
+    return parsed
 
 
-def cli_ckpt(argv: list[str] | None = None) -> str:
-    """The --ckpt of a command line, before the checkpoint's own config is known (test.py,
-    detect_live.py); a bad option is a one-line error and exit code 2 here too."""
-    try:
-        return parse_config(argv, check=False).ckpt
-    except ConfigError as e:
-        print(f"{sys.argv[0]}: error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+def cli_config(argv: list[str] | None = None, defaults: dict | None = None,
+               description: str | None = None) -> Config:
+    """cli() for a script with no options of its own: the Config."""
+    return cli(argv, defaults, description).cfg
+
+
+def cli_error(message: str) -> NoReturn:
+    """A script's own option error: one line, exit code 2."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 # ---- range checks: one entry per field, {field: (ok(value) -> bool, allowed values in words)}.
@@ -242,6 +387,7 @@ def _number_or(*allowed: str):
     return ok, "a number or one of " + " | ".join(allowed)
 
 
+THRESHOLD_METHODS = ("spot", "pot", "percentile", "pct", "quantile")  # --threshold's names (scoring.py)
 _pos = (lambda v: v >= 1), ">= 1"
 _nonneg = (lambda v: v >= 0), ">= 0"
 _positive = (lambda v: v > 0), "> 0"
@@ -271,7 +417,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "score": _choice("norm", "se", "nll"), "score_floor": _positive, "const_floor": _positive,
     "smooth": _pos,
     # a number only in detect_live.py (a fixed threshold); test.py refuses it
-    "threshold": _number_or("spot", "pot", "percentile", "pct", "quantile"),
+    "threshold": _number_or(*THRESHOLD_METHODS),
     "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "spot_level": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "percentile": ((lambda v: 0 <= v <= 100), "in [0, 100]"),

@@ -3,7 +3,7 @@
 serve the result as Prometheus metrics.
 
     python detect_live.py --ckpt=checkpoints/puad.ckpt --entities=catalogue,payment \
-        --prometheus=http://127.0.0.1:9090 --metrics_file=lab/metrics-lab.yaml \
+        --prometheus=http://127.0.0.1:9090 --metrics_file=labshop/metrics-lab.yaml \
         --live_step=15 --port=9109 --num_threads=1 [--threshold=12.5] [--webhook=URL]
 
 Every --live_step seconds, for every entity (= the metric set's $service): query the last
@@ -71,12 +71,14 @@ import torch
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")  # no *_created series
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server  # noqa: E402
 
-import export_metrics  # noqa: E402
-from config import Config, cli_ckpt, cli_config  # noqa: E402
 import puad  # noqa: E402
 import scoring  # noqa: E402
-from puad import apply_local_state, build_model, calibrate_entity, local_path, read_checkpoint, score_series  # noqa: E402
-from utils import DataError, load_dataset  # noqa: E402
+from config import THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
+from faultlog import ExportError  # noqa: E402
+from prometheus import load_metric_set, make_session, parse_step, query_range, render_query  # noqa: E402
+from puad import (apply_local_state, build_model, calibrate_entity, local_path, read_checkpoint,  # noqa: E402
+                  run_config, score_series)
+from utils import DataError, align_features, load_dataset  # noqa: E402
 
 PROG = "detect_live.py"
 RESEND_S = 60.0  # a firing alert is re-posted this often (Alertmanager's resolve_timeout is 5m)
@@ -139,10 +141,10 @@ def calibrate(model, ckpt: dict, cfg: Config, entity: str, st: dict) -> scoring.
         ent = load_dataset(cfg.data, [entity], min_rows=cfg.seq_len)[0]
     except DataError as e:
         raise LiveError(f"calibration of {entity}: {e} (give --data=DATASET, the entity's training data)") from None
-    missing = [f for f in ckpt["features"] if f not in ent.features]
-    if missing:
-        raise LiveError(f"{cfg.data}/{entity}: missing feature(s) {missing} that the checkpoint was trained on")
-    train = ent.train[:, [ent.features.index(f) for f in ckpt["features"]]]
+    try:
+        train = align_features(ent, list(ckpt["features"]), f"{cfg.data}/{entity}").train
+    except DataError as e:
+        raise LiveError(str(e)) from None
     if st["local"] is not None:
         apply_local_state(model, st["local"])
     return calibrate_entity(model, ckpt, cfg, st["scaler"].transform(train), st["local"], st["use_local"])
@@ -155,9 +157,9 @@ def _column(session, prometheus: str, query: str, start: int, end: int, step: in
     """One query_range -> {timestamp: value}, several series combined with agg; no retries here
     (the poll loop backs off). Raises QueryError when Prometheus does not answer."""
     try:
-        series = export_metrics.query_range(session, prometheus, query, start, end, step,
+        series = query_range(session, prometheus, query, start, end, step,
                                             timeout=timeout, retries=0)
-    except export_metrics.ExportError as e:
+    except ExportError as e:
         raise QueryError(str(e)) from None
     values: dict[int, list[float]] = {}
     for s in series:
@@ -172,7 +174,7 @@ def _column(session, prometheus: str, query: str, start: int, end: int, step: in
 def window_grid(metric_set: dict, end: int, n: int, step: int) -> tuple[np.ndarray, int]:
     """Grid of a window of n points ending at `end`, with the rate window's points before it
     -> (grid, number of rate-window points in front)."""
-    rate_steps = math.ceil(export_metrics.parse_step(metric_set["rate_window"]) / step)
+    rate_steps = math.ceil(parse_step(metric_set["rate_window"]) / step)
     first = end - (n - 1 + rate_steps) * step
     return np.arange(first, end + step, step, dtype=np.int64), rate_steps
 
@@ -195,7 +197,7 @@ def fetch_window(session, prometheus: str, metric_set: dict, metrics: list[dict]
         presence = fetch_presence(session, prometheus, grid, step, timeout)
     x = np.full((len(grid), len(metrics)), np.nan)
     for j, m in enumerate(metrics):
-        got = _column(session, prometheus, export_metrics.render_query(m, metric_set, service),
+        got = _column(session, prometheus, render_query(m, metric_set, service),
                       int(first), int(end), step, m["agg"], timeout)
         x[:, j] = [got.get(int(t), np.nan) for t in grid]
         if m["fill"] is not None:
@@ -222,7 +224,7 @@ class Detector:
         self.prometheus = cfg.prometheus
         if cfg.prometheus == Config.prometheus and os.environ.get("PROMETHEUS_URL"):
             self.prometheus = os.environ["PROMETHEUS_URL"]
-        self.session = export_metrics.make_session()
+        self.session = make_session()
         self.step = cfg.live_step
         self.stop_event = threading.Event()
         self.anomalous = {e: False for e in entities}
@@ -398,16 +400,17 @@ class Detector:
 
 
 def setup(argv: list[str]) -> Detector:
-    ckpt_path = cli_ckpt(argv)
-    ckpt = read_checkpoint(ckpt_path)
-    cfg = cli_config(argv, defaults=ckpt["config"])  # unset options default to the training run's
+    parsed = cli(argv, description=__doc__, show=False)
+    ckpt = read_checkpoint(parsed.cfg.ckpt)
+    cfg = run_config(parsed.cfg, ckpt, parsed.given)  # the model fields are the checkpoint's
+    print_config(cfg)
     if cfg.live_step < 1:
         raise LiveError("--live_step must be >= 1 second")
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     try:
-        metric_set = export_metrics.load_metric_set(cfg.metrics_file)
-    except export_metrics.ExportError as e:
+        metric_set = load_metric_set(cfg.metrics_file)
+    except ExportError as e:
         raise LiveError(str(e)) from None
     if cfg.rate_window:
         metric_set["rate_window"] = cfg.rate_window
@@ -421,7 +424,7 @@ def setup(argv: list[str]) -> Detector:
     model, _ = build_model(ckpt, "cpu")
     states = {e: entity_state(ckpt, cfg, e) for e in entities}
     fixed = explicit_threshold(cfg.threshold)
-    if fixed is None and cfg.threshold.lower() not in ("spot", "pot", "percentile", "pct", "quantile"):
+    if fixed is None and cfg.threshold.lower() not in THRESHOLD_METHODS:
         raise LiveError(f"--threshold={cfg.threshold}: give a number, spot or percentile")
     calibrations = {}
     for e in entities:

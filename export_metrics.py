@@ -53,360 +53,31 @@ The fault log (written by chaos/inject.py and the local lab) is a CSV with the h
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
 import os
-import re
 import shutil
-import string
 import sys
 import tempfile
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import requests
-import yaml
 from tqdm import tqdm
 
+from faultlog import (FAULT_KINDS, FAULT_LOG_COLUMNS, ExportError, append_fault, format_time,  # noqa: F401
+                      parse_time, read_fault_log)
+from prometheus import (AGGREGATIONS, DEFAULT_PROMETHEUS, load_metric_set, make_session,  # noqa: F401
+                        parse_step, query_range, render_query, warn)
+
 PROG = "export_metrics.py"
-DEFAULT_PROMETHEUS = "http://localhost:9090"
 DEFAULT_METRIC_SET = Path(__file__).resolve().parent / "chaos" / "metrics-sockshop.yaml"
 MAX_POINTS = 11_000  # Prometheus refuses query_range requests with more points per series
 MAX_ROWS = 5_000_000  # grid points per export (about 58 days at 1s, 2.4 years at 15s): memory
-MAX_UNIX_SECONDS = 1e11  # year 5138: a larger number is a time in milliseconds
 DEFAULT_MAX_GAP = 4
-AGGREGATIONS = ("sum", "mean", "max", "min")
-FAULT_LOG_COLUMNS = ["start", "end", "kind", "target", "name"]
-FAULT_KINDS = ("cpu-stress", "memory-stress", "pod-failure", "network-delay")
 DATASET_FILES = ("train.csv", "test.csv", "test_label.csv")
 INTERPRETATION_FILE = "interpretation.csv"
-
-
-class ExportError(Exception):
-    """A problem the user has to fix; the CLI prints it as one line and exits non-zero."""
-
-
-def warn(message: str) -> None:
-    tqdm.write(f"{PROG}: warning: {message}", file=sys.stderr)
-
-
-# ---------------------------------------------------------------- times
-
-def parse_time(value: Any) -> float:
-    """ISO 8601 with 'Z' or an offset, unix seconds (number or text), an aware datetime,
-    or 'now' -> unix seconds."""
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise ExportError(f"time {value!r} has no timezone")
-        return value.timestamp()
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _seconds(float(value))
-    text = str(value).strip()
-    if text == "now":
-        return time.time()
-    try:
-        return _seconds(float(text))
-    except ValueError:
-        pass
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise ExportError(f"cannot read time {text!r}: use ISO 8601 like 2026-11-24T03:20:00Z, "
-                          "or unix seconds") from None
-    if parsed.tzinfo is None:
-        raise ExportError(f"time {text!r} has no timezone: add 'Z' for UTC or an offset "
-                          "like +08:00")
-    return parsed.timestamp()
-
-
-def _seconds(value: float) -> float:
-    """Unix seconds, refusing NaN/inf and milliseconds (a number > 1e11 would be year 5138 or later)."""
-    if not math.isfinite(value):
-        raise ExportError(f"time {value} is not a finite number")
-    if abs(value) > MAX_UNIX_SECONDS:
-        raise ExportError(f"time {value:.0f} looks like milliseconds (as seconds it is after the year "
-                          f"5000); give unix seconds, e.g. {value / 1000:.0f}")
-    return value
-
-
-def format_time(value: Any) -> str:
-    """-> '2026-11-24T03:20:00Z' (UTC, whole seconds, rounded down)."""
-    seconds = math.floor(parse_time(value))
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_step(value: Any) -> int:
-    """'15s', '1m', '1h' or a number of seconds -> whole seconds (> 0)."""
-    text = str(value).strip()
-    match = re.fullmatch(r"(\d+(?:\.\d*)?)\s*(s|m|h)?", text)
-    if not match:
-        raise ExportError(f"cannot read step {text!r}: use e.g. 15s, 1m or 30")
-    seconds = float(match.group(1)) * {"s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
-    if seconds < 1 or seconds != int(seconds):
-        raise ExportError(f"step {text!r} must be a whole number of seconds >= 1")
-    return int(seconds)
-
-
-# ---------------------------------------------------------------- fault log
-
-def append_fault(path: str | os.PathLike, start: Any, end: Any, kind: str, target: str,
-                 name: str) -> None:
-    """Append one fault to the fault log CSV (header `start,end,kind,target,name`), creating
-    it with its header if needed. The row is written in one write and fsynced, so the file
-    is a valid log at every moment."""
-    if kind not in FAULT_KINDS:
-        raise ExportError(f"unknown fault kind {kind!r} (expected one of {', '.join(FAULT_KINDS)})")
-    start_text, end_text = format_time(start), format_time(end)
-    if parse_time(end_text) < parse_time(start_text):
-        raise ExportError(f"fault {name!r} ends ({end_text}) before it starts ({start_text})")
-    path = Path(path)
-    new_file = not path.exists() or path.stat().st_size == 0
-    if not new_file:
-        with open(path, "rb") as f:
-            header = f.readline().decode("utf-8", errors="replace").strip()
-        if header != ",".join(FAULT_LOG_COLUMNS):
-            raise ExportError(f"{path} is not a fault log (header {header!r}, expected "
-                              f"{','.join(FAULT_LOG_COLUMNS)!r})")
-    lines = []
-    prefix = ""
-    if new_file:
-        lines.append(FAULT_LOG_COLUMNS)
-    else:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            prefix = "" if f.read(1) == b"\n" else "\n"  # a hand-edited file without final newline
-    lines.append([start_text, end_text, kind, target, name])
-    with open(path, "a", newline="") as f:
-        text = prefix + "".join(_csv_line(line) for line in lines)
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _csv_line(fields: list[str]) -> str:
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow(fields)
-    return buffer.getvalue()
-
-
-def read_fault_log(path: str | os.PathLike) -> list[dict]:
-    """Read a fault log -> list of {'start', 'end' (int unix seconds), 'kind', 'target',
-    'name'} in file order. Raises ExportError naming the line of a bad row."""
-    path = Path(path)
-    if not path.exists():
-        raise ExportError(f"fault log {path} does not exist")
-    try:
-        return _read_fault_rows(path)
-    except (UnicodeDecodeError, csv.Error) as e:  # a binary file, NUL bytes
-        raise ExportError(f"{path}: not a fault log (not CSV text: {str(e).splitlines()[0][:80]})") from None
-
-
-def _read_fault_rows(path: Path) -> list[dict]:
-    faults = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header] != FAULT_LOG_COLUMNS:
-            raise ExportError(f"{path}: header must be {','.join(FAULT_LOG_COLUMNS)!r}, "
-                              f"got {','.join(header or [])!r}")
-        for row in reader:
-            line = reader.line_num
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            if len(row) != len(FAULT_LOG_COLUMNS):
-                raise ExportError(f"{path}:{line}: expected 5 fields, got {len(row)}")
-            start, end, kind, target, name = (cell.strip() for cell in row)
-            try:
-                start_s, end_s = int(parse_time(start)), int(parse_time(end))
-            except ExportError as e:
-                raise ExportError(f"{path}:{line}: {e}") from None
-            if end_s < start_s:
-                raise ExportError(f"{path}:{line}: end {end} is before start {start}")
-            if kind not in FAULT_KINDS:
-                raise ExportError(f"{path}:{line}: unknown kind {kind!r} (expected one of "
-                                  f"{', '.join(FAULT_KINDS)})")
-            faults.append({"start": start_s, "end": end_s, "kind": kind, "target": target,
-                           "name": name})
-    return faults
-
-
-# ---------------------------------------------------------------- metric set
-
-def load_metric_set(metric_set: str | os.PathLike | dict, namespace: str | None = None,
-                    services: list[str] | None = None) -> dict:
-    """Read and check a metric set YAML (or an already loaded dict) -> {'namespace',
-    'services', 'rate_window', 'metrics': [{'column', 'query', 'agg', 'fill'}, ...],
-    'interpretation': {fault kind: [columns]} ({} when the YAML has none)}."""
-    if isinstance(metric_set, dict):
-        raw, where = metric_set, "metric set"
-    else:
-        where = str(metric_set)
-        try:
-            with open(metric_set) as f:
-                raw = yaml.safe_load(f)
-        except OSError as e:
-            raise ExportError(f"cannot read metric set {where}: {e.strerror}") from None
-        except yaml.YAMLError as e:
-            raise ExportError(f"metric set {where} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("metrics"), dict) or not raw["metrics"]:
-        raise ExportError(f"{where}: needs a 'metrics' mapping of column name -> PromQL")
-    result = {
-        "namespace": namespace or raw.get("namespace") or "",
-        "services": list(services or raw.get("services") or []),
-        "rate_window": str(raw.get("rate_window", "1m")),
-        "metrics": [],
-    }
-    if not result["services"]:
-        raise ExportError(f"{where}: no services (give 'services:' or --services)")
-    for column, spec in raw["metrics"].items():
-        column = str(column)
-        if column == "timestamp":
-            raise ExportError(f"{where}: 'timestamp' is reserved, rename that metric")
-        if isinstance(spec, str):
-            spec = {"query": spec}
-        if not isinstance(spec, dict) or not isinstance(spec.get("query"), str):
-            raise ExportError(f"{where}: metric '{column}' needs a query string")
-        unknown = set(spec) - {"query", "agg", "fill"}
-        if unknown:
-            raise ExportError(f"{where}: metric '{column}' has unknown keys {sorted(unknown)}")
-        agg = spec.get("agg", "sum")
-        if agg not in AGGREGATIONS:
-            raise ExportError(f"{where}: metric '{column}': agg must be one of "
-                              f"{', '.join(AGGREGATIONS)}, got {agg!r}")
-        fill = spec.get("fill")
-        if fill is not None and (isinstance(fill, bool) or not isinstance(fill, (int, float))):
-            raise ExportError(f"{where}: metric '{column}': fill must be a number")
-        metric = {"column": column, "query": spec["query"], "agg": agg, "fill": fill}
-        render_query(metric, result, "service")  # fails early on a bad placeholder
-        result["metrics"].append(metric)
-    result["interpretation"] = _interpretation_map(raw.get("interpretation"), result, where)
-    return result
-
-
-def _interpretation_map(raw: Any, metric_set: dict, where: str) -> dict[str, list[str]]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ExportError(f"{where}: 'interpretation' must map fault kind -> list of columns")
-    columns = [m["column"] for m in metric_set["metrics"]]
-    mapping = {}
-    for kind, cols in raw.items():
-        if kind not in FAULT_KINDS:
-            raise ExportError(f"{where}: interpretation: unknown fault kind {kind!r} (expected "
-                              f"one of {', '.join(FAULT_KINDS)})")
-        if not isinstance(cols, list) or not cols or not all(isinstance(c, str) for c in cols):
-            raise ExportError(f"{where}: interpretation: {kind} needs a non-empty list of columns")
-        unknown = [c for c in cols if c not in columns]
-        if unknown:
-            raise ExportError(f"{where}: interpretation: {kind}: unknown column(s) {unknown}")
-        mapping[kind] = list(dict.fromkeys(cols))
-    return mapping
-
-
-def render_query(metric: dict, metric_set: dict, service: str) -> str:
-    """Fill $namespace, $service and $rate_window into a metric's PromQL."""
-    try:
-        return string.Template(metric["query"]).substitute(
-            namespace=metric_set["namespace"], service=service,
-            rate_window=metric_set["rate_window"])
-    except (KeyError, ValueError) as e:
-        raise ExportError(f"metric '{metric['column']}': bad placeholder {e} in query "
-                          f"(known: $namespace, $service, $rate_window; write $$ for $)") from None
-
-
-# ---------------------------------------------------------------- HTTP
-
-def make_session(token: str | None = None, user: str | None = None,
-                 password: str | None = None, verify: bool | str = True) -> requests.Session:
-    """A requests session with auth from the arguments or, when they are None, from
-    PROMETHEUS_TOKEN / PROMETHEUS_USER / PROMETHEUS_PASSWORD. verify: True, False or a CA
-    bundle path."""
-    token = token if token is not None else os.environ.get("PROMETHEUS_TOKEN")
-    user = user if user is not None else os.environ.get("PROMETHEUS_USER")
-    password = password if password is not None else os.environ.get("PROMETHEUS_PASSWORD")
-    session = requests.Session()
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    elif user:
-        session.auth = (user, password or "")
-    session.verify = verify
-    return session
-
-
-def _short_reason(error: Exception) -> str:
-    text = str(error)
-    if isinstance(error, requests.Timeout):
-        return "timed out"
-    for needle in ("Connection refused", "Name or service not known", "No route to host",
-                   "Connection reset", "Temporary failure in name resolution"):
-        if needle in text:
-            return needle.lower()
-    return text[:200]
-
-
-def query_range(session: requests.Session, prometheus: str, query: str, start: int, end: int,
-                step: int, what: str = "query", timeout: float = 30.0, retries: int = 3,
-                backoff: float = 0.5) -> list[dict]:
-    """One /api/v1/query_range call -> Prometheus' list of series ({'metric', 'values'}).
-    Timeouts, connection errors, 429 and 5xx are retried `retries` times, waiting
-    backoff, 2*backoff, 4*backoff ... seconds. `what` names the query in errors."""
-    url = prometheus.rstrip("/") + "/api/v1/query_range"
-    params = {"query": query, "start": start, "end": end, "step": step}
-    problem = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff * 2 ** (attempt - 1))
-        try:
-            # POST keeps long queries out of the URL
-            response = session.post(url, data=params, timeout=timeout)
-        except requests.exceptions.SSLError as e:
-            raise ExportError(f"TLS error talking to {prometheus}: {_short_reason(e)} "
-                              "(use --ca_cert FILE, or --insecure)") from None
-        except (requests.Timeout, requests.ConnectionError) as e:
-            problem = f"cannot reach Prometheus at {prometheus} ({_short_reason(e)})"
-            continue
-        if response.status_code >= 500 or response.status_code == 429:
-            problem = (f"Prometheus at {prometheus} answered HTTP {response.status_code} for "
-                       f"{what}: {_error_text(response)}")
-            continue
-        break
-    else:
-        raise ExportError(f"{problem} after {retries + 1} tries")
-
-    if response.status_code in (401, 403):
-        raise ExportError(f"Prometheus at {prometheus} refused access (HTTP "
-                          f"{response.status_code}): set PROMETHEUS_TOKEN or "
-                          "PROMETHEUS_USER/PROMETHEUS_PASSWORD")
-    if response.status_code in (400, 422):
-        raise ExportError(f"Prometheus rejected {what}: {_error_text(response)}; query: {query}")
-    if response.status_code != 200:
-        raise ExportError(f"HTTP {response.status_code} from {url} for {what}: is --prometheus "
-                          "the base URL of Prometheus?")
-    try:
-        body = response.json()
-    except ValueError:
-        raise ExportError(f"{url} did not answer JSON for {what}: is --prometheus the base "
-                          "URL of Prometheus?") from None
-    if body.get("status") != "success":
-        raise ExportError(f"Prometheus rejected {what}: {body.get('error', body)}; query: {query}")
-    for text in body.get("warnings") or []:
-        warn(f"Prometheus warning for {what}: {text}")
-    data = body.get("data") or {}
-    if data.get("resultType") != "matrix":
-        raise ExportError(f"{what}: expected a range vector result, got {data.get('resultType')!r}")
-    return data.get("result") or []
-
-
-def _error_text(response: requests.Response) -> str:
-    try:
-        return str(response.json().get("error") or response.text[:200])
-    except ValueError:
-        return response.text.strip()[:200] or response.reason
 
 
 # ---------------------------------------------------------------- one column
@@ -665,30 +336,61 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
     check_out(out, overwrite)
     metric_set = load_metric_set(metric_set_path, namespace, services)
     timestamps = grid(start_s, end_s, step_s)
+    faults = faults_in_range(fault_log, timestamps, label_margin, label_scope, metric_set)
+    split = train_split(train_end, faults, label_margin)
+    results, warnings = query_services(session or make_session(), prometheus, metric_set, timestamps, step_s,
+                                       max_gap, timeout, retries, backoff, progress)
+    out = Path(out)
+    summary = {"out": str(out), "columns": [m["column"] for m in metric_set["metrics"]],
+               "train_end": None if split is None else int(split), "faults": faults,
+               "warnings": warnings, "services": {}}
+    files = {}
+    for service, frame in results.items():
+        service_files, info = split_service(service, frame, split, faults, interpretation_faults, metric_set,
+                                            label_margin, label_scope)
+        files.update(service_files)
+        summary["services"][service] = dict(info, dropped_rows=len(timestamps) - len(frame),
+                                            files=[str(out / p) for p in service_files])
+    check_out(out, overwrite)  # again: another run may have written there while this one queried
+    _write_dataset(out, files)
+    return summary
 
-    faults = []
-    if fault_log is not None:
-        all_faults = fault_log if isinstance(fault_log, list) else read_fault_log(fault_log)
-        faults = [f for f in all_faults
-                  if f["end"] + label_margin >= timestamps[0]
-                  and f["start"] - label_margin <= timestamps[-1]]
-        if not faults:
-            warn(f"no fault of the fault log lies between {format_time(timestamps[0])} and "
-                 f"{format_time(timestamps[-1])}; all labels are 0")
-        for target in sorted({f["target"] for f in faults} - set(metric_set["services"])):
-            if label_scope == "target":
-                warn(f"faults on '{target}' label nothing: it is not an exported service")
 
+def faults_in_range(fault_log: str | os.PathLike | list[dict] | None, timestamps: np.ndarray, label_margin: float,
+                    label_scope: str, metric_set: dict) -> list[dict]:
+    """The faults of the log (a path or a list) whose labelled window meets the grid; warns when
+    none does, or when a fault's target is not an exported service."""
+    if fault_log is None:
+        return []
+    all_faults = fault_log if isinstance(fault_log, list) else read_fault_log(fault_log)
+    faults = [f for f in all_faults
+              if f["end"] + label_margin >= timestamps[0]
+              and f["start"] - label_margin <= timestamps[-1]]
+    if not faults:
+        warn(f"no fault of the fault log lies between {format_time(timestamps[0])} and "
+             f"{format_time(timestamps[-1])}; all labels are 0")
+    for target in sorted({f["target"] for f in faults} - set(metric_set["services"])):
+        if label_scope == "target":
+            warn(f"faults on '{target}' label nothing: it is not an exported service")
+    return faults
+
+
+def train_split(train_end: Any, faults: list[dict], label_margin: float) -> float | None:
+    """Where train.csv ends: --train_end, else before the first fault, else None (all train)."""
     if train_end is not None:
-        split = parse_time(train_end)
-    elif faults:
+        return parse_time(train_end)
+    if faults:
         split = min(f["start"] for f in faults) - label_margin
         warn(f"no --train_end: train.csv ends before the first fault, at {format_time(split)}")
-    else:
-        split = None
+        return split
+    return None
 
-    session = session or make_session()
-    results, warnings, files = {}, [], {}
+
+def query_services(session: requests.Session, prometheus: str, metric_set: dict, timestamps: np.ndarray,
+                   step_s: int, max_gap: int, timeout: float, retries: int, backoff: float,
+                   progress: bool) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """Every column of every service over the grid -> ({service: frame}, warnings)."""
+    results, warnings = {}, []
     total = len(metric_set["services"]) * len(metric_set["metrics"])
     with tqdm(total=total, desc="queries", unit="query", disable=not progress,
               file=sys.stderr) as bar:
@@ -700,50 +402,45 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
             results[service] = frame
     for message in warnings:
         warn(message)
+    return results, warnings
 
-    out = Path(out)
-    summary = {"out": str(out), "columns": [m["column"] for m in metric_set["metrics"]],
-               "train_end": None if split is None else int(split), "faults": faults,
-               "warnings": warnings, "services": {}}
-    for service, frame in results.items():
-        folder = Path(service)  # inside out
-        if split is None:
-            train, test = frame, frame.iloc[0:0]
-        else:
-            train, test = frame[frame["timestamp"] < split], frame[frame["timestamp"] >= split]
-        if train.empty:
-            raise ExportError(f"{service}: no rows left to export" if split is None else
-                              f"{service}: no rows before train_end {format_time(split)} "
-                              "(does the first fault start at the beginning of the range? "
-                              "give --train_end)")
-        if split is not None and test.empty:
-            raise ExportError(f"{service}: no rows at or after train_end {format_time(split)}")
-        labels = make_labels(frame["timestamp"].to_numpy(), faults, service, label_margin,
-                             label_scope)
-        if split is not None and labels.loc[frame["timestamp"].to_numpy() < split, "label"].any():
-            warn(f"{service}: faults lie in the train part (before {format_time(split)})")
-        files[folder / "train.csv"] = train
-        interpretation = pd.DataFrame()
-        if split is not None:
-            files[folder / "test.csv"] = test
-            files[folder / "test_label.csv"] = labels[labels["timestamp"] >= split]
-            interpretation = make_interpretation(
-                test["timestamp"].to_numpy(),
-                faults if interpretation_faults is None else interpretation_faults, service,
-                metric_set["interpretation"], label_margin)
-        if len(interpretation):
-            files[folder / INTERPRETATION_FILE] = interpretation
-        summary["services"][service] = {
-            "train_rows": len(train), "test_rows": len(test),
+
+def split_service(service: str, frame: pd.DataFrame, split: float | None, faults: list[dict],
+                  interpretation_faults: list[dict] | None, metric_set: dict, label_margin: float,
+                  label_scope: str) -> tuple[dict[Path, pd.DataFrame], dict]:
+    """One service's files (paths inside out: train, test, labels, interpretation) and its row counts."""
+    folder = Path(service)  # inside out
+    if split is None:
+        train, test = frame, frame.iloc[0:0]
+    else:
+        train, test = frame[frame["timestamp"] < split], frame[frame["timestamp"] >= split]
+    if train.empty:
+        raise ExportError(f"{service}: no rows left to export" if split is None else
+                          f"{service}: no rows before train_end {format_time(split)} "
+                          "(does the first fault start at the beginning of the range? "
+                          "give --train_end)")
+    if split is not None and test.empty:
+        raise ExportError(f"{service}: no rows at or after train_end {format_time(split)}")
+    labels = make_labels(frame["timestamp"].to_numpy(), faults, service, label_margin,
+                         label_scope)
+    if split is not None and labels.loc[frame["timestamp"].to_numpy() < split, "label"].any():
+        warn(f"{service}: faults lie in the train part (before {format_time(split)})")
+    files = {folder / "train.csv": train}
+    interpretation = pd.DataFrame()
+    if split is not None:
+        files[folder / "test.csv"] = test
+        files[folder / "test_label.csv"] = labels[labels["timestamp"] >= split]
+        interpretation = make_interpretation(
+            test["timestamp"].to_numpy(),
+            faults if interpretation_faults is None else interpretation_faults, service,
+            metric_set["interpretation"], label_margin)
+    if len(interpretation):
+        files[folder / INTERPRETATION_FILE] = interpretation
+    info = {"train_rows": len(train), "test_rows": len(test),
             "anomalous_rows": int(labels.loc[labels["timestamp"] >= split, "label"].sum())
             if split is not None else 0,
-            "interpretation_rows": len(interpretation),
-            "dropped_rows": len(timestamps) - len(frame),
-            "files": [str(out / p) for p in files if p.parent == folder],
-        }
-    check_out(out, overwrite)  # again: another run may have written there while this one queried
-    _write_dataset(out, files)
-    return summary
+            "interpretation_rows": len(interpretation)}
+    return files, info
 
 
 def fetch_window(prometheus: str, metric_set: str | os.PathLike | dict, service: str, end: Any,

@@ -5,15 +5,15 @@
     python lab.py --ci --out=/tmp/lab                             # about a minute, 2 faults
 
 Starts, all on 127.0.0.1 and each in its own process group:
-  - the shop (lab/shop.py): front-end -> catalogue (SQLite) and payment, and a load
+  - the shop (labshop/shop.py): front-end -> catalogue (SQLite) and payment, and a load
     generator whose rate follows a slow cycle plus a wandering random factor;
   - node_exporter and Prometheus (generated config, temporary storage in the run folder)
     scraping every service every --scrape;
 then runs: warm-up (scrapes settle, every target must be up) -> normal period (train) ->
-test period playing a seeded random fault schedule (lab/faults.py: cpu-stress,
+test period playing a seeded random fault schedule (labshop/faults.py: cpu-stress,
 memory-stress, pod-failure, network-delay on catalogue and payment, with normal gaps),
 writing the fault log as it goes -> stops the shop -> exports the recording with
-export_metrics.export() and lab/metrics-lab.yaml into OUT/<service>/{train,test,
+export_metrics.export() and labshop/metrics-lab.yaml into OUT/<service>/{train,test,
 test_label}.csv, copies the fault log to OUT/faults.csv and writes OUT/lab_run.json ->
 stops Prometheus. Every process it started is stopped at the end, also on Ctrl-C, SIGTERM,
 SIGHUP or an error (SIGCONT + SIGTERM to its process group, SIGKILL after 5 s); children
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import json
 import math
 import os
@@ -47,14 +46,13 @@ from pathlib import Path
 import requests
 import yaml
 
-ROOT = Path(__file__).resolve().parent
-LAB = ROOT / "lab"
-sys.path.insert(0, str(ROOT))
-import export_metrics  # noqa: E402
+import export_metrics
+import faultlog
+from labshop import faults
+from prometheus import parse_step
 
-_spec = importlib.util.spec_from_file_location("lab_faults", LAB / "faults.py")
-faults = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(faults)
+ROOT = Path(__file__).resolve().parent
+LAB = ROOT / "labshop"
 
 PROG = "lab.py"
 SERVICES = ("front-end", "catalogue", "payment")
@@ -256,30 +254,11 @@ def query_up(prometheus: str) -> dict[str, float]:
 
 def run(args: argparse.Namespace | list[str] | None = None) -> dict:
     """Run the lab (see the module docstring) -> summary dict (also OUT/lab_run.json).
-    Raises LabError, export_metrics.ExportError, faults.FaultError or KeyboardInterrupt;
+    Raises LabError, faultlog.ExportError, faults.FaultError or KeyboardInterrupt;
     every started process is stopped before it returns or raises."""
     if not isinstance(args, argparse.Namespace):
         args = parse_args(args)
-    export_metrics.check_out(args.out, args.overwrite)  # before a recording that would be lost
-    missing = [b for b in BINARIES if shutil.which(b) is None]
-    if missing:
-        raise LabError(f"missing program(s) {', '.join(missing)}: apt-get install prometheus "
-                       "prometheus-node-exporter stress-ng")
-    scrape_s = export_metrics.parse_step(args.scrape)
-    step_s = export_metrics.parse_step(args.step or args.scrape)
-    rate_window = args.rate_window or f"{5 * scrape_s}s"
-    total = args.minutes * 60
-    recorded = total - args.warmup
-    if args.warmup < export_metrics.parse_step(rate_window) + scrape_s or recorded <= 0:
-        raise LabError(f"--warmup ({args.warmup:.0f}s) must exceed the rate window "
-                       f"({rate_window}) by a scrape, and --minutes must leave time after it")
-    train_s = round(recorded * args.train_fraction)
-    test_s = recorded - train_s
-    pairs = faults.parse_schedule(args.schedule) if args.schedule else None
-    schedule = faults.make_schedule(pairs, test_s, args.seed, shuffle=pairs is None)
-    metric_set = yaml.safe_load((LAB / "metrics-lab.yaml").read_text())
-    metric_set["rate_window"] = rate_window
-
+    plan = plan_run(args)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = Path(args.run_dir or ROOT / "lab_runs" / stamp).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -292,8 +271,8 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict:
                      "args": vars(args), "run_dir": str(run_dir), "out": str(out),
                      "host": {"machine": platform.machine(), "cpus": os.cpu_count(),
                               "kernel": platform.release(), "python": platform.python_version()},
-                     "scrape_s": scrape_s, "step_s": step_s, "rate_window": rate_window,
-                     "network_delay": "app (/admin/delay)", "schedule": schedule,
+                     "scrape_s": plan["scrape_s"], "step_s": plan["step_s"], "rate_window": plan["rate_window"],
+                     "network_delay": "app (/admin/delay)", "schedule": plan["schedule"],
                      "loadavg_start": os.getloadavg(), "pids": [], "stopped": False}
 
     old_handlers = {}
@@ -302,145 +281,200 @@ def run(args: argparse.Namespace | list[str] | None = None) -> dict:
             raise Stopped(signal.Signals(signum).name)
         for sig in (signal.SIGTERM, signal.SIGHUP):
             old_handlers[sig] = signal.signal(sig, stop_handler)
-    injector, active = None, None
+    faulting: dict = {"injector": None, "active": None, "start": 0.0}  # the fault in flight, for clean_up
     try:
-        say(f"run folder {run_dir}; {total:.0f}s: warm-up {args.warmup:.0f}s, train "
-            f"{train_s:.0f}s, test {test_s:.0f}s with {len(schedule)} fault(s); scrape "
-            f"{scrape_s}s, step {step_s}s, rate window {rate_window}")
-        cpus = sorted(os.sched_getaffinity(0))
-        cores = {"catalogue": cpus[-1], "payment": cpus[0]}
-        ports = {name: free_port() for name in SERVICES}
-        urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-        shop = [sys.executable, str(LAB / "shop.py")]
-        services = {}
-        for name in ("catalogue", "payment", "front-end"):
-            command = shop + [name, "--port", str(ports[name]), "--seed", str(args.seed)]
-            if name in cores:
-                command += ["--cpu", str(cores[name])]
-            if name == "catalogue":
-                command += ["--db", str(run_dir / "catalogue.sqlite")]
-            if name == "front-end":
-                command += ["--catalogue", urls["catalogue"], "--payment", urls["payment"]]
-            process = processes.spawn(command, name)
-            services[name] = {"pid": process.pid, "url": urls[name], "port": ports[name],
-                              "cpu": cores.get(name)}
-        for name in services:
-            wait_http(urls[name] + "/health", 30, name, processes)
-        node_port, prom_port = free_port(), free_port()
-        processes.spawn(["prometheus-node-exporter", f"--web.listen-address=127.0.0.1:{node_port}",
-                         "--collector.disable-defaults", "--collector.cpu", "--collector.loadavg",
-                         "--collector.meminfo", "--collector.stat"], "node_exporter")
-        (run_dir / "prometheus.yml").write_text(prometheus_config(scrape_s, ports, node_port))
-        prometheus = f"http://127.0.0.1:{prom_port}"
-        processes.spawn(["prometheus", f"--config.file={run_dir / 'prometheus.yml'}",
-                         f"--storage.tsdb.path={run_dir / 'tsdb'}",
-                         f"--web.listen-address=127.0.0.1:{prom_port}",
-                         "--storage.tsdb.retention.time=2d"], "prometheus")
-        wait_http(f"http://127.0.0.1:{node_port}/metrics", 30, "node_exporter", processes)
-        wait_http(f"{prometheus}/-/ready", 60, "prometheus", processes)
-        processes.spawn(shop + ["loadgen", "--target", urls["front-end"], "--rate", str(args.rate),
-                                "--period", str(args.period), "--seed", str(args.seed)], "loadgen")
-        summary.update(services=services, prometheus=prometheus, pids=processes.pids())
-        say(f"prometheus {prometheus}, node_exporter :{node_port}, shop "
-            + ", ".join(f"{n} :{p}" for n, p in ports.items()))
-
-        # warm-up: wait, then every target must be up
-        began = time.time()
-        sleep_until(began + args.warmup, processes)
-        deadline = time.time() + 20
-        while True:
-            up = query_up(prometheus)
-            if all(up.get(n) == 1 for n in (*SERVICES, "node")) or time.time() > deadline:
-                break
-            time.sleep(scrape_s)
-        summary["up_before_faults"] = up
-        down = [n for n in (*SERVICES, "node") if up.get(n) != 1]
-        if down:
-            raise LabError(f"target(s) {', '.join(down)} not up after the warm-up: {up}")
-        say(f"all targets up: {up}")
-
-        start = math.ceil(time.time() / step_s) * step_s
-        train_end = start + train_s
-        end = train_end + round(test_s)
-        summary["times"] = {"start": start, "train_end": train_end, "end": end,
-                            "start_iso": export_metrics.format_time(start),
-                            "train_end_iso": export_metrics.format_time(train_end),
-                            "end_iso": export_metrics.format_time(end)}
-        say(f"normal period (train) {summary['times']['start_iso']} .. "
-            f"{summary['times']['train_end_iso']}")
-        sleep_until(train_end, processes)
-
-        say(f"test period until {summary['times']['end_iso']}: {len(schedule)} fault(s)")
-        injector = faults.Injector(services, processes.spawn, args.cpu_workers, args.vm_bytes,
-                                   args.delay_ms, say)
-        for fault in schedule:
-            sleep_until(train_end + fault["offset"], processes)
-            fault_start = time.time()
-            active = injector.start(fault)
-            say(f"fault {fault['name']}: {fault['kind']} on {fault['target']} for "
-                f"{fault['duration']:.0f}s")
-            summary["pids"] = processes.pids()
-            sleep_until(fault_start + fault["duration"], processes)
-            injector.stop(active)
-            export_metrics.append_fault(fault_log, fault_start, math.ceil(time.time()),
-                                        fault["kind"], fault["target"], fault["name"])
-            active = None
-            say(f"fault {fault['name']} ended")
-        sleep_until(end + 2 * scrape_s, processes)  # the last points are scraped
-
+        say(f"run folder {run_dir}; {args.minutes * 60:.0f}s: warm-up {args.warmup:.0f}s, train "
+            f"{plan['train_s']:.0f}s, test {plan['test_s']:.0f}s with {len(plan['schedule'])} fault(s); scrape "
+            f"{plan['scrape_s']}s, step {plan['step_s']}s, rate window {plan['rate_window']}")
+        services, prom_url = start_lab(args, run_dir, processes)
+        summary.update(services=services, prometheus=prom_url, pids=processes.pids())
+        summary["up_before_faults"] = warm_up(args, prom_url, processes, plan["scrape_s"])
+        times = play_schedule(args, plan, services, processes, fault_log, summary, faulting)
         processes.stop_matching(("loadgen", "front-end", "catalogue", "payment", "node_exporter"))
-        logged = export_metrics.read_fault_log(fault_log)
-        if args.label_scope == "target+front-end":
-            label_faults = logged + [{**f, "target": "front-end"} for f in logged
-                                     if f["target"] != "front-end"]
-        else:
-            label_faults = logged
-        say(f"exporting {len(SERVICES)} services x {len(metric_set['metrics'])} columns to {out}")
-        exported = export_metrics.export(
-            prometheus=prometheus, metric_set_path=metric_set, start=start, end=end,
-            step=step_s, out=out, train_end=train_end, fault_log=label_faults,
-            label_margin=args.label_margin,
-            label_scope="all" if args.label_scope == "all" else "target",
-            services=list(SERVICES), progress=not args.no_progress, overwrite=args.overwrite,
-            interpretation_faults=logged)  # the front-end copies above get no interpretation
-        shutil.copyfile(fault_log, out / "faults.csv")
-        summary.update(faults=logged, export=exported)
-        for name, info in exported["services"].items():
-            say(f"{name}: {info['train_rows']} train rows, {info['test_rows']} test rows "
-                f"({info['anomalous_rows']} labelled), {info['dropped_rows']} dropped")
+        export_recording(args, plan, prom_url, times, fault_log, out, summary)
     finally:
-        ignore = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                ignore[sig] = signal.signal(sig, signal.SIG_IGN)
-        try:
-            if active is not None and injector is not None:
-                say(f"ending fault {active['fault']['name']} early")
-                try:
-                    injector.stop(active)
-                finally:
-                    export_metrics.append_fault(fault_log, fault_start, math.ceil(time.time()),
-                                                active["fault"]["kind"], active["fault"]["target"],
-                                                active["fault"]["name"] + "-interrupted")
-            processes.stop_all()
-            summary["pids"] = processes.pids()
-            summary["loadavg_end"] = os.getloadavg()
-            summary["stopped"] = all(p.poll() is not None for _, p in processes.started)
-            if not args.keep_tsdb:
-                shutil.rmtree(run_dir / "tsdb", ignore_errors=True)
-            (run_dir / "pids.txt").write_text("".join(f"{pid}\n" for pid in summary["pids"]))
-        finally:
-            for sig, handler in {**ignore, **old_handlers}.items():
-                signal.signal(sig, old_handlers.get(sig, handler))
+        clean_up(args, processes, run_dir, fault_log, summary, faulting, old_handlers)
     (out / "lab_run.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     say(f"done: {out} (fault log {out / 'faults.csv'}, summary {out / 'lab_run.json'})")
     return summary
 
 
+def plan_run(args: argparse.Namespace) -> dict:
+    """Check what can be checked before anything starts; the run's steps, periods, fault schedule
+    and metric set."""
+    export_metrics.check_out(args.out, args.overwrite)  # before a recording that would be lost
+    missing = [b for b in BINARIES if shutil.which(b) is None]
+    if missing:
+        raise LabError(f"missing program(s) {', '.join(missing)}: apt-get install prometheus "
+                       "prometheus-node-exporter stress-ng")
+    scrape_s = parse_step(args.scrape)
+    step_s = parse_step(args.step or args.scrape)
+    rate_window = args.rate_window or f"{5 * scrape_s}s"
+    recorded = args.minutes * 60 - args.warmup
+    if args.warmup < parse_step(rate_window) + scrape_s or recorded <= 0:
+        raise LabError(f"--warmup ({args.warmup:.0f}s) must exceed the rate window "
+                       f"({rate_window}) by a scrape, and --minutes must leave time after it")
+    train_s = round(recorded * args.train_fraction)
+    test_s = recorded - train_s
+    pairs = faults.parse_schedule(args.schedule) if args.schedule else None
+    schedule = faults.make_schedule(pairs, test_s, args.seed, shuffle=pairs is None)
+    metric_set = yaml.safe_load((LAB / "metrics-lab.yaml").read_text())
+    metric_set["rate_window"] = rate_window
+    return dict(scrape_s=scrape_s, step_s=step_s, rate_window=rate_window, train_s=train_s, test_s=test_s,
+                schedule=schedule, metric_set=metric_set)
+
+
+def start_lab(args: argparse.Namespace, run_dir: Path, processes: Processes) -> tuple[dict, str]:
+    """Start the shop, node_exporter, Prometheus and the load generator -> (services, Prometheus URL)."""
+    scrape_s = parse_step(args.scrape)
+    cpus = sorted(os.sched_getaffinity(0))
+    cores = {"catalogue": cpus[-1], "payment": cpus[0]}
+    ports = {name: free_port() for name in SERVICES}
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+    shop = [sys.executable, str(LAB / "shop.py")]
+    services = {}
+    for name in ("catalogue", "payment", "front-end"):
+        command = shop + [name, "--port", str(ports[name]), "--seed", str(args.seed)]
+        if name in cores:
+            command += ["--cpu", str(cores[name])]
+        if name == "catalogue":
+            command += ["--db", str(run_dir / "catalogue.sqlite")]
+        if name == "front-end":
+            command += ["--catalogue", urls["catalogue"], "--payment", urls["payment"]]
+        process = processes.spawn(command, name)
+        services[name] = {"pid": process.pid, "url": urls[name], "port": ports[name],
+                          "cpu": cores.get(name)}
+    for name in services:
+        wait_http(urls[name] + "/health", 30, name, processes)
+    node_port, prom_port = free_port(), free_port()
+    processes.spawn(["prometheus-node-exporter", f"--web.listen-address=127.0.0.1:{node_port}",
+                     "--collector.disable-defaults", "--collector.cpu", "--collector.loadavg",
+                     "--collector.meminfo", "--collector.stat"], "node_exporter")
+    (run_dir / "prometheus.yml").write_text(prometheus_config(scrape_s, ports, node_port))
+    prom_url = f"http://127.0.0.1:{prom_port}"
+    processes.spawn(["prometheus", f"--config.file={run_dir / 'prometheus.yml'}",
+                     f"--storage.tsdb.path={run_dir / 'tsdb'}",
+                     f"--web.listen-address=127.0.0.1:{prom_port}",
+                     "--storage.tsdb.retention.time=2d"], "prometheus")
+    wait_http(f"http://127.0.0.1:{node_port}/metrics", 30, "node_exporter", processes)
+    wait_http(f"{prom_url}/-/ready", 60, "prometheus", processes)
+    processes.spawn(shop + ["loadgen", "--target", urls["front-end"], "--rate", str(args.rate),
+                            "--period", str(args.period), "--seed", str(args.seed)], "loadgen")
+    say(f"prometheus {prom_url}, node_exporter :{node_port}, shop "
+        + ", ".join(f"{n} :{p}" for n, p in ports.items()))
+    return services, prom_url
+
+
+def warm_up(args: argparse.Namespace, prom_url: str, processes: Processes, scrape_s: int) -> dict:
+    """Wait the warm-up, then every target must be up -> Prometheus' `up` per target."""
+    began = time.time()
+    sleep_until(began + args.warmup, processes)
+    deadline = time.time() + 20
+    while True:
+        up = query_up(prom_url)
+        if all(up.get(n) == 1 for n in (*SERVICES, "node")) or time.time() > deadline:
+            break
+        time.sleep(scrape_s)
+    down = [n for n in (*SERVICES, "node") if up.get(n) != 1]
+    if down:
+        raise LabError(f"target(s) {', '.join(down)} not up after the warm-up: {up}")
+    say(f"all targets up: {up}")
+    return up
+
+
+def play_schedule(args: argparse.Namespace, plan: dict, services: dict, processes: Processes, fault_log: Path,
+                  summary: dict, faulting: dict) -> dict:
+    """The normal period (train), then the test period playing the fault schedule, each fault
+    logged when it ends -> the run's times (also summary["times"])."""
+    step_s, scrape_s = plan["step_s"], plan["scrape_s"]
+    start = math.ceil(time.time() / step_s) * step_s
+    train_end = start + plan["train_s"]
+    end = train_end + round(plan["test_s"])
+    summary["times"] = times = {"start": start, "train_end": train_end, "end": end,
+                                "start_iso": faultlog.format_time(start),
+                                "train_end_iso": faultlog.format_time(train_end),
+                                "end_iso": faultlog.format_time(end)}
+    say(f"normal period (train) {times['start_iso']} .. {times['train_end_iso']}")
+    sleep_until(train_end, processes)
+
+    say(f"test period until {times['end_iso']}: {len(plan['schedule'])} fault(s)")
+    injector = faulting["injector"] = faults.Injector(services, processes.spawn, args.cpu_workers, args.vm_bytes,
+                                                      args.delay_ms, say)
+    for fault in plan["schedule"]:
+        sleep_until(train_end + fault["offset"], processes)
+        faulting["start"] = time.time()
+        faulting["active"] = injector.start(fault)
+        say(f"fault {fault['name']}: {fault['kind']} on {fault['target']} for "
+            f"{fault['duration']:.0f}s")
+        summary["pids"] = processes.pids()
+        sleep_until(faulting["start"] + fault["duration"], processes)
+        injector.stop(faulting["active"])
+        faultlog.append_fault(fault_log, faulting["start"], math.ceil(time.time()),
+                              fault["kind"], fault["target"], fault["name"])
+        faulting["active"] = None
+        say(f"fault {fault['name']} ended")
+    sleep_until(end + 2 * scrape_s, processes)  # the last points are scraped
+    return times
+
+
+def export_recording(args: argparse.Namespace, plan: dict, prom_url: str, times: dict, fault_log: Path,
+                     out: Path, summary: dict) -> None:
+    """Export the recording with export_metrics.export() into OUT, copy the fault log beside it."""
+    logged = faultlog.read_fault_log(fault_log)
+    if args.label_scope == "target+front-end":
+        label_faults = logged + [{**f, "target": "front-end"} for f in logged
+                                 if f["target"] != "front-end"]
+    else:
+        label_faults = logged
+    say(f"exporting {len(SERVICES)} services x {len(plan['metric_set']['metrics'])} columns to {out}")
+    exported = export_metrics.export(
+        prometheus=prom_url, metric_set_path=plan["metric_set"], start=times["start"], end=times["end"],
+        step=plan["step_s"], out=out, train_end=times["train_end"], fault_log=label_faults,
+        label_margin=args.label_margin,
+        label_scope="all" if args.label_scope == "all" else "target",
+        services=list(SERVICES), progress=not args.no_progress, overwrite=args.overwrite,
+        interpretation_faults=logged)  # the front-end copies above get no interpretation
+    shutil.copyfile(fault_log, out / "faults.csv")
+    summary.update(faults=logged, export=exported)
+    for name, info in exported["services"].items():
+        say(f"{name}: {info['train_rows']} train rows, {info['test_rows']} test rows "
+            f"({info['anomalous_rows']} labelled), {info['dropped_rows']} dropped")
+
+
+def clean_up(args: argparse.Namespace, processes: Processes, run_dir: Path, fault_log: Path, summary: dict,
+             faulting: dict, old_handlers: dict) -> None:
+    """End a fault in flight (logged as interrupted), stop every process, restore the signal handlers;
+    signals are ignored meanwhile."""
+    ignore = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            ignore[sig] = signal.signal(sig, signal.SIG_IGN)
+    try:
+        active, injector = faulting["active"], faulting["injector"]
+        if active is not None and injector is not None:
+            say(f"ending fault {active['fault']['name']} early")
+            try:
+                injector.stop(active)
+            finally:
+                faultlog.append_fault(fault_log, faulting["start"], math.ceil(time.time()),
+                                      active["fault"]["kind"], active["fault"]["target"],
+                                      active["fault"]["name"] + "-interrupted")
+        processes.stop_all()
+        summary["pids"] = processes.pids()
+        summary["loadavg_end"] = os.getloadavg()
+        summary["stopped"] = all(p.poll() is not None for _, p in processes.started)
+        if not args.keep_tsdb:
+            shutil.rmtree(run_dir / "tsdb", ignore_errors=True)
+        (run_dir / "pids.txt").write_text("".join(f"{pid}\n" for pid in summary["pids"]))
+    finally:
+        for sig, handler in {**ignore, **old_handlers}.items():
+            signal.signal(sig, old_handlers.get(sig, handler))
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         run(parse_args(argv))
-    except (LabError, export_metrics.ExportError, faults.FaultError) as e:
+    except (LabError, faultlog.ExportError, faults.FaultError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:

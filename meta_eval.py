@@ -9,14 +9,14 @@ History: one shared model trained on omi-1..omi-9 (80 % of the servers). For eac
   pca           (d) PCA reconstruction error fitted on the same N windows
 Thresholds come from the N windows' own scores (SPOT), never from labels.
 
-    python meta_eval.py                       # cpu preset, about an hour on 2 cores
+    python meta_eval.py                       # cpu preset
     python meta_eval.py --adapt_scaler=history --out_dir=res_hr/meta_history
 Writes <out_dir>/meta_eval.csv and <out_dir>/meta_eval.png; models under <out_dir>/meta/.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -45,16 +45,13 @@ def epochs_for(steps: int, n_windows: int, batch: int) -> int:
     return max(1, math.ceil(steps / math.ceil(n_windows / batch)))
 
 
-def common(cfg: Config, ckpt: Path) -> list[str]:
-    """Options every train/test call shares: the user's choices plus this run's paths."""
-    keep = ("preset", "seq_len", "scaler", "adapt_scaler", "d_model", "n_heads", "n_layers", "d_ff",
-            "d_h1", "d_theta", "n_global", "n_local", "lr", "local_lr", "batch_size", "seed", "device",
-            "threshold", "spot_q", "spot_level", "num_threads", "max_train_windows", "score", "score_floor",
-            "smooth")
-    opts = [f"--{k}={getattr(cfg, k)!r}" if isinstance(getattr(cfg, k), str) else f"--{k}={getattr(cfg, k)}"
-            for k in keep if hasattr(cfg, k)]
-    return opts + [f"--data={cfg.data}", f"--ckpt={ckpt}", f"--loss_csv={ckpt.parent / 'loss_metrics.csv'}",
-                   "--plots=False", "--progress=False"]
+def with_paths(cfg: Config, ckpt: Path, **changes) -> Config:
+    """A train or test run of this study: the user's Config with this run's checkpoint and loss
+    file, no plots or progress bars, then the run's own changes."""
+    values = dict(ckpt=str(ckpt), loss_csv=str(ckpt.parent / "loss_metrics.csv"), plots=False,
+                  progress=False, resume=False, entity="", adapt_windows=0)
+    values.update(changes)
+    return dataclasses.replace(cfg, **values)
 
 
 def scores_row(res: dict, entity: str, n: int | str, method: str, seconds: float) -> dict:
@@ -77,8 +74,7 @@ def pca_few_shot(cfg: Config, entity: str, n: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    argv = sys.argv[1:] if argv is None else argv
-    cfg = cli_config(argv, defaults=dict(data="../shared/datasets/ASD"))
+    cfg = cli_config(argv, defaults=dict(data="../shared/datasets/ASD"), description=__doc__)
     out = Path(cfg.out_dir)
     work = out / "meta"
     rows: list[dict] = []
@@ -90,35 +86,34 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         print(f"[meta] {row['entity']} N={row['n_windows']} {row['method']}: AUC-PR {row['auc_pr']:.3f} "
               f"F1 {row['f1']:.3f} best-F1(oracle) {row['best_f1_oracle']:.3f}", flush=True)
 
-    def test_run(ckpt: Path, entity: str, res_dir: Path, *extra: str) -> dict:
-        return evaluate.main(common(cfg, ckpt) + [f"--entity={entity}", f"--out_dir={res_dir}", *extra])
+    def test_run(ckpt: Path, entity: str, res_dir: Path, **changes) -> dict:
+        return evaluate.evaluate_checkpoint(with_paths(cfg, ckpt, entity=entity, out_dir=str(res_dir), **changes))
 
     history = work / "history" / "puad.ckpt"
     t0 = time.time()
     if not history.is_file():
-        train_safe.main(common(cfg, history) + [f"--entities={','.join(HISTORY)}", "--stage=global",
-                                                f"--epochs={cfg.epochs}"])
+        train_safe.train(with_paths(cfg, history, entities=",".join(HISTORY), stage="global"))
     print(f"[meta] history model: {history} ({time.time() - t0:.0f}s)")
     for entity in NEW:
         t = time.time()
         full = work / f"full-{entity}" / "puad.ckpt"
-        train_safe.main(common(cfg, full) + [f"--entities={entity}", "--stage=both", f"--epochs={cfg.epochs}"])
+        train_safe.train(with_paths(cfg, full, entities=entity, stage="both"))
         record(scores_row(test_run(full, entity, full.parent / "res"), entity, "all", "full", time.time() - t))
         for n in NS:
             t = time.time()
-            train_safe.main(common(cfg, history) + ["--stage=local", f"--entity={entity}", f"--adapt_windows={n}",
-                                                    f"--local_epochs={epochs_for(ADAPT_STEPS, n, cfg.batch_size)}",
-                                                    f"--loss_csv={work / f'adapt-{entity}-{n}.csv'}"])
+            train_safe.train(with_paths(cfg, history, stage="local", entity=entity, adapt_windows=n,
+                                        local_epochs=epochs_for(ADAPT_STEPS, n, cfg.batch_size),
+                                        loss_csv=str(work / f"adapt-{entity}-{n}.csv")))
             res_dir = work / f"adapt-{entity}-{n}"
             record(scores_row(test_run(history, entity, res_dir), entity, n, "adapted", time.time() - t))
             t = time.time()
-            record(scores_row(test_run(history, entity, res_dir / "history_only", "--use_local=False"),
+            record(scores_row(test_run(history, entity, res_dir / "history_only", use_local=False),
                               entity, n, "history-only", time.time() - t))
             t = time.time()
             scratch = work / f"scratch-{entity}-{n}" / "puad.ckpt"
             epochs = epochs_for(SCRATCH_STEPS, n, cfg.batch_size)
-            train_safe.main(common(cfg, scratch) + [f"--entities={entity}", "--stage=global", f"--adapt_windows={n}",
-                                                    f"--epochs={epochs}", f"--warmup_epochs={max(1, epochs // 3)}"])
+            train_safe.train(with_paths(cfg, scratch, entities=entity, stage="global", adapt_windows=n,
+                                        epochs=epochs, warmup_epochs=max(1, epochs // 3)))
             record(scores_row(test_run(scratch, entity, scratch.parent / "res"), entity, n, "scratch", time.time() - t))
             t = time.time()
             record(scores_row(pca_few_shot(cfg, entity, n), entity, n, "pca", time.time() - t))

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -45,6 +44,12 @@ def plot_loss(loss_csv: str | Path, out_png: str | Path) -> Path:
     return out_png
 
 
+def main(argv: list[str] | None = None) -> Path:
+    cfg = cli_config(argv, description=__doc__)
+    out = plot_loss(cfg.loss_csv, Path(cfg.out_dir) / "loss_curve.png")
+    print(f"wrote {out}")
+    return out
+
+
 if __name__ == "__main__":
-    cfg = cli_config(sys.argv[1:])
-    print(f"wrote {plot_loss(cfg.loss_csv, Path(cfg.out_dir) / 'loss_curve.png')}")
+    main()

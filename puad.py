@@ -6,6 +6,7 @@ reconstructions into anomaly scores (higher = more anomalous) and thresholds.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import scoring
 from config import Config, ConfigError, config_from_dict
 from prototype_ot import PrototypeOT
 from transformer import TransformerEncoder
-from utils import Scaler, atomic_write, create_sequences, split_train_val
+from utils import Scaler, atomic_write, create_sequences, log, split_train_val
 from vae_loss import HierarchicalVAE, gaussian_kl, gaussian_nll, total_loss
 
 
@@ -81,7 +82,7 @@ class PUAD(nn.Module):
 
         Each window is transported on its own (running OT potentials), so nothing depends on
         the batch. n_samples=0 uses posterior means; L > 0 averages mu and std over L samples.
-        amp: the whole pass under bf16 autocast, on CUDA only (off by default; unmeasured).
+        amp: the whole pass under bf16 autocast, on CUDA only (off by default).
         compile: the posterior-mean pass through torch.compile (dynamic batch size, compiled
         once per model; see docs/performance.md).
         """
@@ -133,9 +134,10 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu", kind: 
         fail(f"{path}: not a readable PUAD checkpoint ({reason})")
     if kind is None:
         kind = "local" if isinstance(ckpt, dict) and "beta_l" in ckpt else "shared"
-    need = ("config", "n_features", "features") if kind == "shared" else \
-        ("entity", "features", "beta_l", "g_local", "scaler")
+    need = ("n_features", "features") if kind == "shared" else ("entity", "features", "beta_l", "g_local", "scaler")
     missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
+    if kind == "shared" and not (isinstance(ckpt, dict) and ("model_args" in ckpt or "config" in ckpt)):
+        missing.insert(0, "config or model_args")  # model_args since they were split from config
     if missing:
         fail(f"{path}: not a PUAD {kind} checkpoint (no {', '.join(missing)})")
     return ckpt
@@ -150,18 +152,60 @@ def model_id(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def build_model(ckpt: dict, device: torch.device | str = "cpu") -> tuple[PUAD, Config]:
+# the network and its input: fixed by a checkpoint (stored as its "model_args", like nanoGPT's)
+MODEL_FIELDS = ("seq_len", "d_model", "n_heads", "n_layers", "d_ff", "d_h1", "d_theta", "n_global", "n_local",
+                "sinkhorn_eps", "sinkhorn_iters", "ot_momentum", "dropout", "min_std", "scaler")
+# what it was trained on: the defaults of a run on the checkpoint (--data, --entities, --val_frac
+# may change them) and adapt_windows (which rows calibrate it)
+TRAINED_ON = ("data", "entities", "val_frac", "adapt_windows")
+# defaults from the checkpoint that a run may change: the data, and the scaler kind of an entity
+# the checkpoint has no scaler for (a new entity adapted with --adapt_scaler=own, or scored unseen)
+OVERRIDABLE = ("data", "entities", "val_frac", "scaler")
+
+
+def model_args(cfg: Config) -> dict:
+    """What a checkpoint stores as its model_args: MODEL_FIELDS and TRAINED_ON of cfg."""
+    return {k: getattr(cfg, k) for k in MODEL_FIELDS + TRAINED_ON}
+
+
+def checkpoint_args(ckpt: dict) -> dict:
+    """A checkpoint's model_args; an old checkpoint (only "config") has them derived from its
+    config, fields it predates at Config's defaults."""
+    stored = ckpt.get("model_args") or {k: v for k, v in ckpt.get("config", {}).items()
+                                        if k in MODEL_FIELDS + TRAINED_ON}
+    return {k: stored.get(k, getattr(Config, k)) for k in MODEL_FIELDS + TRAINED_ON}
+
+
+def run_config(cfg: Config, ckpt: dict, given: set[str] = frozenset()) -> Config:
+    """The Config of a run on a trained checkpoint (test.py, detect_live.py, ablation.py, the local
+    stage): the model fields are the checkpoint's (one set differently on the command line is
+    ignored, with a warning); --data, --entities, --val_frac and --scaler (OVERRIDABLE) default to
+    the checkpoint's unless given; every run option (scoring, thresholds, outputs, device...) is the command line's."""
+    args = checkpoint_args(ckpt)
+    ignored = [f"--{k}={getattr(cfg, k)!r} (checkpoint: {args[k]!r})" for k in MODEL_FIELDS
+               if k in given and k not in OVERRIDABLE and getattr(cfg, k) != args[k]]
+    if ignored:
+        log.warning("the checkpoint fixes the model; ignored: %s", ", ".join(ignored))
+    values = {k: args[k] for k in dict.fromkeys(MODEL_FIELDS + OVERRIDABLE) if k not in OVERRIDABLE or k not in given}
     try:
-        cfg = config_from_dict(ckpt["config"])
+        return dataclasses.replace(cfg, **values).validate()
     except ConfigError as e:
-        fail(f"checkpoint config: {e}")
+        fail(f"checkpoint model_args: {e}")
+
+
+def build_model(ckpt: dict, device: torch.device | str = "cpu") -> tuple[PUAD, Config]:
+    """The checkpoint's model (eval mode) and a Config of its model_args (other fields default)."""
+    try:
+        cfg = config_from_dict(checkpoint_args(ckpt))
+    except ConfigError as e:
+        fail(f"checkpoint model_args: {e}")
     model = PUAD(cfg, ckpt["n_features"]).to(device)
     try:
         model.load_state_dict(ckpt["model"])
     except KeyError:
         fail("checkpoint has no model weights")
     except RuntimeError as e:
-        fail(f"checkpoint model does not match its own config ({str(e).splitlines()[0]})")
+        fail(f"checkpoint model does not match its own model_args ({str(e).splitlines()[0]})")
     model.eval()
     return model, cfg
 
@@ -207,7 +251,7 @@ def entity_state(ckpt: dict, ckpt_path: str | Path, entity: str) -> tuple[dict |
 
 def adapted_windows(ckpt: dict, local: dict | None) -> int:
     """N when the model saw only the first N windows of the entity (--adapt_windows=N), else 0."""
-    return (local if local is not None else ckpt["config"]).get("adapt_windows", 0)
+    return local.get("adapt_windows", 0) if local is not None else checkpoint_args(ckpt)["adapt_windows"]
 
 
 def calibration_rows(x_train: np.ndarray, ckpt: dict, local: dict | None, cfg: Config) -> np.ndarray:

@@ -11,10 +11,14 @@ to compute metrics. Writes to --out_dir (res_hr/): metrics.json, scores_<entity>
 evaluation_metrics.png, anomaly_scores_<entity>.png, transport_plan.png. One run per --out_dir
 (a second one stops with a one-line error naming <out_dir>/.test.lock). A local file that does
 not belong to the checkpoint and entity is refused (puad.local_mismatch).
+
+The model (the checkpoint's model_args) is the checkpoint's; --data, --entities, --val_frac and
+--scaler default to its training run's; every other option (scoring, thresholds, outputs) is
+the command line's, with Config's defaults (puad.run_config).
 """
 from __future__ import annotations
 
-import sys
+import dataclasses
 import time
 from pathlib import Path
 
@@ -24,30 +28,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from config import Config, cli_ckpt, cli_config  # noqa: E402
+from config import THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
 from metrics import evaluate, interpretation_metrics, segments, summarize  # noqa: E402
 import scoring  # noqa: E402
 from puad import (apply_local_state, build_model, calibrate_entity, entity_state,  # noqa: E402
-                  read_checkpoint, score_kwargs, score_series)
-from utils import (DataError, Entity, LockError, Scaler, atomic_write, get_device, interpretation_segments, load_dataset,  # noqa: E402
-                   log, output_lock, write_csv_atomic, write_json_atomic)
+                  read_checkpoint, run_config, score_kwargs, score_series)
+from utils import (DataError, Entity, LockError, Scaler, align_features, atomic_write, get_device,  # noqa: E402
+                   interpretation_segments, load_dataset, log, output_lock, write_csv_atomic, write_json_atomic)
 
 SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
                  "f1_pa", "best_f1_pa_oracle"]
-
-
-def align_features(ent: Entity, features: list[str], where: str) -> Entity:
-    """Order an entity's columns like the checkpoint's, by name; refuse missing ones."""
-    if ent.features == features:
-        return ent
-    missing = [f for f in features if f not in ent.features]
-    if missing:
-        raise DataError(f"{where}: missing feature(s) {missing} that the checkpoint was trained on")
-    idx = [ent.features.index(f) for f in features]
-    ent.train = ent.train[:, idx]
-    ent.test = None if ent.test is None else ent.test[:, idx]
-    ent.features = list(features)
-    return ent
 
 
 def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
@@ -190,12 +180,19 @@ def save_figure(fig, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    argv = sys.argv[1:] if argv is None else argv
+    parsed = cli(argv, description=__doc__, show=False)
+    return evaluate_checkpoint(parsed.cfg, parsed.given)
+
+
+def evaluate_checkpoint(cfg: Config, given: set[str] = frozenset()) -> dict:
+    """Evaluate cfg.ckpt (what `python test.py` runs; meta_eval.py calls it with Config objects):
+    the model fields are the checkpoint's, --data and --entities default to its training data
+    unless given (puad.run_config)."""
     t0 = time.time()
-    ckpt_path = cli_ckpt(argv)
-    ckpt = read_checkpoint(ckpt_path)
-    cfg = cli_config(argv, defaults=ckpt["config"])  # unset options default to the training run's
-    if cfg.threshold.lower() not in ("spot", "pot", "percentile", "pct", "quantile"):
+    ckpt = read_checkpoint(cfg.ckpt)
+    cfg = run_config(cfg, ckpt, given)
+    print_config(cfg)
+    if cfg.threshold.lower() not in THRESHOLD_METHODS:
         raise SystemExit(f"test.py: error: --threshold={cfg.threshold}: a fixed number is for detect_live.py; "
                          f"test.py takes spot or percentile")
     model, _ = build_model(ckpt, get_device(cfg.device))
@@ -255,7 +252,8 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
         raise SystemExit(f"test.py: error: {cfg.data}: no entity with a test.csv")
     results = summarize(per_entity)
     results.update(checkpoint=str(cfg.ckpt), data=str(cfg.data), threshold_method=cfg.threshold, score_mode=cfg.score_mode,
-                   spot_q=cfg.spot_q, spot_level=cfg.spot_level, seconds=round(time.time() - t0, 2))
+                   spot_q=cfg.spot_q, spot_level=cfg.spot_level, seconds=round(time.time() - t0, 2),
+                   config=dataclasses.asdict(cfg))
     if all(per_entity[e].get("note") for e in per_entity):
         results["note"] = "no labels: scores and predictions written; metrics need labels"
         print(results["note"])
@@ -263,7 +261,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
     if cfg.plots:
         if "auc_pr" in results["mean"]:
             plot_metrics(out / "evaluation_metrics.png", results)
-        plot_transport(out / "transport_plan.png", plans, plan_labels, ckpt["config"]["n_global"])
+        plot_transport(out / "transport_plan.png", plans, plan_labels, cfg.n_global)
     mean = results["mean"]
     if "f1" in mean:
         print(f"mean over {len(per_entity)} entities: AUC-ROC {mean['auc_roc']:.3f} AUC-PR {mean['auc_pr']:.3f} "

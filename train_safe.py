@@ -32,54 +32,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import Config, cli_config
-from puad import (PUAD, build_model, fail, local_mismatch, local_path, model_id, read_checkpoint,
-                  save_checkpoint)
-from utils import (DataError, Entity, LockError, Scaler, get_device, load_dataset, log, output_lock,
-                   set_seed, split_train_val, write_csv_atomic)
+from config import Config, cli
+from puad import (PUAD, build_model, checkpoint_args, fail, local_mismatch, local_path, model_args, model_id, read_checkpoint,
+                  run_config, save_checkpoint)
+from utils import (DataError, Entity, LockError, Scaler, Windows, align_features, get_device, load_dataset, log,
+                   output_lock, set_seed, split_train_val, write_csv_atomic)
 from vae_loss import total_loss
 
 LOSS_COLUMNS = ["stage", "entity", "epoch", "total", "recon", "kl0", "kl1", "ot", "val_total",
                 "rho1", "rho2", "rho3", "lr", "seconds", "skipped"]
-
-
-class Windows:
-    """Windows of several series, gathered per batch from one flat tensor (no window copies)."""
-
-    def __init__(self, series: list[np.ndarray], seq_len: int, stride: int, device):
-        self.data = torch.as_tensor(np.concatenate(series).astype(np.float32), device=device)
-        starts, offset = [], 0
-        for s in series:
-            starts.append(offset + np.arange(0, len(s) - seq_len + 1, stride))
-            offset += len(s)
-        self.starts = torch.as_tensor(np.concatenate(starts), device=device)
-        self.steps = torch.arange(seq_len, device=device)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def batches(self, batch_size: int, generator: torch.Generator | None = None, limit: int = 0,
-                split: tuple[int, int] = (0, 1), shard: tuple[int, int] = (0, 1)):
-        """Batches of windows, shuffled by generator (the same seed on every rank: one order).
-
-        split=(rank, world): every batch of batch_size is split across the ranks (rank::world),
-        so together they take the batches one process would (training under DDP); a last batch
-        with fewer windows than ranks is dropped, since every rank must take every step.
-        shard=(rank, world): this rank's windows (rank::world) in batches of batch_size (validation).
-        """
-        order = torch.randperm(len(self), generator=generator).to(self.starts.device) if generator else \
-            torch.arange(len(self), device=self.starts.device)
-        if limit:
-            order = order[:limit]
-        order = order[shard[0]::shard[1]]
-        rank, world = split
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            if world > 1:
-                if len(idx) < world:
-                    break
-                idx = idx[rank::world]
-            yield self.data[self.starts[idx, None] + self.steps]
 
 
 # ---- distributed training: `torchrun --nproc_per_node=N train_safe.py ...` trains one model with
@@ -150,6 +111,29 @@ def validate(model: PUAD, windows: Windows, cfg: Config, use_local: bool) -> flo
     return total / max(n, 1)
 
 
+def make_step(model: PUAD, cfg: Config, dev: torch.device, use_local: bool, start_epoch: int):
+    """The training step, step_fn(xb, rho, use_local) -> loss parts, and the running OT potentials
+    the ranks average after every step (None with one process)."""
+    # --local_plan=running: stage 2 transports each window alone with the potentials stage 1
+    # learned; a balanced plan over a batch of N few-shot windows forces those N windows to use
+    # every prototype equally (for N = 1, theta0' is the mean prototype)
+    batch_plan = not (use_local and cfg.local_plan == "running")
+    rank, world = dist_info()
+    if world == 1:
+        return (lambda xb, rho, ul: model.loss(xb, rho, ul, batch_plan)), None
+    # --batch_size is the global batch: each rank takes batch_size/world of it, gradients are
+    # averaged. Parameters and buffers are broadcast from rank 0 here. The per-forward buffer
+    # broadcast is off: it would overwrite the running OT potentials with rank 0's at every
+    # forward (an average over rank 0's batches only); they are averaged over the ranks after
+    # every step instead (the update is linear in g: the running mean of the ranks' mean g).
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_fwd_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
+        inspect.signature(ddp).parameters else {"broadcast_buffers": False}  # older torch
+    step_fn = ddp(LossStep(model), device_ids=[dev.index] if dev.type == "cuda" else None, **no_fwd_sync)
+    torch.manual_seed(cfg.seed + 1000 * start_epoch + rank + 1)  # each rank its own sampling noise
+    return step_fn, (model.pot.g_local if use_local else model.pot.g_global)
+
+
 def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w: Windows, cfg: Config,
                stage: str, entity: str, epochs: int, lr: float, save, history: list[dict],
                start_epoch: int = 0, opt_state: dict | None = None, best_val: float = math.inf) -> float:
@@ -163,24 +147,7 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
     bad_run = 0
     model.train()
     rank, world = dist_info()
-    # --local_plan=running: stage 2 transports each window alone with the potentials stage 1
-    # learned; a balanced plan over a batch of N few-shot windows forces those N windows to use
-    # every prototype equally (for N = 1, theta0' is the mean prototype)
-    batch_plan = not (use_local and cfg.local_plan == "running")
-    step_fn = lambda xb, rho, ul: model.loss(xb, rho, ul, batch_plan)  # noqa: E731
-    if world > 1:
-        # --batch_size is the global batch: each rank takes batch_size/world of it, gradients are
-        # averaged. Parameters and buffers are broadcast from rank 0 here. The per-forward buffer
-        # broadcast is off: it would overwrite the running OT potentials with rank 0's at every
-        # forward (an average over rank 0's batches only); they are averaged over the ranks after
-        # every step instead (the update is linear in g: the running mean of the ranks' mean g).
-        dev = train_w.data.device
-        ddp = torch.nn.parallel.DistributedDataParallel
-        no_fwd_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in \
-            inspect.signature(ddp).parameters else {"broadcast_buffers": False}  # older torch
-        step_fn = ddp(LossStep(model), device_ids=[dev.index] if dev.type == "cuda" else None, **no_fwd_sync)
-        torch.manual_seed(cfg.seed + 1000 * start_epoch + rank + 1)  # each rank its own sampling noise
-        running = model.pot.g_local if use_local else model.pot.g_global
+    step_fn, running = make_step(model, cfg, train_w.data.device, use_local, start_epoch)
     for epoch in range(start_epoch + 1, epochs + 1):
         t0, sums, n, skipped = time.time(), dict(total=0.0, recon=0.0, kl0=0.0, kl1=0.0, ot=0.0), 0, 0
         bar = tqdm(train_w.batches(cfg.batch_size, gen, cfg.max_train_windows, split=(rank, world)),
@@ -283,13 +250,16 @@ def train_global(cfg: Config, device: torch.device) -> Path:
     history, start_epoch, opt_state, best_val = [], 0, None, math.inf
     if cfg.resume and last_path.is_file():
         last = read_checkpoint(last_path, device)
-        if list(last["features"]) != entities[0].features:
-            fail(f"{last_path}: --resume: trained on other features than {cfg.data} has; "
+        try:
+            for e in entities:
+                align_features(e, list(last["features"]), f"{cfg.data}/{e.name}", str(last_path), extra="refuse")
+        except DataError as e:
+            fail(f"{last_path}: --resume: trained on other features than {cfg.data} has ({e}); "
                  f"drop --resume or use another --ckpt")
         try:
             model.load_state_dict(last["model"])
         except RuntimeError:
-            changed = {k: (v, getattr(cfg, k)) for k, v in last["config"].items()
+            changed = {k: (v, getattr(cfg, k)) for k, v in checkpoint_args(last).items()
                        if k in ("seq_len", "d_model", "n_heads", "n_layers", "d_ff", "d_h1", "d_theta",
                                 "n_global", "n_local") and v != getattr(cfg, k)}
             fail(f"{last_path}: --resume: model of other sizes (saved vs now: {changed or 'see the config'}); "
@@ -299,7 +269,7 @@ def train_global(cfg: Config, device: torch.device) -> Path:
         print(f"resuming the global stage after epoch {start_epoch} from {last_path}")
     elif cfg.resume:
         log.warning("--resume: %s not found; starting from scratch", last_path)
-    meta = dict(config=dataclasses.asdict(cfg), n_features=len(entities[0].features),
+    meta = dict(config=dataclasses.asdict(cfg), model_args=model_args(cfg), n_features=len(entities[0].features),
                 features=entities[0].features, entities=[e.name for e in entities],
                 scalers={k: s.state_dict() for k, s in scalers.items()}, stage="global", version=1,
                 # pooled over every history entity: the scaler a new entity may borrow (--adapt_scaler=history)
@@ -337,15 +307,14 @@ def train_global(cfg: Config, device: torch.device) -> Path:
     return ckpt_path
 
 
-def train_local(cfg: Config, device: torch.device, entity_name: str) -> Path:
-    """Fit beta_l of one entity with every other tensor frozen; write only the local file."""
+def train_local(cfg: Config, device: torch.device, entity_name: str, given: set[str] = frozenset()) -> Path:
+    """Fit beta_l of one entity with every other tensor frozen; write only the local file. The
+    model fields are the shared checkpoint's (puad.run_config)."""
     shared = read_checkpoint(cfg.ckpt, device)
     model, _ = build_model(shared, device)
-    ent = load_dataset(cfg.data, [entity_name], min_rows=cfg.seq_len)[0]
-    if ent.features != shared["features"]:
-        diff = sorted(set(ent.features) ^ set(shared["features"])) or "(order differs)"
-        raise SystemExit(f"train_safe.py: error: {cfg.data}/{entity_name}: features differ from "
-                         f"the checkpoint {cfg.ckpt}: {diff}")
+    cfg = run_config(cfg, shared, given)
+    ent = align_features(load_dataset(cfg.data, [entity_name], min_rows=cfg.seq_len)[0], list(shared["features"]),
+                         f"{cfg.data}/{entity_name}", f"the checkpoint {cfg.ckpt}")
     if entity_name in shared["scalers"] and not cfg.adapt_windows:
         known = {entity_name: Scaler.from_state(shared["scalers"][entity_name])}  # trained on it
     elif cfg.adapt_scaler == "history":
@@ -405,7 +374,14 @@ def _previous_rows(loss_csv: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
         sys.stdout = open(os.devnull, "w")  # under torchrun only rank 0 prints, the config too
-    cfg = cli_config(argv)
+    parsed = cli(argv, description=__doc__)
+    train(parsed.cfg, parsed.given)
+
+
+def train(cfg: Config, given: set[str] = frozenset()) -> None:
+    """Both stages as cfg.stage says (what `python train_safe.py` runs; meta_eval.py calls it with
+    Config objects). given: the fields set on the command line (the local stage takes --data and
+    --entities from the checkpoint unless given)."""
     set_seed(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -418,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         # one run per --ckpt: it writes the checkpoint, its .last.ckpt and the local files beside it
         lock = output_lock(ckpt_path.with_name(ckpt_path.name + ".lock")) if rank == 0 else None
         with lock or contextlib.nullcontext():
-            _train(cfg, device, rank, world)
+            _train(cfg, device, rank, world, given)
     except LockError as e:
         raise SystemExit(f"train_safe.py: error: {e}") from None
     except DataError as e:
@@ -434,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"done in {time.time() - t0:.1f}s")
 
 
-def _train(cfg: Config, device: torch.device, rank: int, world: int) -> None:
+def _train(cfg: Config, device: torch.device, rank: int, world: int, given: set[str] = frozenset()) -> None:
     if cfg.stage in ("global", "both"):
         train_global(cfg, device)
     if world > 1:  # stage 2 is tiny: rank 0 fits it alone, the others are done
@@ -444,7 +420,7 @@ def _train(cfg: Config, device: torch.device, rank: int, world: int) -> None:
     if cfg.stage in ("local", "both"):
         targets = [cfg.entity] if cfg.entity else read_checkpoint(cfg.ckpt)["entities"]
         for name in targets:
-            train_local(cfg, device, name)
+            train_local(cfg, device, name, given)
 
 
 if __name__ == "__main__":

@@ -273,11 +273,71 @@ def load_dataset(path: str | Path, entities: str | list[str] = "all", min_rows: 
             raise DataError(f"{path}: no entity {unknown}; have {', '.join(by_name)}")
         folders = [by_name[w] for w in wanted]
     ents = [load_entity(p, min_rows) for p in folders]
-    for e in ents[1:]:
-        if e.features != ents[0].features:
-            diff = sorted(set(e.features) ^ set(ents[0].features)) or "(order differs)"
-            raise DataError(f"{path}/{e.name}: features differ from {ents[0].name}: {diff}")
+    for e in ents[1:]:  # one column order, the first entity's
+        align_features(e, ents[0].features, f"{path}/{e.name}", against=ents[0].name, extra="refuse")
     return ents
+
+
+def align_features(ent: Entity, features: list[str], where: str, against: str = "the checkpoint",
+                   extra: str = "drop") -> Entity:
+    """Order an entity's columns (train and test) like `features`, by name: the one rule of every
+    script (load_dataset across entities, training, test.py, ablation.py, detect_live.py). A
+    feature of `features` the entity lacks is a DataError naming it; columns not in `features`
+    are dropped with a log line (extra="drop") or refused (extra="refuse")."""
+    if ent.features == list(features):
+        return ent
+    missing = [f for f in features if f not in ent.features]
+    unused = [f for f in ent.features if f not in features]
+    if missing or (unused and extra == "refuse"):
+        raise DataError(f"{where}: features differ from {against}: "
+                        + "; ".join(([f"missing {missing}"] if missing else [])
+                                    + ([f"not in {against}: {unused}"] if unused and extra == "refuse" else [])))
+    if unused:
+        log.info("%s: column(s) %s not in %s; dropped", where, unused, against)
+    idx = [ent.features.index(f) for f in features]
+    ent.train = ent.train[:, idx]
+    ent.test = None if ent.test is None else ent.test[:, idx]
+    ent.features = list(features)
+    return ent
+
+
+class Windows:
+    """Windows of several series, gathered per batch from one flat tensor (no window copies)."""
+
+    def __init__(self, series: list[np.ndarray], seq_len: int, stride: int, device):
+        self.data = torch.as_tensor(np.concatenate(series).astype(np.float32), device=device)
+        starts, offset = [], 0
+        for s in series:
+            starts.append(offset + np.arange(0, len(s) - seq_len + 1, stride))
+            offset += len(s)
+        self.starts = torch.as_tensor(np.concatenate(starts), device=device)
+        self.steps = torch.arange(seq_len, device=device)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, limit: int = 0,
+                split: tuple[int, int] = (0, 1), shard: tuple[int, int] = (0, 1)):
+        """Batches of windows, shuffled by generator (the same seed on every rank: one order).
+
+        split=(rank, world): every batch of batch_size is split across the ranks (rank::world),
+        so together they take the batches one process would (training under DDP); a last batch
+        with fewer windows than ranks is dropped, since every rank must take every step.
+        shard=(rank, world): this rank's windows (rank::world) in batches of batch_size (validation).
+        """
+        order = torch.randperm(len(self), generator=generator).to(self.starts.device) if generator else \
+            torch.arange(len(self), device=self.starts.device)
+        if limit:
+            order = order[:limit]
+        order = order[shard[0]::shard[1]]
+        rank, world = split
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            if world > 1:
+                if len(idx) < world:
+                    break
+                idx = idx[rank::world]
+            yield self.data[self.starts[idx, None] + self.steps]
 
 
 class Scaler:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Run a fault plan with Chaos Mesh and record when each fault really ran.
 
-    python chaos/inject.py --plan chaos/plan-example.yaml --fault_log faults.csv
-    python chaos/inject.py --plan chaos/plan-example.yaml --dry-run
+    python -m chaos.inject --plan chaos/plan-example.yaml --fault_log faults.csv
+    python -m chaos.inject --plan chaos/plan-example.yaml --dry-run
 
 For every plan entry, in order: `kubectl apply -f MANIFEST`, wait until Chaos Mesh reports
 the fault injected (condition AllInjected, --inject_timeout), keep it for `duration` seconds,
@@ -29,9 +29,10 @@ from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from export_metrics import ExportError, append_fault, format_time, read_fault_log  # noqa: E402
+try:
+    from faultlog import ExportError, append_fault, format_time, read_fault_log
+except ModuleNotFoundError:  # run as a file: the repository root is not on the path
+    raise SystemExit("inject.py: error: run it from the repository root as `python -m chaos.inject ...`") from None
 
 PROG = "inject.py"
 PLAN_KEYS = {"manifest", "duration", "pause_after", "name"}

@@ -22,10 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 CHAOS = REPO / "chaos"
 CRD_DIR = REPO.parent / "shared" / "chaos-mesh-crds"
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(CHAOS))
 
-import inject  # noqa: E402
-from export_metrics import read_fault_log  # noqa: E402
+from chaos import inject  # noqa: E402
+from faultlog import read_fault_log  # noqa: E402
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the Schedule CRD is ~1 MB
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
@@ -246,9 +245,9 @@ def write_plan(tmp_path, entries) -> Path:
 
 
 def run_inject(*args, env=None, **kwargs):
-    return subprocess.Popen([sys.executable, str(CHAOS / "inject.py"), *map(str, args)],
+    return subprocess.Popen([sys.executable, "-m", "chaos.inject", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})}, **kwargs)
+                            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, **kwargs)
 
 
 def test_runner_applies_waits_deletes_and_logs(tmp_path, kubectl):

@@ -614,7 +614,7 @@ def test_interpretation_mapping_is_validated(mapping, message):
 
 
 def test_shipped_metric_sets_declare_every_fault_kind():
-    for path in (em.DEFAULT_METRIC_SET, REPO / "lab" / "metrics-lab.yaml"):
+    for path in (em.DEFAULT_METRIC_SET, REPO / "labshop" / "metrics-lab.yaml"):
         assert set(em.load_metric_set(path)["interpretation"]) == set(em.FAULT_KINDS), path
 
 

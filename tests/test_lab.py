@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from export_metrics import parse_step, read_fault_log
+from faultlog import read_fault_log
+from prometheus import parse_step
 from utils import load_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def test_committed_dataset_matches_its_fault_log():
 def test_committed_interpretation_labels(tmp_path):
     """Dataset/lab/<target>/interpretation.csv: loads through utils, names only dataset
     columns, lies on rows labelled with its fault's kind, and is what
-    `export_metrics.py --interpretation_only` makes from faults.csv and lab/metrics-lab.yaml."""
+    `export_metrics.py --interpretation_only` makes from faults.csv and labshop/metrics-lab.yaml."""
     from export_metrics import write_interpretation
     from utils import interpretation_segments
     faults = read_fault_log(DATASET / "faults.csv")
@@ -155,7 +156,7 @@ def test_committed_interpretation_labels(tmp_path):
         for entity in SERVICES:
             (tmp_path / entity).mkdir(exist_ok=True)
             shutil.copy(DATASET / entity / "test_label.csv", tmp_path / entity)
-    write_interpretation(tmp_path, ROOT / "lab" / "metrics-lab.yaml", DATASET / "faults.csv")
+    write_interpretation(tmp_path, ROOT / "labshop" / "metrics-lab.yaml", DATASET / "faults.csv")
     for name in ("catalogue", "payment"):
         assert (tmp_path / name / "interpretation.csv").read_text() == \
             (DATASET / name / "interpretation.csv").read_text()

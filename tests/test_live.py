@@ -2,7 +2,7 @@
 
 - a checkpoint whose features the metric set lacks is refused (one line, exit 1);
 - chaos/alert-rules.yaml passes `promtool check rules` and behaves (`promtool test rules`);
-- the lab's shop (lab/shop.py) + Prometheus at 1 s scrapes under a steady load: RECORD_S s of
+- the lab's shop (labshop/shop.py) + Prometheus at 1 s scrapes under a steady load: RECORD_S s of
   normal data recorded, a tiny model trained on catalogue + payment; the threshold detect_live
   computes is test.py's; detect_live.py (subprocess, both entities): a normal stretch raises no
   alarm, a CPU fault on catalogue (the lab's injector: stress-ng attached to its pod) raises one
@@ -124,7 +124,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     torch.save({"config": dataclasses.asdict(Config(**PRESETS["test"])), "features": ["up", "cpu_rate", "mystery"],
                 "n_features": 3, "scalers": {}, "entities": ["catalogue"]}, ckpt)
     result = subprocess.run([sys.executable, str(ROOT / "detect_live.py"), f"--ckpt={ckpt}",
-                             f"--metrics_file={ROOT / 'lab' / 'metrics-lab.yaml'}", "--threshold=1.0",
+                             f"--metrics_file={ROOT / 'labshop' / 'metrics-lab.yaml'}", "--threshold=1.0",
                              f"--port={free_port()}", "--num_threads=1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
@@ -202,7 +202,7 @@ def live_lab(tmp_path_factory):
         ports = {name: free_port() for name in lab.SERVICES}
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         core = sorted(os.sched_getaffinity(0))[-1]
-        shop = [sys.executable, str(ROOT / "lab" / "shop.py")]
+        shop = [sys.executable, str(ROOT / "labshop" / "shop.py")]
         pids = {}
         for name in ("catalogue", "payment", "front-end"):
             command = shop + [name, "--port", str(ports[name]), "--seed", "0"]
@@ -222,7 +222,7 @@ def live_lab(tmp_path_factory):
         lab.wait_http(f"{prometheus}/-/ready", 60, "prometheus", procs)
         procs.spawn(shop + ["loadgen", "--target", urls["front-end"], "--rate", "10", "--period", "1e7",
                             "--seed", "0"], "loadgen")
-        metric_set = yaml.safe_load((ROOT / "lab" / "metrics-lab.yaml").read_text())
+        metric_set = yaml.safe_load((ROOT / "labshop" / "metrics-lab.yaml").read_text())
         metric_set["metrics"] = {c: metric_set["metrics"][c] for c in COLUMNS}
         metric_set.pop("interpretation", None)  # it names columns left out here
         metric_set["rate_window"] = f"{RATE_WINDOW}s"

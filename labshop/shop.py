@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """The lab's shop: one service (or the load generator) per OS process, loopback only.
 
-    python lab/shop.py catalogue --port 8102 --db /tmp/run/catalogue.sqlite --cpu 1
-    python lab/shop.py payment   --port 8103 --cpu 0
-    python lab/shop.py front-end --port 8101 --catalogue http://127.0.0.1:8102 \
+    python labshop/shop.py catalogue --port 8102 --db /tmp/run/catalogue.sqlite --cpu 1
+    python labshop/shop.py payment   --port 8103 --cpu 0
+    python labshop/shop.py front-end --port 8101 --catalogue http://127.0.0.1:8102 \
         --payment http://127.0.0.1:8103
-    python lab/shop.py loadgen   --target http://127.0.0.1:8101 --rate 10 --period 300 --seed 1
+    python labshop/shop.py loadgen   --target http://127.0.0.1:8101 --rate 10 --period 300 --seed 1
 
 Services (HTTP/1.0, one thread per request):
   front-end  GET /      browse: catalogue /items                 (70 % of the load)

@@ -1,0 +1,153 @@
+"""The fault log: the CSV that chaos/inject.py and lab.py write while faults run, and
+export_metrics.py and the tests read to label a recording.
+
+Header `start,end,kind,target,name`, one fault per row, times like 2026-11-24T03:20:00Z (UTC,
+whole seconds). Also the time format every Prometheus tool here shares (parse_time,
+format_time) and their one error type, ExportError.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+MAX_UNIX_SECONDS = 1e11  # year 5138: a larger number is a time in milliseconds
+FAULT_LOG_COLUMNS = ["start", "end", "kind", "target", "name"]
+FAULT_KINDS = ("cpu-stress", "memory-stress", "pod-failure", "network-delay")
+
+
+class ExportError(Exception):
+    """A problem the user has to fix; the CLI prints it as one line and exits non-zero."""
+
+
+# ---------------------------------------------------------------- times
+
+def parse_time(value: Any) -> float:
+    """ISO 8601 with 'Z' or an offset, unix seconds (number or text), an aware datetime,
+    or 'now' -> unix seconds."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ExportError(f"time {value!r} has no timezone")
+        return value.timestamp()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _seconds(float(value))
+    text = str(value).strip()
+    if text == "now":
+        return time.time()
+    try:
+        return _seconds(float(text))
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ExportError(f"cannot read time {text!r}: use ISO 8601 like 2026-11-24T03:20:00Z, "
+                          "or unix seconds") from None
+    if parsed.tzinfo is None:
+        raise ExportError(f"time {text!r} has no timezone: add 'Z' for UTC or an offset "
+                          "like +08:00")
+    return parsed.timestamp()
+
+
+def _seconds(value: float) -> float:
+    """Unix seconds, refusing NaN/inf and milliseconds (a number > 1e11 would be year 5138 or later)."""
+    if not math.isfinite(value):
+        raise ExportError(f"time {value} is not a finite number")
+    if abs(value) > MAX_UNIX_SECONDS:
+        raise ExportError(f"time {value:.0f} looks like milliseconds (as seconds it is after the year "
+                          f"5000); give unix seconds, e.g. {value / 1000:.0f}")
+    return value
+
+
+def format_time(value: Any) -> str:
+    """-> '2026-11-24T03:20:00Z' (UTC, whole seconds, rounded down)."""
+    seconds = math.floor(parse_time(value))
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------- fault log
+
+def append_fault(path: str | os.PathLike, start: Any, end: Any, kind: str, target: str,
+                 name: str) -> None:
+    """Append one fault to the fault log CSV (header `start,end,kind,target,name`), creating
+    it with its header if needed. The row is written in one write and fsynced, so the file
+    is a valid log at every moment."""
+    if kind not in FAULT_KINDS:
+        raise ExportError(f"unknown fault kind {kind!r} (expected one of {', '.join(FAULT_KINDS)})")
+    start_text, end_text = format_time(start), format_time(end)
+    if parse_time(end_text) < parse_time(start_text):
+        raise ExportError(f"fault {name!r} ends ({end_text}) before it starts ({start_text})")
+    path = Path(path)
+    new_file = not path.exists() or path.stat().st_size == 0
+    if not new_file:
+        with open(path, "rb") as f:
+            header = f.readline().decode("utf-8", errors="replace").strip()
+        if header != ",".join(FAULT_LOG_COLUMNS):
+            raise ExportError(f"{path} is not a fault log (header {header!r}, expected "
+                              f"{','.join(FAULT_LOG_COLUMNS)!r})")
+    lines = []
+    prefix = ""
+    if new_file:
+        lines.append(FAULT_LOG_COLUMNS)
+    else:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            prefix = "" if f.read(1) == b"\n" else "\n"  # a hand-edited file without final newline
+    lines.append([start_text, end_text, kind, target, name])
+    with open(path, "a", newline="") as f:
+        text = prefix + "".join(_csv_line(line) for line in lines)
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _csv_line(fields: list[str]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(fields)
+    return buffer.getvalue()
+
+
+def read_fault_log(path: str | os.PathLike) -> list[dict]:
+    """Read a fault log -> list of {'start', 'end' (int unix seconds), 'kind', 'target',
+    'name'} in file order. Raises ExportError naming the line of a bad row."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"fault log {path} does not exist")
+    try:
+        return _read_fault_rows(path)
+    except (UnicodeDecodeError, csv.Error) as e:  # a binary file, NUL bytes
+        raise ExportError(f"{path}: not a fault log (not CSV text: {str(e).splitlines()[0][:80]})") from None
+
+
+def _read_fault_rows(path: Path) -> list[dict]:
+    faults = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header] != FAULT_LOG_COLUMNS:
+            raise ExportError(f"{path}: header must be {','.join(FAULT_LOG_COLUMNS)!r}, "
+                              f"got {','.join(header or [])!r}")
+        for row in reader:
+            line = reader.line_num
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if len(row) != len(FAULT_LOG_COLUMNS):
+                raise ExportError(f"{path}:{line}: expected 5 fields, got {len(row)}")
+            start, end, kind, target, name = (cell.strip() for cell in row)
+            try:
+                start_s, end_s = int(parse_time(start)), int(parse_time(end))
+            except ExportError as e:
+                raise ExportError(f"{path}:{line}: {e}") from None
+            if end_s < start_s:
+                raise ExportError(f"{path}:{line}: end {end} is before start {start}")
+            if kind not in FAULT_KINDS:
+                raise ExportError(f"{path}:{line}: unknown kind {kind!r} (expected one of "
+                                  f"{', '.join(FAULT_KINDS)})")
+            faults.append({"start": start_s, "end": end_s, "kind": kind, "target": target,
+                           "name": name})
+    return faults
