@@ -347,6 +347,7 @@ def test_live_detection_fault_outage_and_sigterm(live_lab):
         assert path0 == "/api/v2/alerts" and len(fired) == 1 and len(resolved) == 1
         assert fired[0]["labels"]["alertname"] == "PUADAnomaly" and fired[0]["labels"]["entity"] == "catalogue"
         assert fired[0]["annotations"]["description"] == ", ".join(lines[0]["top_features"])
+        print("\nfired alert:", json.dumps(fired[0]))
         assert "startsAt" in fired[0] and "endsAt" not in fired[0] and resolved[0]["endsAt"] >= resolved[0]["startsAt"]
         assert scrape(port)["puad_webhook_errors_total"] == 1
         print(f"\nthreshold {threshold:.4g} (SPOT {live_lab['spot']['catalogue']:.4g}); normal scores max {max(s for _, s in normal):.4g}; fault scores max "
