@@ -56,6 +56,10 @@ class Config:
     adapt_windows: int = 0               # use only the first N windows of each train series (0 = all)
     adapt_scaler: str = "history"        # new entity's scaler: history (pooled over the history entities) | own (fitted on the N windows)
     local_plan: str = "batch"            # stage 2 transport: batch (balanced Sinkhorn, paper) | running (each window alone)
+    local_init: str = "windows"          # beta_l starts at: windows (theta0 of adaptation windows, paper) | global (the
+                                         # global prototypes the adaptation windows use most)
+    local_offset: float = 0.0            # the local prototypes' OT potentials start this many sinkhorn_eps below the
+                                         # lowest global one: they take mass only from windows far from every global prototype
     batch_size: int = 256
     lr: float = 1e-3
     local_lr: float = 1e-2
@@ -409,6 +413,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epochs": _pos, "local_epochs": _pos, "adapt_windows": _nonneg,
     "adapt_scaler": _choice("history", "own"),
     "local_plan": _choice("batch", "running"),
+    "local_init": _choice("windows", "global"), "local_offset": _nonneg,
     "batch_size": _pos, "lr": _positive, "local_lr": _positive, "weight_decay": _nonneg,
     "rho1": _nonneg, "rho2": _nonneg, "rho3": _nonneg, "warmup_epochs": _nonneg,
     "grad_clip": _positive, "max_bad_steps": _pos, "max_train_windows": _nonneg,

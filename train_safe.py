@@ -329,14 +329,7 @@ def train_local(cfg: Config, device: torch.device, entity_name: str, given: set[
     for p in model.parameters():
         p.requires_grad_(False)
     model.pot.beta_l.requires_grad_(True)
-    with torch.no_grad():
-        # "beta_l is summarized from a few samples from the new MTS first" (paper 3.2.1): start
-        # each local prototype at theta0 of a window spread evenly over the adaptation data
-        picks = np.linspace(0, len(train_w) - 1, cfg.n_local).round().astype(int)
-        first = train_w.data[train_w.starts[picks, None] + train_w.steps]
-        model.eval()
-        model.pot.beta_l.copy_(model.vae.phi(model.encoder(first))[0])
-        model.pot.g_local.copy_(torch.cat([model.pot.g_global, model.pot.g_global.new_zeros(cfg.n_local)]))
+    init_local_prototypes(model, train_w, cfg)
     print(f"local stage: entity {entity_name}, {len(train_w)} windows, only beta_l trained")
     out_path = local_path(cfg.ckpt, entity_name)
     history = _previous_rows(cfg.loss_csv)  # the global stage's rows; local rows are appended
@@ -360,6 +353,42 @@ def train_local(cfg: Config, device: torch.device, entity_name: str, given: set[
              + (f" ({out_path} is an earlier run's)" if out_path.is_file() else ""))
     print(f"saved {out_path} ({out_path.stat().st_size / 1e3:.1f} kB)")
     return out_path
+
+
+@torch.no_grad()
+def init_local_prototypes(model: PUAD, train_w: Windows, cfg: Config) -> None:
+    """Where beta_l and its OT potentials start (the only tensors stage 2 fits).
+
+    local_init="windows": "beta_l is summarized from a few samples from the new MTS first"
+    (paper 3.2.1): theta0 of windows spread evenly over the adaptation data, the local potentials
+    at the global ones' mean (0), or local_offset * eps below the lowest global one, so that a
+    window goes to a local prototype only when it is far from every global one.
+    local_init="global": copies of the global prototypes that the adaptation windows use most,
+    each copy and its original sharing the original's mass (both potentials g_j - eps ln 2), so
+    that adaptation starts exactly at the history model's reconstruction and moves only what
+    the new entity needs.
+    """
+    model.eval()
+    pot = model.pot
+    g = pot.g_global.clone()
+    if cfg.local_init == "global":
+        idx = torch.arange(len(train_w), device=train_w.data.device)
+        use = torch.zeros(len(g), device=idx.device)
+        for i in range(0, len(idx), 1024):
+            x = train_w.data[train_w.starts[idx[i:i + 1024], None] + train_w.steps]
+            theta0 = model.vae.phi(model.encoder(x))[0]
+            use += torch.softmax((g - pot.cost(theta0, pot.beta_g)) / pot.eps, -1).sum(0)
+        top = torch.argsort(use, descending=True)[: cfg.n_local] % len(g)
+        pot.beta_l.copy_(pot.beta_g[top])
+        g_copy = g[top] - pot.eps * math.log(2.0)  # softmax(g - C) over [beta_g; beta_l] = over beta_g
+        g[top] = g_copy
+        pot.g_local.copy_(torch.cat([g, g_copy]))
+        return
+    picks = np.linspace(0, len(train_w) - 1, cfg.n_local).round().astype(int)
+    first = train_w.data[train_w.starts[picks, None] + train_w.steps]
+    pot.beta_l.copy_(model.vae.phi(model.encoder(first))[0])
+    start = g.min() - cfg.local_offset * pot.eps if cfg.local_offset else g.new_tensor(0.0)
+    pot.g_local.copy_(torch.cat([g, start.expand(cfg.n_local)]))
 
 
 def _previous_rows(loss_csv: str) -> list[dict]:

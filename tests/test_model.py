@@ -139,3 +139,28 @@ def test_gaussian_nll_closed_form():
 def test_total_loss_is_eq_11():
     r, k0, k1, ot = (torch.tensor(v) for v in (10.0, 2.0, 3.0, 4.0))
     assert total_loss(r, k0, k1, ot, 0.1, 0.2, 0.3).item() == pytest.approx(10 + 0.1 * 3 + 0.2 * 2 + 0.3 * 4)
+
+
+def test_local_init_global_starts_at_the_history_models_reconstruction():
+    """--local_init=global copies the most-used global prototypes and splits each one's mass with
+    its copy: before any local step, scoring with the local prototypes equals scoring without."""
+    import numpy as np
+
+    from train_safe import init_local_prototypes
+    from utils import Windows
+    torch.manual_seed(6)
+    cfg = parse_config(["--preset=test", "--local_init=global"])
+    model = PUAD(cfg, 5)
+    x = torch.rand(64, cfg.seq_len, 5)
+    model.train()
+    for _ in range(3):
+        model.loss(x, (0.01, 0.01, 0.01))
+    windows = Windows([np.random.default_rng(0).random((80, 5))], cfg.seq_len, 1, "cpu")
+    init_local_prototypes(model, windows, cfg)
+    with torch.no_grad():
+        assert any(torch.allclose(model.pot.beta_l[0], b) for b in model.pot.beta_g)
+    a, b = model.reconstruct(x, use_local=False), model.reconstruct(x, use_local=True)
+    assert torch.allclose(a["x_mu"], b["x_mu"], atol=1e-5)
+    cfg_w = parse_config(["--preset=test"])  # the paper's init (theta0 of windows) moves it
+    init_local_prototypes(model, windows, cfg_w)
+    assert not torch.allclose(a["x_mu"], model.reconstruct(x, use_local=True)["x_mu"], atol=1e-5)
