@@ -61,6 +61,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -82,6 +83,8 @@ from puad import (INPUT_CLIP, apply_local_state, build_model, calibrate_entity, 
 from utils import DataError, align_features, create_sequences, load_dataset  # noqa: E402
 
 PROG = "detect_live.py"
+QUERY_WORKERS = 4  # queries of a poll in flight at once
+REFRESH_STEPS = 3  # a poll asks again for the last this many grid points (and for every point it lacks)
 RESEND_S = 60.0  # a firing alert is re-posted this often (Alertmanager's resolve_timeout is 5m)
 log = logging.getLogger("puad.live")
 
@@ -220,21 +223,18 @@ def mark_missing(x: np.ndarray, grid: np.ndarray, presence: dict[int, float], ra
     return x[rate_steps:], int(missing[rate_steps:].sum())
 
 
-def fetch_fleet(session, prometheus: str, metric_set: dict, metrics: list[dict], services: list[str],
-                end: int, n: int, step: int, timeout: float,
-                presence: dict[int, float] | None = None) -> dict[str, tuple[np.ndarray, int]]:
-    """fetch_window for many services with one query per column (prometheus.grouped_query: the
-    $service matcher turned into a regex over `services`, the answer split by the service's
-    label); a node-level column (no $service) is queried once for all; a column whose query
-    cannot be grouped falls back to one query per service. -> {service: (values, missing rows)},
-    the same numbers as fetch_window of each service (tested). A service missing from an answer
-    gets NaN there (then `fill`, else a missing point, as per service)."""
-    grid, rate_steps = window_grid(metric_set, end, n, step)
-    first = int(grid[0])
-    if presence is None:
-        presence = fetch_presence(session, prometheus, grid, step, timeout)
+def fetch_rows(session, prometheus: str, metric_set: dict, metrics: list[dict], services: list[str],
+               first: int, end: int, step: int, timeout: float) -> np.ndarray:
+    """Values (services, grid points first..end, V) of every column, `fill` applied, NaN where
+    none: one query per column for all services (prometheus.grouped_query: the $service matcher
+    turned into a regex over `services`, the answer split by the service's label); a node-level
+    column (no $service) is queried once for all; a column whose query cannot be grouped falls
+    back to one query per service. A service missing from an answer gets NaN there."""
+    grid = np.arange(first, end + step, step, dtype=np.int64)
     x = np.full((len(services), len(grid), len(metrics)), np.nan)
-    for j, m in enumerate(metrics):
+    index = {s: i for i, s in enumerate(services)}
+
+    def column(j: int, m: dict) -> None:
         try:
             grouped = grouped_query(m, metric_set, services)
         except ExportError as e:
@@ -255,12 +255,28 @@ def fetch_fleet(session, prometheus: str, metric_set: dict, metrics: list[dict],
                 series = query_range(session, prometheus, query, first, int(end), step, timeout=timeout, retries=0)
             except ExportError as e:
                 raise QueryError(str(e)) from None
-            rows = split_by_label(series, label, services, grid, m["agg"])
-            index = {s: i for i, s in enumerate(services)}
-            for service, row in rows.items():
+            for service, row in split_by_label(series, label, services, grid, m["agg"]).items():
                 x[index[service], :, j] = row
         if m["fill"] is not None:
             x[:, :, j] = np.where(np.isnan(x[:, :, j]), float(m["fill"]), x[:, :, j])
+
+    # the columns' queries are in flight together (Prometheus works on them while this process
+    # parses answers); each writes its own column of x
+    with ThreadPoolExecutor(min(QUERY_WORKERS, max(len(metrics), 1))) as pool:
+        for future in [pool.submit(column, j, m) for j, m in enumerate(metrics)]:
+            future.result()  # the first QueryError is raised here
+    return x
+
+
+def fetch_fleet(session, prometheus: str, metric_set: dict, metrics: list[dict], services: list[str],
+                end: int, n: int, step: int, timeout: float,
+                presence: dict[int, float] | None = None) -> dict[str, tuple[np.ndarray, int]]:
+    """fetch_window for many services with one query per column (fetch_rows) -> {service:
+    (values, missing rows)}: the same numbers as fetch_window of each service (tested)."""
+    grid, rate_steps = window_grid(metric_set, end, n, step)
+    if presence is None:
+        presence = fetch_presence(session, prometheus, grid, step, timeout)
+    x = fetch_rows(session, prometheus, metric_set, metrics, services, int(grid[0]), end, step, timeout)
     return {service: mark_missing(x[i], grid, presence, rate_steps) for i, service in enumerate(services)}
 
 
@@ -288,8 +304,10 @@ class Detector:
         self.last_post: dict[str, float] = {}
         self.started = time.time()
         self.failures = 0
+        self.rows: dict[int, tuple[np.ndarray, float]] = {}  # grid time -> (values (entities, V), presence)
         self.window_cache: dict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = {}
         self.timing: dict[str, float] = {}
+        self.model_windows = 0
         r = self.registry = CollectorRegistry()
         self.g_score = Gauge("puad_anomaly_score", "PUAD score of the last scored window (higher = more anomalous)", ["entity"], registry=r)
         self.g_anomaly = Gauge("puad_anomaly", "1 when the last scored window's score exceeds the threshold", ["entity"], registry=r)
@@ -351,8 +369,8 @@ class Detector:
         entity's rows are scaled with its own scaler and clipped as puad.score_series does;
         the windows of every entity on the global prototypes only go through the model in one
         batch (--score_batch windows at a time); an entity with local prototypes (its own
-        beta_l, loaded into the model) in one batch of its own; then scoring.apply with each
-        entity's calibration. The same numbers as score_series on each entity alone (tested).
+        beta_l, loaded into the model) in one batch of its own; then scoring.apply_batch (scoring.apply
+        of many series at once) with each entity's calibration. The same numbers as score_series on each entity alone (tested).
         A window the model saw in an earlier poll (same scaled values: the grid moved by one
         step, so smooth - 1 of the smooth windows are the last poll's) is not run again
         (posterior means are deterministic; off with --score_samples > 0)."""
@@ -372,6 +390,7 @@ class Detector:
                 if key not in old:
                     todo[bool(st["use_local"])].append((entity, key, w))
         fresh: dict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = {}
+        self.model_windows = len(todo[False]) + len(todo[True])
         groups = [(False, todo[False])]  # global prototypes only: one batch for every such entity
         by_entity: dict[str, list] = {}
         for item in todo[True]:
@@ -387,16 +406,22 @@ class Detector:
                 for (entity, key, _), m, s in zip(items, mu, std):
                     fresh.setdefault(entity, {})[key] = (m, s)
         results = {}
-        for entity, x in xs.items():
-            known = {**cache.get(entity, {}), **fresh.get(entity, {})}
-            mu = np.stack([known[k][0] for k in keys[entity]])
-            std = np.stack([known[k][1] for k in keys[entity]])
-            point = lambda a: np.concatenate([a[0, :-1], a[:, -1]])  # noqa: E731  (as score_series)
-            scores, contrib = scoring.apply(self.calibrations[entity], {"x": x, "mu": point(mu), "std": point(std)})
-            self.last_contrib[entity] = None if contrib is None else contrib[-1]
-            results[entity] = float(scores[-1])
-            if not self.cfg.score_samples:
-                self.window_cache[entity] = {k: known[k] for k in keys[entity]}
+        point = lambda a: np.concatenate([a[:, 0, :-1], a[:, :, -1]], axis=1)  # noqa: E731  (as score_series, per entity)
+        by_kind: dict[tuple, list[str]] = {}  # entities whose calibrations score alike go through apply_batch together
+        for entity in xs:
+            cal = self.calibrations[entity]
+            by_kind.setdefault((cal.info.get("score"), cal.info.get("smooth", 1), cal.center is None), []).append(entity)
+        for group in by_kind.values():
+            known = {e: {**cache.get(e, {}), **fresh.get(e, {})} for e in group}
+            mu = np.stack([[known[e][k][0] for k in keys[e]] for e in group])  # (E, windows, T, V)
+            std = np.stack([[known[e][k][1] for k in keys[e]] for e in group])
+            scores, contrib = scoring.apply_batch([self.calibrations[e] for e in group],
+                                                  {"x": np.stack([xs[e] for e in group]), "mu": point(mu), "std": point(std)})
+            for i, e in enumerate(group):
+                self.last_contrib[e] = contrib[i, -1]
+                results[e] = float(scores[i, -1])
+                if not self.cfg.score_samples:
+                    self.window_cache[e] = {k: known[e][k] for k in keys[e]}
         per_window = (time.perf_counter() - t0) / max(len(raws), 1)
         for _ in raws:
             self.h_latency.observe(per_window)
@@ -408,11 +433,21 @@ class Detector:
         then one batched scoring of every complete window (score_windows)."""
         t0 = time.perf_counter()
         n = self.cfg.seq_len + max(self.cfg.smooth, 1) - 1  # the last `smooth` windows
-        grid, _ = window_grid(self.metric_set, end, n, self.step)
-        presence = fetch_presence(self.session, self.prometheus, grid, self.step, self.cfg.query_timeout)
-        results = fetch_fleet(self.session, self.prometheus, self.metric_set, self.metrics, self.entities,
-                              end, n, self.step, self.cfg.query_timeout, presence)
+        grid, rate_steps = window_grid(self.metric_set, end, n, self.step)
+        # rows already fetched are kept, but the last REFRESH_STEPS points are always asked again
+        # (samples scraped just before a grid point can reach Prometheus' head after the poll)
+        self.rows = {t: r for t, r in self.rows.items() if grid[0] <= t < end - (REFRESH_STEPS - 1) * self.step}
+        first = next((int(t) for t in grid if int(t) not in self.rows), int(end))
+        presence = fetch_presence(self.session, self.prometheus, grid[grid >= first], self.step,
+                                  self.cfg.query_timeout) if first <= end else {}
+        x = fetch_rows(self.session, self.prometheus, self.metric_set, self.metrics, self.entities,
+                       first, end, self.step, self.cfg.query_timeout)
+        for k, t in enumerate(range(first, end + self.step, self.step)):
+            self.rows[t] = (x[:, k], presence.get(t, 0))
         self.g_success.set(time.time())
+        x = np.stack([self.rows[int(t)][0] for t in grid], axis=1)
+        presence = {int(t): self.rows[int(t)][1] for t in grid}
+        results = {e: mark_missing(x[i], grid, presence, rate_steps) for i, e in enumerate(self.entities)}
         t1 = time.perf_counter()
         ready = {}
         for entity, (x, n_missing) in results.items():
@@ -445,7 +480,8 @@ class Detector:
             elif anomalous and self.cfg.webhook and time.time() - self.last_post.get(entity, 0) > RESEND_S:
                 self.send(entity, True, score, end)  # Alertmanager resolves an alert not re-sent
         self.timing = {"query_s": t1 - t0, "score_s": t2 - t1, "update_s": time.perf_counter() - t2,
-                       "step_s": time.perf_counter() - t0, "scored": len(scores)}
+                       "step_s": time.perf_counter() - t0, "scored": len(scores),
+                       "model_windows": self.model_windows if scores else 0}
 
     def send(self, entity: str, anomalous: bool, score: float, end: int) -> None:
         now = time.time()

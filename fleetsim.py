@@ -15,7 +15,9 @@ Normal load: each service has its own request rate, latency, CPU and memory leve
 from __future__ import annotations
 
 import math
+import argparse
 import shutil
+import sys
 import socket
 import threading
 import time
@@ -168,17 +170,30 @@ class Fleet:
     """Exporter + Prometheus on loopback; a context manager that stops both."""
 
     def __init__(self, names: list[str], tmp: Path, scrape_s: int = 1, seed: int = 0,
-                 extra_jobs: list[dict] = (), shard_modulus: int = 0):
+                 extra_jobs: list[dict] = (), shard_modulus: int = 0, external: bool = False,
+                 faults: dict[str, str] | None = None):
+        """external: the exporter in a process of its own (python fleetsim.py: a benchmark's
+        timings then leave out its rendering), its faults fixed from the start; else in a
+        thread of this process, `exporter.faults` changeable at any time."""
         import lab
         if shutil.which("prometheus") is None:
             raise RuntimeError("needs the prometheus binary (apt-get install prometheus)")
         self.tmp = Path(tmp)
         (self.tmp / "logs").mkdir(parents=True, exist_ok=True)
-        self.exporter = Exporter(names, seed)
+        self.exporter = None if external else Exporter(names, seed)
         self.procs = lab.Processes(self.tmp / "logs")
         self.names, self.scrape_s = names, scrape_s
         try:
-            port = self.exporter.start()
+            if external:
+                port = free_port()
+                (self.tmp / "services.txt").write_text("\n".join(names))
+                self.procs.spawn([sys.executable, str(Path(__file__).resolve()), f"--services={self.tmp / 'services.txt'}",
+                                  f"--port={port}", f"--seed={seed}",
+                                  "--faults=" + ",".join(f"{k}={v}" for k, v in (faults or {}).items())], "exporter")
+                lab.wait_http(f"http://127.0.0.1:{port}/node", 30, "exporter", self.procs)
+            else:
+                self.exporter.faults.update(faults or {})
+                port = self.exporter.start()
             (self.tmp / "prometheus.yml").write_text(yaml.safe_dump(
                 prometheus_config(port, scrape_s, list(extra_jobs), shard_modulus), sort_keys=False))
             prom_port = free_port()
@@ -194,10 +209,30 @@ class Fleet:
 
     def close(self) -> None:
         self.procs.stop_all()
-        self.exporter.close()
+        if self.exporter is not None:
+            self.exporter.close()
 
     def __enter__(self) -> "Fleet":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve a fleet's metrics until killed (Fleet(external=True) starts this)."""
+    parser = argparse.ArgumentParser(prog="fleetsim.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--services", required=True, help="file of service names, one a line")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--faults", default="", help="service=kind,... (kind: cpu, latency, down)")
+    args = parser.parse_args(argv)
+    exporter = Exporter(Path(args.services).read_text().split(), args.seed)
+    exporter.faults.update(dict(item.split("=", 1) for item in args.faults.split(",") if item))
+    exporter.start(args.port)
+    exporter.thread.join()
+
+
+if __name__ == "__main__":
+    main()

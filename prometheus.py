@@ -295,18 +295,21 @@ def split_by_label(series: list[dict], label: str, services: list[str], grid: "A
     grid = np.asarray(grid, np.int64)
     first, step = int(grid[0]), int(grid[1] - grid[0]) if len(grid) > 1 else 1
     wanted = set(services)
+    keep = [(s["metric"].get(label), s["values"]) for s in series
+            if s["metric"].get(label) in wanted and s["values"]]
+    if not keep:
+        return {}
+    lengths = [len(v) for _, v in keep]
+    tv = np.array([p for _, v in keep for p in v], dtype=np.float64)  # one conversion of every "value" string
+    idx = np.rint((tv[:, 0] - first) / step).astype(np.int64)
+    owner = np.repeat(np.arange(len(keep)), lengths)
+    ok = (idx >= 0) & (idx < len(grid)) & np.isfinite(tv[:, 1])
+    rows = np.full((len(keep), len(grid)), np.nan)
+    rows[owner[ok], idx[ok]] = tv[ok, 1]
     parts: dict[str, list] = {}
-    for s in series:
-        name = s["metric"].get(label)
-        if name not in wanted or not s["values"]:
-            continue
-        tv = np.array(s["values"], dtype=np.float64)
-        idx = np.rint((tv[:, 0] - first) / step).astype(np.int64)
-        keep = (idx >= 0) & (idx < len(grid)) & np.isfinite(tv[:, 1])
-        row = np.full(len(grid), np.nan)
-        row[idx[keep]] = tv[keep, 1]
+    for (name, _), row in zip(keep, rows):
         parts.setdefault(name, []).append(row)
-    return {name: combine_rows(rows, agg) for name, rows in parts.items()}
+    return {name: combine_rows(rs, agg) for name, rs in parts.items()}
 
 
 def combine_rows(rows: list, agg: str):
