@@ -24,8 +24,11 @@ exporter (fleetsim.py, its own process) of N synthetic services with the lab's m
 fault); once a window is filled (seq_len + smooth - 1 steps + the 5 s rate window),
 detect_live.Detector polls it at 1 s steps with a `cpu`-preset model (random weights: the cost is
 the same as a trained one's) and prints, per N, `fleet N entities: step X ms (query Y ms, score
-Z ms)`: the median over --fleet_polls polls after the first (a warm poll scores one new window
-per entity; the first poll, which scores all `smooth` windows of every entity, is printed too).
+Z ms)`: the median over --fleet_polls polls after the first, each one step after the last (a
+warm poll reads the newest grid points and scores one new window per entity, two where the
+previous poll's last point has changed since; the first poll, which reads and scores whole
+windows, is printed too). A step over 1,000 ms means a 1 s poll interval is too short for that
+fleet on this machine: the detector then polls late (--live_step=15 leaves 15 s).
 The machine may be shared: the load average before and after is recorded; timings are the
 best of a few repeats.
 """
@@ -376,7 +379,8 @@ def bench_fleet(n: int, opts: dict) -> dict:
         rows = cfg.seq_len + cfg.smooth - 1
         fill = rows + 2 * parse_step(metric_set["rate_window"]) + 5  # the window, its rate-window rows and their rates
         time.sleep(max(0.0, fleet.started + fill - time.time()))
-        cfg = dataclasses.replace(cfg, prometheus=fleet.prometheus, live_log=f"{tmp}/events.jsonl")
+        # the first poll reads whole windows of every service: far longer than a warm one
+        cfg = dataclasses.replace(cfg, prometheus=fleet.prometheus, live_log=f"{tmp}/events.jsonl", query_timeout=60.0)
         session = detect_live.make_session()
         # a scaler and calibration shared by every service: fitted on 20 normal services' first window
         end = int(time.time()) - 1
@@ -390,17 +394,20 @@ def bench_fleet(n: int, opts: dict) -> dict:
         det = detect_live.Detector(cfg, {"features": features}, model, names, metric_set, metric_set["metrics"],
                                    {s: {"local": None, "scaler": scaler, "use_local": False} for s in names},
                                    {s: cal for s in names})
+        # each poll advances the window by one step, as in a detector that keeps up (detect_live's
+        # run loop polls 0.25 x step after a grid point); a poll longer than the step delays the next
         timings = []
+        end = int(math.floor(time.time() - 0.25))
         for _ in range(opts["fleet_polls"] + 1):
-            now = time.time()
-            time.sleep(math.floor(now) + 1.25 - now)
-            det.poll(int(math.floor(time.time() - 0.25)))
+            time.sleep(max(0.0, end + 0.25 - time.time()))
+            det.poll(end)
             timings.append(det.timing)
+            end += 1
         alarms = sum(det.anomalous.values())
         caught = sum(det.anomalous[s] for s in faults)
     warm = timings[1:]
     med = lambda key: float(np.median([t[key] for t in warm])) * 1e3  # noqa: E731
-    return dict(entities=n, step_ms=med("step_s"), query_ms=med("query_s"), score_ms=med("score_s"),
+    return dict(load_average=os.getloadavg()[0], entities=n, step_ms=med("step_s"), query_ms=med("query_s"), score_ms=med("score_s"),
                 update_ms=med("update_s"), first_step_ms=timings[0]["step_s"] * 1e3,
                 first_score_ms=timings[0]["score_s"] * 1e3, scored=warm[-1]["scored"],
                 model_windows=float(np.median([t["model_windows"] for t in warm])),
@@ -424,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"score {r['score_ms']:.0f} ms)", flush=True)
             print(f"  first poll {r['first_step_ms']:.0f} ms (score {r['first_score_ms']:.0f} ms, every window "
                   f"new); metrics update {r['update_ms']:.0f} ms; {r['scored']} entities scored per poll, "
-                  f"{r['model_windows']:.0f} windows through the model; "
+                  f"{r['model_windows']:.0f} windows through the model; load average {r['load_average']:.1f}; "
                   f"median of {r['polls']} polls", flush=True)
         results["load_average_end"] = os.getloadavg()
         if opts["out"] != OPTIONS["out"]:

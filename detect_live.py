@@ -6,12 +6,23 @@ serve the result as Prometheus metrics.
         --prometheus=http://127.0.0.1:9090 --metrics_file=labshop/metrics-lab.yaml \
         --live_step=15 --port=9109 --num_threads=1 [--threshold=12.5] [--webhook=URL]
 
-Every --live_step seconds, for every entity (= the metric set's $service): query the last
-seq_len grid points (plus the rate window before them) of the metric set's columns that the
-checkpoint was trained on, matched BY NAME to the checkpoint's `features`; scale with the
-entity's scaler (its local file's when adapted, else the checkpoint's; refused if neither);
-score the window (the score of its last point, the window ending at it; higher = more
-anomalous) and compare with the threshold.
+Every --live_step seconds, for every entity (= the metric set's $service): the last seq_len grid
+points (plus the rate window before them) of the metric set's columns that the checkpoint was
+trained on, matched BY NAME to the checkpoint's `features`; scaled with the entity's scaler (its
+local file's when adapted, else the checkpoint's; refused if neither); the window scored (the
+score of its last point, the window ending at it; higher = more anomalous) and compared with the
+threshold.
+
+Fleets (docs/fleet.md): a poll sends one query per column for ALL its entities (the $service
+matcher turned into a regex over them, the answer split by the service label:
+prometheus.grouped_query), node-level columns once, and one presence query; rows already
+fetched are kept and only the new grid points plus the last REFRESH_STEPS are asked again. All
+complete windows of a poll go through the model in one batch (score_windows: entities on the
+global prototypes together, each entity with local prototypes in a batch of its own; a window
+seen in the last poll is not run again), then scoring.apply_batch; the scores are those of one
+window at a time (tested). --shard=I/N keeps the entities whose name hashes to I modulo N
+(prometheus.hashmod: Prometheus' hashmod relabelling, md5), so N replicas split a fleet with no
+coordination; each serves only its entities.
 
 Calibration: at start-up, exactly as test.py does (puad.calibrate_entity), the score's
 per-feature normaliser and the threshold (spot | percentile) come from the validation tail of
@@ -33,7 +44,7 @@ Served on --listen:--port /metrics (own CollectorRegistry):
   puad_query_errors_total               failed polls (Prometheus unreachable, HTTP errors)
   puad_skipped_windows_total{entity,reason}  windows not scored: missing_points | no_data | non_finite
   puad_windows_scored_total{entity}
-  puad_scoring_latency_seconds          histogram, model time per window
+  puad_scoring_latency_seconds          histogram, scoring time per window (a poll's batch / its windows)
   puad_webhook_errors_total
 Errors and missing data never raise an alarm: puad_anomaly KEEPS ITS LAST VALUE while windows
 are skipped or Prometheus fails (it starts at 0), and puad_stale says the value is old.
