@@ -47,7 +47,8 @@ def parse_step(value: Any) -> int:
 def load_metric_set(metric_set: str | os.PathLike | dict, namespace: str | None = None,
                     services: list[str] | None = None) -> dict:
     """Read and check a metric set YAML (or an already loaded dict) -> {'namespace',
-    'services', 'rate_window', 'metrics': [{'column', 'query', 'agg', 'fill'}, ...],
+    'services', 'rate_window', 'metrics': [{'column', 'query', 'agg', 'fill'[, 'grouped',
+    'group_label']}, ...],
     'interpretation': {fault kind: [columns]} ({} when the YAML has none)}."""
     if isinstance(metric_set, dict):
         raw, where = metric_set, "metric set"
@@ -78,7 +79,7 @@ def load_metric_set(metric_set: str | os.PathLike | dict, namespace: str | None 
             spec = {"query": spec}
         if not isinstance(spec, dict) or not isinstance(spec.get("query"), str):
             raise ExportError(f"{where}: metric '{column}' needs a query string")
-        unknown = set(spec) - {"query", "agg", "fill"}
+        unknown = set(spec) - {"query", "agg", "fill", "grouped", "group_label"}
         if unknown:
             raise ExportError(f"{where}: metric '{column}' has unknown keys {sorted(unknown)}")
         agg = spec.get("agg", "sum")
@@ -89,6 +90,11 @@ def load_metric_set(metric_set: str | os.PathLike | dict, namespace: str | None 
         if fill is not None and (isinstance(fill, bool) or not isinstance(fill, (int, float))):
             raise ExportError(f"{where}: metric '{column}': fill must be a number")
         metric = {"column": column, "query": spec["query"], "agg": agg, "fill": fill}
+        for key in ("grouped", "group_label"):  # detect_live's one query for many services (grouped_query)
+            if key in spec:
+                if not isinstance(spec[key], str):
+                    raise ExportError(f"{where}: metric '{column}': {key} must be a string")
+                metric[key] = spec[key]
         render_query(metric, result, "service")  # fails early on a bad placeholder
         result["metrics"].append(metric)
     result["interpretation"] = _interpretation_map(raw.get("interpretation"), result, where)

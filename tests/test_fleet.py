@@ -57,6 +57,9 @@ def test_grouped_query_rewrite():
     with pytest.raises(ExportError):
         grouped_query({"column": "x", "query": 'sum(x) + $service', "agg": "sum", "fill": None}, ms, ["a"])
     assert regex_literal("a.b+c") == "a\\.b\\+c"
+    explicit = load_metric_set({"services": ["a"], "metrics": {"x": {
+        "query": 'sum(x{pod=~"$service-.*"})', "grouped": 'sum by (app) (x{app=~"$services"})', "group_label": "app"}}})
+    assert grouped_query(explicit["metrics"][0], explicit, ["a", "b.c"]) == ('sum by (app) (x{app=~"a|b\\\\.c"})', "app")
     # Prometheus' hashmod: md5, last 8 bytes big-endian, mod N (checked against Prometheus below)
     assert [hashmod(s, 7) for s in ("catalogue", "payment", "front-end")] == [
         int.from_bytes(__import__("hashlib").md5(s.encode()).digest()[8:], "big") % 7
