@@ -17,7 +17,6 @@ A random-weights `test`-preset model (seq_len 5) is enough: the tests check the 
 the model; per-service scalers and calibrations are fitted on the fleet's first window.
 """
 import json
-import math
 import shutil
 import sys
 import time
@@ -68,6 +67,11 @@ def test_grouped_query_rewrite():
     for bad in ("3/3", "x", "1/0"):
         with pytest.raises(ExportError):
             parse_shard(bad)
+    from config import ConfigError, parse_config
+    assert parse_config(["--shard=1/4"]).shard == "1/4"
+    for bad in ("4/4", "1", "a/b"):
+        with pytest.raises(ConfigError, match="--shard"):
+            parse_config([f"--shard={bad}"])
     names = [f"s{i}" for i in range(100)]
     parts = [shard_services(names, (i, 3)) for i in range(3)]
     assert sorted(sum(parts, [])) == sorted(names) and all(parts)
@@ -141,6 +145,15 @@ def test_grouped_equals_per_service_and_batched_scores(fleet):
     for s in names:
         np.testing.assert_allclose(grouped[s][0], per[s][0], rtol=1e-12, err_msg=s)
         assert grouped[s][1] == per[s][1] == 0, s
+    # sock-shop's grouped queries (pod-name regexes with label_replace, `or vector(0)`, `name`
+    # labels) are valid PromQL for this Prometheus (no cAdvisor data here: empty answers)
+    from prometheus import grouped_query, load_metric_set
+    sock = load_metric_set(ROOT / "chaos" / "metrics-sockshop.yaml")
+    for m in sock["metrics"]:
+        grouped = grouped_query(m, sock, ["carts", "carts-db", "front-end", "orders"])
+        if grouped:
+            r = requests.get(f"{f.prometheus}/api/v1/query", params={"query": grouped[0]}, timeout=10).json()
+            assert r["status"] == "success", (m["column"], r)
     # the Detector's polls: the second one reuses rows and windows of the first
     det = make_detector(fleet, names)
     det.poll(end - 1)
