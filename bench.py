@@ -4,6 +4,8 @@
     python bench.py --quick --presets=cpu            # a quick look
     python bench.py --threads=1 --out=res_hr/bench-1t.json
     python bench.py --presets=cpu --compile          # also torch.compile'd scoring
+    python bench.py --fleet=1000 --threads=1         # live detection of 1,000 services (only that)
+    python bench.py --fleet=100,1000,5000 --threads=1
 
 Measured on this machine, on the device utils.get_device picks (--device=cpu|cuda):
   - the matmul peak (GFLOP/s) in fp32, and in bf16 (only fast with hardware bf16: AMX, AVX512-BF16, GPUs);
@@ -16,12 +18,24 @@ Measured on this machine, on the device utils.get_device picks (--device=cpu|cud
     the phase, reset through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated);
   - scaling (cpu preset): data loading and train/score time against 1, 4, 12 ASD entities (real
     data from --data, else synthetic series of ASD's shape: V=19, 8640 train and 4320 test rows).
+--fleet=N[,N...] (bench_fleet): a real Prometheus on loopback scraping, every second, an
+exporter (fleetsim.py, its own process) of N synthetic services with the lab's metric set
+(labshop/metrics-lab.yaml, 16 columns; normal load, 1 % of the services with a CPU or latency
+fault); once a window is filled (seq_len + smooth - 1 steps + the 5 s rate window),
+detect_live.Detector polls it at 1 s steps with a `cpu`-preset model (random weights: the cost is
+the same as a trained one's) and prints, per N, `fleet N entities: step X ms (query Y ms, score
+Z ms)`: the median over --fleet_polls polls after the first, each one step after the last (a
+warm poll reads the newest grid points and scores one new window per entity, two where the
+previous poll's last point has changed since; the first poll, which reads and scores whole
+windows, is printed too). A step over 1,000 ms means a 1 s poll interval is too short for that
+fleet on this machine: the detector then polls late (--live_step=15 leaves 15 s).
 The machine may be shared: the load average before and after is recorded; timings are the
 best of a few repeats.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -40,7 +54,8 @@ from puad import PUAD, score_series
 from utils import Scaler, Windows, get_device, load_dataset, set_seed, write_json_atomic
 
 OPTIONS = dict(presets="cpu,paper", quick=False, out="res_hr/bench.json", data="../shared/datasets/ASD",
-               device="auto", threads=0, score_batch=1024, entities="1,4,12", compile=False)
+               device="auto", threads=0, score_batch=1024, entities="1,4,12", compile=False, fleet="",
+               fleet_polls=6)
 V, SEQ_LEN, N_TRAIN, N_TEST = 19, 20, 8640, 4320  # ASD's shape
 
 
@@ -48,7 +63,9 @@ OPTION_HELP = dict(presets="comma list of config.py presets to measure", quick="
                    data="ASD-shaped dataset for the real-data runs (synthetic series when absent)",
                    device="auto | cpu | cuda | cuda:N", threads="torch CPU threads (0 = torch default)",
                    score_batch="windows per scoring batch", entities="entity counts of the scaling runs ('' = skip)",
-                   compile="also torch.compile'd scoring")
+                   compile="also torch.compile'd scoring",
+                   fleet="comma list of fleet sizes: benchmark only live detection of that many services (see above)",
+                   fleet_polls="polls timed per fleet size (after the first)")
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -339,6 +356,64 @@ def bench_scaling(opts: dict, device: torch.device) -> list[dict]:
     return rows
 
 
+def bench_fleet(n: int, opts: dict) -> dict:
+    """One fleet size: Prometheus + exporter of n services, a Detector on all of them, timed polls."""
+    import tempfile
+
+    import detect_live
+    import fleetsim
+    from config import PRESETS, Config
+    from prometheus import load_metric_set, parse_step
+
+    names = fleetsim.service_names(n)
+    faults = {name: ("cpu", "latency")[i % 2] for i, name in enumerate(names[::100])}
+    cfg = Config(**{k: v for k, v in PRESETS["cpu"].items()}, live_step=1, threshold="percentile",
+                 num_threads=opts["threads"], score_batch=opts["score_batch"])
+    metric_set = load_metric_set(Path(__file__).parent / "labshop" / "metrics-lab.yaml", services=names)
+    metric_set["rate_window"] = "5s"
+    features = [m["column"] for m in metric_set["metrics"]]
+    set_seed(0)
+    model = PUAD(cfg, len(features)).eval()
+    with tempfile.TemporaryDirectory(prefix="fleet-") as tmp, \
+            fleetsim.Fleet(names, Path(tmp), scrape_s=1, external=True, faults=faults) as fleet:
+        rows = cfg.seq_len + cfg.smooth - 1
+        fill = rows + 2 * parse_step(metric_set["rate_window"]) + 5  # the window, its rate-window rows and their rates
+        time.sleep(max(0.0, fleet.started + fill - time.time()))
+        # the first poll reads whole windows of every service: far longer than a warm one
+        cfg = dataclasses.replace(cfg, prometheus=fleet.prometheus, live_log=f"{tmp}/events.jsonl", query_timeout=60.0)
+        session = detect_live.make_session()
+        # a scaler and calibration shared by every service: fitted on 20 normal services' first window
+        end = int(time.time()) - 1
+        sample = [s for s in names if s not in faults][:20]
+        got = detect_live.fetch_fleet(session, fleet.prometheus, metric_set, metric_set["metrics"], sample, end,
+                                      rows, 1, 30.0)
+        x = np.concatenate([np.nan_to_num(v) for v, _ in got.values()])
+        scaler = Scaler("minmax").fit(x)
+        calib = score_series(model, scaler.transform(x), cfg.seq_len)
+        cal = scoring.calibrate(dict(calib, constant=scoring.constant_features(x)), cfg)
+        det = detect_live.Detector(cfg, {"features": features}, model, names, metric_set, metric_set["metrics"],
+                                   {s: {"local": None, "scaler": scaler, "use_local": False} for s in names},
+                                   {s: cal for s in names})
+        # each poll advances the window by one step, as in a detector that keeps up (detect_live's
+        # run loop polls 0.25 x step after a grid point); a poll longer than the step delays the next
+        timings = []
+        end = int(math.floor(time.time() - 0.25))
+        for _ in range(opts["fleet_polls"] + 1):
+            time.sleep(max(0.0, end + 0.25 - time.time()))
+            det.poll(end)
+            timings.append(det.timing)
+            end += 1
+        alarms = sum(det.anomalous.values())
+        caught = sum(det.anomalous[s] for s in faults)
+    warm = timings[1:]
+    med = lambda key: float(np.median([t[key] for t in warm])) * 1e3  # noqa: E731
+    return dict(load_average=os.getloadavg()[0], entities=n, step_ms=med("step_s"), query_ms=med("query_s"), score_ms=med("score_s"),
+                update_ms=med("update_s"), first_step_ms=timings[0]["step_s"] * 1e3,
+                first_score_ms=timings[0]["score_s"] * 1e3, scored=warm[-1]["scored"],
+                model_windows=float(np.median([t["model_windows"] for t in warm])),
+                faulty=len(faults), alarms=alarms, alarms_on_faulty=caught, polls=len(warm))
+
+
 def fmt_bytes(b) -> str:
     return "n/a" if b is None else f"{b / 2**20:.0f} MiB"
 
@@ -347,6 +422,21 @@ def main(argv: list[str] | None = None) -> dict:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
     if opts["threads"]:
         torch.set_num_threads(opts["threads"])
+    if opts["fleet"]:
+        results = {"threads": torch.get_num_threads(), "load_average_start": os.getloadavg(), "fleet": []}
+        for n in [int(v) for v in str(opts["fleet"]).split(",") if v.strip()]:
+            r = bench_fleet(n, opts)
+            results["fleet"].append(r)
+            print(f"fleet {n} entities: step {r['step_ms']:.0f} ms (query {r['query_ms']:.0f} ms, "
+                  f"score {r['score_ms']:.0f} ms)", flush=True)
+            print(f"  first poll {r['first_step_ms']:.0f} ms (score {r['first_score_ms']:.0f} ms, every window "
+                  f"new); metrics update {r['update_ms']:.0f} ms; {r['scored']} entities scored per poll, "
+                  f"{r['model_windows']:.0f} windows through the model; load average {r['load_average']:.1f}; "
+                  f"median of {r['polls']} polls", flush=True)
+        results["load_average_end"] = os.getloadavg()
+        if opts["out"] != OPTIONS["out"]:
+            write_json_atomic(opts["out"], results)
+        return results
     device = get_device(opts["device"])
     load0 = os.getloadavg()
     t_start = time.time()

@@ -111,6 +111,7 @@ class Config:
     max_backoff: float = 60.0            # seconds, cap of the retry delay while Prometheus fails
     query_timeout: float = 5.0           # seconds per Prometheus request
     max_polls: int = 0                   # stop after N polls (0 = run until SIGTERM/SIGINT)
+    shard: str = ""                      # I/N: only the entities whose name hashes to I modulo N (Prometheus hashmod); '' = all
 
     def validate(self) -> "Config":
         """Raise ConfigError naming the first field out of its range (see CHECKS at the end)."""
@@ -437,6 +438,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "listen": _nonempty,
     "webhook": ((lambda v: v == "" or _url[0](v)), "'' or an http:// or https:// URL"),
     "stale_steps": _pos, "max_backoff": _positive, "query_timeout": _positive, "max_polls": _nonneg,
+    "shard": ((lambda v: v == "" or (re.fullmatch(r"(\d+)/(\d+)", v) is not None
+                                     and int(v.split("/")[0]) < int(v.split("/")[1]))), "'' or I/N with 0 <= I < N"),
 }
 
 

@@ -6,12 +6,23 @@ serve the result as Prometheus metrics.
         --prometheus=http://127.0.0.1:9090 --metrics_file=labshop/metrics-lab.yaml \
         --live_step=15 --port=9109 --num_threads=1 [--threshold=12.5] [--webhook=URL]
 
-Every --live_step seconds, for every entity (= the metric set's $service): query the last
-seq_len grid points (plus the rate window before them) of the metric set's columns that the
-checkpoint was trained on, matched BY NAME to the checkpoint's `features`; scale with the
-entity's scaler (its local file's when adapted, else the checkpoint's; refused if neither);
-score the window (the score of its last point, the window ending at it; higher = more
-anomalous) and compare with the threshold.
+Every --live_step seconds, for every entity (= the metric set's $service): the last seq_len grid
+points (plus the rate window before them) of the metric set's columns that the checkpoint was
+trained on, matched BY NAME to the checkpoint's `features`; scaled with the entity's scaler (its
+local file's when adapted, else the checkpoint's; refused if neither); the window scored (the
+score of its last point, the window ending at it; higher = more anomalous) and compared with the
+threshold.
+
+Fleets (docs/fleet.md): a poll sends one query per column for ALL its entities (the $service
+matcher turned into a regex over them, the answer split by the service label:
+prometheus.grouped_query), node-level columns once, and one presence query; rows already
+fetched are kept and only the new grid points plus the last REFRESH_STEPS are asked again. All
+complete windows of a poll go through the model in one batch (score_windows: entities on the
+global prototypes together, each entity with local prototypes in a batch of its own; a window
+seen in the last poll is not run again), then scoring.apply_batch; the scores are those of one
+window at a time (tested). --shard=I/N keeps the entities whose name hashes to I modulo N
+(prometheus.hashmod: Prometheus' hashmod relabelling, md5), so N replicas split a fleet with no
+coordination; each serves only its entities.
 
 Calibration: at start-up, exactly as test.py does (puad.calibrate_entity), the score's
 per-feature normaliser and the threshold (spot | percentile) come from the validation tail of
@@ -33,7 +44,7 @@ Served on --listen:--port /metrics (own CollectorRegistry):
   puad_query_errors_total               failed polls (Prometheus unreachable, HTTP errors)
   puad_skipped_windows_total{entity,reason}  windows not scored: missing_points | no_data | non_finite
   puad_windows_scored_total{entity}
-  puad_scoring_latency_seconds          histogram, model time per window
+  puad_scoring_latency_seconds          histogram, scoring time per window (a poll's batch / its windows)
   puad_webhook_errors_total
 Errors and missing data never raise an alarm: puad_anomaly KEEPS ITS LAST VALUE while windows
 are skipped or Prometheus fails (it starts at 0), and puad_stale says the value is old.
@@ -61,6 +72,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -75,12 +87,15 @@ import puad  # noqa: E402
 import scoring  # noqa: E402
 from config import THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
 from faultlog import ExportError  # noqa: E402
-from prometheus import load_metric_set, make_session, parse_step, query_range, render_query  # noqa: E402
-from puad import (apply_local_state, build_model, calibrate_entity, local_path, read_checkpoint,  # noqa: E402
-                  run_config, score_series)
-from utils import DataError, align_features, load_dataset  # noqa: E402
+from prometheus import (grouped_query, load_metric_set, make_session, parse_shard,  # noqa: E402
+                        parse_step, query_range, render_query, shard_services, split_by_label)
+from puad import (INPUT_CLIP, apply_local_state, build_model, calibrate_entity, local_path,  # noqa: E402
+                  read_checkpoint, run_config)
+from utils import DataError, align_features, create_sequences, load_dataset  # noqa: E402
 
 PROG = "detect_live.py"
+QUERY_WORKERS = 4  # queries of a poll in flight at once
+REFRESH_STEPS = 3  # a poll asks again for the last this many grid points (and for every point it lacks)
 RESEND_S = 60.0  # a firing alert is re-posted this often (Alertmanager's resolve_timeout is 5m)
 log = logging.getLogger("puad.live")
 
@@ -202,6 +217,13 @@ def fetch_window(session, prometheus: str, metric_set: dict, metrics: list[dict]
         x[:, j] = [got.get(int(t), np.nan) for t in grid]
         if m["fill"] is not None:
             x[:, j] = np.where(np.isnan(x[:, j]), float(m["fill"]), x[:, j])
+    return mark_missing(x, grid, presence, rate_steps)
+
+
+def mark_missing(x: np.ndarray, grid: np.ndarray, presence: dict[int, float], rate_steps: int) -> tuple[np.ndarray, int]:
+    """NaN rows where a point is missing (no scrape, or a column without a value after fill;
+    the rate window after a scrape gap too) -> (the window without the rate-window rows, number
+    of missing rows)."""
     present = np.array([presence.get(int(t), 0) > 0 for t in grid])
     missing = ~present | np.isnan(x).any(axis=1)
     # a rate window that overlaps a missing point (Prometheus down) is computed on partial data
@@ -210,6 +232,63 @@ def fetch_window(session, prometheus: str, metric_set: dict, metrics: list[dict]
         missing[i:i + rate_steps + 1] = True
     x[missing] = np.nan
     return x[rate_steps:], int(missing[rate_steps:].sum())
+
+
+def fetch_rows(session, prometheus: str, metric_set: dict, metrics: list[dict], services: list[str],
+               first: int, end: int, step: int, timeout: float) -> np.ndarray:
+    """Values (services, grid points first..end, V) of every column, `fill` applied, NaN where
+    none: one query per column for all services (prometheus.grouped_query: the $service matcher
+    turned into a regex over `services`, the answer split by the service's label); a node-level
+    column (no $service) is queried once for all; a column whose query cannot be grouped falls
+    back to one query per service. A service missing from an answer gets NaN there."""
+    grid = np.arange(first, end + step, step, dtype=np.int64)
+    x = np.full((len(services), len(grid), len(metrics)), np.nan)
+    index = {s: i for i, s in enumerate(services)}
+
+    def column(j: int, m: dict) -> None:
+        try:
+            grouped = grouped_query(m, metric_set, services)
+        except ExportError as e:
+            log.warning("%s; querying it per service", e)
+            grouped = "per-service"
+        if grouped is None:  # the same for every service
+            got = _column(session, prometheus, render_query(m, metric_set, services[0]), first, int(end), step,
+                          m["agg"], timeout)
+            x[:, :, j] = np.array([got.get(int(t), np.nan) for t in grid])[None, :]
+        elif grouped == "per-service":
+            for i, service in enumerate(services):
+                got = _column(session, prometheus, render_query(m, metric_set, service), first, int(end), step,
+                              m["agg"], timeout)
+                x[i, :, j] = [got.get(int(t), np.nan) for t in grid]
+        else:
+            query, label = grouped
+            try:
+                series = query_range(session, prometheus, query, first, int(end), step, timeout=timeout, retries=0)
+            except ExportError as e:
+                raise QueryError(str(e)) from None
+            for service, row in split_by_label(series, label, services, grid, m["agg"]).items():
+                x[index[service], :, j] = row
+        if m["fill"] is not None:
+            x[:, :, j] = np.where(np.isnan(x[:, :, j]), float(m["fill"]), x[:, :, j])
+
+    # the columns' queries are in flight together (Prometheus works on them while this process
+    # parses answers); each writes its own column of x
+    with ThreadPoolExecutor(min(QUERY_WORKERS, max(len(metrics), 1))) as pool:
+        for future in [pool.submit(column, j, m) for j, m in enumerate(metrics)]:
+            future.result()  # the first QueryError is raised here
+    return x
+
+
+def fetch_fleet(session, prometheus: str, metric_set: dict, metrics: list[dict], services: list[str],
+                end: int, n: int, step: int, timeout: float,
+                presence: dict[int, float] | None = None) -> dict[str, tuple[np.ndarray, int]]:
+    """fetch_window for many services with one query per column (fetch_rows) -> {service:
+    (values, missing rows)}: the same numbers as fetch_window of each service (tested)."""
+    grid, rate_steps = window_grid(metric_set, end, n, step)
+    if presence is None:
+        presence = fetch_presence(session, prometheus, grid, step, timeout)
+    x = fetch_rows(session, prometheus, metric_set, metrics, services, int(grid[0]), end, step, timeout)
+    return {service: mark_missing(x[i], grid, presence, rate_steps) for i, service in enumerate(services)}
 
 
 # ---------------------------------------------------------------- detector
@@ -236,6 +315,10 @@ class Detector:
         self.last_post: dict[str, float] = {}
         self.started = time.time()
         self.failures = 0
+        self.rows: dict[int, tuple[np.ndarray, float]] = {}  # grid time -> (values (entities, V), presence)
+        self.window_cache: dict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = {}
+        self.timing: dict[str, float] = {}
+        self.model_windows = 0
         r = self.registry = CollectorRegistry()
         self.g_score = Gauge("puad_anomaly_score", "PUAD score of the last scored window (higher = more anomalous)", ["entity"], registry=r)
         self.g_anomaly = Gauge("puad_anomaly", "1 when the last scored window's score exceeds the threshold", ["entity"], registry=r)
@@ -280,38 +363,114 @@ class Detector:
     def score_window(self, entity: str, raw: np.ndarray) -> float:
         """Score of the last point of raw (seq_len + smooth - 1 rows): the one scorer on the
         last `smooth` windows, so the causal smoothing is test.py's."""
-        st = self.states[entity]
+        return self.score_windows({entity: raw})[entity]
+
+    def _reconstruct(self, windows: np.ndarray, use_local: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The model's decoder mean and std (B, T, V) of scaled, clipped windows, in batches."""
+        mus, stds = [], []
+        for i in range(0, len(windows), self.cfg.score_batch):
+            xb = torch.as_tensor(np.ascontiguousarray(windows[i:i + self.cfg.score_batch]))
+            out = self.model.reconstruct(xb, use_local, self.cfg.score_samples)
+            mus.append(out["x_mu"].numpy())
+            stds.append(out["x_std"].numpy())
+        return np.concatenate(mus), np.concatenate(stds)
+
+    def score_windows(self, raws: dict[str, np.ndarray]) -> dict[str, float]:
+        """Scores of many entities' windows (raw: seq_len + smooth - 1 rows each), batched: each
+        entity's rows are scaled with its own scaler and clipped as puad.score_series does;
+        the windows of every entity on the global prototypes only go through the model in one
+        batch (--score_batch windows at a time); an entity with local prototypes (its own
+        beta_l, loaded into the model) in one batch of its own; then scoring.apply_batch (scoring.apply
+        of many series at once) with each entity's calibration. The same numbers as score_series on each entity alone (tested).
+        A window the model saw in an earlier poll (same scaled values: the grid moved by one
+        step, so smooth - 1 of the smooth windows are the last poll's) is not run again
+        (posterior means are deterministic; off with --score_samples > 0)."""
         t0 = time.perf_counter()
+        seq_len, clip = self.cfg.seq_len, INPUT_CLIP
+        xs, keys, todo = {}, {}, {False: [], True: []}
+        cache = {} if self.cfg.score_samples else self.window_cache
+        for entity, raw in raws.items():
+            st = self.states[entity]
+            x = np.clip(np.nan_to_num(np.asarray(st["scaler"].transform(raw), np.float64), nan=0.0,
+                                      posinf=clip, neginf=-clip), -clip, clip).astype(np.float32)
+            xs[entity] = x
+            windows = create_sequences(x, seq_len)
+            keys[entity] = [w.tobytes() for w in windows]
+            old = cache.get(entity, {})
+            for w, key in zip(windows, keys[entity]):
+                if key not in old:
+                    todo[bool(st["use_local"])].append((entity, key, w))
+        fresh: dict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = {}
+        self.model_windows = len(todo[False]) + len(todo[True])
+        groups = [(False, todo[False])]  # global prototypes only: one batch for every such entity
+        by_entity: dict[str, list] = {}
+        for item in todo[True]:
+            by_entity.setdefault(item[0], []).append(item)
+        groups += [(True, items) for items in by_entity.values()]  # local prototypes: one batch per entity
         with torch.no_grad():
-            if st["local"] is not None:
-                apply_local_state(self.model, st["local"])
-            out = score_series(self.model, st["scaler"].transform(raw), self.cfg.seq_len, st["use_local"],
-                               n_samples=self.cfg.score_samples)
-        scores, contrib = scoring.apply(self.calibrations[entity], out)
-        self.h_latency.observe(time.perf_counter() - t0)
-        self.last_contrib[entity] = None if contrib is None else contrib[-1]
-        return float(scores[-1])
+            for use_local, items in groups:
+                if not items:
+                    continue
+                if use_local:
+                    apply_local_state(self.model, self.states[items[0][0]]["local"])
+                mu, std = self._reconstruct(np.stack([w for *_, w in items]), use_local)
+                for (entity, key, _), m, s in zip(items, mu, std):
+                    fresh.setdefault(entity, {})[key] = (m, s)
+        results = {}
+        point = lambda a: np.concatenate([a[:, 0, :-1], a[:, :, -1]], axis=1)  # noqa: E731  (as score_series, per entity)
+        by_kind: dict[tuple, list[str]] = {}  # entities whose calibrations score alike go through apply_batch together
+        for entity in xs:
+            cal = self.calibrations[entity]
+            by_kind.setdefault((cal.info.get("score"), cal.info.get("smooth", 1), cal.center is None), []).append(entity)
+        for group in by_kind.values():
+            known = {e: {**cache.get(e, {}), **fresh.get(e, {})} for e in group}
+            mu = np.stack([[known[e][k][0] for k in keys[e]] for e in group])  # (E, windows, T, V)
+            std = np.stack([[known[e][k][1] for k in keys[e]] for e in group])
+            scores, contrib = scoring.apply_batch([self.calibrations[e] for e in group],
+                                                  {"x": np.stack([xs[e] for e in group]), "mu": point(mu), "std": point(std)})
+            for i, e in enumerate(group):
+                self.last_contrib[e] = contrib[i, -1]
+                results[e] = float(scores[i, -1])
+                if not self.cfg.score_samples:
+                    self.window_cache[e] = {k: known[e][k] for k in keys[e]}
+        per_window = (time.perf_counter() - t0) / max(len(raws), 1)
+        for _ in raws:
+            self.h_latency.observe(per_window)
+        return results
 
     def poll(self, end: int) -> None:
-        """One poll of every entity for the window ending at grid time `end`; raises QueryError."""
-        results = {}
+        """One poll of every entity for the window ending at grid time `end`; raises QueryError.
+        One grouped query per column and one presence query for all entities (fetch_fleet),
+        then one batched scoring of every complete window (score_windows)."""
+        t0 = time.perf_counter()
         n = self.cfg.seq_len + max(self.cfg.smooth, 1) - 1  # the last `smooth` windows
-        grid, _ = window_grid(self.metric_set, end, n, self.step)
-        presence = fetch_presence(self.session, self.prometheus, grid, self.step, self.cfg.query_timeout)
-        for entity in self.entities:
-            x, n_missing = fetch_window(self.session, self.prometheus, self.metric_set, self.metrics,
-                                        entity, end, n, self.step, self.cfg.query_timeout,
-                                        presence)
-            results[entity] = (x, n_missing)
+        grid, rate_steps = window_grid(self.metric_set, end, n, self.step)
+        # rows already fetched are kept, but the last REFRESH_STEPS points are always asked again
+        # (samples scraped just before a grid point can reach Prometheus' head after the poll)
+        self.rows = {t: r for t, r in self.rows.items() if grid[0] <= t < end - (REFRESH_STEPS - 1) * self.step}
+        first = next((int(t) for t in grid if int(t) not in self.rows), int(end))
+        presence = fetch_presence(self.session, self.prometheus, grid[grid >= first], self.step,
+                                  self.cfg.query_timeout) if first <= end else {}
+        x = fetch_rows(self.session, self.prometheus, self.metric_set, self.metrics, self.entities,
+                       first, end, self.step, self.cfg.query_timeout)
+        for k, t in enumerate(range(first, end + self.step, self.step)):
+            self.rows[t] = (x[:, k], presence.get(t, 0))
         self.g_success.set(time.time())
+        x = np.stack([self.rows[int(t)][0] for t in grid], axis=1)
+        presence = {int(t): self.rows[int(t)][1] for t in grid}
+        results = {e: mark_missing(x[i], grid, presence, rate_steps) for i, e in enumerate(self.entities)}
+        t1 = time.perf_counter()
+        ready = {}
         for entity, (x, n_missing) in results.items():
             if np.isnan(x).all():
                 self.c_skipped.labels(entity, "no_data").inc()
-                continue
-            if n_missing:
+            elif n_missing:
                 self.c_skipped.labels(entity, "missing_points").inc()
-                continue
-            score = self.score_window(entity, x)
+            else:
+                ready[entity] = x
+        scores = self.score_windows(ready) if ready else {}
+        t2 = time.perf_counter()
+        for entity, score in scores.items():
             if not math.isfinite(score):  # never read as normal: skipped, counted, logged
                 self.c_skipped.labels(entity, "non_finite").inc()
                 log.warning("%s: non-finite score for the window ending %s; skipped", entity, iso(end))
@@ -331,6 +490,9 @@ class Detector:
                 self.state_change(entity, anomalous, score, end)
             elif anomalous and self.cfg.webhook and time.time() - self.last_post.get(entity, 0) > RESEND_S:
                 self.send(entity, True, score, end)  # Alertmanager resolves an alert not re-sent
+        self.timing = {"query_s": t1 - t0, "score_s": t2 - t1, "update_s": time.perf_counter() - t2,
+                       "step_s": time.perf_counter() - t0, "scored": len(scores),
+                       "model_windows": self.model_windows if scores else 0}
 
     def send(self, entity: str, anomalous: bool, score: float, end: int) -> None:
         now = time.time()
@@ -421,6 +583,12 @@ def setup(argv: list[str]) -> Detector:
         entities = list(ckpt.get("entities") or ckpt["scalers"])
     else:
         entities = [e.strip() for e in cfg.entities.split(",") if e.strip()]
+    if cfg.shard:
+        shard = parse_shard(cfg.shard)
+        entities = shard_services(entities, shard)
+        log.info("shard %s: %d entities (hashmod of the name)", cfg.shard, len(entities))
+        if not entities:
+            raise LiveError(f"--shard={cfg.shard}: no entity of this shard")
     model, _ = build_model(ckpt, "cpu")
     states = {e: entity_state(ckpt, cfg, e) for e in entities}
     fixed = explicit_threshold(cfg.threshold)

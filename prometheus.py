@@ -6,6 +6,8 @@ PROMETHEUS_PASSWORD. TLS certificates are verified (a CA bundle path, or verify=
 """
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import re
 import string
@@ -45,7 +47,8 @@ def parse_step(value: Any) -> int:
 def load_metric_set(metric_set: str | os.PathLike | dict, namespace: str | None = None,
                     services: list[str] | None = None) -> dict:
     """Read and check a metric set YAML (or an already loaded dict) -> {'namespace',
-    'services', 'rate_window', 'metrics': [{'column', 'query', 'agg', 'fill'}, ...],
+    'services', 'rate_window', 'metrics': [{'column', 'query', 'agg', 'fill'[, 'grouped',
+    'group_label']}, ...],
     'interpretation': {fault kind: [columns]} ({} when the YAML has none)}."""
     if isinstance(metric_set, dict):
         raw, where = metric_set, "metric set"
@@ -76,7 +79,7 @@ def load_metric_set(metric_set: str | os.PathLike | dict, namespace: str | None 
             spec = {"query": spec}
         if not isinstance(spec, dict) or not isinstance(spec.get("query"), str):
             raise ExportError(f"{where}: metric '{column}' needs a query string")
-        unknown = set(spec) - {"query", "agg", "fill"}
+        unknown = set(spec) - {"query", "agg", "fill", "grouped", "group_label"}
         if unknown:
             raise ExportError(f"{where}: metric '{column}' has unknown keys {sorted(unknown)}")
         agg = spec.get("agg", "sum")
@@ -87,6 +90,11 @@ def load_metric_set(metric_set: str | os.PathLike | dict, namespace: str | None 
         if fill is not None and (isinstance(fill, bool) or not isinstance(fill, (int, float))):
             raise ExportError(f"{where}: metric '{column}': fill must be a number")
         metric = {"column": column, "query": spec["query"], "agg": agg, "fill": fill}
+        for key in ("grouped", "group_label"):  # detect_live's one query for many services (grouped_query)
+            if key in spec:
+                if not isinstance(spec[key], str):
+                    raise ExportError(f"{where}: metric '{column}': {key} must be a string")
+                metric[key] = spec[key]
         render_query(metric, result, "service")  # fails early on a bad placeholder
         result["metrics"].append(metric)
     result["interpretation"] = _interpretation_map(raw.get("interpretation"), result, where)
@@ -122,6 +130,211 @@ def render_query(metric: dict, metric_set: dict, service: str) -> str:
     except (KeyError, ValueError) as e:
         raise ExportError(f"metric '{metric['column']}': bad placeholder {e} in query "
                           f"(known: $namespace, $service, $rate_window; write $$ for $)") from None
+
+
+# ---------------------------------------------------------------- fleets: shards, grouped queries
+
+def hashmod(value: str, modulus: int) -> int:
+    """Prometheus' `hashmod` relabelling exactly: the md5 of the value, its last 8 bytes read as
+    a big-endian uint64, modulo `modulus` (relabel.go). `--shard=I/N` keeps the services with
+    hashmod(service, N) == I, so N detectors split a fleet with no coordination, and a
+    Prometheus relabel rule {action: hashmod, modulus: N} puts the same services in shard I."""
+    return int.from_bytes(hashlib.md5(value.encode()).digest()[8:], "big") % modulus
+
+
+def parse_shard(text: str) -> tuple[int, int] | None:
+    """'I/N' -> (I, N) with 0 <= I < N; '' -> None."""
+    if not text:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not int(match.group(2)) >= 1 or not int(match.group(1)) < int(match.group(2)):
+        raise ExportError(f"--shard={text!r}: give I/N with 0 <= I < N, e.g. 0/4")
+    return int(match.group(1)), int(match.group(2))
+
+
+def shard_services(services: list[str], shard: tuple[int, int] | None) -> list[str]:
+    """The services of shard (I, N): those whose name hashes to I modulo N (hashmod)."""
+    if shard is None:
+        return list(services)
+    index, count = shard
+    return [s for s in services if hashmod(s, count) == index]
+
+
+GROUP_LABEL = "puad_service"  # the label a grouped query adds when the service is part of a value
+_REGEX_SPECIAL = set("\\.+*?()|[]{}^$")
+_MATCHER = re.compile(r'([A-Za-z_][A-Za-z0-9_]*)\s*(=~|=)\s*"((?:[^"\\]|\\.)*?)"')
+_AGG = re.compile(r'\b(sum|min|max|avg|count|group|stddev|stdvar)\s*(?:(by|without)\s*\(([^)]*)\)\s*)?\($')
+_PLACEHOLDER = re.compile(r"\$(?:service\b|\{service\})")
+
+
+def regex_literal(text: str) -> str:
+    """text as an RE2 regex matching exactly it (Prometheus' matchers are RE2, anchored)."""
+    return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in text)
+
+
+def _string_literal(text: str) -> str:
+    """text inside a PromQL double-quoted string."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _parens(text: str) -> dict[int, int]:
+    """Position of every '(' outside string literals -> position of its ')'."""
+    pairs, stack, quote, i = {}, [], None, 0
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\" and quote != "`":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "\"'`":
+            quote = c
+        elif c == "(":
+            stack.append(i)
+        elif c == ")" and stack:
+            pairs[stack.pop()] = i
+        i += 1
+    return pairs
+
+
+def grouped_query(metric: dict, metric_set: dict, services: list[str]) -> tuple[str, str] | None:
+    """One query for the column of every service in `services` -> (PromQL, label whose value is
+    the service in its answer); None for a column without $service (a node-level column: the
+    same for every service, query it once). Raises ExportError when the query cannot be grouped
+    (the caller then queries that column per service).
+
+    The $service matcher is turned into a regex over the services: `L="$service"` becomes
+    `L=~"a|b|c"` and the answer is split by L; a matcher with more around the placeholder
+    (`pod=~"$service-.*"`) becomes `pod=~"(?P<puad_service>a|b|c)-.*"` and a label_replace()
+    copies the service's part of the value into puad_service. Every aggregation around the
+    matcher gets that label in its `by` (sum(x) -> sum by (L) (x); sum by (le) (x) -> sum by
+    (le, L) (x)), so the answer has one series per service, each the same as the service's
+    own query (tested on every query of labshop/metrics-lab.yaml). A metric may give its
+    grouped form explicitly with the key `grouped` (placeholders $services, the regex of the
+    services, and $group_label); then `group_label` names the label to split by."""
+    template = metric["query"]
+    if "grouped" in metric:
+        names = "|".join(regex_literal(s) for s in services)
+        return string.Template(metric["grouped"]).substitute(
+            namespace=metric_set["namespace"], rate_window=metric_set["rate_window"],
+            services=_string_literal(names),
+            group_label=metric.get("group_label", "service")), metric.get("group_label", "service")
+    if not _PLACEHOLDER.search(template):
+        return None
+    alternatives = "|".join(regex_literal(s) for s in sorted(services, key=lambda s: (-len(s), s)))
+    matchers, label = [], None
+    for m in _MATCHER.finditer(template):
+        if not _PLACEHOLDER.search(m.group(3)):
+            continue
+        name, op, value = m.groups()
+        before, after = _PLACEHOLDER.split(value, maxsplit=1) if len(_PLACEHOLDER.findall(value)) == 1 else (None, None)
+        if before is None:
+            raise ExportError(f"metric '{metric['column']}': $service twice in one matcher; give 'grouped'")
+        if op == "=" and not before and not after:
+            want, regex, copy = name, alternatives, None
+        else:
+            if op == "=":
+                before, after = regex_literal(before), regex_literal(after)
+            want = GROUP_LABEL
+            regex = f"{before}(?P<{GROUP_LABEL}>{alternatives}){after}"
+            copy = (name, regex)
+        if label not in (None, want):
+            raise ExportError(f"metric '{metric['column']}': $service in matchers of different labels; give 'grouped'")
+        label = want
+        matchers.append((m.start(), m.end(), f'{name}=~"{_string_literal(regex)}"', copy))
+    # a metric without $service in any matcher was handled above
+    if not matchers:
+        raise ExportError(f"metric '{metric['column']}': $service outside a label matcher; give 'grouped'")
+    if _PLACEHOLDER.search(_MATCHER.sub("", template)):
+        raise ExportError(f"metric '{metric['column']}': $service outside a label matcher; give 'grouped'")
+    copy = next((c for *_, c in matchers if c is not None), None)
+    # edits as (start, end, replacement), applied right to left
+    edits = [(a, b, text.replace("$", "$$")) for a, b, text, _ in matchers]
+    pairs = _parens(template)
+    aggs = []
+    for open_, close in pairs.items():
+        agg = _AGG.search(template[:open_ + 1])
+        if agg and any(open_ < a < close for a, *_ in matchers):
+            aggs.append((agg, open_, close))
+    innermost = min(aggs, key=lambda a: a[2] - a[1]) if aggs else None
+    for agg, open_, close in aggs:
+        if agg.group(2) == "by":
+            labels = [x.strip() for x in agg.group(3).split(",") if x.strip()]
+            if label not in labels:
+                edits.append((agg.start(3), agg.end(3), ", ".join(labels + [label])))
+        elif agg.group(2) == "without":
+            if label in [x.strip() for x in agg.group(3).split(",")]:
+                raise ExportError(f"metric '{metric['column']}': aggregates without {label}; give 'grouped'")
+        else:
+            trailing = re.match(r"\s*(by|without)\s*\(([^)]*)\)", template[close + 1:])
+            if trailing:
+                if trailing.group(1) == "by" and label not in trailing.group(2):
+                    start = close + 1 + trailing.start(2)
+                    edits.append((start, start, f"{label}, "))
+            else:
+                edits.append((open_, open_, f" by ({label}) "))
+        if copy is not None and (agg, open_, close) == innermost:
+            edits += [(open_ + 1, open_ + 1, "label_replace("), (close, close, _label_replace_args(label, *copy))]
+    if copy is not None and innermost is None:
+        edits += [(0, 0, "label_replace("), (len(template), len(template), _label_replace_args(label, *copy))]
+    query = template
+    for start, end, text in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+        query = query[:start] + text + query[end:]
+    try:
+        return string.Template(query).substitute(namespace=metric_set["namespace"],
+                                                 rate_window=metric_set["rate_window"]), label
+    except (KeyError, ValueError) as e:
+        raise ExportError(f"metric '{metric['column']}': bad placeholder {e} in query") from None
+
+
+def _label_replace_args(label: str, source: str, regex: str) -> str:
+    """The arguments after the vector of label_replace(v, label, "${label}", source, regex), with
+    every $ doubled for string.Template."""
+    return f', "{label}", "${{{label}}}", "{source}", "{_string_literal(regex)}")'.replace("$", "$$")
+
+
+def split_by_label(series: list[dict], label: str, services: list[str], grid: "Any", agg: str) -> dict:
+    """A grouped answer -> {service: values on `grid` (numpy, NaN where none)}: the finite values
+    of a service's series combined with `agg` at each grid point (as one service's own query
+    would be). Series without the label (e.g. `or vector(0)`) or of other services are ignored."""
+    import numpy as np
+    grid = np.asarray(grid, np.int64)
+    first, step = int(grid[0]), int(grid[1] - grid[0]) if len(grid) > 1 else 1
+    wanted = set(services)
+    keep = [(s["metric"].get(label), s["values"]) for s in series
+            if s["metric"].get(label) in wanted and s["values"]]
+    if not keep:
+        return {}
+    lengths = [len(v) for _, v in keep]
+    tv = np.array([p for _, v in keep for p in v], dtype=np.float64)  # one conversion of every "value" string
+    idx = np.rint((tv[:, 0] - first) / step).astype(np.int64)
+    owner = np.repeat(np.arange(len(keep)), lengths)
+    ok = (idx >= 0) & (idx < len(grid)) & np.isfinite(tv[:, 1])
+    rows = np.full((len(keep), len(grid)), np.nan)
+    rows[owner[ok], idx[ok]] = tv[ok, 1]
+    parts: dict[str, list] = {}
+    for (name, _), row in zip(keep, rows):
+        parts.setdefault(name, []).append(row)
+    return {name: combine_rows(rs, agg) for name, rs in parts.items()}
+
+
+def combine_rows(rows: list, agg: str):
+    """Rows of one service (NaN = no value) combined per grid point with agg; NaN where none has one."""
+    import numpy as np
+    if len(rows) == 1:
+        return rows[0]
+    a = np.vstack(rows)
+    present = ~np.isnan(a)
+    any_ = present.any(0)
+    if agg == "sum":
+        out = np.where(present, a, 0.0).sum(0)
+    elif agg == "mean":
+        out = np.where(present, a, 0.0).sum(0) / np.maximum(present.sum(0), 1)
+    elif agg == "max":
+        out = np.where(present, a, -math.inf).max(0)
+    else:
+        out = np.where(present, a, math.inf).min(0)
+    return np.where(any_, out, np.nan)
 
 
 # ---------------------------------------------------------------- HTTP

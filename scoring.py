@@ -138,3 +138,21 @@ def apply(cal: Calibration, out: dict) -> tuple[np.ndarray, np.ndarray | None]:
     score = cal.info["score"]
     c = contributions(out["x"], out["mu"], out.get("std"), score, cal.center, cal.scale)
     return point_scores(c, score, k), smooth(c, k)
+
+
+def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndarray]:
+    """apply() of E series of the same length at once (detect_live.py's batched poll): out holds
+    "x", "mu" (and "std" for nll) of shape (E, n, V), cals one Calibration per series, all with
+    the same score and smooth -> scores (E, n) and smoothed contributions (E, n, V), the numbers
+    apply() gives each series alone (the same operations, along the same axis)."""
+    score, k = cals[0].info["score"], cals[0].info.get("smooth", 1)
+    if any(c.info["score"] != score or c.info.get("smooth", 1) != k for c in cals):
+        raise ValueError("apply_batch: calibrations of different scores or smoothing")
+    center = scale = None
+    if score == "norm":
+        center = np.stack([c.center for c in cals])[None]  # (1, E, V)
+        scale = np.stack([c.scale for c in cals])[None]
+    t = lambda a: None if a is None else np.swapaxes(np.asarray(a), 0, 1)  # noqa: E731  (n, E, V): smooth runs along axis 0
+    c = contributions(t(out["x"]), t(out["mu"]), t(out.get("std")), score, center, scale)
+    s = c.sum(-1) if score == "nll" else c.mean(-1)
+    return np.swapaxes(smooth(s, k), 0, 1), np.swapaxes(smooth(c, k), 0, 1)

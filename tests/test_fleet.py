@@ -1,0 +1,313 @@
+"""Live detection of a fleet (detect_live.py with grouped queries, batched scoring, shards) and its
+deployment files (deploy/k8s, deploy/grafana).
+
+- grouped_query rewrites (no Prometheus) and hashmod/--shard parsing;
+- a real Prometheus on loopback scraping fleetsim's exporter of N_SERVICES synthetic services with
+  the lab's metric set (1 s scrapes; Prometheus also puts its own hashmod shard label on every
+  series, and scrapes the detector's /metrics as job "puad"): every query of
+  labshop/metrics-lab.yaml grouped gives the same values as per service; the Detector's polls
+  (incremental rows, batched scoring, window cache) give the same scores as one service at a time
+  (fetch_window + puad.score_series + scoring.apply); a CPU fault in one service raises only that
+  service's alarm; two shards cover every service exactly once, as Prometheus' hashmod splits
+  them, and each replica's /metrics has only its services; every PromQL expression of the
+  Grafana dashboard returns data from the detector's metrics;
+- the Kubernetes manifests validate against the Kubernetes schemas (kubernetes-validate), and the
+  rule ConfigMap holds chaos/alert-rules.yaml.
+A random-weights `test`-preset model (seq_len 5) is enough: the tests check the pipeline, not
+the model; per-service scalers and calibrations are fitted on the fleet's first window.
+"""
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+N_SERVICES = 60
+FAULTY = "svc-0007"
+SEQ_LEN = 5
+RATE_WINDOW = 5
+
+
+def test_grouped_query_rewrite():
+    from faultlog import ExportError
+    from prometheus import grouped_query, hashmod, load_metric_set, parse_shard, regex_literal, shard_services
+    ms = load_metric_set(ROOT / "labshop" / "metrics-lab.yaml")
+    by = {m["column"]: m for m in ms["metrics"]}
+    q, label = grouped_query(by["up"], ms, ["a", "b.c"])
+    assert (q, label) == ('max by (service) (up{job="shop",service=~"b\\\\.c|a"})', "service")
+    q, _ = grouped_query(by["latency_p99"], ms, ["a"])
+    assert q.startswith("histogram_quantile(0.99, sum by (le, service) (rate(") and 'service=~"a"' in q
+    assert grouped_query(by["node_load1"], ms, ["a"]) is None  # node level: once for all
+    sock = load_metric_set(ROOT / "chaos" / "metrics-sockshop.yaml")
+    cpu = next(m for m in sock["metrics"] if m["column"] == "cpu_rate")
+    q, label = grouped_query(cpu, sock, ["carts", "carts-db"])
+    assert label == "puad_service" and q.startswith("sum by (puad_service) (label_replace(rate(")
+    assert '"(?P<puad_service>carts-db|carts)-.*"' in q  # the longest name first
+    trailing = {"column": "x", "query": 'sum(rate(x{service="$service"}[1m])) by (le)', "agg": "sum", "fill": None}
+    assert grouped_query(trailing, ms, ["a"])[0] == 'sum(rate(x{service=~"a"}[1m])) by (service, le)'
+    with pytest.raises(ExportError):
+        grouped_query({"column": "x", "query": 'sum(x) + $service', "agg": "sum", "fill": None}, ms, ["a"])
+    assert regex_literal("a.b+c") == "a\\.b\\+c"
+    explicit = load_metric_set({"services": ["a"], "metrics": {"x": {
+        "query": 'sum(x{pod=~"$service-.*"})', "grouped": 'sum by (app) (x{app=~"$services"})', "group_label": "app"}}})
+    assert grouped_query(explicit["metrics"][0], explicit, ["a", "b.c"]) == ('sum by (app) (x{app=~"a|b\\\\.c"})', "app")
+    # Prometheus' hashmod: md5, last 8 bytes big-endian, mod N (checked against Prometheus below)
+    assert [hashmod(s, 7) for s in ("catalogue", "payment", "front-end")] == [
+        int.from_bytes(__import__("hashlib").md5(s.encode()).digest()[8:], "big") % 7
+        for s in ("catalogue", "payment", "front-end")]
+    assert parse_shard("") is None and parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "x", "1/0"):
+        with pytest.raises(ExportError):
+            parse_shard(bad)
+    from config import ConfigError, parse_config
+    assert parse_config(["--shard=1/4"]).shard == "1/4"
+    for bad in ("4/4", "1", "a/b"):
+        with pytest.raises(ConfigError, match="--shard"):
+            parse_config([f"--shard={bad}"])
+    names = [f"s{i}" for i in range(100)]
+    parts = [shard_services(names, (i, 3)) for i in range(3)]
+    assert sorted(sum(parts, [])) == sorted(names) and all(parts)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    if shutil.which("prometheus") is None:
+        pytest.skip("needs prometheus (apt-get install prometheus)")
+    import torch
+
+    import detect_live
+    import fleetsim
+    import scoring
+    from config import PRESETS, Config
+    from prometheus import load_metric_set
+    from puad import PUAD, score_series
+    from utils import Scaler
+
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("fleet")
+    names = fleetsim.service_names(N_SERVICES)
+    det_port = fleetsim.free_port()
+    puad_job = {"job_name": "puad", "static_configs": [{"targets": [f"127.0.0.1:{det_port}"]}]}
+    with fleetsim.Fleet(names, tmp, scrape_s=1, extra_jobs=[puad_job], shard_modulus=2) as f:
+        metric_set = load_metric_set(ROOT / "labshop" / "metrics-lab.yaml", services=names)
+        metric_set["rate_window"] = f"{RATE_WINDOW}s"
+        cfg = Config(**PRESETS["test"], seq_len=SEQ_LEN, live_step=1, threshold="percentile", prometheus=f.prometheus,
+                     port=det_port, live_log=str(tmp / "events.jsonl"), num_threads=1)
+        n = cfg.seq_len + cfg.smooth - 1
+        time.sleep(max(0.0, f.started + n + 2 * RATE_WINDOW + 4 - time.time()))
+        torch.manual_seed(0)
+        model = PUAD(cfg, len(metric_set["metrics"])).eval()
+        session = detect_live.make_session()
+        first = detect_live.fetch_fleet(session, f.prometheus, metric_set, metric_set["metrics"], names,
+                                        int(time.time()) - 2, n + 6, 1, 10.0)
+        states, cals = {}, {}
+        for s in names:
+            x = first[s][0]
+            x = x[~np.isnan(x).any(1)]
+            assert len(x) >= n, f"{s}: {len(x)} complete rows in the first window"
+            scaler = Scaler("minmax").fit(x)
+            states[s] = {"local": None, "scaler": scaler, "use_local": False}
+            out = score_series(model, scaler.transform(x), cfg.seq_len)
+            cals[s] = scoring.calibrate(dict(out, constant=scoring.constant_features(x)), cfg)
+        yield dict(fleet=f, names=names, cfg=cfg, model=model, metric_set=metric_set, states=states, cals=cals,
+                   session=session, n=n, tmp=tmp)
+
+
+def make_detector(fleet, names):
+    import detect_live
+    return detect_live.Detector(fleet["cfg"], {"features": [m["column"] for m in fleet["metric_set"]["metrics"]]},
+                                fleet["model"], names, fleet["metric_set"], fleet["metric_set"]["metrics"],
+                                {s: fleet["states"][s] for s in names}, {s: fleet["cals"][s] for s in names})
+
+
+def reference_score(fleet, service, x):
+    """One service at a time: the scorer as before batching (puad.score_series + scoring.apply)."""
+    import scoring
+    from puad import score_series
+    out = score_series(fleet["model"], fleet["states"][service]["scaler"].transform(x), SEQ_LEN)
+    return float(scoring.apply(fleet["cals"][service], out)[0][-1])
+
+
+def test_grouped_equals_per_service_and_batched_scores(fleet):
+    import detect_live
+    f, names, ms, session, n = fleet["fleet"], fleet["names"], fleet["metric_set"], fleet["session"], fleet["n"]
+    end = int(time.time()) - 3  # settled data: both ways read the same samples
+    grouped = detect_live.fetch_fleet(session, f.prometheus, ms, ms["metrics"], names, end, n, 1, 10.0)
+    per = {s: detect_live.fetch_window(session, f.prometheus, ms, ms["metrics"], s, end, n, 1, 10.0) for s in names}
+    for s in names:
+        np.testing.assert_allclose(grouped[s][0], per[s][0], rtol=1e-12, err_msg=s)
+        assert grouped[s][1] == per[s][1] == 0, s
+    # sock-shop's grouped queries (pod-name regexes with label_replace, `or vector(0)`, `name`
+    # labels) are valid PromQL for this Prometheus (no cAdvisor data here: empty answers)
+    from prometheus import grouped_query, load_metric_set
+    sock = load_metric_set(ROOT / "chaos" / "metrics-sockshop.yaml")
+    for m in sock["metrics"]:
+        grouped = grouped_query(m, sock, ["carts", "carts-db", "front-end", "orders"])
+        if grouped:
+            r = requests.get(f"{f.prometheus}/api/v1/query", params={"query": grouped[0]}, timeout=10).json()
+            assert r["status"] == "success", (m["column"], r)
+    # the Detector's polls: the second one reuses rows and windows of the first
+    det = make_detector(fleet, names)
+    det.poll(end - 1)
+    det.poll(end)
+    assert det.timing["scored"] == len(names) and det.timing["model_windows"] < len(names) * fleet["cfg"].smooth
+    for s in names:
+        want = reference_score(fleet, s, per[s][0])
+        assert det.g_score.labels(s)._value.get() == pytest.approx(want, rel=1e-5, abs=1e-6), s
+    assert det.score_window(names[3], per[names[3]][0]) == pytest.approx(reference_score(fleet, names[3], per[names[3]][0]),
+                                                                        rel=1e-5, abs=1e-6)
+
+
+def test_fault_alarms_only_its_service_and_dashboard(fleet):
+    """Thresholds: 3 x the largest normal score of the fleet (as test_live's margin over SPOT)."""
+    f, names = fleet["fleet"], fleet["names"]
+    det = make_detector(fleet, names)
+    det.serve()
+    try:
+        for _ in range(3):
+            time.sleep(1)
+            det.poll(int(time.time()) - 1)
+        normal = {s: det.g_score.labels(s)._value.get() for s in names}
+        threshold = 3 * max(normal.values())
+        for s in names:
+            det.thresholds[s] = threshold
+            det.g_threshold.labels(s).set(threshold)
+        f.exporter.faults[FAULTY] = "cpu"
+        try:
+            for _ in range(6):
+                time.sleep(1)
+                det.poll(int(time.time()) - 1)
+        finally:
+            f.exporter.faults.clear()
+        scores = {s: det.g_score.labels(s)._value.get() for s in names}
+        alarmed = sorted(s for s in names if det.anomalous[s])
+        print(f"\nnormal max {max(normal.values()):.3g}; threshold {threshold:.3g}; fault {scores[FAULTY]:.3g}; "
+              f"others max {max(v for s, v in scores.items() if s != FAULTY):.3g}; poll {det.timing}")
+        assert alarmed == [FAULTY], alarmed
+        event = [json.loads(line) for line in Path(fleet["cfg"].live_log).read_text().splitlines()
+                 if f'"{FAULTY}"' in line][-1]
+        assert event["state"] == "anomalous", event
+        assert {"cpu_rate", "process_cpu_rate"} & set(event["top_features"]), event
+
+        # every PromQL of the dashboard answers with data from this detector (Prometheus scrapes it as job puad)
+        time.sleep(2)
+        dash = json.loads((ROOT / "deploy" / "grafana" / "puad-dashboard.json").read_text())
+        exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+        assert len(exprs) >= 8
+        for text in ("puad_anomaly_score", "puad_threshold", "puad_anomaly{", "puad_query_errors_total",
+                     "puad_skipped_windows_total", "puad_stale", "puad_scoring_latency_seconds_bucket", "puad_feature_score"):
+            assert any(text in e for e in exprs), text
+        for expr in exprs + [a["expr"] for a in dash["annotations"]["list"]]:
+            query = expr.replace("$entity", ".*").replace("$__rate_interval", "30s")
+            r = requests.get(f"{f.prometheus}/api/v1/query", params={"query": query}, timeout=10).json()
+            assert r["status"] == "success", (expr, r)
+            if "ALERTS" not in expr:  # no rule file in this Prometheus: no alerts to show
+                assert r["data"]["result"], f"no data for {expr}"
+        values = requests.get(f"{f.prometheus}/api/v1/label/entity/values",
+                              params={"match[]": "puad_anomaly"}, timeout=10).json()["data"]
+        assert sorted(values) == names  # the dashboard's $entity variable
+    finally:
+        det.close()
+
+
+def test_two_shards_cover_every_service_once(fleet):
+    from prometheus_client import generate_latest
+
+    from prometheus import shard_services
+    f, names = fleet["fleet"], fleet["names"]
+    shards = [shard_services(names, (i, 2)) for i in range(2)]
+    assert sorted(shards[0] + shards[1]) == names and not set(shards[0]) & set(shards[1])
+    # the split Prometheus' own hashmod relabelling makes
+    r = requests.get(f"{f.prometheus}/api/v1/query", params={"query": "group by (service, shard) (shop_requests_total)"},
+                     timeout=10).json()["data"]["result"]
+    assert {x["metric"]["service"]: int(x["metric"]["shard"]) for x in r} == {s: i for i in range(2) for s in shards[i]}
+    end = int(time.time()) - 2
+    scored = []
+    for part in shards:
+        det = make_detector(fleet, part)
+        det.poll(end)
+        scored += [s for s in part if det.g_score.labels(s)._value.get() == det.g_score.labels(s)._value.get()]
+        text = generate_latest(det.registry).decode()
+        exposed = {line.split('entity="')[1].split('"')[0] for line in text.splitlines() if 'entity="' in line}
+        assert exposed == set(part)  # each replica's /metrics carries only its services
+    assert sorted(scored) == names
+
+
+def test_kubernetes_manifests_and_rules():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = [d for p in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ConfigMap", "Service", "StatefulSet"], kinds
+    for d in docs:
+        kubernetes_validate.validate(d, "1.30", strict=True)
+    broken = json.loads(json.dumps(next(d for d in docs if d["kind"] == "StatefulSet")))
+    broken["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, "1.30", strict=True)
+    rules = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["alert-rules.yaml"]
+    assert yaml.safe_load(rules) == yaml.safe_load((ROOT / "chaos" / "alert-rules.yaml").read_text())
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    args = sts["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    import detect_live  # noqa: F401  (every flag of the manifest is a Config field)
+    from config import Config
+    flags = {a.split("=")[0][2:] for a in args.split() if a.startswith("--")}
+    assert flags <= set(Config.__dataclass_fields__), flags - set(Config.__dataclass_fields__)
+    assert "--shard=${HOSTNAME##*-}/${SHARDS}" in args
+
+
+def test_batched_scoring_with_local_and_global_entities():
+    """Two groups: entities on the global prototypes share a batch, each entity with local
+    prototypes (its own beta_l and g_local) has one; the scores are score_series' per entity,
+    in the first poll and in the next one (window cache), whatever the order."""
+    import torch
+
+    import detect_live
+    import scoring
+    from config import PRESETS, Config
+    from puad import PUAD, apply_local_state, score_series
+    from utils import Scaler
+    torch.manual_seed(0)
+    cfg = Config(**PRESETS["test"], seq_len=SEQ_LEN, num_threads=1)
+    model = PUAD(cfg, 4).eval()
+    rng = np.random.default_rng(0)
+    names = ["g1", "l1", "g2", "l2"]
+    states, cals, series = {}, {}, {}
+    for s in names:
+        x = rng.normal(size=(40, 4)).cumsum(0)
+        local = None
+        if s.startswith("l"):
+            local = {"beta_l": torch.randn_like(model.pot.beta_l), "g_local": torch.randn_like(model.pot.g_local)}
+        states[s] = {"local": local, "scaler": Scaler("zscore").fit(x[:30]), "use_local": local is not None}
+        if local is not None:
+            apply_local_state(model, local)
+        out = score_series(model, states[s]["scaler"].transform(x[:30]), SEQ_LEN, local is not None)
+        cals[s] = scoring.calibrate(dict(out, constant=scoring.constant_features(x[:30])), cfg)
+        series[s] = x
+    det = detect_live.Detector(cfg, {"features": list("abcd")}, model, names, {"rate_window": "1s"}, [], states, cals)
+    n = cfg.seq_len + cfg.smooth - 1
+
+    def reference(s, raw):
+        if states[s]["local"] is not None:
+            apply_local_state(model, states[s]["local"])
+        out = score_series(model, states[s]["scaler"].transform(raw), SEQ_LEN, states[s]["use_local"])
+        return float(scoring.apply(cals[s], out)[0][-1])
+
+    for end in (30, 31):
+        raws = {s: series[s][end - n:end] for s in names}
+        got = det.score_windows(raws)
+        assert det.model_windows == (len(names) * cfg.smooth if end == 30 else len(names))
+        for s in names:
+            assert got[s] == pytest.approx(reference(s, raws[s]), rel=1e-5, abs=1e-6), (s, end)
+    # local prototypes are used: the same window scores differently without them (a little, with
+    # this random tiny model)
+    assert det.score_windows({"l1": raws["l1"]})["l1"] != pytest.approx(
+        float(scoring.apply(cals["l1"], score_series(model, states["l1"]["scaler"].transform(raws["l1"]), SEQ_LEN, False))[0][-1]),
+        rel=1e-7)
