@@ -97,15 +97,21 @@ def test_live_detector_never_reads_a_non_finite_score_as_normal(tmp_path, monkey
     states = {"svc": {"local": None, "scaler": scaler, "use_local": False}}
     det = detect_live.Detector(cfg, ckpt, model, ["svc"], {"rate_window": "1s"}, [], states, {"svc": cal})
     n = cfg.seq_len + cfg.smooth - 1
-    window = rng.random((n, V))
+    window = rng.random((n + 1, V))  # the window and the rate window's point before it
     window[-1, 0] = 1e30
-    monkeypatch.setattr(detect_live, "fetch_presence", lambda *a, **k: {})
-    monkeypatch.setattr(detect_live, "fetch_window", lambda *a, **k: (window, 0))
-    det.poll(1000)
+    step = cfg.live_step
+
+    def rows(session, prom, metric_set, metrics, entities, first, end, *a, **k):
+        ts = range(first, end + step, step)
+        return np.stack([window[[(t // step) % (n + 1) for t in ts]]])  # (entities, points, V)
+    monkeypatch.setattr(detect_live, "fetch_presence", lambda s, p, grid, *a, **k: {int(t): 1 for t in grid})
+    monkeypatch.setattr(detect_live, "fetch_rows", rows)
+    end = (n + 1) * step * 10 + n * step  # the newest point is the window's last row (the 1e30)
+    det.poll(end)
     assert det.c_scored.labels("svc")._value.get() == 1 and np.isfinite(det.g_score.labels("svc")._value.get())
     assert det.g_anomaly.labels("svc")._value.get() == 1  # the 1e30 is far out of range
-    monkeypatch.setattr(det, "score_window", lambda *a: float("nan"))
-    det.poll(1001)
+    monkeypatch.setattr(det, "score_windows", lambda ready: {e: float("nan") for e in ready})
+    det.poll(end + step)
     assert det.c_skipped.labels("svc", "non_finite")._value.get() == 1
     assert det.c_scored.labels("svc")._value.get() == 1
     assert det.g_anomaly.labels("svc")._value.get() == 1  # kept, neither raised nor cleared by a NaN
