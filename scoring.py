@@ -86,7 +86,7 @@ def contributions(x: np.ndarray, mu: np.ndarray, std: np.ndarray | None, score: 
 def point_scores(contrib: np.ndarray, score: str, k: int) -> np.ndarray:
     """Point scores (n,) from contributions: mean over features (sum for nll, the paper's
     log-likelihood of the point), then the causal mean of the last k points."""
-    s = contrib.sum(1) if score == "nll" else contrib.mean(1)
+    s = contrib.sum(-1) if score == "nll" else contrib.mean(-1)  # over features, the last axis
     return smooth(s, k)
 
 
@@ -154,5 +154,4 @@ def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndar
         scale = np.stack([c.scale for c in cals])[None]
     t = lambda a: None if a is None else np.swapaxes(np.asarray(a), 0, 1)  # noqa: E731  (n, E, V): smooth runs along axis 0
     c = contributions(t(out["x"]), t(out["mu"]), t(out.get("std")), score, center, scale)
-    s = c.sum(-1) if score == "nll" else c.mean(-1)
-    return np.swapaxes(smooth(s, k), 0, 1), np.swapaxes(smooth(c, k), 0, 1)
+    return np.swapaxes(point_scores(c, score, k), 0, 1), np.swapaxes(smooth(c, k), 0, 1)
