@@ -20,9 +20,8 @@ import numpy as np
 import scoring
 from config import cli, print_config
 from metrics import evaluate, summarize
-from puad import (apply_local_state, build_model, calibration_input, entity_state, read_checkpoint,
-                  run_config, score_kwargs, score_series)
-from utils import (DataError, Scaler, align_features, atomic_write, get_device, load_dataset, log,
+from puad import build_model, read_checkpoint, reconstruct_entity, run_config
+from utils import (DataError, align_features, atomic_write, get_device, load_dataset, log,
                    write_json_atomic)
 
 # name -> Config overrides; the first row is the default, each other row changes one thing
@@ -64,13 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
             ent = align_features(ent, list(ckpt["features"]), f"{cfg.data}/{ent.name}")
         except DataError as e:
             raise SystemExit(f"ablation.py: error: {e}") from None
-        local, scaler = entity_state(ckpt, cfg.ckpt, ent.name)
-        use_local = local is not None and cfg.use_local
-        if local is not None:
-            apply_local_state(model, local)
-        scaler = scaler or Scaler(cfg.scaler).fit(ent.train)
-        calib = calibration_input(model, ckpt, cfg, scaler.transform(ent.train), local, use_local)
-        test = score_series(model, scaler.transform(ent.test), cfg.seq_len, use_local, **score_kwargs(cfg))
+        r = reconstruct_entity(model, ckpt, cfg, ent)
+        calib, test = r["calib"], r["test"]
         for name, overrides in VARIANTS.items():
             vcfg = dataclasses.replace(cfg, **overrides)
             cal = scoring.calibrate(calib, vcfg)

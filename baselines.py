@@ -148,7 +148,7 @@ def point_output(out: dict, x: np.ndarray, seq_len: int) -> dict:
     """A scorer's window output -> per point (point t from the window ending at it, as PUAD)."""
     if "mu" in out:
         mu = out["mu"]
-        return {"x": x, "mu": np.concatenate([mu[0, :-1], mu[:, -1]])}
+        return {"x": x, "mu": window_to_point_scores(mu, seq_len)}
     return {"scores": window_to_point_scores(out["scores"], seq_len)}
 
 

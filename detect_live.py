@@ -89,9 +89,9 @@ from config import THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
 from faultlog import ExportError  # noqa: E402
 from prometheus import (grouped_query, load_metric_set, make_session, parse_shard,  # noqa: E402
                         parse_step, query_range, render_query, shard_services, split_by_label)
-from puad import (INPUT_CLIP, apply_local_state, build_model, calibrate_entity, local_path,  # noqa: E402
+from puad import (apply_local_state, build_model, calibrate_entity, clip_inputs, local_path,  # noqa: E402
                   read_checkpoint, run_config)
-from utils import DataError, align_features, create_sequences, load_dataset  # noqa: E402
+from utils import DataError, align_features, create_sequences, load_dataset, window_to_point_scores  # noqa: E402
 
 PROG = "detect_live.py"
 QUERY_WORKERS = 4  # queries of a poll in flight at once
@@ -377,7 +377,7 @@ class Detector:
 
     def score_windows(self, raws: dict[str, np.ndarray]) -> dict[str, float]:
         """Scores of many entities' windows (raw: seq_len + smooth - 1 rows each), batched: each
-        entity's rows are scaled with its own scaler and clipped as puad.score_series does;
+        entity's rows are scaled with its own scaler and clipped (puad.clip_inputs, as in score_series);
         the windows of every entity on the global prototypes only go through the model in one
         batch (--score_batch windows at a time); an entity with local prototypes (its own
         beta_l, loaded into the model) in one batch of its own; then scoring.apply_batch (scoring.apply
@@ -386,13 +386,12 @@ class Detector:
         step, so smooth - 1 of the smooth windows are the last poll's) is not run again
         (posterior means are deterministic; off with --score_samples > 0)."""
         t0 = time.perf_counter()
-        seq_len, clip = self.cfg.seq_len, INPUT_CLIP
+        seq_len = self.cfg.seq_len
         xs, keys, todo = {}, {}, {False: [], True: []}
         cache = {} if self.cfg.score_samples else self.window_cache
         for entity, raw in raws.items():
             st = self.states[entity]
-            x = np.clip(np.nan_to_num(np.asarray(st["scaler"].transform(raw), np.float64), nan=0.0,
-                                      posinf=clip, neginf=-clip), -clip, clip).astype(np.float32)
+            x = clip_inputs(st["scaler"].transform(raw))
             xs[entity] = x
             windows = create_sequences(x, seq_len)
             keys[entity] = [w.tobytes() for w in windows]
@@ -417,7 +416,7 @@ class Detector:
                 for (entity, key, _), m, s in zip(items, mu, std):
                     fresh.setdefault(entity, {})[key] = (m, s)
         results = {}
-        point = lambda a: np.concatenate([a[:, 0, :-1], a[:, :, -1]], axis=1)  # noqa: E731  (as score_series, per entity)
+        point = lambda a: np.stack([window_to_point_scores(w, seq_len) for w in a])  # noqa: E731  (per entity)
         by_kind: dict[tuple, list[str]] = {}  # entities whose calibrations score alike go through apply_batch together
         for entity in xs:
             cal = self.calibrations[entity]

@@ -20,7 +20,7 @@ import scoring
 from config import Config, ConfigError, config_from_dict
 from prototype_ot import PrototypeOT
 from transformer import TransformerEncoder
-from utils import Scaler, atomic_write, create_sequences, log, split_train_val
+from utils import Entity, Scaler, atomic_write, create_sequences, log, split_train_val, window_to_point_scores
 from vae_loss import HierarchicalVAE, gaussian_kl, gaussian_nll, total_loss
 
 
@@ -281,9 +281,34 @@ def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray,
 
 def calibrate_entity(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, local: dict | None,
                      use_local: bool) -> scoring.Calibration:
-    """The one calibration of an entity (test.py, detect_live.py, meta_eval.py): the score's
-    normaliser and threshold fitted on its calibration rows (scoring.calibrate)."""
+    """The one calibration of an entity: the score's normaliser and threshold fitted on its
+    calibration rows (detect_live.py; test.py and ablation.py get the same calibration_input
+    through reconstruct_entity and fit it with scoring.calibrate)."""
     return scoring.calibrate(calibration_input(model, ckpt, cfg, x_train, local, use_local), cfg)
+
+
+def clip_inputs(x: np.ndarray, clip: float = INPUT_CLIP) -> np.ndarray:
+    """Scaled inputs as the model sees them: NaN -> 0, everything clipped to [-clip, clip], float32."""
+    return np.clip(np.nan_to_num(np.asarray(x, np.float64), nan=0.0, posinf=clip, neginf=-clip),
+                   -clip, clip).astype(np.float32)
+
+
+def reconstruct_entity(model: PUAD, ckpt: dict, cfg: Config, ent: Entity) -> dict:
+    """One entity's local state loaded (if adapted), its calibration input (calibration_input)
+    and its test split reconstructed (score_series): what test.py calibrates and scores, and
+    what ablation.py scores under each variant -> {"calib", "test", "use_local"}. An entity
+    neither trained on nor adapted is scaled with its own train data (logged)."""
+    local, scaler = entity_state(ckpt, cfg.ckpt, ent.name)
+    use_local = local is not None and cfg.use_local  # --use_local=False keeps the local scaler
+    if local is not None:
+        apply_local_state(model, local)
+    if scaler is None:
+        log.warning("%s: not seen in training and not adapted; scaling with its own train data "
+                    "and global prototypes only", ent.name)
+        scaler = Scaler(cfg.scaler).fit(ent.train)
+    return {"calib": calibration_input(model, ckpt, cfg, scaler.transform(ent.train), local, use_local),
+            "test": score_series(model, scaler.transform(ent.test), cfg.seq_len, use_local, **score_kwargs(cfg)),
+            "use_local": use_local}
 
 
 def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = False,
@@ -308,8 +333,7 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
     if mode not in ("point", "block"):
         raise ValueError(f"score mode must be point or block, not {mode!r}")
     device = next(model.parameters()).device
-    x = np.clip(np.nan_to_num(np.asarray(x, np.float64), nan=0.0, posinf=clip, neginf=-clip),
-                -clip, clip).astype(np.float32)
+    x = clip_inputs(x, clip)
     n = len(x)
     windows = create_sequences(x, seq_len, seq_len if mode == "block" else 1)
     tail = n - len(windows) * seq_len if mode == "block" else 0  # points after the last full block
@@ -332,6 +356,5 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
         if tail:
             point_plan = np.concatenate([point_plan, np.repeat(plan[-1:], tail, axis=0)])
         return {"x": x, "mu": take(mu), "std": take(std), "plan": point_plan}
-    point = lambda a: np.concatenate([a[0, :-1], a[:, -1]])  # noqa: E731  (window_to_point_scores)
-    return {"x": x, "mu": point(mu), "std": point(std),
+    return {"x": x, "mu": window_to_point_scores(mu, seq_len), "std": window_to_point_scores(std, seq_len),
             "plan": np.concatenate([np.repeat(plan[:1], seq_len - 1, axis=0), plan])}

@@ -31,9 +31,8 @@ import pandas as pd  # noqa: E402
 from config import THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
 from metrics import evaluate, interpretation_metrics, segments, summarize  # noqa: E402
 import scoring  # noqa: E402
-from puad import (apply_local_state, build_model, calibrate_entity, entity_state,  # noqa: E402
-                  read_checkpoint, run_config, score_kwargs, score_series)
-from utils import (DataError, Entity, LockError, Scaler, align_features, atomic_write, get_device,  # noqa: E402
+from puad import build_model, read_checkpoint, reconstruct_entity, run_config  # noqa: E402
+from utils import (DataError, Entity, LockError, align_features, atomic_write, get_device,  # noqa: E402
                    interpretation_segments, load_dataset, log, output_lock, write_csv_atomic, write_json_atomic)
 
 SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
@@ -43,19 +42,11 @@ SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "be
 def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
     """Calibrate on the validation tail (or, for an entity adapted from N windows, those N
     windows) of one entity, then score its test series with that calibration."""
-    local, scaler = entity_state(ckpt, cfg.ckpt, ent.name)
-    use_local = local is not None and cfg.use_local  # --use_local=False keeps the local scaler
-    if local is not None:
-        apply_local_state(model, local)
-    if scaler is None:
-        log.warning("%s: not seen in training and not adapted; scaling with its own train data "
-                    "and global prototypes only", ent.name)
-        scaler = Scaler(cfg.scaler).fit(ent.train)
-    cal = calibrate_entity(model, ckpt, cfg, scaler.transform(ent.train), local, use_local)
-    out = score_series(model, scaler.transform(ent.test), cfg.seq_len, use_local, **score_kwargs(cfg))
-    scores, contrib = scoring.apply(cal, out)
-    return dict(test_scores=scores, contrib=contrib, plan=out["plan"], threshold=cal.threshold,
-                calibration=cal, use_local=use_local)
+    r = reconstruct_entity(model, ckpt, cfg, ent)
+    cal = scoring.calibrate(r["calib"], cfg)
+    scores, contrib = scoring.apply(cal, r["test"])
+    return dict(test_scores=scores, contrib=contrib, plan=r["test"]["plan"], threshold=cal.threshold,
+                calibration=cal, use_local=r["use_local"])
 
 
 def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.ndarray, threshold: float) -> None:
