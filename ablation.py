@@ -26,7 +26,7 @@ from utils import (DataError, align_features, atomic_write, get_device, load_dat
 
 # name -> Config overrides; the first row is the default, each other row changes one thing
 VARIANTS: dict[str, dict] = {
-    "default (norm, smooth 5, floor 0.1, constant-feature floor 0.01, SPOT q=1e-2 level 0.98)": {},
+    "default (norm, smooth 5, floor 0.1, constant-feature floor 0.01, SPOT q=1e-2 level 0.98, drift guard 1000)": {},
     "paper's score: NLL with learned sigma, no smoothing": dict(score="nll", smooth=1),
     "fixed-variance squared error (authors' code), no smoothing": dict(score="se", smooth=1),
     "squared error, smooth 5": dict(score="se"),
@@ -38,6 +38,9 @@ VARIANTS: dict[str, dict] = {
     "no constant-feature floor (0.1 for all)": dict(const_floor=0.1),
     "SPOT q=1e-3, level 0.99 (the previous default)": dict(spot_q=1e-3, spot_level=0.99),
     "percentile 99 of the calibration scores": dict(threshold="percentile", percentile=99.0),
+    "no drift guard (the fitted threshold at every point)": dict(drift_window=0),
+    "drift guard over 300 points": dict(drift_window=300),
+    "drift guard over 3000 points": dict(drift_window=3000),
 }
 KEYS = ("auc_pr", "f1", "vus_pr", "f1_pa", "auc_roc", "best_f1_oracle")
 
@@ -69,8 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
             vcfg = dataclasses.replace(cfg, **overrides)
             cal = scoring.calibrate(calib, vcfg)
             scores, _ = scoring.apply(cal, test)
-            per_variant[name][ent.name] = evaluate(scores, cal.threshold, ent.labels)
-            flagged[name].append(float(np.mean(scores > cal.threshold)))
+            thr = scoring.thresholds(cal, scores)
+            per_variant[name][ent.name] = evaluate(scores, thr, ent.labels)
+            flagged[name].append(float(np.mean(scores > thr)))
         print(f"{ent.name} done ({time.time() - t0:.0f}s)", flush=True)
     rows, results = [], {}
     for name in VARIANTS:

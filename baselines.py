@@ -165,7 +165,7 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, An
         raise SystemExit(f"{ent.name}: no test split to score")
     test = scaler.transform(ent.test)
     test_scores, contrib = scoring.apply(cal, point_output(scorer(_flat(test, cfg.seq_len)), test, cfg.seq_len))
-    res = metrics.evaluate(test_scores, cal.threshold, ent.labels, ent.faults)
+    res = metrics.evaluate(test_scores, scoring.thresholds(cal, test_scores), ent.labels, ent.faults)
     if ent.interpretation is not None and contrib is not None:
         res.update(metrics.interpretation_metrics(contrib, interpretation_segments(ent, ent.features)))
     res["n_val"] = int(cal.n_rows)

@@ -40,8 +40,8 @@ class Config:
     n_heads: int = 4
     n_layers: int = 3
     d_ff: int = 128                      # Transformer feed-forward size
-    d_h1: int = 64                       # MLP h0 -> h1
-    d_theta: int = 32                    # theta0, theta1 and prototype dimension
+    d_h1: int = 128                      # MLP h0 -> h1, and the hidden size of every Gaussian head (the decoder's too)
+    d_theta: int = 64                    # theta0, theta1 and prototype dimension
     n_global: int = 10                   # K_g global prototypes beta_g
     n_local: int = 2                     # K_l local prototypes beta_l
     sinkhorn_eps: float = 0.1            # entropic regularisation (costs are divided by sqrt(d_theta))
@@ -89,6 +89,8 @@ class Config:
     spot_q: float = 1e-2                 # SPOT risk level (docs/ablation.md: 1e-3 flags too little on ASD and SMD)
     spot_level: float = 0.98             # initial quantile of the peaks-over-threshold fit
     percentile: float = 99.0
+    drift_window: int = 1000             # drift guard: the threshold rises by as much as the median of the last N
+                                         # scores stands above the calibration median (0 = fixed threshold)
     # outputs and runtime
     ckpt: str = "checkpoints/puad.ckpt"
     loss_csv: str = "loss_metrics.csv"
@@ -417,6 +419,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "local_init": _choice("windows", "global"), "local_offset": _nonneg,
     "batch_size": _pos, "lr": _positive, "local_lr": _positive, "weight_decay": _nonneg,
     "rho1": _nonneg, "rho2": _nonneg, "rho3": _nonneg, "warmup_epochs": _nonneg,
+
     "grad_clip": _positive, "max_bad_steps": _pos, "max_train_windows": _nonneg,
     "score_samples": _nonneg, "score_batch": _pos,
     "score_mode": _choice("point", "block"),
@@ -426,7 +429,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "threshold": _number_or(*THRESHOLD_METHODS),
     "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "spot_level": ((lambda v: 0 < v < 1), "in (0, 1)"),
-    "percentile": ((lambda v: 0 <= v <= 100), "in [0, 100]"),
+    "percentile": ((lambda v: 0 <= v <= 100), "in [0, 100]"), "drift_window": _nonneg,
     "ckpt": _nonempty, "loss_csv": _nonempty, "out_dir": _nonempty,
     "device": ((lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None), "auto | cpu | cuda | cuda:N"),
     "num_threads": _nonneg,

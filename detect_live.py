@@ -27,7 +27,9 @@ coordination; each serves only its entities.
 Calibration: at start-up, exactly as test.py does (puad.calibrate_entity), the score's
 per-feature normaliser and the threshold (spot | percentile) come from the validation tail of
 the entity's train series in --data (which defaults to the checkpoint's training data);
-`--threshold=NUMBER` replaces the threshold. Each poll scores the last `--smooth` windows so
+the threshold then follows the score's level as in test.py (the drift guard, `--drift_window`:
+each entity keeps its last scores, the calibration's last ones at start-up);
+`--threshold=NUMBER` replaces the threshold, fixed at every poll. Each poll scores the last `--smooth` windows so
 that the score is test.py's causal smoothed score of the last point. A non-finite score (which
 the clipped inputs of the scorer should make impossible) is never read as normal: the window
 is skipped and counted as reason="non_finite".
@@ -72,6 +74,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -300,6 +303,9 @@ class Detector:
         self.entities, self.metric_set, self.metrics = entities, metric_set, metrics
         self.states, self.calibrations = states, calibrations
         self.thresholds = {e: c.threshold for e, c in calibrations.items()}
+        # the drift guard's past scores per entity (scoring.live_threshold), the calibration's last ones first
+        self.history = {e: deque(c.recent, maxlen=max(int(c.info.get("drift_window", 0)), 1))
+                        for e, c in calibrations.items()}
         self.prometheus = cfg.prometheus
         if cfg.prometheus == Config.prometheus and os.environ.get("PROMETHEUS_URL"):
             self.prometheus = os.environ["PROMETHEUS_URL"]
@@ -344,6 +350,14 @@ class Detector:
             for reason in ("missing_points", "no_data", "non_finite"):
                 self.c_skipped.labels(e, reason)
         self.server = self.server_thread = None
+
+    def set_threshold(self, entity: str, value: float) -> None:
+        """Fix an entity's threshold at `value` for every later poll (no drift guard)."""
+        cal = self.calibrations[entity]
+        cal.threshold, cal.info["drift_window"] = float(value), 0
+        self.history[entity].clear()
+        self.thresholds[entity] = float(value)
+        self.g_threshold.labels(entity).set(float(value))
 
     def is_stale(self, entity: str) -> bool:
         since = self.last_scored[entity] or self.started
@@ -482,6 +496,9 @@ class Detector:
                 for name, c in zip(self.features, contrib):
                     self.g_feature.labels(entity, name).set(float(c))
                 self.top[entity] = [n for n, _ in scoring.top_features(contrib, self.features, 3)]
+            self.thresholds[entity] = scoring.live_threshold(self.calibrations[entity], np.asarray(self.history[entity]))
+            self.history[entity].append(score)
+            self.g_threshold.labels(entity).set(self.thresholds[entity])
             anomalous = bool(score > self.thresholds[entity])
             self.g_anomaly.labels(entity).set(int(anomalous))
             if anomalous != self.anomalous[entity]:
@@ -598,8 +615,9 @@ def setup(argv: list[str]) -> Detector:
         # an explicit threshold still needs the score's normaliser from the calibration rows
         calibrations[e] = calibrate(model, ckpt, dataclasses.replace(cfg, threshold="spot") if fixed is not None
                                     else cfg, e, states[e])
-        if fixed is not None:
+        if fixed is not None:  # a number given is the threshold at every poll: no drift guard
             calibrations[e].threshold = fixed
+            calibrations[e].info["drift_window"] = 0
         log.info("%s: threshold %.6g (%s)%s", e, calibrations[e].threshold, "--threshold" if fixed is not None
                  else f"{cfg.threshold} on the validation tail of {cfg.data}/{e}",
                  ", local prototypes" if states[e]["use_local"] else "")

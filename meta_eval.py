@@ -70,7 +70,7 @@ def pca_few_shot(cfg: Config, entity: str, n: int) -> dict:
     out = lambda x: baselines.point_output(score(baselines._flat(x, cfg.seq_len)), x, cfg.seq_len)  # noqa: E731
     cal = scoring.calibrate(dict(out(scaler.transform(rows)), constant=scoring.constant_features(rows)), cfg)
     test_scores, _ = scoring.apply(cal, out(scaler.transform(ent.test)))
-    return metrics.evaluate(test_scores, cal.threshold, ent.labels)
+    return metrics.evaluate(test_scores, scoring.thresholds(cal, test_scores), ent.labels)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

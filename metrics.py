@@ -411,19 +411,26 @@ def interpretation_metrics(contrib: np.ndarray, segments: list, ps: tuple[int, .
     return out
 
 
-def evaluate(scores: Any, threshold: float, labels: Any | None,
+def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
              faults: Any | None = None, vus_max_window: int = VUS_MAX_WINDOW) -> dict[str, Any]:
     """All metrics for one series at a (label-free) threshold; pred = score > threshold.
+
+    ``threshold``: a number, or one per point (scoring.thresholds: the drift guard); then
+    ``threshold`` in the result is the lowest and ``threshold_max`` the highest.
 
     ``faults``: fault-kind strings per point ('' outside faults) -> ``per_fault``
     with recall / f1 / auc_roc / n_points per kind (that kind's points positive,
     normal points negative, other kinds excluded).  Undefined values are NaN.
     """
     s = _scores(scores)
-    thr = float(threshold)
+    thr = np.asarray(threshold, np.float64)
+    if thr.ndim and thr.shape != s.shape:
+        raise ValueError("per-point thresholds and scores differ in length")
     pred = s > thr
-    out: dict[str, Any] = {"threshold": thr, "n_points": int(s.size),
-                           "n_predicted": int(pred.sum())}
+    out: dict[str, Any] = {"threshold": float(thr.min()) if thr.size else float("nan"),
+                           "n_points": int(s.size), "n_predicted": int(pred.sum())}
+    if thr.ndim:
+        out["threshold_max"] = float(thr.max()) if thr.size else float("nan")
     if labels is None:
         out["note"] = "no labels: metrics need labels"
         return out

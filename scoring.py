@@ -11,7 +11,9 @@ of its V values, from the window that ends at t (puad.score_series). With the de
                                                          model did not train on); the floor is
                                                          `const_floor` for a feature that was
                                                          constant over the train series
-    c_tv = z_tv ** 2                                     feature v's contribution
+    c_tv = z_tv ** 2                                     feature v's contribution (what names
+                                                         features drops a feature still at its
+                                                         constant training value: attribution)
     s_t  = mean_v c_tv, then the mean of the last `smooth` points (causal: live detection can
            compute it from the last `smooth` windows)
 
@@ -25,14 +27,21 @@ floor makes a stopped service score far above the threshold. `--score=nll` is th
 (the authors' code); both are kept for the ablation (docs/ablation.md).
 
 The threshold is fitted on the scores of the calibration rows, never on labels (SPOT or a
-percentile, metrics.select_threshold). A model whose residuals are not per feature (kNN,
-IsolationForest) goes through the same smoothing and threshold with its scalar scores.
+percentile, metrics.select_threshold). It then follows the score's level (`drift_window`, the
+drift guard): at each point it stands as far above the median of the previous `drift_window`
+scores as it stood above the calibration median, never lower than fitted. A level shift that
+persists (a service's memory staying higher after a restart, a series whose normal scores drift
+upwards between the calibration rows and today) stops alarming once it is most of the recent
+window; a fault shorter than half the window raises the median little. A model whose residuals
+are not per feature (kNN, IsolationForest) goes through the same smoothing, threshold and guard
+with its scalar scores.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
 
 from metrics import select_threshold
 
@@ -47,6 +56,9 @@ class Calibration:
     center: np.ndarray | None = None     # (V,) median residual per feature (score=norm)
     scale: np.ndarray | None = None      # (V,) robust residual scale per feature, >= floor
     n_rows: int = 0                      # calibration rows it was fitted on
+    median: float = 0.0                  # median calibration score: the level the threshold was fitted at
+    recent: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the last drift_window calibration scores
+    pinned: np.ndarray | None = None     # (V,) the value of each feature constant over the train rows, NaN for the others
     info: dict = field(default_factory=dict)  # score, smooth and threshold method it was fitted with
 
 
@@ -98,18 +110,48 @@ def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
     {"scores": (n,)} for a model with scalar scores only (then only smoothing and threshold).
     """
     score = score or cfg.score
-    center = scale = None
+    center = scale = pinned = None
     if "scores" in calib:
         s = smooth(np.asarray(calib["scores"], np.float64), cfg.smooth)
     else:
+        const = np.broadcast_to(np.asarray(calib.get("constant", False), bool), np.shape(calib["x"])[1:])
+        pinned = np.where(const, np.asarray(calib["x"], np.float64)[0], np.nan)
         if score == "norm":
-            floor = np.where(calib.get("constant", False), cfg.const_floor, cfg.score_floor)
+            floor = np.where(const, cfg.const_floor, cfg.score_floor)
             center, scale = fit_normaliser(np.asarray(calib["x"], np.float64) - calib["mu"], floor)
         s = point_scores(contributions(calib["x"], calib["mu"], calib.get("std"), score, center, scale),
                          score, cfg.smooth)
     thr = select_threshold(s, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level, pct=cfg.percentile)
-    return Calibration(float(thr), center, scale, len(s),
-                       {"score": score, "smooth": int(cfg.smooth), "threshold_method": cfg.threshold})
+    w = int(cfg.drift_window)
+    return Calibration(float(thr), center, scale, len(s), median=float(np.median(s)) if len(s) else 0.0,
+                       recent=s[-w:].copy() if w > 0 else np.zeros(0), pinned=pinned,
+                       info={"score": score, "smooth": int(cfg.smooth), "threshold_method": cfg.threshold,
+                             "drift_window": w})
+
+
+def thresholds(cal: Calibration, scores: np.ndarray) -> np.ndarray:
+    """Per-point thresholds (n,) of a scored series that follows the calibration rows: the drift
+    guard (module docstring), causal: point t's threshold uses the scores before t only, the last
+    calibration scores first. drift_window 0: the fitted threshold at every point."""
+    s = np.asarray(scores, np.float64)
+    w = int(cal.info.get("drift_window", 0))
+    if w <= 0 or len(s) == 0:
+        return np.full(len(s), cal.threshold)
+    past = np.concatenate([cal.recent, s])
+    med = pd.Series(past).rolling(w, min_periods=1).median().to_numpy()  # med[i]: past[i-w+1..i]
+    before = med[len(cal.recent) - 1: len(past) - 1] if len(cal.recent) else np.r_[cal.median, med[:-1]]
+    return cal.threshold + np.maximum(before - cal.median, 0.0)
+
+
+def live_threshold(cal: Calibration, history: np.ndarray) -> float:
+    """The drift guard's threshold for the next point given the scores before it (the last
+    drift_window of them are used; detect_live.py keeps them per entity, starting from
+    cal.recent): the last value thresholds() would give."""
+    w = int(cal.info.get("drift_window", 0))
+    h = np.asarray(history, np.float64)[-w:] if w > 0 else np.zeros(0)
+    if len(h) == 0:
+        return cal.threshold
+    return cal.threshold + max(float(np.median(h)) - cal.median, 0.0)
 
 
 def top_features(contrib: np.ndarray, features: list[str], k: int = 3) -> list[tuple[str, float]]:
@@ -129,15 +171,27 @@ def constant_features(x_train: np.ndarray) -> np.ndarray:
     return np.ptp(x_train, axis=0) == 0
 
 
+def attribution(contrib: np.ndarray, x: np.ndarray, pinned: np.ndarray | None) -> np.ndarray:
+    """The contributions that name features: a feature constant over the train rows that still
+    sits at that value did not move, so it is never named (0), whatever the reconstruction of
+    it did. Its residual stays in the score: the model's disagreement shows there too, and
+    counting it detects better (SMD AUC-PR, docs/ablation.md), but it is not a cause to report."""
+    if pinned is None:
+        return contrib
+    still = np.isclose(np.asarray(x, np.float64), pinned, rtol=0.0, atol=1e-9)  # False where pinned is NaN
+    return np.where(still, 0.0, contrib)
+
+
 def apply(cal: Calibration, out: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """Scores (n,) and smoothed contributions (n, V) (None for scalar models) of a scored series;
-    the contributions of a point average to its score (norm, se) or sum to it (nll)."""
+    the contributions of a point average to its score (norm, se) or sum to it (nll), except that
+    a feature still at its constant training value has none (attribution)."""
     k = cal.info.get("smooth", 1)
     if "scores" in out:
         return smooth(np.asarray(out["scores"], np.float64), k), None
     score = cal.info["score"]
     c = contributions(out["x"], out["mu"], out.get("std"), score, cal.center, cal.scale)
-    return point_scores(c, score, k), smooth(c, k)
+    return point_scores(c, score, k), smooth(attribution(c, out["x"], cal.pinned), k)
 
 
 def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -154,4 +208,6 @@ def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndar
         scale = np.stack([c.scale for c in cals])[None]
     t = lambda a: None if a is None else np.swapaxes(np.asarray(a), 0, 1)  # noqa: E731  (n, E, V): smooth runs along axis 0
     c = contributions(t(out["x"]), t(out["mu"]), t(out.get("std")), score, center, scale)
-    return np.swapaxes(point_scores(c, score, k), 0, 1), np.swapaxes(smooth(c, k), 0, 1)
+    pinned = None if any(c_.pinned is None for c_ in cals) else np.stack([c_.pinned for c_ in cals])[None]
+    named = attribution(c, t(out["x"]), pinned)
+    return np.swapaxes(point_scores(c, score, k), 0, 1), np.swapaxes(smooth(named, k), 0, 1)

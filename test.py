@@ -45,12 +45,13 @@ def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
     r = reconstruct_entity(model, ckpt, cfg, ent)
     cal = scoring.calibrate(r["calib"], cfg)
     scores, contrib = scoring.apply(cal, r["test"])
-    return dict(test_scores=scores, contrib=contrib, plan=r["test"]["plan"], threshold=cal.threshold,
+    return dict(test_scores=scores, contrib=contrib, plan=r["test"]["plan"], threshold=scoring.thresholds(cal, scores),
                 calibration=cal, use_local=r["use_local"])
 
 
-def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.ndarray, threshold: float) -> None:
-    """The paper's figure 4: input channels, score curve, threshold, true anomaly segments.
+def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> None:
+    """The paper's figure 4: input channels, score curve, threshold (per point: the drift guard
+    raises it while the score's level stays high), true anomaly segments.
     The score axis is logarithmic (linear below a tenth of the threshold) when the highest
     score is more than 30 times the threshold, so the threshold and the normal scores stay
     readable beside peaks a million times larger; flagged points are marked along the bottom."""
@@ -59,7 +60,9 @@ def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.nda
     ax0.plot(t, scaled_test, lw=0.5, alpha=0.6)
     ax0.set_ylabel("scaled inputs")
     ax1.plot(t, scores, lw=0.7, color="k", label="score")
-    ax1.axhline(threshold, color="r", lw=1, ls="--", label=f"threshold {threshold:.3g}")
+    threshold = float(np.min(thresholds))  # the fitted one; the guard only raises it
+    raised = f", raised up to {np.max(thresholds):.3g}" if np.max(thresholds) > threshold else ""
+    ax1.plot(t, thresholds, color="r", lw=1, ls="--", label=f"threshold {threshold:.3g}{raised}")
     if ent.labels is not None:
         edges = np.diff(np.concatenate([[0], ent.labels, [0]]))
         for s, e in zip(np.where(edges == 1)[0], np.where(edges == -1)[0]):
@@ -73,7 +76,7 @@ def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.nda
     else:
         span = max(hi, threshold) - min(lo, threshold)
         ax1.set_ylim(min(lo, threshold) - 0.05 * span, max(hi, threshold) + 0.15 * span)
-    flagged = scores > threshold
+    flagged = scores > thresholds
     if flagged.any():
         ax1.plot(t[flagged], np.full(flagged.sum(), ax1.get_ylim()[0]), "|", color="C1", ms=8,
                  label=f"flagged ({flagged.sum()})", clip_on=False)
@@ -101,7 +104,7 @@ def predicted_segments(ent: Entity, scores: np.ndarray, pred: np.ndarray, contri
                                        "top_shares"])
 
 
-def plot_contributions(path: Path, ent: Entity, scores: np.ndarray, threshold: float, contrib: np.ndarray,
+def plot_contributions(path: Path, ent: Entity, scores: np.ndarray, thresholds: np.ndarray, contrib: np.ndarray,
                        segs: pd.DataFrame, max_segments: int = 6, n_features: int = 8, pad: int = 30) -> None:
     """For the max_segments predicted segments with the highest scores: the score beside a heatmap
     of the features' contributions over time (the n_features largest in that segment, log colour
@@ -114,7 +117,8 @@ def plot_contributions(path: Path, ent: Entity, scores: np.ndarray, threshold: f
         t = np.arange(a, b)
         ax0, ax1 = axes[0, j], axes[1, j]
         ax0.plot(t, scores[a:b], color="k", lw=0.8)
-        ax0.axhline(threshold, color="r", ls="--", lw=0.8)
+        ax0.plot(t, thresholds[a:b], color="r", ls="--", lw=0.8)
+        threshold = float(np.min(thresholds[a:b]))
         if np.max(scores[a:b]) > 100 * max(threshold, 1e-9):
             ax0.set_yscale("symlog", linthresh=max(threshold / 10, 1e-9))
         if ent.labels is not None:
@@ -234,7 +238,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
             if segs is not None and len(segs):
                 plot_contributions(out / f"contributions_{ent.name}.png", ent, r["test_scores"], r["threshold"],
                                    r["contrib"], segs)
-        line = f"{ent.name}: threshold {r['threshold']:.4g}, {m['n_predicted']} of {m['n_points']} points flagged"
+        line = f"{ent.name}: threshold {m['threshold']:.4g}, {m['n_predicted']} of {m['n_points']} points flagged"
         if "f1" in m:
             line += (f" | AUC-ROC {m['auc_roc']:.3f} AUC-PR {m['auc_pr']:.3f} F1 {m['f1']:.3f} "
                      f"best-F1(oracle) {m['best_f1_oracle']:.3f} | F1-PA {m['f1_pa']:.3f}")

@@ -178,8 +178,7 @@ def test_fault_alarms_only_its_service_and_dashboard(fleet):
         normal = {s: det.g_score.labels(s)._value.get() for s in names}
         threshold = 3 * max(normal.values())
         for s in names:
-            det.thresholds[s] = threshold
-            det.g_threshold.labels(s).set(threshold)
+            det.set_threshold(s, threshold)
         f.exporter.faults[FAULTY] = "cpu"
         try:
             for _ in range(6):

@@ -260,8 +260,10 @@ def test_threshold_is_test_py_s(live_lab):
     for ent in load_dataset(tmp / "data"):
         ent.test = ent.train  # score_entity also scores a test split
         r = evaluate_script.score_entity(model, ckpt, cfg, ent)
-        assert det.thresholds[ent.name] == pytest.approx(r["threshold"], rel=1e-6)
-        cal = det.calibrations[ent.name]  # one calibration: normaliser and threshold alike
+        assert det.thresholds[ent.name] == pytest.approx(r["calibration"].threshold, rel=1e-6)
+        cal = det.calibrations[ent.name]  # one calibration: normaliser, threshold and drift guard alike
+        np.testing.assert_allclose(cal.recent, r["calibration"].recent, rtol=1e-6)
+        assert cal.median == pytest.approx(r["calibration"].median, rel=1e-6)
         np.testing.assert_allclose(cal.center, r["calibration"].center, rtol=1e-6)
         np.testing.assert_allclose(cal.scale, r["calibration"].scale, rtol=1e-6)
         # a live window's score is the offline (smoothed) score of its last point

@@ -56,6 +56,48 @@ def test_scalar_scores_get_the_same_smoothing_and_threshold_rule():
     np.testing.assert_allclose(s, scoring.smooth(val, 4))
 
 
+def test_a_constant_feature_that_did_not_move_is_never_named():
+    rng = np.random.default_rng(3)
+    n = 500
+    x = np.c_[rng.normal(0, 0.2, n), np.full(n, 0.5)]  # feature 1 constant (0.5) over train
+    cfg = _cfg("--smooth=1")
+    cal = scoring.calibrate({"x": x, "mu": np.zeros((n, 2)) + [0, 0.5], "constant": np.array([False, True])}, cfg)
+    test = np.array([[0.8, 0.5], [0.8, 0.5], [0.0, 0.2]])
+    mu = np.array([[0.0, 0.6], [0.0, 0.6], [0.0, 0.5]])  # the model's reconstruction of it wobbles
+    s, contrib = scoring.apply(cal, {"x": test, "mu": mu})
+    assert s[0] > 1 and contrib[0, 1] == 0 and contrib[0, 0] > 0  # scored, but not named
+    assert s[0] == pytest.approx((((0.8 - cal.center[0]) / cal.scale[0]) ** 2 + (0.1 / cfg.const_floor) ** 2) / 2)
+    assert scoring.top_features(contrib[2], ["a", "b"], 1)[0][0] == "b"  # it left its value: named
+    # the fleet's batched path names the same features
+    s2, c2 = scoring.apply_batch([cal, cal], {"x": np.stack([test, test]), "mu": np.stack([mu, mu])})
+    np.testing.assert_allclose(c2[1], contrib)
+    np.testing.assert_allclose(s2[0], s)
+
+
+def test_drift_guard_follows_a_lasting_level_shift_but_not_a_fault():
+    rng = np.random.default_rng(2)
+    cfg = _cfg("--smooth=1", "--drift_window=200")
+    cal = scoring.calibrate({"scores": rng.exponential(1.0, 1000)}, cfg)
+    assert len(cal.recent) == 200 and cal.median == pytest.approx(np.log(2), rel=0.15)
+    test = rng.exponential(1.0, 1200)
+    test[100:150] += 50      # a fault: 50 points far above the threshold
+    test[400:] += 20         # a level shift that lasts (a new normal, e.g. memory after a restart)
+    s, _ = scoring.apply(cal, {"scores": test})
+    thr = scoring.thresholds(cal, s)
+    assert thr.shape == s.shape and thr.min() == pytest.approx(cal.threshold)
+    assert (s[100:150] > thr[100:150]).all()              # the fault alarms throughout
+    assert (thr[:100] < cal.threshold + 0.5).all()         # normal scores raise it little
+    assert (s[400:450] > thr[400:450]).all()              # the shift alarms at first ...
+    assert (s[700:] > thr[700:]).mean() < 0.05             # ... and stops once it is most of the window
+    off = scoring.calibrate({"scores": rng.exponential(1.0, 1000)}, _cfg("--smooth=1", "--drift_window=0"))
+    assert (scoring.thresholds(off, s) == off.threshold).all()
+    # live: the threshold of the next point from the scores before it is the same number
+    history = list(cal.recent)
+    for i, x in enumerate(s[:600]):
+        assert scoring.live_threshold(cal, np.array(history)) == pytest.approx(thr[i], rel=1e-12)
+        history.append(x)
+
+
 @pytest.mark.parametrize("score", scoring.SCORES)
 def test_score_stays_finite_for_extreme_inputs(score):
     torch.manual_seed(0)
