@@ -419,7 +419,6 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "local_init": _choice("windows", "global"), "local_offset": _nonneg,
     "batch_size": _pos, "lr": _positive, "local_lr": _positive, "weight_decay": _nonneg,
     "rho1": _nonneg, "rho2": _nonneg, "rho3": _nonneg, "warmup_epochs": _nonneg,
-
     "grad_clip": _positive, "max_bad_steps": _pos, "max_train_windows": _nonneg,
     "score_samples": _nonneg, "score_batch": _pos,
     "score_mode": _choice("point", "block"),

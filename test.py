@@ -74,8 +74,9 @@ def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.nda
         ax1.set_yscale("symlog", linthresh=floor)
         ax1.set_ylim(min(lo, 0), hi * 2)
     else:
-        span = max(hi, threshold) - min(lo, threshold)
-        ax1.set_ylim(min(lo, threshold) - 0.05 * span, max(hi, threshold) + 0.15 * span)
+        top = max(hi, float(np.max(thresholds)))
+        span = top - min(lo, threshold)
+        ax1.set_ylim(min(lo, threshold) - 0.05 * span, top + 0.15 * span)
     flagged = scores > thresholds
     if flagged.any():
         ax1.plot(t[flagged], np.full(flagged.sum(), ax1.get_ylim()[0]), "|", color="C1", ms=8,
@@ -218,7 +219,8 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
         r = score_entity(model, ckpt, cfg, ent)
         # the threshold is fixed; only now are the labels looked at
         m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults)
-        m.update(threshold_method=cfg.threshold, local_prototypes=r["use_local"], score=cfg.score,
+        m.update(threshold=r["calibration"].threshold,  # the fitted one; threshold_max: the drift guard's highest
+                 threshold_method=cfg.threshold, local_prototypes=r["use_local"], score=cfg.score,
                  smooth=cfg.smooth, calibration_rows=r["calibration"].n_rows)
         if ent.interpretation is not None:  # which metrics: HitRate of the per-feature contributions
             m.update(interpretation_metrics(r["contrib"], interpretation_segments(ent, ent.features)))
