@@ -353,8 +353,8 @@ class Detector:
 
     def set_threshold(self, entity: str, value: float) -> None:
         """Fix an entity's threshold at `value` for every later poll (no drift guard)."""
-        cal = self.calibrations[entity]
-        cal.threshold, cal.info["drift_window"] = float(value), 0
+        cal = self.calibrations[entity]  # a copy: the caller's Calibration object is left as it was
+        self.calibrations[entity] = dataclasses.replace(cal, threshold=float(value), info={**cal.info, "drift_window": 0})
         self.history[entity].clear()
         self.thresholds[entity] = float(value)
         self.g_threshold.labels(entity).set(float(value))
