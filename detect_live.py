@@ -353,8 +353,7 @@ class Detector:
 
     def set_threshold(self, entity: str, value: float) -> None:
         """Fix an entity's threshold at `value` for every later poll (no drift guard)."""
-        cal = self.calibrations[entity]  # a copy: the caller's Calibration object is left as it was
-        self.calibrations[entity] = dataclasses.replace(cal, threshold=float(value), info={**cal.info, "drift_window": 0})
+        self.calibrations[entity] = scoring.fixed_threshold(self.calibrations[entity], value)
         self.history[entity].clear()
         self.thresholds[entity] = float(value)
         self.g_threshold.labels(entity).set(float(value))
@@ -615,9 +614,8 @@ def setup(argv: list[str]) -> Detector:
         # an explicit threshold still needs the score's normaliser from the calibration rows
         calibrations[e] = calibrate(model, ckpt, dataclasses.replace(cfg, threshold="spot") if fixed is not None
                                     else cfg, e, states[e])
-        if fixed is not None:  # a number given is the threshold at every poll: no drift guard
-            calibrations[e].threshold = fixed
-            calibrations[e].info["drift_window"] = 0
+        if fixed is not None:
+            calibrations[e] = scoring.fixed_threshold(calibrations[e], fixed)
         log.info("%s: threshold %.6g (%s)%s", e, calibrations[e].threshold, "--threshold" if fixed is not None
                  else f"{cfg.threshold} on the validation tail of {cfg.data}/{e}",
                  ", local prototypes" if states[e]["use_local"] else "")

@@ -38,6 +38,7 @@ with its scalar scores.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,6 +142,12 @@ def thresholds(cal: Calibration, scores: np.ndarray) -> np.ndarray:
     med = pd.Series(past).rolling(w, min_periods=1).median().to_numpy()  # med[i]: past[i-w+1..i]
     before = med[len(cal.recent) - 1: len(past) - 1] if len(cal.recent) else np.r_[cal.median, med[:-1]]
     return cal.threshold + np.maximum(before - cal.median, 0.0)
+
+
+def fixed_threshold(cal: Calibration, value: float) -> Calibration:
+    """A copy of cal whose threshold is `value` at every point: no drift guard
+    (detect_live.py's --threshold=NUMBER)."""
+    return dataclasses.replace(cal, threshold=float(value), info={**cal.info, "drift_window": 0})
 
 
 def live_threshold(cal: Calibration, history: np.ndarray) -> float:
