@@ -14,7 +14,7 @@ deployment files (deploy/k8s, deploy/grafana).
 - the Kubernetes manifests validate against the Kubernetes schemas (kubernetes-validate), and the
   rule ConfigMap holds chaos/alert-rules.yaml.
 A random-weights `test`-preset model (seq_len 5) is enough: the tests check the pipeline, not
-the model; per-service scalers and calibrations are fitted on the fleet's first window.
+the model; per-service scalers and calibrations are fitted on the fleet's first CAL_ROWS seconds.
 """
 import json
 import shutil
@@ -34,6 +34,7 @@ N_SERVICES = 60
 FAULTY = "svc-0007"
 SEQ_LEN = 5
 RATE_WINDOW = 5
+CAL_ROWS = 40  # normal rows each service's scaler and calibration are fitted on (1 s apart)
 
 
 def test_grouped_query_rewrite():
@@ -102,17 +103,17 @@ def fleet(tmp_path_factory):
         cfg = Config(**PRESETS["test"], seq_len=SEQ_LEN, live_step=1, threshold="percentile", prometheus=f.prometheus,
                      port=det_port, live_log=str(tmp / "events.jsonl"), num_threads=1)
         n = cfg.seq_len + cfg.smooth - 1
-        time.sleep(max(0.0, f.started + n + 2 * RATE_WINDOW + 4 - time.time()))
+        time.sleep(max(0.0, f.started + CAL_ROWS + n + 2 * RATE_WINDOW + 4 - time.time()))
         torch.manual_seed(0)
         model = PUAD(cfg, len(metric_set["metrics"])).eval()
         session = detect_live.make_session()
         first = detect_live.fetch_fleet(session, f.prometheus, metric_set, metric_set["metrics"], names,
-                                        int(time.time()) - 2, n + 6, 1, 10.0)
+                                        int(time.time()) - 2, CAL_ROWS + n, 1, 10.0)
         states, cals = {}, {}
         for s in names:
             x = first[s][0]
             x = x[~np.isnan(x).any(1)]
-            assert len(x) >= n, f"{s}: {len(x)} complete rows in the first window"
+            assert len(x) >= CAL_ROWS, f"{s}: {len(x)} complete rows in the first window"
             scaler = Scaler("minmax").fit(x)
             states[s] = {"local": None, "scaler": scaler, "use_local": False}
             out = score_series(model, scaler.transform(x), cfg.seq_len)
@@ -167,23 +168,29 @@ def test_grouped_equals_per_service_and_batched_scores(fleet):
 
 
 def test_fault_alarms_only_its_service_and_dashboard(fleet):
-    """Thresholds: 3 x the largest normal score of the fleet (as test_live's margin over SPOT)."""
+    """Thresholds: 4 x the largest normal score of the fleet over 8 polls (the random model's
+    normal scores jump with the latency quantiles: up to 2.7 x the normal maximum over 5 polls
+    was seen). The fault is polled until its rate window and the score's smoothing hold it (at
+    most 20 polls), then no other service may be in alarm."""
     f, names = fleet["fleet"], fleet["names"]
     det = make_detector(fleet, names)
     det.serve()
     try:
-        for _ in range(3):
+        normal = dict.fromkeys(names, 0.0)
+        for _ in range(8):
             time.sleep(1)
             det.poll(int(time.time()) - 1)
-        normal = {s: det.g_score.labels(s)._value.get() for s in names}
-        threshold = 3 * max(normal.values())
+            normal = {s: max(normal[s], det.g_score.labels(s)._value.get()) for s in names}
+        threshold = 4 * max(normal.values())
         for s in names:
             det.set_threshold(s, threshold)
         f.exporter.faults[FAULTY] = "cpu"
         try:
-            for _ in range(6):
+            for i in range(20):
                 time.sleep(1)
                 det.poll(int(time.time()) - 1)
+                if i >= RATE_WINDOW and det.anomalous[FAULTY]:
+                    break
         finally:
             f.exporter.faults.clear()
         scores = {s: det.g_score.labels(s)._value.get() for s in names}
