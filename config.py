@@ -55,9 +55,9 @@ class Config:
     local_epochs: int = 3                # stage 2 (local) epochs
     adapt_windows: int = 0               # use only the first N windows of each train series (0 = all)
     adapt_scaler: str = "history"        # new entity's scaler: history (pooled over the history entities) | own (fitted on the N windows)
-    local_plan: str = "batch"            # stage 2 transport: batch (balanced Sinkhorn, paper) | running (each window alone)
-    local_init: str = "windows"          # beta_l starts at: windows (theta0 of adaptation windows, paper) | global (the
-                                         # global prototypes the adaptation windows use most)
+    local_plan: str = "running"          # stage 2 transport: running (each window alone) | batch (balanced Sinkhorn, paper)
+    local_init: str = "global"           # beta_l starts at: global (the global prototypes the adaptation windows use
+                                         # most) | windows (theta0 of adaptation windows, paper)
     local_offset: float = 0.0            # the local prototypes' OT potentials start this many sinkhorn_eps below the
                                          # lowest global one: they take mass only from windows far from every global prototype
     batch_size: int = 256
@@ -79,6 +79,10 @@ class Config:
     const_floor: float = 0.01            # norm: the same for a feature constant over the train series
     smooth: int = 5                      # score = causal mean of the last N point scores (1 = off)
     use_local: bool = True               # test.py: apply the entity's local prototypes when adapted
+    min_calib_rows: int = 200            # an entity adapted from fewer rows than this is calibrated on the history's
+                                         # calibration rows stored in the checkpoint (chosen on 3 ASD splits: docs/meta.md)
+    local_score: str = "closer"          # with local prototypes, each point takes the closer reconstruction with or
+                                         # without them (closer) | always through them (always, paper)
     score_samples: int = 0               # 0: posterior means (deterministic); L > 0: mean over L samples
     score_batch: int = 1024
     score_mode: str = "point"            # point: the window ending at each point | block: non-overlapping
@@ -417,6 +421,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "adapt_scaler": _choice("history", "own"),
     "local_plan": _choice("batch", "running"),
     "local_init": _choice("windows", "global"), "local_offset": _nonneg,
+    "local_score": _choice("closer", "always"), "min_calib_rows": _nonneg,
     "batch_size": _pos, "lr": _positive, "local_lr": _positive, "weight_decay": _nonneg,
     "rho1": _nonneg, "rho2": _nonneg, "rho3": _nonneg, "warmup_epochs": _nonneg,
     "grad_clip": _positive, "max_bad_steps": _pos, "max_train_windows": _nonneg,

@@ -154,7 +154,8 @@ def explicit_threshold(text: str) -> float | None:
 def calibrate(model, ckpt: dict, cfg: Config, entity: str, st: dict) -> scoring.Calibration:
     """The calibration test.py would use (puad.calibrate_entity): the score's normaliser and
     threshold from the validation tail of the entity's train series in --data (or its first
-    adapt_windows windows when adapted from those)."""
+    adapt_windows windows when adapted from those, or the history's calibration rows when those
+    are under --min_calib_rows)."""
     try:
         ent = load_dataset(cfg.data, [entity], min_rows=cfg.seq_len)[0]
     except DataError as e:
@@ -165,7 +166,7 @@ def calibrate(model, ckpt: dict, cfg: Config, entity: str, st: dict) -> scoring.
         raise LiveError(str(e)) from None
     if st["local"] is not None:
         apply_local_state(model, st["local"])
-    return calibrate_entity(model, ckpt, cfg, st["scaler"].transform(train), st["local"], st["use_local"])
+    return calibrate_entity(model, ckpt, cfg, st["scaler"].transform(train), st["local"], st["use_local"], entity)
 
 
 # ---------------------------------------------------------------- Prometheus
@@ -383,7 +384,7 @@ class Detector:
         mus, stds = [], []
         for i in range(0, len(windows), self.cfg.score_batch):
             xb = torch.as_tensor(np.ascontiguousarray(windows[i:i + self.cfg.score_batch]))
-            out = self.model.reconstruct(xb, use_local, self.cfg.score_samples)
+            out = self.model.reconstruct(xb, use_local, self.cfg.score_samples, local_score=self.cfg.local_score)
             mus.append(out["x_mu"].numpy())
             stds.append(out["x_std"].numpy())
         return np.concatenate(mus), np.concatenate(stds)

@@ -38,7 +38,7 @@ NEW = ["omi-10", "omi-11", "omi-12"]
 NS = [1, 5, 10, 20, 200]
 ADAPT_STEPS = 100     # gradient steps for the local fit, whatever N (N <= batch: one step an epoch)
 SCRATCH_STEPS = 300   # gradient steps for a model trained from scratch on N windows
-KEYS = ["auc_pr", "auc_roc", "vus_pr", "f1", "best_f1_oracle", "f1_pa", "best_f1_pa_oracle"]
+KEYS = ["auc_pr", "auc_roc", "vus_pr", "f1", "best_f1_oracle", "f1_pa", "best_f1_pa_oracle", "local_share"]
 
 
 def epochs_for(steps: int, n_windows: int, batch: int) -> int:

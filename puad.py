@@ -25,6 +25,7 @@ from vae_loss import HierarchicalVAE, gaussian_kl, gaussian_nll, total_loss
 
 
 INPUT_CLIP = 10.0  # scaled inputs are clipped to +-this before the model (score_series)
+HISTORY_CALIB_ROWS = 4000  # the most calibration rows a stage-1 checkpoint stores (history_calibration)
 
 
 class PUAD(nn.Module):
@@ -76,7 +77,7 @@ class PUAD(nn.Module):
 
     @torch.inference_mode()
     def reconstruct(self, x: torch.Tensor, use_local: bool = False, n_samples: int = 0,
-                    amp: bool = False, compile: bool = False) -> dict[str, torch.Tensor]:
+                    amp: bool = False, compile: bool = False, local_score: str = "closer") -> dict[str, torch.Tensor]:
         """Decoder mean and std of every point of every window (B, T, V), and the row-normalised
         transport plan (B, K).
 
@@ -85,22 +86,42 @@ class PUAD(nn.Module):
         amp: the whole pass under bf16 autocast, on CUDA only (off by default).
         compile: the posterior-mean pass through torch.compile (dynamic batch size, compiled
         once per model; see docs/performance.md).
+        use_local with local_score="closer" (the default): each point takes the reconstruction,
+        with or without the local prototypes, that is closer to it (squared error summed over
+        its features); "local_used" (B, T) says which. The local prototypes can then explain
+        what the global ones do not, never make a point worse explained: fitted on a few
+        windows, they otherwise pull every window towards those (docs/meta.md). "always": the
+        paper's, every point through global + local prototypes.
         """
+        if local_score not in ("closer", "always"):
+            raise ValueError(f"local_score must be closer or always, not {local_score!r}")
         was_training = self.training
         self.eval()
+        out = self._decode(x, use_local, n_samples, amp, compile)
+        if use_local and local_score == "closer":
+            glob = self._decode(x, False, n_samples, amp, compile)
+            used = ((x - out["x_mu"]) ** 2).sum(-1) <= ((x - glob["x_mu"]) ** 2).sum(-1)  # (B, T)
+            for k in ("x_mu", "x_std"):
+                out[k] = torch.where(used[..., None], out[k], glob[k])
+            out["local_used"] = used
+        else:
+            out["local_used"] = torch.full(x.shape[:2], bool(use_local), device=x.device)
+        self.train(was_training)
+        out["plan"] = out["plan"] / out["plan"].sum(-1, keepdim=True)
+        return out
+
+    def _decode(self, x: torch.Tensor, use_local: bool, n_samples: int, amp: bool, compile: bool
+                ) -> dict[str, torch.Tensor]:
+        """reconstruct's forward pass(es) with one choice of prototypes (in eval mode)."""
         if n_samples <= 0:
             if compile and "_compiled" not in self.__dict__:
                 self.__dict__["_compiled"] = torch.compile(self.forward, dynamic=True)
             fwd = self.__dict__["_compiled"] if compile else self.forward
             with torch.autocast(x.device.type, torch.bfloat16, enabled=amp and x.device.type == "cuda"):
                 out = fwd(x, use_local, sample=False, batch_plan=False, score_only=True)
-            out = {k: v.float() for k, v in out.items()}
-        else:
-            outs = [self(x, use_local, sample=True, batch_plan=False, score_only=True) for _ in range(n_samples)]
-            out = {k: torch.stack([o[k] for o in outs]).mean(0) for k in outs[0]}
-        self.train(was_training)
-        out["plan"] = out["plan"] / out["plan"].sum(-1, keepdim=True)
-        return out
+            return {k: v.float() for k, v in out.items()}
+        outs = [self(x, use_local, sample=True, batch_plan=False, score_only=True) for _ in range(n_samples)]
+        return {k: torch.stack([o[k] for o in outs]).mean(0) for k in outs[0]}
 
 
 # ---- checkpoints: plain dicts of tensors, strings and numbers, loadable with weights_only=True
@@ -266,25 +287,50 @@ def calibration_rows(x_train: np.ndarray, ckpt: dict, local: dict | None, cfg: C
 def score_kwargs(cfg: Config) -> dict:
     """score_series' options from a Config (the same for calibration and test rows)."""
     return dict(batch_size=cfg.score_batch, n_samples=cfg.score_samples, mode=cfg.score_mode,
-                amp=cfg.score_amp, compile=cfg.score_compile)
+                amp=cfg.score_amp, compile=cfg.score_compile, local_score=cfg.local_score)
 
 
 def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, local: dict | None,
-                      use_local: bool) -> dict:
+                      use_local: bool, name: str = "") -> dict:
     """What an entity's calibration is fitted on: the reconstruction of its calibration rows
-    (x_train already scaled) and which features were constant over the rows training saw."""
+    (x_train already scaled) and which features were constant over the rows training saw.
+    An entity adapted from so few windows that its rows are under cfg.min_calib_rows borrows
+    the history's calibration rows instead (history_calibration), when the checkpoint has them:
+    on new ASD servers, N = 5 to 20 windows' own threshold flagged 22-32 % of the test points,
+    and up to N = 50 the history's calibration gave the better F1 (docs/meta.md)."""
     rows = calibration_rows(x_train, ckpt, local, cfg)
+    if adapted_windows(ckpt, local) and len(rows) < cfg.min_calib_rows:
+        if "history_calib" in ckpt:
+            log.info("%s: %d calibration rows (< --min_calib_rows=%d): the history's %d calibration rows",
+                     name or "entity", len(rows), cfg.min_calib_rows, len(ckpt["history_calib"]["x"]))
+            return {k: v.numpy() for k, v in ckpt["history_calib"].items()}
+        log.warning("%s: %d calibration rows (< --min_calib_rows=%d) and no history calibration in the "
+                    "checkpoint (trained before it was stored): calibrating on them anyway",
+                    name or "entity", len(rows), cfg.min_calib_rows)
     out = score_series(model, rows, cfg.seq_len, use_local, **score_kwargs(cfg))
     seen = rows if adapted_windows(ckpt, local) else x_train
     return dict(out, constant=scoring.constant_features(seen))
 
 
+def history_calibration(model: PUAD, vals: list[np.ndarray], trains: list[np.ndarray], cfg: Config,
+                        max_rows: int = HISTORY_CALIB_ROWS) -> dict[str, torch.Tensor]:
+    """The history's calibration rows, stored in a stage-1 checkpoint: every history entity's
+    validation tail (scaled) reconstructed by the trained model with the global prototypes,
+    the last max_rows / E rows of each, pooled; constant = constant over every train series.
+    An entity adapted from too few windows is calibrated on these (calibration_input)."""
+    per = max(cfg.seq_len, max_rows // max(1, len(vals)))
+    outs = [score_series(model, v[-per:], cfg.seq_len, False, **score_kwargs(cfg)) for v in vals]
+    const = np.logical_and.reduce([scoring.constant_features(t) for t in trains])
+    pooled = {k: torch.from_numpy(np.concatenate([o[k] for o in outs]).astype(np.float32)) for k in ("x", "mu", "std")}
+    return dict(pooled, constant=torch.from_numpy(np.asarray(const, bool)))
+
+
 def calibrate_entity(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, local: dict | None,
-                     use_local: bool) -> scoring.Calibration:
+                     use_local: bool, name: str = "") -> scoring.Calibration:
     """The one calibration of an entity: the score's normaliser and threshold fitted on its
     calibration rows (detect_live.py; test.py and ablation.py get the same calibration_input
     through reconstruct_entity and fit it with scoring.calibrate)."""
-    return scoring.calibrate(calibration_input(model, ckpt, cfg, x_train, local, use_local), cfg)
+    return scoring.calibrate(calibration_input(model, ckpt, cfg, x_train, local, use_local, name), cfg)
 
 
 def clip_inputs(x: np.ndarray, clip: float = INPUT_CLIP) -> np.ndarray:
@@ -306,19 +352,21 @@ def reconstruct_entity(model: PUAD, ckpt: dict, cfg: Config, ent: Entity) -> dic
         log.warning("%s: not seen in training and not adapted; scaling with its own train data "
                     "and global prototypes only", ent.name)
         scaler = Scaler(cfg.scaler).fit(ent.train)
-    return {"calib": calibration_input(model, ckpt, cfg, scaler.transform(ent.train), local, use_local),
+    return {"calib": calibration_input(model, ckpt, cfg, scaler.transform(ent.train), local, use_local, ent.name),
             "test": score_series(model, scaler.transform(ent.test), cfg.seq_len, use_local, **score_kwargs(cfg)),
             "use_local": use_local}
 
 
 def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = False,
                  batch_size: int = 1024, n_samples: int = 0, mode: str = "point", amp: bool = False,
-                 compile: bool = False, clip: float = INPUT_CLIP) -> dict[str, np.ndarray]:
+                 compile: bool = False, clip: float = INPUT_CLIP, local_score: str = "closer") -> dict[str, np.ndarray]:
     """Reconstruct every point of a scaled series (n, V): the one scorer's model half.
 
     Returns {"x": the input as the model saw it (n, V), "mu", "std": the decoder's mean and
     standard deviation of each point (n, V), "plan": the transport plan of the window that
-    reconstructs it (n, K)}; scoring.calibrate / scoring.apply turn these into scores.
+    reconstructs it (n, K), "local_used": (n,) bool, whether the point's reconstruction went
+    through the local prototypes (PUAD.reconstruct's local_score)}; scoring.calibrate /
+    scoring.apply turn these into scores.
     Inputs are clipped to [-clip, clip] (scaled units: for the default min-max scaler, `clip`
     train ranges), so any finite input gives a finite score; a clipped value is still far
     outside every training value and scores as such.
@@ -328,7 +376,7 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
     about seq_len times fewer windows; the tail that no full window covers comes from the
     window ending at the last point. The first seq_len points, the last point of every block
     and the last point of the series are the same in both modes. Windows go through in
-    batches, no Python loop per window; amp, compile: see PUAD.reconstruct.
+    batches, no Python loop per window; amp, compile, local_score: see PUAD.reconstruct.
     """
     if mode not in ("point", "block"):
         raise ValueError(f"score mode must be point or block, not {mode!r}")
@@ -337,17 +385,18 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
     n = len(x)
     windows = create_sequences(x, seq_len, seq_len if mode == "block" else 1)
     tail = n - len(windows) * seq_len if mode == "block" else 0  # points after the last full block
-    parts: dict[str, list[np.ndarray]] = {"mu": [], "std": [], "plan": []}
+    parts: dict[str, list[np.ndarray]] = {"mu": [], "std": [], "plan": [], "used": []}
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
         if tail and i + batch_size >= len(windows):
             batch = np.concatenate([batch, x[None, n - seq_len:]])  # the window ending at the last point
         xb = torch.as_tensor(np.require(batch, requirements=["C", "W"]), device=device)  # copies a view
-        out = model.reconstruct(xb, use_local, n_samples, amp=amp, compile=compile)
+        out = model.reconstruct(xb, use_local, n_samples, amp=amp, compile=compile, local_score=local_score)
         parts["mu"].append(out["x_mu"].cpu().numpy())
         parts["std"].append(out["x_std"].cpu().numpy())
         parts["plan"].append(out["plan"].cpu().numpy())
-    mu, std, plan = (np.concatenate(parts[k]) for k in ("mu", "std", "plan"))
+        parts["used"].append(out["local_used"].cpu().numpy())
+    mu, std, plan, used = (np.concatenate(parts[k]) for k in ("mu", "std", "plan", "used"))
     if mode == "block":
         n_full = len(windows)
         take = lambda a: np.concatenate([a[:n_full].reshape(-1, a.shape[-1])] +  # noqa: E731
@@ -355,6 +404,7 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
         point_plan = np.repeat(plan[:n_full], seq_len, axis=0)
         if tail:
             point_plan = np.concatenate([point_plan, np.repeat(plan[-1:], tail, axis=0)])
-        return {"x": x, "mu": take(mu), "std": take(std), "plan": point_plan}
+        return {"x": x, "mu": take(mu), "std": take(std), "plan": point_plan, "local_used": take(used[..., None])[:, 0]}
     return {"x": x, "mu": window_to_point_scores(mu, seq_len), "std": window_to_point_scores(std, seq_len),
-            "plan": np.concatenate([np.repeat(plan[:1], seq_len - 1, axis=0), plan])}
+            "plan": np.concatenate([np.repeat(plan[:1], seq_len - 1, axis=0), plan]),
+            "local_used": window_to_point_scores(used, seq_len)}

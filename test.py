@@ -46,7 +46,7 @@ def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
     cal = scoring.calibrate(r["calib"], cfg)
     scores, contrib = scoring.apply(cal, r["test"])
     return dict(test_scores=scores, contrib=contrib, plan=r["test"]["plan"], threshold=scoring.thresholds(cal, scores),
-                calibration=cal, use_local=r["use_local"])
+                calibration=cal, use_local=r["use_local"], local_used=r["test"]["local_used"])
 
 
 def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> None:
@@ -222,6 +222,11 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
         m.update(threshold=r["calibration"].threshold,  # the fitted one; threshold_max: the drift guard's highest
                  threshold_method=cfg.threshold, local_prototypes=r["use_local"], score=cfg.score,
                  smooth=cfg.smooth, calibration_rows=r["calibration"].n_rows)
+        if r["use_local"]:  # which points the local prototypes reconstruct (--local_score=closer: where closer)
+            m.update(local_share=float(r["local_used"].mean()))
+            if ent.labels is not None and ent.labels.any():
+                m.update(local_share_anomalous=float(r["local_used"][ent.labels.astype(bool)].mean()),
+                         local_share_normal=float(r["local_used"][~ent.labels.astype(bool)].mean()))
         if ent.interpretation is not None:  # which metrics: HitRate of the per-feature contributions
             m.update(interpretation_metrics(r["contrib"], interpretation_segments(ent, ent.features)))
         per_entity[ent.name] = m

@@ -33,8 +33,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from config import Config, cli
-from puad import (PUAD, build_model, checkpoint_args, fail, local_mismatch, local_path, model_args, model_id, read_checkpoint,
-                  run_config, save_checkpoint)
+from puad import (PUAD, build_model, checkpoint_args, fail, history_calibration, local_mismatch, local_path, model_args,
+                  model_id, read_checkpoint, run_config, save_checkpoint)
 from utils import (DataError, Entity, LockError, Scaler, Windows, align_features, get_device, load_dataset, log,
                    output_lock, set_seed, split_train_val, write_csv_atomic)
 from vae_loss import total_loss
@@ -294,6 +294,10 @@ def train_global(cfg: Config, device: torch.device) -> Path:
         if not saved and not (start_epoch and math.isfinite(best_val) and ckpt_path.is_file()):
             fail(f"no finite validation loss in epochs {start_epoch + 1}..{cfg.epochs}; nothing saved"
                  + (f" ({ckpt_path} is an earlier run's)" if ckpt_path.is_file() else ""))
+        if saved:  # the best epoch's model, with the history's calibration rows (puad.history_calibration)
+            best = read_checkpoint(ckpt_path, device)
+            model.load_state_dict(best["model"])
+            save_checkpoint(ckpt_path, dict(best, history_calib=history_calibration(model, vals, trains, cfg)))
         print(f"saved {ckpt_path} ({ckpt_path.stat().st_size / 1e6:.2f} MB)" if saved else
               f"kept {ckpt_path}: no better epoch after resuming")
         locals_ = sorted(ckpt_path.parent.glob(f"{ckpt_path.stem}.local-*.pt")) if cfg.stage == "global" else []

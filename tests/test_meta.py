@@ -70,10 +70,41 @@ def test_running_local_plan_keeps_the_stage_1_potentials(trained, tmp_path):
     src, data = trained
     shutil.copy(src / "puad.ckpt", tmp_path / "puad.ckpt")
     train_safe.main(args(tmp_path, data, "--stage=local", "--entity=omi-5", "--adapt_windows=1",
-                         "--local_epochs=3", "--local_plan=running", "--adapt_scaler=history"))
+                         "--local_epochs=3", "--local_plan=running", "--local_init=windows", "--adapt_scaler=history"))
     shared = read_checkpoint(tmp_path / "puad.ckpt")
     local = read_checkpoint(local_path(tmp_path / "puad.ckpt", "omi-5"))
     n_global = shared["config"]["n_global"]
     assert torch.equal(local["g_local"][:n_global], shared["model"]["pot.g_global"])
     assert torch.count_nonzero(local["g_local"][n_global:]) == 0
     assert torch.equal(local["scaler"]["shift"], shared["history_scaler"]["shift"])
+
+
+def test_few_windows_borrow_the_historys_calibration(trained, tmp_path):
+    """An entity adapted from fewer calibration rows than --min_calib_rows is calibrated on the
+    history's rows stored in the stage-1 checkpoint (the same for test.py, detect_live.py and
+    with or without the local prototypes); with enough rows, or --min_calib_rows=0, on its own."""
+    import dataclasses
+
+    import scoring
+    from config import parse_config
+    from puad import calibrate_entity, entity_state, reconstruct_entity, run_config
+    src, data = trained
+    shutil.copy(src / "puad.ckpt", tmp_path / "puad.ckpt")
+    shared = read_checkpoint(tmp_path / "puad.ckpt")
+    hc = shared["history_calib"]
+    V = shared["n_features"]
+    assert hc["x"].shape == hc["mu"].shape == hc["std"].shape and hc["x"].shape[1] == V and hc["constant"].shape == (V,)
+    assert len(hc["x"]) >= 2 * shared["config"]["seq_len"]  # more than one history entity's tail
+    train_safe.main(args(tmp_path, data, "--stage=local", "--entity=omi-5", "--adapt_windows=5", "--local_epochs=2"))
+    ent = load_dataset(data, ["omi-5"])[0]
+    cfg = run_config(parse_config([f"--ckpt={tmp_path / 'puad.ckpt'}", f"--data={data}"]), shared)
+    for use_local in (True, False):
+        model, _ = build_model(shared)
+        r = reconstruct_entity(model, shared, dataclasses.replace(cfg, use_local=use_local), ent)
+        np.testing.assert_array_equal(r["calib"]["x"], hc["x"].numpy())
+        np.testing.assert_array_equal(r["calib"]["mu"], hc["mu"].numpy())
+        local, scaler = entity_state(shared, cfg.ckpt, "omi-5")
+        live = calibrate_entity(model, shared, cfg, scaler.transform(ent.train), local, use_local, "omi-5")
+        assert live.threshold == scoring.calibrate(r["calib"], cfg).threshold and live.n_rows == len(hc["x"])
+    own = reconstruct_entity(build_model(shared)[0], shared, dataclasses.replace(cfg, min_calib_rows=0), ent)
+    assert len(own["calib"]["x"]) == 5 + cfg.seq_len - 1  # its own N windows

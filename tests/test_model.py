@@ -161,6 +161,51 @@ def test_local_init_global_starts_at_the_history_models_reconstruction():
         assert any(torch.allclose(model.pot.beta_l[0], b) for b in model.pot.beta_g)
     a, b = model.reconstruct(x, use_local=False), model.reconstruct(x, use_local=True)
     assert torch.allclose(a["x_mu"], b["x_mu"], atol=1e-5)
-    cfg_w = parse_config(["--preset=test"])  # the paper's init (theta0 of windows) moves it
+    cfg_w = parse_config(["--preset=test", "--local_init=windows"])  # the paper's init (theta0 of windows) moves it
     init_local_prototypes(model, windows, cfg_w)
-    assert not torch.allclose(a["x_mu"], model.reconstruct(x, use_local=True)["x_mu"], atol=1e-5)
+    assert not torch.allclose(a["x_mu"], model.reconstruct(x, use_local=True, local_score="always")["x_mu"], atol=1e-5)
+
+
+def test_local_score_closer_takes_the_better_reconstruction_per_point():
+    """--local_score=closer (default): each point's mean and std come from the pass, with or
+    without the local prototypes, whose mean is closer to it; "always" is the full forward
+    with the local prototypes (the paper's)."""
+    import numpy as np
+
+    from puad import score_series
+    from train_safe import init_local_prototypes
+    from utils import Windows
+    torch.manual_seed(7)
+    cfg = parse_config(["--preset=test", "--local_init=windows"])  # the paper's init: beta_l at theta0 of some windows
+    model = PUAD(cfg, 5)
+    x = torch.rand(64, cfg.seq_len, 5)
+    model.train()
+    for _ in range(3):
+        model.loss(x, (0.01, 0.01, 0.01))
+    init_local_prototypes(model, Windows([np.random.default_rng(1).random((80, 5))], cfg.seq_len, 1, "cpu"), cfg)
+    model.eval()
+    with torch.no_grad():
+        full = model(x, use_local=True, sample=False, batch_plan=False)
+    g, a = model.reconstruct(x, use_local=False), model.reconstruct(x, use_local=True, local_score="always")
+    c = model.reconstruct(x, use_local=True)
+    assert torch.allclose(a["x_mu"], full["x_mu"], atol=1e-6) and bool(a["local_used"].all())
+    assert not bool(g["local_used"].any())
+    se = {k: ((x - o["x_mu"]) ** 2).sum(-1) for k, o in (("g", g), ("a", a), ("c", c))}
+    used = c["local_used"]
+    assert 0 < used.float().mean() < 1  # both passes win somewhere with these weights
+    assert torch.equal(used, se["a"] <= se["g"])
+    assert torch.allclose(se["c"], torch.minimum(se["a"], se["g"]), atol=1e-6)
+    for k in ("x_mu", "x_std"):
+        assert torch.allclose(c[k], torch.where(used[..., None], a[k], g[k]))
+    assert torch.allclose(c["plan"], a["plan"])  # the plan shown is the local one
+    # score_series passes it through, per point, in both modes
+    series = np.random.default_rng(2).random((60, 5)).astype(np.float32)
+    for mode in ("point", "block"):
+        out = score_series(model, series, cfg.seq_len, True, mode=mode)
+        ref = score_series(model, series, cfg.seq_len, True, mode=mode, local_score="always")
+        glob = score_series(model, series, cfg.seq_len, False, mode=mode)
+        assert out["local_used"].shape == (60,) and ref["local_used"].all() and not glob["local_used"].any()
+        want = np.where(out["local_used"][:, None], ref["mu"], glob["mu"])
+        np.testing.assert_allclose(out["mu"], want, atol=1e-6)
+    with pytest.raises(ValueError, match="local_score"):
+        model.reconstruct(x, use_local=True, local_score="best")
