@@ -272,7 +272,8 @@ def test_kubernetes_manifests_and_rules():
 def test_batched_scoring_with_local_and_global_entities():
     """Two groups: entities on the global prototypes share a batch, each entity with local
     prototypes (its own beta_l and g_local) has one; the scores are score_series' per entity,
-    in the first poll and in the next one (window cache), whatever the order."""
+    in the first poll and in the next one (window cache), whatever the order; with
+    --local_score=always and closer (two passes for an adapted entity) alike."""
     import torch
 
     import detect_live
@@ -280,40 +281,41 @@ def test_batched_scoring_with_local_and_global_entities():
     from config import PRESETS, Config
     from puad import PUAD, apply_local_state, score_series
     from utils import Scaler
-    torch.manual_seed(0)
-    cfg = Config(**PRESETS["test"], seq_len=SEQ_LEN, num_threads=1)
-    model = PUAD(cfg, 4).eval()
-    rng = np.random.default_rng(0)
-    names = ["g1", "l1", "g2", "l2"]
-    states, cals, series = {}, {}, {}
-    for s in names:
-        x = rng.normal(size=(40, 4)).cumsum(0)
-        local = None
-        if s.startswith("l"):
-            local = {"beta_l": torch.randn_like(model.pot.beta_l), "g_local": torch.randn_like(model.pot.g_local)}
-        states[s] = {"local": local, "scaler": Scaler("zscore").fit(x[:30]), "use_local": local is not None}
-        if local is not None:
-            apply_local_state(model, local)
-        out = score_series(model, states[s]["scaler"].transform(x[:30]), SEQ_LEN, local is not None)
-        cals[s] = scoring.calibrate(dict(out, constant=scoring.constant_features(x[:30])), cfg)
-        series[s] = x
-    det = detect_live.Detector(cfg, {"features": list("abcd")}, model, names, {"rate_window": "1s"}, [], states, cals)
-    n = cfg.seq_len + cfg.smooth - 1
-
-    def reference(s, raw):
-        if states[s]["local"] is not None:
-            apply_local_state(model, states[s]["local"])
-        out = score_series(model, states[s]["scaler"].transform(raw), SEQ_LEN, states[s]["use_local"])
-        return float(scoring.apply(cals[s], out)[0][-1])
-
-    for end in (30, 31):
-        raws = {s: series[s][end - n:end] for s in names}
-        got = det.score_windows(raws)
-        assert det.model_windows == (len(names) * cfg.smooth if end == 30 else len(names))
+    for local_score in ("always", "closer"):
+        torch.manual_seed(0)
+        cfg = Config(**PRESETS["test"], seq_len=SEQ_LEN, num_threads=1, local_score=local_score)
+        model = PUAD(cfg, 4).eval()
+        rng = np.random.default_rng(0)
+        names = ["g1", "l1", "g2", "l2"]
+        states, cals, series = {}, {}, {}
         for s in names:
-            assert got[s] == pytest.approx(reference(s, raws[s]), rel=1e-5, abs=1e-6), (s, end)
-    # local prototypes are used: the same window scores differently without them (a little, with
-    # this random tiny model)
-    assert det.score_windows({"l1": raws["l1"]})["l1"] != pytest.approx(
-        float(scoring.apply(cals["l1"], score_series(model, states["l1"]["scaler"].transform(raws["l1"]), SEQ_LEN, False))[0][-1]),
-        rel=1e-7)
+            x = rng.normal(size=(40, 4)).cumsum(0)
+            local = None
+            if s.startswith("l"):
+                local = {"beta_l": torch.randn_like(model.pot.beta_l), "g_local": torch.randn_like(model.pot.g_local)}
+            states[s] = {"local": local, "scaler": Scaler("zscore").fit(x[:30]), "use_local": local is not None}
+            if local is not None:
+                apply_local_state(model, local)
+            out = score_series(model, states[s]["scaler"].transform(x[:30]), SEQ_LEN, local is not None,
+                               local_score=local_score)
+            cals[s] = scoring.calibrate(dict(out, constant=scoring.constant_features(x[:30])), cfg)
+            series[s] = x
+        det = detect_live.Detector(cfg, {"features": list("abcd")}, model, names, {"rate_window": "1s"}, [], states, cals)
+        n = cfg.seq_len + cfg.smooth - 1
+
+        def reference(s, raw, use_local):
+            if states[s]["local"] is not None:
+                apply_local_state(model, states[s]["local"])
+            out = score_series(model, states[s]["scaler"].transform(raw), SEQ_LEN, use_local, local_score=local_score)
+            return float(scoring.apply(cals[s], out)[0][-1])
+
+        for end in (30, 31):
+            raws = {s: series[s][end - n:end] for s in names}
+            got = det.score_windows(raws)
+            assert det.model_windows == (len(names) * cfg.smooth if end == 30 else len(names))
+            for s in names:
+                assert got[s] == pytest.approx(reference(s, raws[s], states[s]["use_local"]), rel=1e-5, abs=1e-6), \
+                    (s, end, local_score)
+        if local_score == "always":  # local prototypes are used: the same window scores differently without them
+            assert det.score_windows({"l1": raws["l1"]})["l1"] != pytest.approx(reference("l1", raws["l1"], False),
+                                                                             rel=1e-7)
