@@ -88,7 +88,8 @@ class PUAD(nn.Module):
         once per model; see docs/performance.md).
         use_local with local_score="closer" (the default): each point takes the reconstruction,
         with or without the local prototypes, that is closer to it (squared error summed over
-        its features); "local_used" (B, T) says which. The local prototypes can then explain
+        its features); "local_used" (B, T) says which, "plan_global" (B, K_g) is the plan of the
+        pass without them (the windows' transport before adaptation). The local prototypes can then explain
         what the global ones do not, never make a point worse explained: fitted on a few
         windows, they otherwise pull every window towards those (docs/meta.md). "always": the
         paper's, every point through global + local prototypes.
@@ -104,6 +105,7 @@ class PUAD(nn.Module):
             for k in ("x_mu", "x_std"):
                 out[k] = torch.where(used[..., None], out[k], glob[k])
             out["local_used"] = used
+            out["plan_global"] = glob["plan"] / glob["plan"].sum(-1, keepdim=True)  # before adaptation
         else:
             out["local_used"] = torch.full(x.shape[:2], bool(use_local), device=x.device)
         self.train(was_training)
@@ -365,7 +367,8 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
     Returns {"x": the input as the model saw it (n, V), "mu", "std": the decoder's mean and
     standard deviation of each point (n, V), "plan": the transport plan of the window that
     reconstructs it (n, K), "local_used": (n,) bool, whether the point's reconstruction went
-    through the local prototypes (PUAD.reconstruct's local_score)}; scoring.calibrate /
+    through the local prototypes (PUAD.reconstruct's local_score), and under local_score=closer
+    "plan_global" (n, K_g), the plan without the local prototypes}; scoring.calibrate /
     scoring.apply turn these into scores.
     Inputs are clipped to [-clip, clip] (scaled units: for the default min-max scaler, `clip`
     train ranges), so any finite input gives a finite score; a clipped value is still far
@@ -385,7 +388,7 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
     n = len(x)
     windows = create_sequences(x, seq_len, seq_len if mode == "block" else 1)
     tail = n - len(windows) * seq_len if mode == "block" else 0  # points after the last full block
-    parts: dict[str, list[np.ndarray]] = {"mu": [], "std": [], "plan": [], "used": []}
+    parts: dict[str, list[np.ndarray]] = {"mu": [], "std": [], "plan": [], "used": [], "plan_global": []}
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
         if tail and i + batch_size >= len(windows):
@@ -396,15 +399,21 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
         parts["std"].append(out["x_std"].cpu().numpy())
         parts["plan"].append(out["plan"].cpu().numpy())
         parts["used"].append(out["local_used"].cpu().numpy())
+        if "plan_global" in out:
+            parts["plan_global"].append(out["plan_global"].cpu().numpy())
     mu, std, plan, used = (np.concatenate(parts[k]) for k in ("mu", "std", "plan", "used"))
     if mode == "block":
         n_full = len(windows)
         take = lambda a: np.concatenate([a[:n_full].reshape(-1, a.shape[-1])] +  # noqa: E731
                                         ([a[-1, seq_len - tail:]] if tail else []))
-        point_plan = np.repeat(plan[:n_full], seq_len, axis=0)
-        if tail:
-            point_plan = np.concatenate([point_plan, np.repeat(plan[-1:], tail, axis=0)])
-        return {"x": x, "mu": take(mu), "std": take(std), "plan": point_plan, "local_used": take(used[..., None])[:, 0]}
-    return {"x": x, "mu": window_to_point_scores(mu, seq_len), "std": window_to_point_scores(std, seq_len),
-            "plan": np.concatenate([np.repeat(plan[:1], seq_len - 1, axis=0), plan]),
-            "local_used": window_to_point_scores(used, seq_len)}
+        to_points = lambda p: np.concatenate([np.repeat(p[:n_full], seq_len, axis=0)] +  # noqa: E731
+                                             ([np.repeat(p[-1:], tail, axis=0)] if tail else []))
+        res = {"x": x, "mu": take(mu), "std": take(std), "local_used": take(used[..., None])[:, 0]}
+    else:
+        to_points = lambda p: np.concatenate([np.repeat(p[:1], seq_len - 1, axis=0), p])  # noqa: E731
+        res = {"x": x, "mu": window_to_point_scores(mu, seq_len), "std": window_to_point_scores(std, seq_len),
+               "local_used": window_to_point_scores(used, seq_len)}
+    res["plan"] = to_points(plan)
+    if parts["plan_global"]:
+        res["plan_global"] = to_points(np.concatenate(parts["plan_global"]))
+    return res

@@ -45,7 +45,8 @@ def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
     r = reconstruct_entity(model, ckpt, cfg, ent)
     cal = scoring.calibrate(r["calib"], cfg)
     scores, contrib = scoring.apply(cal, r["test"])
-    return dict(test_scores=scores, contrib=contrib, plan=r["test"]["plan"], threshold=scoring.thresholds(cal, scores),
+    return dict(test_scores=scores, contrib=contrib, plan=r["test"]["plan"], plan_before=r["test"].get("plan_global"),
+                threshold=scoring.thresholds(cal, scores),
                 calibration=cal, use_local=r["use_local"], local_used=r["test"]["local_used"])
 
 
@@ -152,21 +153,35 @@ def plot_metrics(path: Path, results: dict) -> None:
     save_figure(fig, path)
 
 
-def plot_transport(path: Path, plans: list[np.ndarray], labels: list[np.ndarray | None], n_global: int) -> None:
-    """The paper's figure 5: mean transport weight per prototype, normal vs anomalous windows."""
-    plan = np.concatenate(plans)
+def plot_transport(path: Path, plans: list[np.ndarray], labels: list[np.ndarray | None], n_global: int,
+                   before: list[np.ndarray] | None = None, local_used: list[np.ndarray] | None = None) -> None:
+    """The paper's figure 5: mean transport weight per prototype, normal vs anomalous windows.
+    With `before` (adapted entities under --local_score=closer), two panels: the plan without the
+    local prototypes (before adaptation) above the adapted one, whose title gives the share of
+    normal and anomalous points that the local prototypes reconstruct (local_used). An entity
+    without local prototypes has no weight on them."""
     lab = np.concatenate([l if l is not None else np.zeros(len(p), int) for p, l in zip(plans, labels)])
-    k = plan.shape[1]
+    k = max(p.shape[1] for p in plans)
+    stack = lambda ps: np.concatenate([np.pad(p, ((0, 0), (0, k - p.shape[1]))) for p in ps])  # noqa: E731
+    panels = [(stack(plans), "transport plan per prototype (g: global, l: local)")]
+    if before is not None:
+        title = "after adaptation: global + local prototypes"
+        if local_used is not None:
+            used = np.concatenate(local_used)
+            title += f"; local prototypes reconstruct {used[lab == 0].mean():.0%} of normal"
+            title += f", {used[lab == 1].mean():.0%} of anomalous points" if (lab == 1).any() else " points"
+        panels = [(stack(before), "before adaptation: global prototypes only"), (panels[0][0], title)]
     names = [f"g{i}" for i in range(n_global)] + [f"l{i}" for i in range(k - n_global)]
-    fig, ax = plt.subplots(figsize=(10, 4))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4 * len(panels)), sharex=True, squeeze=False)
     x = np.arange(k)
-    ax.bar(x - 0.2, plan[lab == 0].mean(0), 0.4, label=f"normal ({(lab == 0).sum()})")
-    if (lab == 1).any():
-        ax.bar(x + 0.2, plan[lab == 1].mean(0), 0.4, label=f"anomalous ({(lab == 1).sum()})")
-    ax.set_xticks(x, names)
-    ax.set_ylabel("mean transport weight")
-    ax.set_title("transport plan per prototype (g: global, l: local)")
-    ax.legend()
+    for ax, (p, title) in zip(axes[:, 0], panels):
+        ax.bar(x - 0.2, p[lab == 0].mean(0), 0.4, label=f"normal ({(lab == 0).sum()})")
+        if (lab == 1).any():
+            ax.bar(x + 0.2, p[lab == 1].mean(0), 0.4, label=f"anomalous ({(lab == 1).sum()})")
+        ax.set_xticks(x, names)
+        ax.set_ylabel("mean transport weight")
+        ax.set_title(title)
+        ax.legend()
     save_figure(fig, path)
 
 
@@ -207,7 +222,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
     except DataError as e:
         raise SystemExit(f"test.py: error: {e}") from None
     out = Path(cfg.out_dir)
-    per_entity, plans, plan_labels = {}, [], []
+    per_entity, plans, plan_labels, plans_before, local_used = {}, [], [], [], []
     for ent in entities:
         if ent.test is None:
             log.warning("%s: no test.csv; skipped", ent.name)
@@ -236,6 +251,9 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
             "prediction": pred, "label": ent.labels if ent.labels is not None else np.full(len(pred), -1)}))
         plans.append(r["plan"])
         plan_labels.append(ent.labels)
+        # the plan before adaptation: None for an adapted entity under --local_score=always
+        plans_before.append(r["plan_before"] if r["plan"].shape[1] > cfg.n_global else r["plan"])
+        local_used.append(r["local_used"])
         segs = predicted_segments(ent, r["test_scores"], pred, r["contrib"])
         if segs is not None:
             write_csv_atomic(out / f"segments_{ent.name}.csv", segs)
@@ -263,7 +281,10 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
     if cfg.plots:
         if "auc_pr" in results["mean"]:
             plot_metrics(out / "evaluation_metrics.png", results)
-        plot_transport(out / "transport_plan.png", plans, plan_labels, cfg.n_global)
+        # before/after panels when some entity is adapted and every adapted one has its plan before
+        adapted = any(p.shape[1] > cfg.n_global for p in plans) and all(p is not None for p in plans_before)
+        plot_transport(out / "transport_plan.png", plans, plan_labels, cfg.n_global,
+                       plans_before if adapted else None, local_used if adapted else None)
     mean = results["mean"]
     if "f1" in mean:
         print(f"mean over {len(per_entity)} entities: AUC-ROC {mean['auc_roc']:.3f} AUC-PR {mean['auc_pr']:.3f} "

@@ -114,3 +114,23 @@ def test_segments_name_features_and_hitrate_is_reported(trained, tmp_path):
     for k in ("hitrate_100", "hitrate_150", "hitrate_100_random", "hitrate_150_random"):
         assert 0 <= e[k] <= 1, k
     assert e["hitrate_150"] >= e["hitrate_100"] and e["score"] == "norm" and e["smooth"] == 5
+
+
+def test_transport_plot_shows_the_plan_before_and_after_adaptation(monkeypatch, tmp_path):
+    """transport_plan.png: one panel without local prototypes; before/after panels for adapted
+    entities, the plan before having no weight on the local prototypes, and the share of points
+    the local prototypes reconstruct in the title."""
+    figs = []
+    monkeypatch.setattr(evaluate_script, "save_figure", lambda fig, path: figs.append(fig))
+    rng = np.random.default_rng(0)
+    after, before = rng.dirichlet(np.ones(12), 50), rng.dirichlet(np.ones(10), 50)
+    labels = (np.arange(50) >= 40).astype(int)
+    evaluate_script.plot_transport(tmp_path / "t.png", [before], [labels], 10)
+    assert len(figs[-1].axes) == 1
+    used = np.arange(50) < 20  # 20 of 40 normal points, none of the anomalous ones
+    evaluate_script.plot_transport(tmp_path / "t.png", [after], [labels], 10, [before], [used])
+    top, bottom = figs[-1].axes
+    assert top.get_title().startswith("before") and "50% of normal, 0% of anomalous" in bottom.get_title()
+    heights = np.array([p.get_height() for p in top.patches[:12]])  # the normal windows' bars
+    np.testing.assert_allclose(heights[:10], before[labels == 0].mean(0))
+    assert (heights[10:] == 0).all()

@@ -108,3 +108,9 @@ def test_few_windows_borrow_the_historys_calibration(trained, tmp_path):
         assert live.threshold == scoring.calibrate(r["calib"], cfg).threshold and live.n_rows == len(hc["x"])
     own = reconstruct_entity(build_model(shared)[0], shared, dataclasses.replace(cfg, min_calib_rows=0), ent)
     assert len(own["calib"]["x"]) == 5 + cfg.seq_len - 1  # its own N windows
+    # test.py on the adapted entity beside one without local prototypes: both plans drawn
+    import test as evaluate_script
+    m = evaluate_script.main([f"--ckpt={tmp_path / 'puad.ckpt'}", f"--data={data}", "--entities=omi-1,omi-5",
+                              f"--out_dir={tmp_path / 'res'}", "--plots=True"])
+    assert "local_share" in m["entities"]["omi-5"] and "local_share" not in m["entities"]["omi-1"]
+    assert (tmp_path / "res" / "transport_plan.png").stat().st_size > 0

@@ -198,6 +198,8 @@ def test_local_score_closer_takes_the_better_reconstruction_per_point():
     for k in ("x_mu", "x_std"):
         assert torch.allclose(c[k], torch.where(used[..., None], a[k], g[k]))
     assert torch.allclose(c["plan"], a["plan"])  # the plan shown is the local one
+    assert torch.allclose(c["plan_global"], g["plan"])  # and the one before adaptation beside it
+    assert c["plan_global"].shape[-1] == cfg.n_global and "plan_global" not in a
     # score_series passes it through, per point, in both modes
     series = np.random.default_rng(2).random((60, 5)).astype(np.float32)
     for mode in ("point", "block"):
@@ -207,5 +209,7 @@ def test_local_score_closer_takes_the_better_reconstruction_per_point():
         assert out["local_used"].shape == (60,) and ref["local_used"].all() and not glob["local_used"].any()
         want = np.where(out["local_used"][:, None], ref["mu"], glob["mu"])
         np.testing.assert_allclose(out["mu"], want, atol=1e-6)
+        np.testing.assert_allclose(out["plan_global"], glob["plan"], atol=1e-6)
+        assert out["plan"].shape == (60, cfg.n_global + cfg.n_local) and "plan_global" not in ref
     with pytest.raises(ValueError, match="local_score"):
         model.reconstruct(x, use_local=True, local_score="best")
