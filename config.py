@@ -62,6 +62,7 @@ class Config:
                                          # lowest global one: they take mass only from windows far from every global prototype
     batch_size: int = 256
     lr: float = 1e-3
+    lr_decay: str = "constant"           # stage 1's lr: constant, or cosine from lr to 0 over --epochs
     local_lr: float = 1e-2
     weight_decay: float = 0.0
     rho1: float = 0.01                   # KL(q(theta1) || p(theta1 | theta0'))
@@ -422,6 +423,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "local_plan": _choice("batch", "running"),
     "local_init": _choice("windows", "global"), "local_offset": _nonneg,
     "local_score": _choice("closer", "always"), "min_calib_rows": _nonneg,
+    "lr_decay": _choice("cosine", "constant"),
     "batch_size": _pos, "lr": _positive, "local_lr": _positive, "weight_decay": _nonneg,
     "rho1": _nonneg, "rho2": _nonneg, "rho3": _nonneg, "warmup_epochs": _nonneg,
     "grad_clip": _positive, "max_bad_steps": _pos, "max_train_windows": _nonneg,

@@ -96,6 +96,15 @@ def rho_at(cfg: Config, epoch_progress: float, warm: bool = True) -> tuple[float
     return cfg.rho1 * f, cfg.rho2 * f, cfg.rho3 * f
 
 
+def lr_at(cfg: Config, lr: float, epoch_progress: float, epochs: int, stage: str) -> float:
+    """The learning rate after epoch_progress epochs: lr (--lr_decay=constant, the default, and
+    stage 2), or for stage 1 under --lr_decay=cosine a cosine fall from lr to 0 over its epochs
+    (measured, not the default: docs/ablation.md)."""
+    if stage != "global" or cfg.lr_decay == "constant":
+        return lr
+    return lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch_progress / max(epochs, 1), 1.0)))
+
+
 @torch.no_grad()
 def validate(model: PUAD, windows: Windows, cfg: Config, use_local: bool) -> float:
     """Validation loss with the target rhos, posterior means, each window on its own."""
@@ -177,6 +186,8 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
             if not torch.isfinite(grad_norm):
                 skipped, bad_run = skipped + 1, bad_run + 1
                 continue
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, lr, epoch - 1 + step / steps_per_epoch, epochs, stage)
             opt.step()
             bad_run = 0
             for k in sums:
@@ -193,7 +204,7 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
         val = validate(model, val_w, cfg, use_local)
         rho = rho_at(cfg, epoch, not use_local)
         row = dict(stage=stage, entity=entity, epoch=epoch, **{k: v / max(n, 1) for k, v in sums.items()},
-                   val_total=val, rho1=rho[0], rho2=rho[1], rho3=rho[2], lr=lr,
+                   val_total=val, rho1=rho[0], rho2=rho[1], rho3=rho[2], lr=opt.param_groups[0]["lr"],
                    seconds=round(time.time() - t0, 3), skipped=skipped)
         history.append(row)
         print(f"{stage} {entity} epoch {epoch}/{epochs}: total {row['total']:.4g} recon {row['recon']:.4g} "

@@ -27,6 +27,25 @@ def test_global_stage_lowers_validation_loss(trained):
     assert set(ckpt["scalers"]) == {"omi-1", "omi-2"}
 
 
+def test_lr_decay_cosine_falls_to_zero_in_stage_one_only(trained, tmp_path, asd):
+    """--lr_decay=cosine: stage 1's lr falls from --lr to 0 over --epochs (what loss.csv records
+    per epoch); stage 2 keeps its --local_lr; the default keeps --lr constant."""
+    from config import parse_config
+    cfg = parse_config(["--preset=test", "--lr_decay=cosine"])
+    assert train_safe.lr_at(cfg, 1e-3, 0, 4, "global") == 1e-3
+    assert train_safe.lr_at(cfg, 1e-3, 2, 4, "global") == pytest.approx(5e-4)
+    assert train_safe.lr_at(cfg, 1e-3, 4, 4, "global") == pytest.approx(0, abs=1e-15)
+    assert train_safe.lr_at(cfg, 1e-2, 2, 4, "local") == 1e-2
+    assert parse_config(["--preset=test"]).lr_decay == "constant"
+    tmp, _ = trained  # trained with the default
+    base = read_checkpoint(tmp / "puad.ckpt")["config"]["lr"]
+    assert (pd.read_csv(tmp / "loss.csv").query("stage == 'global'").lr == base).all()
+    train_safe.main(args(tmp_path, asd, "--entities=omi-1", "--stage=global", "--max_train_windows=512",
+                         "--epochs=3", "--lr_decay=cosine"))
+    lr = pd.read_csv(tmp_path / "loss.csv").lr.to_numpy()
+    assert len(lr) == 3 and (np.diff(lr) < 0).all() and lr[0] < base and lr[-1] < 0.05 * base
+
+
 def test_local_stage_changes_only_beta_l(trained):
     tmp, data = trained
     shared_before = sha(tmp / "puad.ckpt")
