@@ -105,25 +105,28 @@ class PUAD(nn.Module):
             for k in ("x_mu", "x_std"):
                 out[k] = torch.where(used[..., None], out[k], glob[k])
             out["local_used"] = used
-            out["plan_global"] = glob["plan"] / glob["plan"].sum(-1, keepdim=True)  # before adaptation
+            out["plan_global"] = glob["plan"]  # before adaptation
         else:
             out["local_used"] = torch.full(x.shape[:2], bool(use_local), device=x.device)
         self.train(was_training)
-        out["plan"] = out["plan"] / out["plan"].sum(-1, keepdim=True)
         return out
 
     def _decode(self, x: torch.Tensor, use_local: bool, n_samples: int, amp: bool, compile: bool
                 ) -> dict[str, torch.Tensor]:
-        """reconstruct's forward pass(es) with one choice of prototypes (in eval mode)."""
+        """reconstruct's forward pass(es) with one choice of prototypes (in eval mode); the plan
+        row-normalised."""
         if n_samples <= 0:
             if compile and "_compiled" not in self.__dict__:
                 self.__dict__["_compiled"] = torch.compile(self.forward, dynamic=True)
             fwd = self.__dict__["_compiled"] if compile else self.forward
             with torch.autocast(x.device.type, torch.bfloat16, enabled=amp and x.device.type == "cuda"):
                 out = fwd(x, use_local, sample=False, batch_plan=False, score_only=True)
-            return {k: v.float() for k, v in out.items()}
-        outs = [self(x, use_local, sample=True, batch_plan=False, score_only=True) for _ in range(n_samples)]
-        return {k: torch.stack([o[k] for o in outs]).mean(0) for k in outs[0]}
+            out = {k: v.float() for k, v in out.items()}
+        else:
+            outs = [self(x, use_local, sample=True, batch_plan=False, score_only=True) for _ in range(n_samples)]
+            out = {k: torch.stack([o[k] for o in outs]).mean(0) for k in outs[0]}
+        out["plan"] = out["plan"] / out["plan"].sum(-1, keepdim=True)
+        return out
 
 
 # ---- checkpoints: plain dicts of tensors, strings and numbers, loadable with weights_only=True
@@ -301,7 +304,8 @@ def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray,
     on new ASD servers, N = 5 to 20 windows' own threshold flagged 22-32 % of the test points,
     and up to N = 50 the history's calibration gave the better F1 (docs/meta.md)."""
     rows = calibration_rows(x_train, ckpt, local, cfg)
-    if adapted_windows(ckpt, local) and len(rows) < cfg.min_calib_rows:
+    adapted = adapted_windows(ckpt, local)
+    if adapted and len(rows) < cfg.min_calib_rows:
         if "history_calib" in ckpt:
             log.info("%s: %d calibration rows (< --min_calib_rows=%d): the history's %d calibration rows",
                      name or "entity", len(rows), cfg.min_calib_rows, len(ckpt["history_calib"]["x"]))
@@ -310,7 +314,7 @@ def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray,
                     "checkpoint (trained before it was stored): calibrating on them anyway",
                     name or "entity", len(rows), cfg.min_calib_rows)
     out = score_series(model, rows, cfg.seq_len, use_local, **score_kwargs(cfg))
-    seen = rows if adapted_windows(ckpt, local) else x_train
+    seen = rows if adapted else x_train
     return dict(out, constant=scoring.constant_features(seen))
 
 

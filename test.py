@@ -252,7 +252,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
         plans.append(r["plan"])
         plan_labels.append(ent.labels)
         # the plan before adaptation: None for an adapted entity under --local_score=always
-        plans_before.append(r["plan_before"] if r["plan"].shape[1] > cfg.n_global else r["plan"])
+        plans_before.append(r["plan_before"] if r["use_local"] else r["plan"])
         local_used.append(r["local_used"])
         segs = predicted_segments(ent, r["test_scores"], pred, r["contrib"])
         if segs is not None:
@@ -282,7 +282,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
         if "auc_pr" in results["mean"]:
             plot_metrics(out / "evaluation_metrics.png", results)
         # before/after panels when some entity is adapted and every adapted one has its plan before
-        adapted = any(p.shape[1] > cfg.n_global for p in plans) and all(p is not None for p in plans_before)
+        adapted = any(m["local_prototypes"] for m in per_entity.values()) and all(p is not None for p in plans_before)
         plot_transport(out / "transport_plan.png", plans, plan_labels, cfg.n_global,
                        plans_before if adapted else None, local_used if adapted else None)
     mean = results["mean"]
