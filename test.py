@@ -163,14 +163,15 @@ def plot_transport(path: Path, plans: list[np.ndarray], labels: list[np.ndarray 
     lab = np.concatenate([l if l is not None else np.zeros(len(p), int) for p, l in zip(plans, labels)])
     k = max(p.shape[1] for p in plans)
     stack = lambda ps: np.concatenate([np.pad(p, ((0, 0), (0, k - p.shape[1]))) for p in ps])  # noqa: E731
-    panels = [(stack(plans), "transport plan per prototype (g: global, l: local)")]
+    after = stack(plans)
+    panels = [(after, "transport plan per prototype (g: global, l: local)")]
     if before is not None:
         title = "after adaptation: global + local prototypes"
         if local_used is not None:
             used = np.concatenate(local_used)
             title += f"; local prototypes reconstruct {used[lab == 0].mean():.0%} of normal"
             title += f", {used[lab == 1].mean():.0%} of anomalous points" if (lab == 1).any() else " points"
-        panels = [(stack(before), "before adaptation: global prototypes only"), (panels[0][0], title)]
+        panels = [(stack(before), "before adaptation: global prototypes only"), (after, title)]
     names = [f"g{i}" for i in range(n_global)] + [f"l{i}" for i in range(k - n_global)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4 * len(panels)), sharex=True, squeeze=False)
     x = np.arange(k)

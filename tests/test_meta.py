@@ -7,6 +7,7 @@ import pandas as pd
 import torch
 
 import meta_eval
+import test as evaluate_script
 import train_safe
 from conftest import args
 from puad import apply_local_state, build_model, local_path, read_checkpoint, score_series
@@ -109,7 +110,6 @@ def test_few_windows_borrow_the_historys_calibration(trained, tmp_path):
     own = reconstruct_entity(build_model(shared)[0], shared, dataclasses.replace(cfg, min_calib_rows=0), ent)
     assert len(own["calib"]["x"]) == 5 + cfg.seq_len - 1  # its own N windows
     # test.py on the adapted entity beside one without local prototypes: both plans drawn
-    import test as evaluate_script
     m = evaluate_script.main([f"--ckpt={tmp_path / 'puad.ckpt'}", f"--data={data}", "--entities=omi-1,omi-5",
                               f"--out_dir={tmp_path / 'res'}", "--plots=True"])
     assert "local_share" in m["entities"]["omi-5"] and "local_share" not in m["entities"]["omi-1"]
