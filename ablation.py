@@ -6,8 +6,10 @@ Reconstructs every entity's calibration rows and test split once (puad.calibrati
 puad.score_series, as test.py), then scores them under each variant of VARIANTS through the
 one calibration (scoring.calibrate / scoring.apply) and prints a markdown table of the means
 over entities: AUC-PR, F1 at the label-free threshold, VUS-PR, point-adjusted F1, and the
-share of test points flagged. Labels are used only for the metrics. Writes the table to
-<out_dir>/ablation.md and every number to <out_dir>/ablation.json.
+share of test points flagged. Labels are used only for the metrics. Scorer options given on the
+command line (e.g. --score_floor=0.2) apply to every row, and the first row is then named for
+them instead of "default". Writes the table to <out_dir>/ablation.md and every number to
+<out_dir>/ablation.json.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import scoring
-from config import cli, print_config
+from config import Config, cli, print_config
 from metrics import evaluate, summarize
 from puad import build_model, read_checkpoint, reconstruct_entity, run_config
 from utils import (DataError, align_features, atomic_write, get_device, load_dataset, log,
@@ -43,6 +45,18 @@ VARIANTS: dict[str, dict] = {
     "drift guard over 3000 points": dict(drift_window=3000),
 }
 KEYS = ("auc_pr", "f1", "vus_pr", "f1_pa", "auc_roc", "best_f1_oracle")
+SCORER_FIELDS = ("score", "score_floor", "const_floor", "smooth", "threshold", "spot_q", "spot_level",
+                 "percentile", "drift_window")
+
+
+def variants(cfg: Config) -> dict[str, dict]:
+    """VARIANTS for a run; the first row is named for the run's scorer options where the command
+    line changed any (each other row then changes one thing from those)."""
+    changed = [f"{k}={getattr(cfg, k)}" for k in SCORER_FIELDS if getattr(cfg, k) != getattr(Config(), k)]
+    rows = list(VARIANTS.items())
+    if changed:
+        rows[0] = (f"this run's scorer ({', '.join(changed)})", {})
+    return dict(rows)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,8 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
         entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
     except DataError as e:
         raise SystemExit(f"ablation.py: error: {e}") from None
-    per_variant: dict[str, dict] = {name: {} for name in VARIANTS}
-    flagged: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    run_variants = variants(cfg)
+    per_variant: dict[str, dict] = {name: {} for name in run_variants}
+    flagged: dict[str, list[float]] = {name: [] for name in run_variants}
     for ent in entities:
         if ent.labels is None:
             log.warning("%s: no labels; skipped", ent.name)
@@ -68,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"ablation.py: error: {e}") from None
         r = reconstruct_entity(model, ckpt, cfg, ent)
         calib, test = r["calib"], r["test"]
-        for name, overrides in VARIANTS.items():
+        for name, overrides in run_variants.items():
             vcfg = dataclasses.replace(cfg, **overrides)
             cal = scoring.calibrate(calib, vcfg)
             scores, _ = scoring.apply(cal, test)
@@ -77,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
             flagged[name].append(float(np.mean(scores > thr)))
         print(f"{ent.name} done ({time.time() - t0:.0f}s)", flush=True)
     rows, results = [], {}
-    for name in VARIANTS:
+    for name in run_variants:
         mean = summarize(per_variant[name])["mean"]
         results[name] = dict(mean=mean, entities=per_variant[name], flagged=float(np.mean(flagged[name])))
         rows.append(f"| {name} | " + " | ".join(f"{mean[k]:.3f}" for k in KEYS)
@@ -85,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = ("| variant | AUC-PR | F1 (label-free threshold) | VUS-PR | F1-PA | AUC-ROC | best F1 (oracle) | flagged |\n"
              "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     head = (f"{cfg.data}, checkpoint {cfg.ckpt} (best epoch {ckpt.get('epoch', '?')} of {ckpt.get('config', {}).get('epochs', '?')}), "
-            f"means over {len(per_variant[next(iter(VARIANTS))])} entities\n\n")
+            f"means over {len(per_variant[next(iter(run_variants))])} entities\n\n")
     print("\n" + head + table)
     out = Path(cfg.out_dir)
     atomic_write(out / "ablation.md", lambda tmp: Path(tmp).write_text(head + table))

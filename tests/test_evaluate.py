@@ -53,6 +53,27 @@ def test_writes_every_file_and_honest_metrics_first(trained, tmp_path):
     assert (scores.prediction == (scores.score > scores.threshold)).all()
 
 
+def test_ablation_first_row_is_test_py_and_an_override_renames_it(trained, tmp_path):
+    """ablation.py's first row scores as test.py does; run with one option changed, its first row
+    equals the row that changes that option, and is named for it rather than "default"."""
+    import ablation
+
+    ckpt_dir, data = trained
+    common = [f"--ckpt={ckpt_dir}/puad.ckpt", f"--data={data}", "--entities=omi-1"]
+    base = ablation.main([*common, f"--out_dir={tmp_path}/a"])
+    first = next(iter(base))
+    assert first.startswith("default") and len(base) == len(ablation.VARIANTS)
+    _, m = run(tmp_path, ckpt_dir, data, "res", "--plots=False")
+    for k in ("auc_pr", "f1", "threshold"):
+        assert base[first]["entities"]["omi-1"][k] == pytest.approx(m["entities"]["omi-1"][k]), k
+    floor = ablation.main([*common, "--score_floor=0.2", f"--out_dir={tmp_path}/b"])
+    first_b = next(iter(floor))
+    assert first_b == "this run's scorer (score_floor=0.2)"
+    for k in ("auc_pr", "f1", "vus_pr"):
+        assert floor[first_b]["mean"][k] == pytest.approx(base["floor 0.2"]["mean"][k]), k
+    assert base["floor 0.2"]["mean"]["auc_pr"] != pytest.approx(base[first]["mean"]["auc_pr"])
+
+
 def test_shuffled_test_split_gives_the_same_metrics(trained, omi1_copy, tmp_path):
     ckpt_dir, _ = trained
     src = omi1_copy / "sorted" / "omi-1"
