@@ -52,7 +52,8 @@ SCORER_FIELDS = ("score", "score_floor", "const_floor", "smooth", "threshold", "
 def variants(cfg: Config) -> dict[str, dict]:
     """VARIANTS for a run; the first row is named for the run's scorer options where the command
     line changed any (each other row then changes one thing from those)."""
-    changed = [f"{k}={getattr(cfg, k)}" for k in SCORER_FIELDS if getattr(cfg, k) != getattr(Config(), k)]
+    default = Config()
+    changed = [f"{k}={getattr(cfg, k)}" for k in SCORER_FIELDS if getattr(cfg, k) != getattr(default, k)]
     rows = list(VARIANTS.items())
     if changed:
         rows[0] = (f"this run's scorer ({', '.join(changed)})", {})
