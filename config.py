@@ -79,6 +79,8 @@ class Config:
     score_floor: float = 0.1             # norm: smallest residual scale of a feature (scaled units)
     const_floor: float = 0.01            # norm: the same for a feature constant over the train series
     smooth: int = 5                      # score = causal mean of the last N point scores (1 = off)
+    name_q: float = 0.9                  # which metrics: each feature's contribution over its name_q quantile on the
+                                         # calibration rows (0 = the contributions as scored; docs/ablation.md)
     use_local: bool = True               # test.py: apply the entity's local prototypes when adapted
     min_calib_rows: int = 200            # an entity adapted from fewer rows than this is calibrated on the history's
                                          # calibration rows stored in the checkpoint (chosen on 3 ASD splits: docs/meta.md)
@@ -430,7 +432,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "score_samples": _nonneg, "score_batch": _pos,
     "score_mode": _choice("point", "block"),
     "score": _choice("norm", "se", "nll"), "score_floor": _positive, "const_floor": _positive,
-    "smooth": _pos,
+    "smooth": _pos, "name_q": ((lambda v: 0 <= v < 1), "in [0, 1)"),
     # a number only in detect_live.py (a fixed threshold); test.py refuses it
     "threshold": _number_or(*THRESHOLD_METHODS),
     "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"),

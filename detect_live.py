@@ -36,8 +36,9 @@ is skipped and counted as reason="non_finite".
 
 Served on --listen:--port /metrics (own CollectorRegistry):
   puad_anomaly_score{entity}            score of the last scored window
-  puad_feature_score{entity,feature}    each feature's contribution to that score (the score is
-                                        their mean): V features x entities series, bounded
+  puad_feature_score{entity,feature}    each feature's contribution to that score over its usual
+                                        level (1 = its 90th percentile on the calibration rows,
+                                        scoring.named): V features x entities series, bounded
   puad_anomaly{entity}                  1 when that score > threshold, else 0
   puad_threshold{entity}
   puad_stale{entity}                    1 when the entity's last scored window is older than
@@ -56,8 +57,8 @@ has no value there after the metric set's `fill`; the rate window after a missin
 missing too (its rate() would be computed on partial data). While Prometheus fails, polls back
 off (step, 2 x step, ... up to --max_backoff seconds).
 
-One JSON line per state change (normal <-> anomalous), with the 3 features of the largest share
-of the score ("top_features"), is appended to --live_log; the alert's description names them. With
+One JSON line per state change (normal <-> anomalous), with the 3 features furthest above their
+usual level ("top_features"), is appended to --live_log; the alert's description names them. With
 --webhook the change is POSTed as an Alertmanager /api/v2/alerts list (a firing alert, re-sent
 every minute while it lasts, then the same alert with endsAt when it resolves); a failed POST
 is logged and counted, never fatal.
@@ -338,7 +339,7 @@ class Detector:
         self.c_webhook = Counter("puad_webhook_errors", "Failed alert POSTs to the webhook", registry=r)
         self.h_latency = Histogram("puad_scoring_latency_seconds", "Model time to score one window", registry=r,
                                    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
-        self.g_feature = Gauge("puad_feature_score", "Each feature's part of the last score (features x entities series)",
+        self.g_feature = Gauge("puad_feature_score", "Each feature's contribution to the last score over its usual level (features x entities series)",
                                ["entity", "feature"], registry=r)
         self.g_step = Gauge("puad_step_seconds", "Poll interval", registry=r)
         self.g_step.set(self.step)
@@ -492,7 +493,7 @@ class Detector:
             self.last_scored[entity] = time.time()
             self.g_score.labels(entity).set(score)
             contrib = self.last_contrib.get(entity)
-            if contrib is not None:  # which metrics: each feature's part of the last score
+            if contrib is not None:  # which metrics: each feature's contribution over its usual level
                 for name, c in zip(self.features, contrib):
                     self.g_feature.labels(entity, name).set(float(c))
                 self.top[entity] = [n for n, _ in scoring.top_features(contrib, self.features, 3)]
@@ -537,8 +538,8 @@ class Detector:
                  "annotations": {"summary": f"PUAD anomaly on {entity}",
                                  "description": ", ".join(self.top.get(entity, [])),
                                  "details": f"score {score:.4g} > threshold {self.thresholds[entity]:.4g} "
-                                            f"for the window ending {iso(end)}; top features (largest share "
-                                            f"of the score first): {', '.join(self.top.get(entity, [])) or 'n/a'}",
+                                            f"for the window ending {iso(end)}; top features (furthest above "
+                                            f"their usual level first): {', '.join(self.top.get(entity, [])) or 'n/a'}",
                                  "score": f"{score:.6g}", "threshold": f"{self.thresholds[entity]:.6g}"},
                  "startsAt": iso(start),
                  "generatorURL": f"http://{self.cfg.listen}:{self.cfg.port}/metrics"}

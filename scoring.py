@@ -11,11 +11,17 @@ of its V values, from the window that ends at t (puad.score_series). With the de
                                                          model did not train on); the floor is
                                                          `const_floor` for a feature that was
                                                          constant over the train series
-    c_tv = z_tv ** 2                                     feature v's contribution (what names
-                                                         features drops a feature still at its
-                                                         constant training value: attribution)
+    c_tv = z_tv ** 2                                     feature v's contribution
     s_t  = mean_v c_tv, then the mean of the last `smooth` points (causal: live detection can
            compute it from the last `smooth` windows)
+
+Which metrics an alarm names (segment tables, alerts, puad_feature_score, HitRate) comes from
+the same c_tv, smoothed like the score, each feature's divided by its usual level: its `name_q`
+quantile (0.9) over the calibration rows. A feature is named for being far above its own normal,
+not for being large: most features sit at the floor, where the largest c_tv belong to the
+features of the widest train range, and a quiet metric that moved ten times its usual amount
+was ranked below them (HitRate@150% on SMD 0.457, a random ranking 0.430; docs/ablation.md).
+A feature still at its constant training value is never named (attribution).
 
 Every feature is measured against its own normal error, whatever its noise level (Garg et al.
 2021, "An evaluation of anomaly detection and diagnosis in multivariate time series", found this
@@ -48,6 +54,7 @@ from metrics import select_threshold
 
 SCORES = ("norm", "se", "nll")
 MAX_CONTRIBUTION = 1e12  # bounds one feature's share so that a sum over features stays finite
+USUAL_FLOOR = 1e-3  # the smallest usual level a named contribution is divided by (a feature quiet on the calibration rows)
 
 
 @dataclass
@@ -60,6 +67,8 @@ class Calibration:
     median: float = 0.0                  # median calibration score: the level the threshold was fitted at
     recent: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the last drift_window calibration scores
     pinned: np.ndarray | None = None     # (V,) the value of each feature constant over the train rows, NaN for the others
+    usual: np.ndarray | None = None      # (V,) each feature's usual smoothed contribution (name_q quantile on the
+                                         # calibration rows, >= USUAL_FLOOR): what names features is divided by it
     info: dict = field(default_factory=dict)  # score, smooth and threshold method it was fitted with
 
 
@@ -111,7 +120,7 @@ def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
     {"scores": (n,)} for a model with scalar scores only (then only smoothing and threshold).
     """
     score = score or cfg.score
-    center = scale = pinned = None
+    center = scale = pinned = usual = None
     if "scores" in calib:
         s = smooth(np.asarray(calib["scores"], np.float64), cfg.smooth)
     else:
@@ -120,12 +129,15 @@ def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
         if score == "norm":
             floor = np.where(const, cfg.const_floor, cfg.score_floor)
             center, scale = fit_normaliser(np.asarray(calib["x"], np.float64) - calib["mu"], floor)
-        s = point_scores(contributions(calib["x"], calib["mu"], calib.get("std"), score, center, scale),
-                         score, cfg.smooth)
+        c = contributions(calib["x"], calib["mu"], calib.get("std"), score, center, scale)
+        s = point_scores(c, score, cfg.smooth)
+        if cfg.name_q > 0 and len(c):
+            calib_named = smooth(attribution(c, calib["x"], pinned), cfg.smooth)
+            usual = np.maximum(np.quantile(calib_named, cfg.name_q, axis=0), USUAL_FLOOR)
     thr = select_threshold(s, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level, pct=cfg.percentile)
     w = int(cfg.drift_window)
     return Calibration(float(thr), center, scale, len(s), median=float(np.median(s)) if len(s) else 0.0,
-                       recent=s[-w:].copy() if w > 0 else np.zeros(0), pinned=pinned,
+                       recent=s[-w:].copy() if w > 0 else np.zeros(0), pinned=pinned, usual=usual,
                        info={"score": score, "smooth": int(cfg.smooth), "threshold_method": cfg.threshold,
                              "drift_window": w})
 
@@ -162,9 +174,9 @@ def live_threshold(cal: Calibration, history: np.ndarray) -> float:
 
 
 def top_features(contrib: np.ndarray, features: list[str], k: int = 3) -> list[tuple[str, float]]:
-    """The k features with the largest share of the score over some points (contributions
-    (n, V) or (V,)) -> [(name, share of the score in 0..1)], largest first. The one ranking
-    behind test.py's segment tables, detect_live.py's alerts and the HitRate metrics."""
+    """The k features with the largest named contributions over some points (apply's second
+    output, (n, V) or (V,)) -> [(name, share of the named total in 0..1)], largest first. The one
+    ranking behind test.py's segment tables, detect_live.py's alerts and the HitRate metrics."""
     c = np.asarray(contrib, np.float64)
     c = c.sum(0) if c.ndim == 2 else c
     c = np.maximum(c, 0)
@@ -189,22 +201,30 @@ def attribution(contrib: np.ndarray, x: np.ndarray, pinned: np.ndarray | None) -
     return np.where(still, 0.0, contrib)
 
 
+def named(cal: Calibration, contrib: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """What names features: the contributions smoothed like the score, a feature still at its
+    constant training value at 0 (attribution), each feature's over its usual level (cal.usual;
+    with --name_q=0 the contributions as scored). Any leading axes; features on the last."""
+    c = smooth(attribution(contrib, x, cal.pinned), cal.info.get("smooth", 1))
+    return c if cal.usual is None else np.minimum(c / cal.usual, MAX_CONTRIBUTION)
+
+
 def apply(cal: Calibration, out: dict) -> tuple[np.ndarray, np.ndarray | None]:
-    """Scores (n,) and smoothed contributions (n, V) (None for scalar models) of a scored series;
-    the contributions of a point average to its score (norm, se) or sum to it (nll), except that
-    a feature still at its constant training value has none (attribution)."""
+    """Scores (n,) and the named contributions (n, V) (named(); None for scalar models) of a
+    scored series. With --name_q=0 the contributions of a point average to its score (norm, se)
+    or sum to it (nll), except that a feature still at its constant training value has none."""
     k = cal.info.get("smooth", 1)
     if "scores" in out:
         return smooth(np.asarray(out["scores"], np.float64), k), None
     score = cal.info["score"]
     c = contributions(out["x"], out["mu"], out.get("std"), score, cal.center, cal.scale)
-    return point_scores(c, score, k), smooth(attribution(c, out["x"], cal.pinned), k)
+    return point_scores(c, score, k), named(cal, c, out["x"])
 
 
 def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndarray]:
     """apply() of E series of the same length at once (detect_live.py's batched poll): out holds
     "x", "mu" (and "std" for nll) of shape (E, n, V), cals one Calibration per series, all with
-    the same score and smooth -> scores (E, n) and smoothed contributions (E, n, V), the numbers
+    the same score and smooth -> scores (E, n) and named contributions (E, n, V), the numbers
     apply() gives each series alone (the same operations, along the same axis)."""
     score, k = cals[0].info["score"], cals[0].info.get("smooth", 1)
     if any(c.info["score"] != score or c.info.get("smooth", 1) != k for c in cals):
@@ -216,5 +236,8 @@ def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndar
     t = lambda a: None if a is None else np.swapaxes(np.asarray(a), 0, 1)  # noqa: E731  (n, E, V): smooth runs along axis 0
     c = contributions(t(out["x"]), t(out["mu"]), t(out.get("std")), score, center, scale)
     pinned = None if any(c_.pinned is None for c_ in cals) else np.stack([c_.pinned for c_ in cals])[None]
-    named = attribution(c, t(out["x"]), pinned)
-    return np.swapaxes(point_scores(c, score, k), 0, 1), np.swapaxes(smooth(named, k), 0, 1)
+    usual = None
+    if any(c_.usual is not None for c_ in cals):
+        usual = np.stack([np.ones(c.shape[-1]) if c_.usual is None else c_.usual for c_ in cals])[None]
+    batch = Calibration(0.0, pinned=pinned, usual=usual, info={"smooth": k})
+    return np.swapaxes(point_scores(c, score, k), 0, 1), np.swapaxes(named(batch, c, t(out["x"])), 0, 1)

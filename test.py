@@ -91,8 +91,9 @@ def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.nda
 
 def predicted_segments(ent: Entity, scores: np.ndarray, pred: np.ndarray, contrib: np.ndarray | None
                        ) -> pd.DataFrame | None:
-    """One row per run of flagged points: where, how high, and the 3 features with the largest
-    share of the score over the run (scoring.top_features); None without contributions."""
+    """One row per run of flagged points: where, how high, and the 3 features furthest above their
+    usual level over the run (scoring.top_features of the named contributions, with their shares);
+    None without contributions."""
     if contrib is None:
         return None
     rows = []
@@ -109,8 +110,9 @@ def predicted_segments(ent: Entity, scores: np.ndarray, pred: np.ndarray, contri
 def plot_contributions(path: Path, ent: Entity, scores: np.ndarray, thresholds: np.ndarray, contrib: np.ndarray,
                        segs: pd.DataFrame, max_segments: int = 6, n_features: int = 8, pad: int = 30) -> None:
     """For the max_segments predicted segments with the highest scores: the score beside a heatmap
-    of the features' contributions over time (the n_features largest in that segment, log colour
-    scale), pad points either side; labelled anomalies shaded."""
+    of the features' named contributions over time (each over its usual level, scoring.named; the
+    n_features largest in that segment, log colour scale), pad points either side; labelled
+    anomalies shaded."""
     top = segs.sort_values("max_score", ascending=False).head(max_segments).sort_values("start")
     fig, axes = plt.subplots(2, len(top), figsize=(4.2 * len(top), 5.5), squeeze=False,
                              gridspec_kw={"height_ratios": [1, 2]})
@@ -134,7 +136,7 @@ def plot_contributions(path: Path, ent: Entity, scores: np.ndarray, thresholds: 
         ax1.axvspan(int(seg.start) - 0.5, int(seg.end) + 0.5, fill=False, ec="cyan", lw=1)
         ax1.set_xlabel("test row", fontsize=8)
     axes[0, 0].set_ylabel("score")
-    axes[1, 0].set_ylabel("log10(1 + contribution)")
+    axes[1, 0].set_ylabel("log10(1 + contribution / usual)")
     fig.suptitle(f"{ent.name}: which features make each flagged segment anomalous "
                  f"({len(top)} of {len(segs)} segments, highest scores)", fontsize=10)
     fig.tight_layout()

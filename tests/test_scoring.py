@@ -42,7 +42,30 @@ def test_norm_score_measures_each_feature_against_its_own_normal_error():
     s, contrib = scoring.apply(cal, {"x": test, "mu": np.zeros((4, 3))})
     assert s[1] < cal.threshold < s[2] < s[3]
     assert contrib.shape == (4, 3) and contrib[3].argmax() == 2
-    np.testing.assert_allclose(contrib.mean(1), s)  # contributions average to the score
+    np.testing.assert_allclose((contrib * cal.usual).mean(1), s)  # each over its usual level ...
+    as_scored = scoring.calibrate({"x": x, "mu": mu, "constant": np.array([False, False, True])},
+                                  _cfg("--smooth=1", "--spot_q=1e-3", "--name_q=0"))
+    s0, c0 = scoring.apply(as_scored, {"x": test, "mu": np.zeros((4, 3))})
+    assert as_scored.usual is None
+    np.testing.assert_allclose(s0, s)
+    np.testing.assert_allclose(c0.mean(1), s)  # ... or as scored: they average to the score
+
+
+def test_a_feature_is_named_for_leaving_its_own_normal_not_for_being_large():
+    rng = np.random.default_rng(4)
+    n = 2000
+    x = rng.normal(0, [0.05, 0.005], size=(n, 2))  # both under the floor: scored in the same units
+    cfg = _cfg("--smooth=1")
+    cal = scoring.calibrate({"x": x, "mu": np.zeros((n, 2))}, cfg)
+    q0 = np.quantile(((x - cal.center) / cal.scale) ** 2, cfg.name_q, axis=0)
+    np.testing.assert_allclose(cal.usual, np.maximum(q0, scoring.USUAL_FLOOR))
+    test = np.array([[0.08, 0.05]])  # the noisy one at 1.6 x its spread, the quiet one at 10 x its own
+    s, contrib = scoring.apply(cal, {"x": test, "mu": np.zeros((1, 2))})
+    c = ((test[0] - cal.center) / cal.scale) ** 2
+    assert c[0] > c[1]  # the larger contribution to the score ...
+    assert scoring.top_features(contrib[0], ["noisy", "quiet"], 1)[0][0] == "quiet"  # ... is not the one named
+    off = scoring.calibrate({"x": x, "mu": np.zeros((n, 2))}, _cfg("--smooth=1", "--name_q=0"))
+    assert scoring.top_features(scoring.apply(off, {"x": test, "mu": np.zeros((1, 2))})[1][0], ["noisy", "quiet"], 1)[0][0] == "noisy"
 
 
 def test_scalar_scores_get_the_same_smoothing_and_threshold_rule():
