@@ -132,8 +132,8 @@ def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
         c = contributions(calib["x"], calib["mu"], calib.get("std"), score, center, scale)
         s = point_scores(c, score, cfg.smooth)
         if cfg.name_q > 0 and len(c):
-            calib_named = smooth(attribution(c, calib["x"], pinned), cfg.smooth)
-            usual = np.maximum(np.quantile(calib_named, cfg.name_q, axis=0), USUAL_FLOOR)
+            usual = np.maximum(np.quantile(named(c, calib["x"], pinned, None, cfg.smooth), cfg.name_q, axis=0),
+                               USUAL_FLOOR)
     thr = select_threshold(s, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level, pct=cfg.percentile)
     w = int(cfg.drift_window)
     return Calibration(float(thr), center, scale, len(s), median=float(np.median(s)) if len(s) else 0.0,
@@ -201,12 +201,14 @@ def attribution(contrib: np.ndarray, x: np.ndarray, pinned: np.ndarray | None) -
     return np.where(still, 0.0, contrib)
 
 
-def named(cal: Calibration, contrib: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """What names features: the contributions smoothed like the score, a feature still at its
-    constant training value at 0 (attribution), each feature's over its usual level (cal.usual;
-    with --name_q=0 the contributions as scored). Any leading axes; features on the last."""
-    c = smooth(attribution(contrib, x, cal.pinned), cal.info.get("smooth", 1))
-    return c if cal.usual is None else np.minimum(c / cal.usual, MAX_CONTRIBUTION)
+def named(contrib: np.ndarray, x: np.ndarray, pinned: np.ndarray | None, usual: np.ndarray | None,
+          k: int) -> np.ndarray:
+    """What names features: the contributions smoothed over k points like the score, a feature
+    still at its constant training value at 0 (attribution), each feature's over its usual level
+    (Calibration.usual; None, as with --name_q=0: the contributions as scored). Time on axis 0,
+    features on the last."""
+    c = smooth(attribution(contrib, x, pinned), k)
+    return c if usual is None else np.minimum(c / usual, MAX_CONTRIBUTION)
 
 
 def apply(cal: Calibration, out: dict) -> tuple[np.ndarray, np.ndarray | None]:
@@ -218,7 +220,7 @@ def apply(cal: Calibration, out: dict) -> tuple[np.ndarray, np.ndarray | None]:
         return smooth(np.asarray(out["scores"], np.float64), k), None
     score = cal.info["score"]
     c = contributions(out["x"], out["mu"], out.get("std"), score, cal.center, cal.scale)
-    return point_scores(c, score, k), named(cal, c, out["x"])
+    return point_scores(c, score, k), named(c, out["x"], cal.pinned, cal.usual, k)
 
 
 def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -239,5 +241,4 @@ def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndar
     usual = None
     if any(c_.usual is not None for c_ in cals):
         usual = np.stack([np.ones(c.shape[-1]) if c_.usual is None else c_.usual for c_ in cals])[None]
-    batch = Calibration(0.0, pinned=pinned, usual=usual, info={"smooth": k})
-    return np.swapaxes(point_scores(c, score, k), 0, 1), np.swapaxes(named(batch, c, t(out["x"])), 0, 1)
+    return np.swapaxes(point_scores(c, score, k), 0, 1), np.swapaxes(named(c, t(out["x"]), pinned, usual, k), 0, 1)
