@@ -25,6 +25,7 @@ SCRIPTS = {
     "export_metrics.py": ["--start", "--fault_log", "--out"],
     "lab.py": ["--minutes", "--ci", "--out"],
     "ablation.py": ["--ckpt", "--smooth"],
+    "compare.py": ["--metrics", "--boot"],
     "-m chaos.inject": ["--plan", "--fault_log", "--dry-run"],
 }
 

@@ -304,3 +304,24 @@ def test_hitrate_random_closed_form_and_simulation():
     rng = np.random.default_rng(0)
     sims = [M.hitrate(rng.random((6, 10)), segs, 150) for _ in range(3000)]
     assert np.mean(sims) == pytest.approx(M.hitrate_random(segs, 10, 150), abs=0.01)
+
+
+# --------------------------------------------------------------------------- paired comparison
+def test_paired_difference_interval_and_counts():
+    a = np.array([0.5, 0.6, 0.7, 0.4, 0.9, np.nan])
+    b = np.array([0.4, 0.6, 0.5, 0.5, 0.6, 0.3])
+    d = M.paired_difference(a, b, n_boot=2000, seed=1)
+    assert d["n"] == 5  # the NaN entity is left out
+    assert d["mean"] == pytest.approx(np.mean([0.1, 0.0, 0.2, -0.1, 0.3]))
+    assert d["lo"] < d["mean"] < d["hi"]
+    assert (d["higher"], d["lower"], d["level"]) == (3, 1, 1)
+    # a constant difference is certain; a difference whose sign flips is not
+    c = M.paired_difference(b + 0.05, b[:6], n_boot=500)
+    assert c["lo"] == pytest.approx(0.05) and c["hi"] == pytest.approx(0.05)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=12)
+    n = M.paired_difference(x, -x, n_boot=2000)  # differences 2x, symmetric about 0
+    assert n["lo"] < 0 < n["hi"]
+    assert M.paired_difference([np.nan], [1.0])["n"] == 0
+    with pytest.raises(ValueError, match="one length"):
+        M.paired_difference([1.0, 2.0], [1.0])

@@ -1,0 +1,63 @@
+"""compare.py: two metrics.json paired by entity (fast: no data, no training)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "compare.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _write(path, ents: dict) -> str:
+    path.write_text(json.dumps({"entities": ents, "mean": {}}))
+    return str(path)
+
+
+def test_compare_pairs_entities_and_says_when_it_cannot_tell(tmp_path):
+    a = {f"e{i}": {"auc_pr": 0.5 + 0.01 * i, "f1": 0.4} for i in range(8)}
+    b = {f"e{i}": {"auc_pr": 0.3 + 0.01 * i, "f1": 0.4 + (0.05 if i % 2 else -0.05)} for i in range(8)}
+    b["only_in_b"] = {"auc_pr": 0.0, "f1": 0.0}  # not paired, so not counted
+    (tmp_path / "b").mkdir()
+    _write(tmp_path / "b" / "metrics.json", b)  # a folder holding a metrics.json is read too
+    r = _run(_write(tmp_path / "a.json", a), str(tmp_path / "b"), "--metrics=auc_pr,f1,hitrate_150")
+    assert r.returncode == 0, r.stderr
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in r.stdout.splitlines() if line.startswith("| ") and "metric" not in line}
+    # auc_pr: A is 0.2 higher on every entity, so the interval is [+0.2, +0.2] and 8 / 0
+    assert rows["auc_pr"][0] == "8" and rows["auc_pr"][3] == "+0.200"
+    assert rows["auc_pr"][4] == "[+0.200, +0.200]" and rows["auc_pr"][5] == "8 / 0"
+    # f1: level on average, half higher and half lower: the interval straddles 0
+    lo, hi = (float(v) for v in rows["f1"][4].strip("[]").split(","))
+    assert lo < 0 < hi and rows["f1"][5] == "4 / 4"
+    assert rows["hitrate_150"][1] == "n/a"
+
+
+def test_compare_bad_input_is_one_line_naming_the_file(tmp_path):
+    good = _write(tmp_path / "good.json", {"e": {"auc_pr": 0.5}})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    other = _write(tmp_path / "other.json", {"x": {"auc_pr": 0.5}})
+    for args, words in (((str(bad), good), [str(bad), "JSON"]),
+                        ((good, str(tmp_path / "missing.json")), ["missing.json", "no such file"]),
+                        ((good, _write(tmp_path / "empty.json", {})), ["empty.json", "entities"]),
+                        ((good, other), ["no entity in common"])):
+        r = _run(*args)
+        assert r.returncode == 2
+        err = r.stderr.strip()
+        assert len(err.splitlines()) == 1 and all(w in err for w in words), err
+
+
+def test_compare_averages_runs_joined_by_commas(tmp_path):
+    s0 = _write(tmp_path / "s0.json", {"e1": {"auc_pr": 0.4}, "e2": {"auc_pr": 0.6}})
+    s1 = _write(tmp_path / "s1.json", {"e1": {"auc_pr": 0.6}, "e2": {"auc_pr": float("nan")}})
+    b = _write(tmp_path / "b.json", {"e1": {"auc_pr": 0.5}, "e2": {"auc_pr": 0.5}})
+    r = _run(f"{s0},{s1}", b, "--metrics=auc_pr")
+    assert r.returncode == 0, r.stderr
+    row = [c.strip() for c in r.stdout.splitlines()[-1].split("|")[1:-1]]
+    # e1: mean of 0.4 and 0.6 = 0.5 (level with B); e2: 0.6 (the NaN run left out), 0.1 above B
+    assert row[:5] == ["auc_pr", "2", "0.550", "0.500", "+0.050"] and row[6] == "1 / 0"
