@@ -498,7 +498,7 @@ def summarize(per_entity: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def paired_difference(a: Any, b: Any, n_boot: int = 10000, seed: int = 0, ci: float = 0.95
-                      ) -> dict[str, float]:
+                      ) -> dict[str, float | int]:
     """How sure a difference between two methods is, from their per-entity values a and b (n,)
     of one metric, paired by entity: the mean of a - b, its `ci` interval from resampling the
     entities with replacement (a percentile bootstrap: which servers are in the data set is the
