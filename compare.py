@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from config import cli_error
-from metrics import paired_difference
+from metrics import is_num, nanmean_dicts, paired_difference
 
 DEFAULT_METRICS = "auc_pr,f1,vus_pr,f1_pa,auc_roc,hitrate_150"
 
@@ -53,19 +53,13 @@ def read_side(paths: str) -> dict[str, dict]:
         cli_error(f"no metrics.json given in {paths!r}")
     if len(runs) == 1:
         return runs[0]
-    out: dict[str, dict] = {}
-    for e in dict.fromkeys(e for r in runs for e in r):
-        have = [r[e] for r in runs if e in r]
-        out[e] = {}
-        for k in dict.fromkeys(k for m in have for k in m):
-            v = np.array([value(m, k) for m in have])
-            out[e][k] = float(v[np.isfinite(v)].mean()) if np.isfinite(v).any() else float("nan")
-    return out
+    entities = dict.fromkeys(e for r in runs for e in r)
+    return {e: nanmean_dicts([r[e] for r in runs if e in r]) for e in entities}
 
 
 def value(metrics: dict, key: str) -> float:
     v = metrics.get(key)
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
+    return float(v) if is_num(v) else float("nan")
 
 
 def compare(a: dict[str, dict], b: dict[str, dict], keys: list[str], n_boot: int = 10000,

@@ -466,22 +466,25 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
     return out
 
 
-def _is_num(v: Any) -> bool:
+def is_num(v: Any) -> bool:
+    """A number, not a bool (what the means over entities average)."""
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
-def _nanmean_dicts(dicts: list[Mapping[str, Any]]) -> dict[str, Any]:
+def nanmean_dicts(dicts: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Key by key, the mean of the finite values of a numeric key over the dicts that have it
+    (NaN where none is finite); nested dicts averaged the same way; other keys left out."""
     keys: list[str] = []
     for d in dicts:
         keys += [k for k in d if k not in keys]
     out: dict[str, Any] = {}
     for k in keys:
         vals = [d[k] for d in dicts if k in d]
-        if vals and all(_is_num(v) for v in vals):
+        if vals and all(is_num(v) for v in vals):
             arr = np.asarray(vals, dtype=np.float64)
             out[k] = float(np.mean(arr[np.isfinite(arr)])) if np.isfinite(arr).any() else NAN
         elif vals and all(isinstance(v, Mapping) for v in vals):
-            out[k] = _nanmean_dicts(vals)
+            out[k] = nanmean_dicts(vals)
     return out
 
 
@@ -492,7 +495,7 @@ def summarize(per_entity: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     have them; non-numeric values are left out of the mean.
     """
     ents = {str(k): dict(v) for k, v in per_entity.items()}
-    mean = _nanmean_dicts(list(ents.values()))
+    mean = nanmean_dicts(list(ents.values()))
     mean["n_entities"] = len(ents)
     return {"entities": ents, "mean": mean}
 
