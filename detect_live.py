@@ -37,8 +37,8 @@ is skipped and counted as reason="non_finite".
 Served on --listen:--port /metrics (own CollectorRegistry):
   puad_anomaly_score{entity}            score of the last scored window
   puad_feature_score{entity,feature}    each feature's contribution to that score over its usual
-                                        level (1 = its 90th percentile on the calibration rows,
-                                        scoring.named): V features x entities series, bounded
+                                        level (1 = its --name_q quantile, 0.9, on the calibration
+                                        rows; scoring.named): V features x entities series, bounded
   puad_anomaly{entity}                  1 when that score > threshold, else 0
   puad_threshold{entity}
   puad_stale{entity}                    1 when the entity's last scored window is older than
