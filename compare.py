@@ -19,8 +19,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from config import cli_error
 from metrics import is_num, nanmean_dicts, paired_difference
 
@@ -64,17 +62,12 @@ def value(metrics: dict, key: str) -> float:
 
 def compare(a: dict[str, dict], b: dict[str, dict], keys: list[str], n_boot: int = 10000,
             seed: int = 0) -> list[dict]:
-    """One row per metric: {"metric", "a", "b", **paired_difference} over the common entities."""
+    """One row per metric: {"metric", **paired_difference} over the common entities ("a" and
+    "b": the two means over the entities where both have a value)."""
     common = [e for e in a if e in b]
-    rows = []
-    for k in keys:
-        va = np.array([value(a[e], k) for e in common])
-        vb = np.array([value(b[e], k) for e in common])
-        both = np.isfinite(va) & np.isfinite(vb)
-        d = paired_difference(va, vb, n_boot, seed)
-        rows.append({"metric": k, "a": float(va[both].mean()) if both.any() else float("nan"),
-                     "b": float(vb[both].mean()) if both.any() else float("nan"), **d})
-    return rows
+    return [{"metric": k, **paired_difference([value(a[e], k) for e in common],
+                                              [value(b[e], k) for e in common], n_boot, seed)}
+            for k in keys]
 
 
 def table(rows: list[dict], name_a: str, name_b: str) -> str:

@@ -505,16 +505,20 @@ def paired_difference(a: Any, b: Any, n_boot: int = 10000, seed: int = 0, ci: fl
     """How sure a difference between two methods is, from their per-entity values a and b (n,)
     of one metric, paired by entity: the mean of a - b, its `ci` interval from resampling the
     entities with replacement (a percentile bootstrap: which servers are in the data set is the
-    main source of chance here), and on how many entities a is higher, lower or level.
-    Entities where either value is missing or NaN are left out."""
+    main source of chance here), and on how many entities a is higher, lower or level; "a" and
+    "b" are the two means over the same entities. Entities where either value is missing or NaN
+    are left out."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"paired_difference: a and b must be 1-D of one length, not {a.shape} and {b.shape}")
-    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    both = np.isfinite(a) & np.isfinite(b)
+    a, b = a[both], b[both]
+    d = a - b
     if len(d) == 0:
-        return {"n": 0, "mean": NAN, "lo": NAN, "hi": NAN, "higher": 0, "lower": 0, "level": 0}
+        return {"n": 0, "a": NAN, "b": NAN, "mean": NAN, "lo": NAN, "hi": NAN, "higher": 0, "lower": 0, "level": 0}
     rng = np.random.default_rng(seed)
     means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
     lo, hi = np.quantile(means, [(1 - ci) / 2, (1 + ci) / 2])
-    return {"n": len(d), "mean": float(d.mean()), "lo": float(lo), "hi": float(hi),
+    return {"n": len(d), "a": float(a.mean()), "b": float(b.mean()), "mean": float(d.mean()),
+            "lo": float(lo), "hi": float(hi),
             "higher": int((d > 0).sum()), "lower": int((d < 0).sum()), "level": int((d == 0).sum())}

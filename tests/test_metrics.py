@@ -313,6 +313,7 @@ def test_paired_difference_interval_and_counts():
     d = M.paired_difference(a, b, n_boot=2000, seed=1)
     assert d["n"] == 5  # the NaN entity is left out
     assert d["mean"] == pytest.approx(np.mean([0.1, 0.0, 0.2, -0.1, 0.3]))
+    assert (d["a"], d["b"]) == (pytest.approx(0.62), pytest.approx(0.52))  # over the same 5 entities
     assert d["lo"] < d["mean"] < d["hi"]
     assert (d["higher"], d["lower"], d["level"]) == (3, 1, 1)
     # a constant difference is certain; a difference whose sign flips is not
