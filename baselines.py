@@ -72,8 +72,11 @@ def fit_random(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
 
 def fit_pca(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
     """PCA on flattened windows; the reconstruction is scored like PUAD's."""
-    pca = PCA(n_components=float(opt["pca_var"]), svd_solver="full").fit(train)
     T = cfg.seq_len
+    if len(train) < 2:  # one window has no variance to explain (sklearn divides 0 by 0): its mean
+        mean = train.mean(0)
+        return lambda x: {"mu": np.broadcast_to(mean, x.shape).reshape(len(x), T, -1).copy()}
+    pca = PCA(n_components=float(opt["pca_var"]), svd_solver="full").fit(train)
     return lambda x: {"mu": pca.inverse_transform(pca.transform(x)).reshape(len(x), T, -1)}
 
 

@@ -72,3 +72,24 @@ def test_unknown_method_is_an_error(tmp_path):
     import baselines
     with pytest.raises(SystemExit):
         baselines.main([f"--data={tmp_path}", "--methods=nope"])
+
+
+def test_pca_on_one_window_reconstructs_its_mean_without_warnings():
+    import warnings
+
+    import numpy as np
+
+    import baselines
+    from config import Config
+    cfg = Config(seq_len=4)
+    rng = np.random.default_rng(0)
+    one = rng.random((1, 4 * 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # sklearn's PCA warns (0 / 0) on a single sample
+        score = baselines.fit_pca(one, cfg, dict(baselines.EXTRA_DEFAULTS))
+        mu = score(rng.random((5, 12)))["mu"]
+    assert mu.shape == (5, 4, 3)
+    np.testing.assert_allclose(mu, np.broadcast_to(one.reshape(1, 4, 3), (5, 4, 3)))
+    two = rng.random((2, 12))  # two windows: a real PCA, which reproduces its own training windows
+    np.testing.assert_allclose(baselines.fit_pca(two, cfg, dict(baselines.EXTRA_DEFAULTS))(two)["mu"].reshape(2, 12),
+                               two, atol=1e-9)
