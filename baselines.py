@@ -189,14 +189,14 @@ def add_options(parser) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     """Run the chosen baselines; returns {method: metrics.json content}."""
-    parsed = cli(argv, defaults={"out_dir": ""}, description=__doc__, extra=add_options)
+    parsed = cli(argv, defaults={"out_dir": "res_hr/baselines"}, description=__doc__, extra=add_options)
     cfg, opt = parsed.cfg, vars(parsed.opts)
     methods = [m.strip() for m in str(opt["methods"]).split(",") if m.strip()]
     unknown = [m for m in methods if m not in FITTERS]
     if unknown:
         cli_error(f"unknown method(s) {unknown}; choose from {METHODS}")
-    if not cfg.out_dir:  # default: one folder per dataset, so runs do not overwrite each other
-        cfg.out_dir = str(Path("res_hr") / "baselines" / Path(cfg.data).resolve().name)
+    if "out_dir" not in parsed.given:  # default: one folder per dataset, so runs do not overwrite each other
+        cfg.out_dir = str(Path(cfg.out_dir) / Path(cfg.data).resolve().name)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)

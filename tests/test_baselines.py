@@ -93,3 +93,16 @@ def test_pca_on_one_window_reconstructs_its_mean_without_warnings():
     two = rng.random((2, 12))  # two windows: a real PCA, which reproduces its own training windows
     np.testing.assert_allclose(baselines.fit_pca(two, cfg, dict(baselines.EXTRA_DEFAULTS))(two)["mu"].reshape(2, 12),
                                two, atol=1e-9)
+
+
+def test_default_out_dir_is_one_folder_per_data_set(tmp_path, monkeypatch):
+    """`python baselines.py --data=PATH` (the README's command, no --out_dir) writes under
+    res_hr/baselines/<data folder name>; --out_dir is taken as given."""
+    if not (DATA / "ASD" / "omi-1").is_dir():
+        pytest.skip(f"{DATA} not available")
+    import baselines
+    monkeypatch.chdir(tmp_path)
+    baselines.main([f"--data={DATA / 'ASD'}", "--entities=omi-1", "--methods=random"])
+    assert _strict((tmp_path / "res_hr" / "baselines" / "ASD" / "random" / "metrics.json").read_text())["method"] == "random"
+    baselines.main([f"--data={DATA / 'ASD'}", "--entities=omi-1", "--methods=random", "--out_dir=mine"])
+    assert (tmp_path / "mine" / "random" / "metrics.json").is_file()
