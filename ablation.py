@@ -28,7 +28,12 @@ from utils import (DataError, align_features, atomic_write, get_device, load_dat
 
 # name -> Config overrides; the first row is the default, each other row changes one thing
 VARIANTS: dict[str, dict] = {
-    "default (norm, smooth 5, floor 0.1, constant-feature floor 0.01, SPOT q=1e-2 level 0.98, drift guard 1000)": {},
+    "default (norm, latent term 0.5, smooth 5, floor 0.1, constant-feature floor 0.01, SPOT q=1e-2 level 0.98, drift guard 1000)": {},
+    "no latent term (the reconstruction alone, the previous default)": dict(latent_weight=0.0),
+    "latent term 0.25": dict(latent_weight=0.25),
+    "latent term 1": dict(latent_weight=1.0),
+    "latent term: the nearest normal window (k=1)": dict(latent_k=1),
+    "latent term: the 20 nearest normal windows": dict(latent_k=20),
     "paper's score: NLL with learned sigma, no smoothing": dict(score="nll", smooth=1),
     "fixed-variance squared error (authors' code), no smoothing": dict(score="se", smooth=1),
     "squared error, smooth 5": dict(score="se"),
@@ -45,8 +50,8 @@ VARIANTS: dict[str, dict] = {
     "drift guard over 3000 points": dict(drift_window=3000),
 }
 KEYS = ("auc_pr", "f1", "vus_pr", "f1_pa", "auc_roc", "best_f1_oracle")
-SCORER_FIELDS = ("score", "score_floor", "const_floor", "smooth", "threshold", "spot_q", "spot_level",
-                 "percentile", "drift_window")
+SCORER_FIELDS = ("score", "latent_weight", "latent_k", "score_floor", "const_floor", "smooth", "threshold",
+                 "spot_q", "spot_level", "percentile", "drift_window")
 
 
 def variants(cfg: Config) -> dict[str, dict]:

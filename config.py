@@ -81,6 +81,11 @@ class Config:
     smooth: int = 5                      # score = causal mean of the last N point scores (1 = off)
     name_q: float = 0.9                  # which metrics: each feature's contribution over its name_q quantile on the
                                          # calibration rows (0 = the contributions as scored; docs/ablation.md)
+    latent_weight: float = 0.5           # latent term: theta0's mean distance to its latent_k nearest among the
+                                         # entity's normal windows over its median on the calibration rows, times
+                                         # this, added to the point score (0 = off; docs/ablation.md)
+    latent_k: int = 5
+    latent_memory: int = 1000            # the most normal windows an entity's memory keeps (spread evenly)
     use_local: bool = True               # test.py: apply the entity's local prototypes when adapted
     min_calib_rows: int = 200            # an entity adapted from fewer rows than this is calibrated on the history's
                                          # calibration rows stored in the checkpoint (chosen on 3 ASD splits: docs/meta.md)
@@ -432,7 +437,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "score_samples": _nonneg, "score_batch": _pos,
     "score_mode": _choice("point", "block"),
     "score": _choice("norm", "se", "nll"), "score_floor": _positive, "const_floor": _positive,
-    "smooth": _pos, "name_q": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "smooth": _pos, "latent_weight": _nonneg, "latent_k": _pos, "latent_memory": _pos, "name_q": ((lambda v: 0 <= v < 1), "in [0, 1)"),
     # a number only in detect_live.py (a fixed threshold); test.py refuses it
     "threshold": _number_or(*THRESHOLD_METHODS),
     "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"),

@@ -26,7 +26,8 @@ coordination; each serves only its entities.
 
 Calibration: at start-up, exactly as test.py does (puad.calibrate_entity), the score's
 per-feature normaliser and the threshold (spot | percentile) come from the validation tail of
-the entity's train series in --data (which defaults to the checkpoint's training data);
+the entity's train series in --data (which defaults to the checkpoint's training data), the
+latent term's memory from the train rows before that tail;
 the threshold then follows the score's level as in test.py (the drift guard, `--drift_window`:
 each entity keeps its last scores, the calibration's last ones at start-up);
 `--threshold=NUMBER` replaces the threshold, fixed at every poll. Each poll scores the last `--smooth` windows so
@@ -380,15 +381,16 @@ class Detector:
         last `smooth` windows, so the causal smoothing is test.py's."""
         return self.score_windows({entity: raw})[entity]
 
-    def _reconstruct(self, windows: np.ndarray, use_local: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The model's decoder mean and std (B, T, V) of scaled, clipped windows, in batches."""
-        mus, stds = [], []
+    def _reconstruct(self, windows: np.ndarray, use_local: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The model's decoder mean and std (B, T, V) and theta0 (B, d_theta) of scaled, clipped
+        windows, in batches."""
+        parts: tuple[list, list, list] = ([], [], [])
         for i in range(0, len(windows), self.cfg.score_batch):
             xb = torch.as_tensor(np.ascontiguousarray(windows[i:i + self.cfg.score_batch]))
             out = self.model.reconstruct(xb, use_local, self.cfg.score_samples, local_score=self.cfg.local_score)
-            mus.append(out["x_mu"].numpy())
-            stds.append(out["x_std"].numpy())
-        return np.concatenate(mus), np.concatenate(stds)
+            for part, key in zip(parts, ("x_mu", "x_std", "theta0")):
+                part.append(out[key].numpy())
+        return tuple(np.concatenate(p) for p in parts)
 
     def score_windows(self, raws: dict[str, np.ndarray]) -> dict[str, float]:
         """Scores of many entities' windows (raw: seq_len + smooth - 1 rows each), batched: each
@@ -414,7 +416,7 @@ class Detector:
             for w, key in zip(windows, keys[entity]):
                 if key not in old:
                     todo[bool(st["use_local"])].append((entity, key, w))
-        fresh: dict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = {}
+        fresh: dict[str, dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}  # mu, std, theta0
         self.model_windows = len(todo[False]) + len(todo[True])
         groups = [(False, todo[False])]  # global prototypes only: one batch for every such entity
         by_entity: dict[str, list] = {}
@@ -427,9 +429,9 @@ class Detector:
                     continue
                 if use_local:
                     apply_local_state(self.model, self.states[items[0][0]]["local"])
-                mu, std = self._reconstruct(np.stack([w for *_, w in items]), use_local)
-                for (entity, key, _), m, s in zip(items, mu, std):
-                    fresh.setdefault(entity, {})[key] = (m, s)
+                mu, std, theta0 = self._reconstruct(np.stack([w for *_, w in items]), use_local)
+                for (entity, key, _), m, s, z in zip(items, mu, std, theta0):
+                    fresh.setdefault(entity, {})[key] = (m, s, z)
         results = {}
         point = lambda a: np.stack([window_to_point_scores(w, seq_len) for w in a])  # noqa: E731  (per entity)
         by_kind: dict[tuple, list[str]] = {}  # entities whose calibrations score alike go through apply_batch together
@@ -438,10 +440,12 @@ class Detector:
             by_kind.setdefault((cal.info.get("score"), cal.info.get("smooth", 1), cal.center is None), []).append(entity)
         for group in by_kind.values():
             known = {e: {**cache.get(e, {}), **fresh.get(e, {})} for e in group}
-            mu = np.stack([[known[e][k][0] for k in keys[e]] for e in group])  # (E, windows, T, V)
-            std = np.stack([[known[e][k][1] for k in keys[e]] for e in group])
+            mu, std, theta0 = (np.stack([[known[e][k][i] for k in keys[e]] for e in group]) for i in range(3))
+            # mu, std (E, windows, T, V) per point; theta0 (E, windows, d): a point takes its window's
+            theta0 = np.concatenate([np.repeat(theta0[:, :1], seq_len - 1, axis=1), theta0], axis=1)
             scores, contrib = scoring.apply_batch([self.calibrations[e] for e in group],
-                                                  {"x": np.stack([xs[e] for e in group]), "mu": point(mu), "std": point(std)})
+                                                  {"x": np.stack([xs[e] for e in group]), "mu": point(mu), "std": point(std),
+                                                   "theta0": theta0})
             for i, e in enumerate(group):
                 self.last_contrib[e] = contrib[i, -1]
                 results[e] = float(scores[i, -1])

@@ -43,8 +43,9 @@ class PUAD(nn.Module):
                 batch_plan: bool = True, score_only: bool = False) -> dict[str, torch.Tensor]:
         """x (B, T, V) -> loss parts (batch means), the per-point NLL (B, T, V) and the plan (B, K).
 
-        score_only: just what a score needs, the decoder's x_mu and x_std (B, T, V) and the plan;
-        no KL terms, prior head or OT loss (the scorer's fast path, same numbers).
+        score_only: just what a score needs, the decoder's x_mu and x_std (B, T, V), the plan and
+        theta0 (B, d_theta; its posterior mean when not sampling); no KL terms, prior head or OT
+        loss (the scorer's fast path, same numbers).
         """
         h0 = self.encoder(x)
         h1 = self.to_h1(h0)
@@ -55,7 +56,7 @@ class PUAD(nn.Module):
         theta1 = mu1 + std1 * torch.randn_like(std1) if sample else mu1
         x_mu, x_std = self.vae.decode(theta1)
         if score_only:
-            return {"x_mu": x_mu, "x_std": x_std, "plan": plan}
+            return {"x_mu": x_mu, "x_std": x_std, "plan": plan, "theta0": theta0}
         mu_p, std_p = self.vae.f1(theta0_prime)
         nll = gaussian_nll(x, x_mu, x_std)
         return {
@@ -67,6 +68,7 @@ class PUAD(nn.Module):
             "x_mu": x_mu,
             "x_std": x_std,
             "plan": plan,
+            "theta0": theta0,
         }
 
     def loss(self, x: torch.Tensor, rho: tuple[float, float, float], use_local: bool = False,
@@ -78,8 +80,9 @@ class PUAD(nn.Module):
     @torch.inference_mode()
     def reconstruct(self, x: torch.Tensor, use_local: bool = False, n_samples: int = 0,
                     amp: bool = False, compile: bool = False, local_score: str = "closer") -> dict[str, torch.Tensor]:
-        """Decoder mean and std of every point of every window (B, T, V), and the row-normalised
-        transport plan (B, K).
+        """Decoder mean and std of every point of every window (B, T, V), the row-normalised
+        transport plan (B, K) and theta0 (B, d_theta), what the encoder makes of each window
+        (the same with or without the local prototypes).
 
         Each window is transported on its own (running OT potentials), so nothing depends on
         the batch. n_samples=0 uses posterior means; L > 0 averages mu and std over L samples.
@@ -298,7 +301,9 @@ def score_kwargs(cfg: Config) -> dict:
 def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, local: dict | None,
                       use_local: bool, name: str = "") -> dict:
     """What an entity's calibration is fitted on: the reconstruction of its calibration rows
-    (x_train already scaled) and which features were constant over the rows training saw.
+    (x_train already scaled), which features were constant over the rows training saw, and the
+    latent term's memory, never of the calibration rows themselves: theta0 of the train rows
+    before the tail (latent_memory), or for an adapted entity the history's (history_memory).
     An entity adapted from so few windows that its rows are under cfg.min_calib_rows borrows
     the history's calibration rows instead (history_calibration), when the checkpoint has them:
     on new ASD servers, N = 5 to 20 windows' own threshold flagged 22-32 % of the test points,
@@ -309,26 +314,66 @@ def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray,
         if "history_calib" in ckpt:
             log.info("%s: %d calibration rows (< --min_calib_rows=%d): the history's %d calibration rows",
                      name or "entity", len(rows), cfg.min_calib_rows, len(ckpt["history_calib"]["x"]))
-            return {k: v.numpy() for k, v in ckpt["history_calib"].items()}
+            return dict({k: v.numpy() for k, v in ckpt["history_calib"].items()}, memory=history_memory(ckpt, name))
         log.warning("%s: %d calibration rows (< --min_calib_rows=%d) and no history calibration in the "
                     "checkpoint (trained before it was stored): calibrating on them anyway",
                     name or "entity", len(rows), cfg.min_calib_rows)
     out = score_series(model, rows, cfg.seq_len, use_local, **score_kwargs(cfg))
     seen = rows if adapted else x_train
-    return dict(out, constant=scoring.constant_features(seen))
+    if adapted:  # its own windows are its calibration rows
+        memory = history_memory(ckpt, name)
+    else:
+        before, tail = split_train_val(x_train, cfg.val_frac, cfg.seq_len)
+        # (a series too short to hold out a tail validates on itself: no rows left for a memory)
+        memory = latent_memory(model, before, cfg) if before is not tail else None
+    return dict(out, constant=scoring.constant_features(seen), memory=memory)
+
+
+def history_memory(ckpt: dict, name: str = "") -> np.ndarray | None:
+    """The history's latent memory stored in a stage-1 checkpoint (history_calibration), or None:
+    a model trained on --adapt_windows=N windows has none; an older checkpoint has none either
+    (logged: the entity is then scored without the latent term)."""
+    if "memory" in ckpt.get("history_calib", {}):
+        return ckpt["history_calib"]["memory"].numpy()
+    if not checkpoint_args(ckpt)["adapt_windows"]:
+        log.warning("%s: the checkpoint stores no latent memory (trained before it was added): scored "
+                    "without the latent term; retrain stage 1 to add it", name or "entity")
+    return None
+
+
+@torch.inference_mode()
+def latent_memory(model: PUAD, rows: np.ndarray, cfg: Config) -> np.ndarray:
+    """An entity's memory for the latent term: theta0 of at most cfg.latent_memory windows spread
+    evenly over its scaled train rows (the rows training saw, never the calibration rows) ->
+    (M, d_theta) float32."""
+    windows = create_sequences(clip_inputs(rows), cfg.seq_len)
+    if len(windows) > cfg.latent_memory:
+        windows = windows[np.linspace(0, len(windows) - 1, cfg.latent_memory).round().astype(int)]
+    device = next(model.parameters()).device
+    parts = [model.reconstruct(torch.as_tensor(np.ascontiguousarray(windows[i:i + cfg.score_batch]), device=device)
+                               )["theta0"].cpu().numpy() for i in range(0, len(windows), cfg.score_batch)]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, cfg.d_theta), np.float32)
 
 
 def history_calibration(model: PUAD, vals: list[np.ndarray], trains: list[np.ndarray], cfg: Config,
                         max_rows: int = HISTORY_CALIB_ROWS) -> dict[str, torch.Tensor]:
     """The history's calibration rows, stored in a stage-1 checkpoint: every history entity's
     validation tail (scaled) reconstructed by the trained model with the global prototypes,
-    the last max_rows / E rows of each, pooled; constant = constant over every train series.
-    An entity adapted from too few windows is calibrated on these (calibration_input)."""
+    the last max_rows / E rows of each, pooled; constant = constant over every train series;
+    memory = theta0 of max_rows / E windows of each train series (latent_memory), pooled; none
+    for a model trained on --adapt_windows=N windows, whose train rows are its calibration rows.
+    An entity adapted from a few windows compares its theta0s with this memory, and one adapted
+    from too few is also calibrated on these rows (calibration_input)."""
     per = max(cfg.seq_len, max_rows // max(1, len(vals)))
     outs = [score_series(model, v[-per:], cfg.seq_len, False, **score_kwargs(cfg)) for v in vals]
     const = np.logical_and.reduce([scoring.constant_features(t) for t in trains])
-    pooled = {k: torch.from_numpy(np.concatenate([o[k] for o in outs]).astype(np.float32)) for k in ("x", "mu", "std")}
-    return dict(pooled, constant=torch.from_numpy(np.asarray(const, bool)))
+    pooled = {k: torch.from_numpy(np.concatenate([o[k] for o in outs]).astype(np.float32))
+              for k in ("x", "mu", "std", "theta0")}
+    if cfg.adapt_windows:
+        return dict(pooled, constant=torch.from_numpy(np.asarray(const, bool)))
+    each = dataclasses.replace(cfg, latent_memory=per)
+    memory = torch.from_numpy(np.concatenate([latent_memory(model, t, each) for t in trains]))
+    return dict(pooled, constant=torch.from_numpy(np.asarray(const, bool)), memory=memory)
 
 
 def calibrate_entity(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, local: dict | None,
@@ -370,7 +415,7 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
 
     Returns {"x": the input as the model saw it (n, V), "mu", "std": the decoder's mean and
     standard deviation of each point (n, V), "plan": the transport plan of the window that
-    reconstructs it (n, K), "local_used": (n,) bool, whether the point's reconstruction went
+    reconstructs it (n, K), "theta0": that window's theta0 (n, d_theta), "local_used": (n,) bool, whether the point's reconstruction went
     through the local prototypes (PUAD.reconstruct's local_score), and under local_score=closer
     "plan_global" (n, K_g), the plan without the local prototypes}; scoring.calibrate /
     scoring.apply turn these into scores.
@@ -392,7 +437,7 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
     n = len(x)
     windows = create_sequences(x, seq_len, seq_len if mode == "block" else 1)
     tail = n - len(windows) * seq_len if mode == "block" else 0  # points after the last full block
-    parts: dict[str, list[np.ndarray]] = {"mu": [], "std": [], "plan": [], "used": [], "plan_global": []}
+    parts: dict[str, list[np.ndarray]] = {"mu": [], "std": [], "plan": [], "theta0": [], "used": [], "plan_global": []}
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
         if tail and i + batch_size >= len(windows):
@@ -402,6 +447,7 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
         parts["mu"].append(out["x_mu"].cpu().numpy())
         parts["std"].append(out["x_std"].cpu().numpy())
         parts["plan"].append(out["plan"].cpu().numpy())
+        parts["theta0"].append(out["theta0"].cpu().numpy())
         parts["used"].append(out["local_used"].cpu().numpy())
         if "plan_global" in out:
             parts["plan_global"].append(out["plan_global"].cpu().numpy())
@@ -418,6 +464,7 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
         res = {"x": x, "mu": window_to_point_scores(mu, seq_len), "std": window_to_point_scores(std, seq_len),
                "local_used": window_to_point_scores(used, seq_len)}
     res["plan"] = to_points(plan)
+    res["theta0"] = to_points(np.concatenate(parts["theta0"]))
     if parts["plan_global"]:
         res["plan_global"] = to_points(np.concatenate(parts["plan_global"]))
     return res

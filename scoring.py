@@ -12,11 +12,20 @@ of its V values, from the window that ends at t (puad.score_series). With the de
                                                          `const_floor` for a feature that was
                                                          constant over the train series
     c_tv = z_tv ** 2                                     feature v's contribution
-    s_t  = mean_v c_tv, then the mean of the last `smooth` points (causal: live detection can
-           compute it from the last `smooth` windows)
+    d_t  = mean distance of theta0_t (the window's encoding, PUAD only) to its `latent_k`
+           nearest among the entity's normal windows' theta0s (the memory: up to
+           `latent_memory` windows of the train rows before the calibration rows)
+    s_t  = mean_v c_tv + latent_weight x d_t / median(d) on the calibration rows (the distance
+           in units of its normal size, as each residual is), then the mean of the last `smooth`
+           points (causal: live detection can compute it from the last `smooth` windows)
+
+The latent term catches a window the decoder reconstructs well enough but whose encoding this
+entity has never shown: the global prototypes summarise every entity in a few points, the memory
+keeps this entity's own normal states (the same term on PCA's or the autoencoder's codes gains
+them less: docs/ablation.md). Models without a theta0 (the baselines) are scored without it.
 
 Which metrics an alarm names (segment tables, alerts, puad_feature_score, HitRate) comes from
-the same c_tv, smoothed like the score, each feature's divided by its usual level: its `name_q`
+the same c_tv (the latent term names no metric), smoothed like the score, each feature's divided by its usual level: its `name_q`
 quantile (0.9) over the calibration rows. A feature is named for being far above its own normal,
 not for being large: most features sit at the floor, where the largest c_tv belong to the
 features of the widest train range, and a quiet metric that moved ten times its usual amount
@@ -49,12 +58,40 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 
 from metrics import select_threshold
 
 SCORES = ("norm", "se", "nll")
 MAX_CONTRIBUTION = 1e12  # bounds one feature's share so that a sum over features stays finite
+LATENT_FLOOR = 1e-3  # the smallest median memory distance the latent term is scaled by (theta0 units)
 USUAL_FLOOR = 1e-3  # the smallest usual level a named contribution is divided by (a feature quiet on the calibration rows)
+
+
+class Memory:
+    """An entity's normal theta0s (M, d), prepared once for nearest-neighbour searches: centred
+    float32 (distances good to ~1e-6) with their squared norms, so that a live poll of one window
+    per entity costs a (1, M) product and a top-k, not a copy of the memory."""
+
+    def __init__(self, states: np.ndarray):
+        m = torch.as_tensor(np.asarray(states, np.float32))
+        self.center = m.mean(0)
+        self.states = m - self.center
+        self.norms = (self.states * self.states).sum(1)
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def distance(self, z: np.ndarray, k: int) -> np.ndarray:
+        """Mean Euclidean distance of each row of z (..., d) to its k nearest states."""
+        k = max(1, min(int(k), len(self)))
+        shape = np.shape(z)[:-1]
+        flat = torch.as_tensor(np.asarray(z, np.float32)).reshape(-1, self.states.shape[1]) - self.center
+        parts = []
+        for zb in flat.split(4096):  # (4096, M) squared distances at a time
+            d2 = (zb * zb).sum(1, keepdim=True) + self.norms - 2.0 * zb @ self.states.T
+            parts.append(d2.topk(k, dim=1, largest=False).values.clamp_min(0.0).sqrt().mean(1))
+        return (torch.cat(parts).double().numpy() if parts else np.zeros(0)).reshape(shape)
 
 
 @dataclass
@@ -69,6 +106,9 @@ class Calibration:
     pinned: np.ndarray | None = None     # (V,) the value of each feature constant over the train rows, NaN for the others
     usual: np.ndarray | None = None      # (V,) each feature's usual smoothed contribution (name_q quantile on the
                                          # calibration rows, >= USUAL_FLOOR): what names features is divided by it
+    memory: Memory | None = None         # theta0 of the entity's normal windows (M, d_theta; the latent term)
+    latent: float = 0.0                  # the latent term's factor: latent_weight / the calibration rows' median
+                                         # distance to the memory; 0 = off
     info: dict = field(default_factory=dict)  # score, smooth and threshold method it was fitted with
 
 
@@ -105,22 +145,30 @@ def contributions(x: np.ndarray, mu: np.ndarray, std: np.ndarray | None, score: 
     return np.minimum(c, MAX_CONTRIBUTION)
 
 
-def point_scores(contrib: np.ndarray, score: str, k: int) -> np.ndarray:
+def knn_distance(z: np.ndarray, memory: np.ndarray | Memory, k: int) -> np.ndarray:
+    """Mean Euclidean distance of each row of z (..., d) to its k nearest rows of memory (M, d)."""
+    return (memory if isinstance(memory, Memory) else Memory(memory)).distance(z, k)
+
+
+def point_scores(contrib: np.ndarray, score: str, k: int, latent: np.ndarray | float = 0.0) -> np.ndarray:
     """Point scores (n,) from contributions: mean over features (sum for nll, the paper's
-    log-likelihood of the point), then the causal mean of the last k points."""
+    log-likelihood of the point), plus the latent term (Calibration.latent x theta0's distance to
+    the memory; 0 without one), then the causal mean of the last k points."""
     s = contrib.sum(-1) if score == "nll" else contrib.mean(-1)  # over features, the last axis
-    return smooth(s, k)
+    return smooth(s + latent, k)
 
 
 def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
     """The one calibration: normaliser and threshold from the calibration rows' reconstructions.
 
     calib: {"x", "mu", "std"} arrays (n, V) of the calibration rows (residual models), and
-    optionally "constant" (V,) bool, the features constant over the train series; or
-    {"scores": (n,)} for a model with scalar scores only (then only smoothing and threshold).
+    optionally "constant" (V,) bool, the features constant over the train series, and "theta0"
+    (n, d) with "memory" (M, d) for PUAD's latent term (module docstring; cfg.latent_weight);
+    or {"scores": (n,)} for a model with scalar scores only (then only smoothing and threshold).
     """
     score = score or cfg.score
-    center = scale = pinned = usual = None
+    center = scale = pinned = usual = memory = None
+    latent = 0.0
     if "scores" in calib:
         s = smooth(np.asarray(calib["scores"], np.float64), cfg.smooth)
     else:
@@ -130,7 +178,12 @@ def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
             floor = np.where(const, cfg.const_floor, cfg.score_floor)
             center, scale = fit_normaliser(np.asarray(calib["x"], np.float64) - calib["mu"], floor)
         c = contributions(calib["x"], calib["mu"], calib.get("std"), score, center, scale)
-        s = point_scores(c, score, cfg.smooth)
+        dist = 0.0
+        if cfg.latent_weight > 0 and calib.get("memory") is not None and len(calib["memory"]) and len(c):
+            memory = Memory(calib["memory"])
+            dist = memory.distance(calib["theta0"], cfg.latent_k)
+            latent = cfg.latent_weight / max(float(np.median(dist)), LATENT_FLOOR)
+        s = point_scores(c, score, cfg.smooth, latent * dist)
         if cfg.name_q > 0 and len(c):
             usual = np.maximum(np.quantile(named(c, calib["x"], pinned, None, cfg.smooth), cfg.name_q, axis=0),
                                USUAL_FLOOR)
@@ -138,8 +191,9 @@ def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
     w = int(cfg.drift_window)
     return Calibration(float(thr), center, scale, len(s), median=float(np.median(s)) if len(s) else 0.0,
                        recent=s[-w:].copy() if w > 0 else np.zeros(0), pinned=pinned, usual=usual,
+                       memory=memory if latent > 0 else None, latent=latent,
                        info={"score": score, "smooth": int(cfg.smooth), "threshold_method": cfg.threshold,
-                             "drift_window": w})
+                             "drift_window": w, "latent_k": int(cfg.latent_k)})
 
 
 def thresholds(cal: Calibration, scores: np.ndarray) -> np.ndarray:
@@ -213,14 +267,28 @@ def named(contrib: np.ndarray, x: np.ndarray, pinned: np.ndarray | None, usual: 
 
 def apply(cal: Calibration, out: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """Scores (n,) and the named contributions (n, V) (named(); None for scalar models) of a
-    scored series. With --name_q=0 the contributions of a point average to its score (norm, se)
-    or sum to it (nll), except that a feature still at its constant training value has none."""
+    scored series. With --name_q=0 and no latent term the contributions of a point average to its
+    score (norm, se) or sum to it (nll), except that a feature still at its constant training
+    value has none."""
     k = cal.info.get("smooth", 1)
     if "scores" in out:
         return smooth(np.asarray(out["scores"], np.float64), k), None
     score = cal.info["score"]
     c = contributions(out["x"], out["mu"], out.get("std"), score, cal.center, cal.scale)
-    return point_scores(c, score, k), named(c, out["x"], cal.pinned, cal.usual, k)
+    return point_scores(c, score, k, latent_term(cal, out)), named(c, out["x"], cal.pinned, cal.usual, k)
+
+
+def latent_term(cal: Calibration, out: dict) -> np.ndarray | float:
+    """What theta0's distance to the entity's memory adds to each point score (n,): 0 when the
+    calibration has no latent term; a calibration with one needs out["theta0"]."""
+    if cal.latent <= 0:
+        return 0.0
+    if out.get("theta0") is None:
+        raise ValueError("this calibration has a latent term; the scored output needs theta0")
+    z = np.asarray(out["theta0"])
+    # the points of one window share its theta0 (--score_mode=block, the first seq_len - 1): one search each
+    new = np.r_[True, np.any(z[1:] != z[:-1], axis=-1)]
+    return cal.latent * cal.memory.distance(z[new], cal.info.get("latent_k", 5))[np.cumsum(new) - 1]
 
 
 def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -237,8 +305,12 @@ def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndar
         scale = np.stack([c.scale for c in cals])[None]
     t = lambda a: None if a is None else np.swapaxes(np.asarray(a), 0, 1)  # noqa: E731  (n, E, V): smooth runs along axis 0
     c = contributions(t(out["x"]), t(out["mu"]), t(out.get("std")), score, center, scale)
+    z = out.get("theta0")
+    latent = np.stack([np.broadcast_to(latent_term(c_, {"theta0": None if z is None else z[i]}), c.shape[:1])
+                       for i, c_ in enumerate(cals)], axis=1)  # (n, E)
     pinned = None if any(c_.pinned is None for c_ in cals) else np.stack([c_.pinned for c_ in cals])[None]
     usual = None
     if any(c_.usual is not None for c_ in cals):
         usual = np.stack([np.ones(c.shape[-1]) if c_.usual is None else c_.usual for c_ in cals])[None]
-    return np.swapaxes(point_scores(c, score, k), 0, 1), np.swapaxes(named(c, t(out["x"]), pinned, usual, k), 0, 1)
+    return (np.swapaxes(point_scores(c, score, k, latent), 0, 1),
+            np.swapaxes(named(c, t(out["x"]), pinned, usual, k), 0, 1))

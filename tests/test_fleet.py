@@ -279,7 +279,7 @@ def test_batched_scoring_with_local_and_global_entities():
     import detect_live
     import scoring
     from config import PRESETS, Config
-    from puad import PUAD, apply_local_state, score_series
+    from puad import PUAD, apply_local_state, latent_memory, score_series
     from utils import Scaler
     for local_score in ("always", "closer"):
         torch.manual_seed(0)
@@ -298,7 +298,9 @@ def test_batched_scoring_with_local_and_global_entities():
                 apply_local_state(model, local)
             out = score_series(model, states[s]["scaler"].transform(x[:30]), SEQ_LEN, local is not None,
                                local_score=local_score)
-            cals[s] = scoring.calibrate(dict(out, constant=scoring.constant_features(x[:30])), cfg)
+            memory = latent_memory(model, states[s]["scaler"].transform(x[:30] + rng.normal(size=(30, 4))), cfg)
+            cals[s] = scoring.calibrate(dict(out, constant=scoring.constant_features(x[:30]), memory=memory), cfg)
+            assert cals[s].latent > 0  # each with its own memory: the latent term goes through the batch too
             series[s] = x
         det = detect_live.Detector(cfg, {"features": list("abcd")}, model, names, {"rate_window": "1s"}, [], states, cals)
         n = cfg.seq_len + cfg.smooth - 1

@@ -96,6 +96,8 @@ def test_few_windows_borrow_the_historys_calibration(trained, tmp_path):
     V = shared["n_features"]
     assert hc["x"].shape == hc["mu"].shape == hc["std"].shape and hc["x"].shape[1] == V and hc["constant"].shape == (V,)
     assert len(hc["x"]) >= 2 * shared["config"]["seq_len"]  # more than one history entity's tail
+    d = shared["model_args"]["d_theta"]
+    assert hc["theta0"].shape == (len(hc["x"]), d) and hc["memory"].shape[1] == d  # the history's latent memory
     train_safe.main(args(tmp_path, data, "--stage=local", "--entity=omi-5", "--adapt_windows=5", "--local_epochs=2"))
     ent = load_dataset(data, ["omi-5"])[0]
     cfg = run_config(parse_config([f"--ckpt={tmp_path / 'puad.ckpt'}", f"--data={data}"]), shared)
@@ -104,11 +106,13 @@ def test_few_windows_borrow_the_historys_calibration(trained, tmp_path):
         r = reconstruct_entity(model, shared, dataclasses.replace(cfg, use_local=use_local), ent)
         np.testing.assert_array_equal(r["calib"]["x"], hc["x"].numpy())
         np.testing.assert_array_equal(r["calib"]["mu"], hc["mu"].numpy())
+        np.testing.assert_array_equal(r["calib"]["memory"], hc["memory"].numpy())
         local, scaler = entity_state(shared, cfg.ckpt, "omi-5")
         live = calibrate_entity(model, shared, cfg, scaler.transform(ent.train), local, use_local, "omi-5")
         assert live.threshold == scoring.calibrate(r["calib"], cfg).threshold and live.n_rows == len(hc["x"])
     own = reconstruct_entity(build_model(shared)[0], shared, dataclasses.replace(cfg, min_calib_rows=0), ent)
-    assert len(own["calib"]["x"]) == 5 + cfg.seq_len - 1  # its own N windows
+    assert len(own["calib"]["x"]) == 5 + cfg.seq_len - 1  # its own N windows ...
+    np.testing.assert_array_equal(own["calib"]["memory"], hc["memory"].numpy())  # ... against the history's memory
     # test.py on the adapted entity beside one without local prototypes: both plans drawn
     m = evaluate_script.main([f"--ckpt={tmp_path / 'puad.ckpt'}", f"--data={data}", "--entities=omi-1,omi-5",
                               f"--out_dir={tmp_path / 'res'}", "--plots=True"])

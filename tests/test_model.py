@@ -113,6 +113,7 @@ def test_fast_scoring_path_equals_the_full_forward():
     assert torch.allclose(fast["x_std"], full["x_std"], atol=1e-6)
     plan = full["plan"] / full["plan"].sum(-1, keepdim=True)
     assert torch.allclose(fast["plan"], plan, atol=1e-6)
+    assert torch.allclose(fast["theta0"], full["theta0"], atol=1e-6)  # what the latent term compares
     assert "kl0" not in fast and "recon" in full
 
 

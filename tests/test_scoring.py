@@ -7,7 +7,7 @@ import torch
 
 import scoring
 from config import parse_config
-from puad import PUAD, score_series
+from puad import PUAD, latent_memory, score_series
 
 
 def _cfg(*args):
@@ -128,7 +128,9 @@ def test_score_stays_finite_for_extreme_inputs(score):
     model = PUAD(cfg, 4).eval()
     rng = np.random.default_rng(2)
     calib = rng.random((200, 4)).astype(np.float32)
-    cal = scoring.calibrate(score_series(model, calib, cfg.seq_len), cfg)
+    memory = latent_memory(model, rng.random((300, 4)), cfg)  # with the latent term
+    cal = scoring.calibrate(dict(score_series(model, calib, cfg.seq_len), memory=memory), cfg)
+    assert cal.latent > 0 and len(cal.memory) == len(memory)
     test = rng.random((100, 4))
     test[50, 0], test[60, 1], test[70, 2], test[80, 3] = 1e18, -1e30, 3.4e38, np.finfo(np.float64).max
     out = score_series(model, test, cfg.seq_len)
@@ -137,6 +139,50 @@ def test_score_stays_finite_for_extreme_inputs(score):
     assert np.abs(out["x"]).max() <= 10.0  # clipped before the model
     if score != "nll":
         assert s[50:55].min() > cal.threshold  # and the extreme point still scores as anomalous
+
+
+def test_knn_distance_is_the_mean_distance_to_the_k_nearest():
+    from sklearn.neighbors import NearestNeighbors
+    rng = np.random.default_rng(5)
+    memory, z = rng.normal(size=(300, 6)), rng.normal(size=(5000, 6))  # more rows than one chunk
+    want = NearestNeighbors(n_neighbors=5).fit(memory).kneighbors(z)[0].mean(1)
+    np.testing.assert_allclose(scoring.knn_distance(z, memory, 5), want, rtol=1e-5, atol=1e-5)  # float32
+    np.testing.assert_allclose(scoring.knn_distance(z[:3], memory[:2], 5),  # k > M: all of them
+                               np.linalg.norm(z[:3, None] - memory[None, :2], axis=-1).mean(1), rtol=1e-5)
+    assert scoring.knn_distance(z.reshape(2, 2500, 6), memory, 5).shape == (2, 2500)
+
+
+def test_latent_term_scores_a_window_unlike_the_entitys_normal_windows():
+    """Two points with the same residuals: the one whose theta0 is far from every normal window's
+    scores higher. The term is latent_weight x the distance over the calibration rows' median
+    distance to the memory; latent_weight=0 is the reconstruction score alone."""
+    rng = np.random.default_rng(6)
+    n, V, d = 1000, 3, 4
+    calib = {"x": rng.normal(0, 0.1, (n, V)), "mu": np.zeros((n, V)), "theta0": rng.normal(0, 1, (n, d)),
+             "memory": rng.normal(0, 1, (400, d))}
+    cfg = _cfg("--smooth=1", "--latent_weight=2", "--latent_k=5")
+    cal = scoring.calibrate(calib, cfg)
+    dist = scoring.knn_distance(calib["theta0"], calib["memory"], 5)
+    assert cal.latent == pytest.approx(2 / np.median(dist))
+    test = {"x": np.full((2, V), 0.05), "mu": np.zeros((2, V)), "theta0": np.stack([calib["memory"][0], np.full(d, 8.0)])}
+    s, contrib = scoring.apply(cal, test)
+    np.testing.assert_allclose(contrib[0], contrib[1])  # the same residuals name the same features ...
+    assert s[0] < cal.threshold < s[1]  # ... but only the unfamiliar state is anomalous
+    np.testing.assert_allclose(s - s[0], cal.latent * (scoring.knn_distance(test["theta0"], calib["memory"], 5)
+                                                       - scoring.knn_distance(test["theta0"][:1], calib["memory"], 5)),
+                               atol=1e-5)  # float32 distances
+    off = scoring.calibrate(calib, _cfg("--smooth=1", "--latent_weight=0"))
+    assert off.latent == 0 and off.memory is None
+    s0, _ = scoring.apply(off, {"x": test["x"], "mu": test["mu"]})  # no theta0 needed without the term
+    assert s0[0] == pytest.approx(s0[1])
+    with pytest.raises(ValueError, match="theta0"):
+        scoring.apply(cal, {"x": test["x"], "mu": test["mu"]})
+    # the fleet's batched path gives each entity's numbers, each with its own memory
+    other = scoring.calibrate(dict(calib, memory=calib["memory"] + 3.0), cfg)
+    sb, cb = scoring.apply_batch([cal, other], {k: np.stack([v, v]) for k, v in test.items()})
+    np.testing.assert_allclose(sb[0], s)
+    np.testing.assert_allclose(sb[1], scoring.apply(other, test)[0])
+    np.testing.assert_allclose(cb[0], contrib)
 
 
 def test_unknown_score_is_refused():
