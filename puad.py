@@ -415,8 +415,9 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
 
     Returns {"x": the input as the model saw it (n, V), "mu", "std": the decoder's mean and
     standard deviation of each point (n, V), "plan": the transport plan of the window that
-    reconstructs it (n, K), "theta0": that window's theta0 (n, d_theta), "local_used": (n,) bool, whether the point's reconstruction went
-    through the local prototypes (PUAD.reconstruct's local_score), and under local_score=closer
+    reconstructs it (n, K), "theta0": that window's theta0 (n, d_theta), "local_used": (n,) bool,
+    whether the point's reconstruction went through the local prototypes (PUAD.reconstruct's
+    local_score), and under local_score=closer
     "plan_global" (n, K_g), the plan without the local prototypes}; scoring.calibrate /
     scoring.apply turn these into scores.
     Inputs are clipped to [-clip, clip] (scaled units: for the default min-max scaler, `clip`

@@ -25,11 +25,11 @@ keeps this entity's own normal states (the same term on PCA's or the autoencoder
 them less: docs/ablation.md). Models without a theta0 (the baselines) are scored without it.
 
 Which metrics an alarm names (segment tables, alerts, puad_feature_score, HitRate) comes from
-the same c_tv (the latent term names no metric), smoothed like the score, each feature's divided by its usual level: its `name_q`
-quantile (0.9) over the calibration rows. A feature is named for being far above its own normal,
-not for being large: most features sit at the floor, where the largest c_tv belong to the
-features of the widest train range, and a quiet metric that moved ten times its usual amount
-was ranked below them (HitRate@150% on SMD 0.457, a random ranking 0.430; docs/ablation.md).
+the same c_tv (the latent term names no metric), smoothed like the score, each feature's
+divided by its usual level: its `name_q` quantile (0.9) over the calibration rows. A feature is
+named for being far above its own normal, not for being large: most features sit at the floor,
+where the largest c_tv belong to the features of the widest train range, and a quiet metric
+that moved ten times its usual amount was ranked below them (HitRate@150% on SMD 0.457, a random ranking 0.430; docs/ablation.md).
 A feature still at its constant training value is never named (attribution).
 
 Every feature is measured against its own normal error, whatever its noise level (Garg et al.
@@ -179,7 +179,8 @@ def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
             center, scale = fit_normaliser(np.asarray(calib["x"], np.float64) - calib["mu"], floor)
         c = contributions(calib["x"], calib["mu"], calib.get("std"), score, center, scale)
         dist = 0.0
-        if cfg.latent_weight > 0 and calib.get("memory") is not None and len(calib["memory"]) and len(c):
+        if (cfg.latent_weight > 0 and calib.get("memory") is not None and len(calib["memory"]) and len(c)
+                and calib.get("theta0") is not None):
             memory = Memory(calib["memory"])
             dist = memory.distance(calib["theta0"], cfg.latent_k)
             latent = cfg.latent_weight / max(float(np.median(dist)), LATENT_FLOOR)
