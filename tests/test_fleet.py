@@ -168,20 +168,23 @@ def test_grouped_equals_per_service_and_batched_scores(fleet):
 
 
 def test_fault_alarms_only_its_service_and_dashboard(fleet):
-    """Thresholds: 4 x the largest normal score of the fleet over 8 polls (the random model's
-    normal scores jump with the latency quantiles: up to 2.7 x the normal maximum over 5 polls
-    was seen). The fault is polled until its rate window and the score's smoothing hold it (at
-    most 20 polls), then no other service may be in alarm."""
+    """Thresholds: 2.5 x the largest normal score of the fleet over 12 polls. The random model's
+    normal scores jump with the latency quantiles: in five runs the other services peaked at up
+    to 1.5 x the largest of 8 normal polls during the fault's 20 polls (2.7 x that of 5 polls was
+    seen once), while the faulty service's score rose to 3.8-27 x it; 4 x, the factor before,
+    missed the fault when one noisy service set the maximum (145 against 152). The fault is
+    polled until its rate window and the score's smoothing hold it (at most 20 polls), then no
+    other service may be in alarm."""
     f, names = fleet["fleet"], fleet["names"]
     det = make_detector(fleet, names)
     det.serve()
     try:
         normal = dict.fromkeys(names, 0.0)
-        for _ in range(8):
+        for _ in range(12):
             time.sleep(1)
             det.poll(int(time.time()) - 1)
             normal = {s: max(normal[s], det.g_score.labels(s)._value.get()) for s in names}
-        threshold = 4 * max(normal.values())
+        threshold = 2.5 * max(normal.values())
         for s in names:
             det.set_threshold(s, threshold)
         f.exporter.faults[FAULTY] = "cpu"
