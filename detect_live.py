@@ -96,7 +96,8 @@ from prometheus import (grouped_query, load_metric_set, make_session, parse_shar
                         parse_step, query_range, render_query, shard_services, split_by_label)
 from puad import (apply_local_state, build_model, calibrate_entity, clip_inputs, local_path,  # noqa: E402
                   read_checkpoint, run_config)
-from utils import DataError, align_features, create_sequences, load_dataset, window_to_point_scores  # noqa: E402
+from utils import (DataError, align_features, create_sequences, load_dataset, window_to_point_scores,  # noqa: E402
+                   window_values_to_points)
 
 PROG = "detect_live.py"
 QUERY_WORKERS = 4  # queries of a poll in flight at once
@@ -440,12 +441,11 @@ class Detector:
             by_kind.setdefault((cal.info.get("score"), cal.info.get("smooth", 1), cal.center is None), []).append(entity)
         for group in by_kind.values():
             known = {e: {**cache.get(e, {}), **fresh.get(e, {})} for e in group}
+            # (E, windows, T, V) for mu and std, (E, windows, d) for theta0: each to points, per entity
             mu, std, theta0 = (np.stack([[known[e][k][i] for k in keys[e]] for e in group]) for i in range(3))
-            # mu, std (E, windows, T, V) per point; theta0 (E, windows, d): a point takes its window's
-            theta0 = np.concatenate([np.repeat(theta0[:, :1], seq_len - 1, axis=1), theta0], axis=1)
             scores, contrib = scoring.apply_batch([self.calibrations[e] for e in group],
                                                   {"x": np.stack([xs[e] for e in group]), "mu": point(mu), "std": point(std),
-                                                   "theta0": theta0})
+                                                   "theta0": np.stack([window_values_to_points(z, seq_len) for z in theta0])})
             for i, e in enumerate(group):
                 self.last_contrib[e] = contrib[i, -1]
                 results[e] = float(scores[i, -1])

@@ -20,7 +20,8 @@ import scoring
 from config import Config, ConfigError, config_from_dict
 from prototype_ot import PrototypeOT
 from transformer import TransformerEncoder
-from utils import Entity, Scaler, atomic_write, create_sequences, log, split_train_val, window_to_point_scores
+from utils import (Entity, Scaler, atomic_write, create_sequences, log, split_train_val, window_to_point_scores,
+                   window_values_to_points)
 from vae_loss import HierarchicalVAE, gaussian_kl, gaussian_nll, total_loss
 
 
@@ -461,7 +462,7 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
                                              ([np.repeat(p[-1:], tail, axis=0)] if tail else []))
         res = {"x": x, "mu": take(mu), "std": take(std), "local_used": take(used[..., None])[:, 0]}
     else:
-        to_points = lambda p: np.concatenate([np.repeat(p[:1], seq_len - 1, axis=0), p])  # noqa: E731
+        to_points = lambda p: window_values_to_points(p, seq_len)  # noqa: E731
         res = {"x": x, "mu": window_to_point_scores(mu, seq_len), "std": window_to_point_scores(std, seq_len),
                "local_used": window_to_point_scores(used, seq_len)}
     res["plan"] = to_points(plan)

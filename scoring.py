@@ -83,15 +83,19 @@ class Memory:
         return len(self.states)
 
     def distance(self, z: np.ndarray, k: int) -> np.ndarray:
-        """Mean Euclidean distance of each row of z (..., d) to its k nearest states."""
+        """Mean Euclidean distance of each row of z (..., d) to its k nearest states. A row equal
+        to the one before it is searched once (the points of one window share its theta0:
+        --score_mode=block, the first seq_len - 1 points of a series)."""
         k = max(1, min(int(k), len(self)))
         shape = np.shape(z)[:-1]
-        flat = torch.as_tensor(np.asarray(z, np.float32)).reshape(-1, self.states.shape[1]) - self.center
+        flat = np.asarray(z, np.float32).reshape(-1, self.states.shape[1])
+        new = np.r_[True, np.any(flat[1:] != flat[:-1], axis=-1)] if len(flat) else np.zeros(0, bool)
         parts = []
-        for zb in flat.split(4096):  # (4096, M) squared distances at a time
+        for zb in (torch.as_tensor(flat[new]) - self.center).split(4096):  # (4096, M) squared distances at a time
             d2 = (zb * zb).sum(1, keepdim=True) + self.norms - 2.0 * zb @ self.states.T
             parts.append(d2.topk(k, dim=1, largest=False).values.clamp_min(0.0).sqrt().mean(1))
-        return (torch.cat(parts).double().numpy() if parts else np.zeros(0)).reshape(shape)
+        out = torch.cat(parts).double().numpy() if parts else np.zeros(0)
+        return out[np.cumsum(new) - 1].reshape(shape)
 
 
 @dataclass
@@ -276,20 +280,17 @@ def apply(cal: Calibration, out: dict) -> tuple[np.ndarray, np.ndarray | None]:
         return smooth(np.asarray(out["scores"], np.float64), k), None
     score = cal.info["score"]
     c = contributions(out["x"], out["mu"], out.get("std"), score, cal.center, cal.scale)
-    return point_scores(c, score, k, latent_term(cal, out)), named(c, out["x"], cal.pinned, cal.usual, k)
+    return point_scores(c, score, k, latent_term(cal, out.get("theta0"))), named(c, out["x"], cal.pinned, cal.usual, k)
 
 
-def latent_term(cal: Calibration, out: dict) -> np.ndarray | float:
+def latent_term(cal: Calibration, theta0: np.ndarray | None) -> np.ndarray | float:
     """What theta0's distance to the entity's memory adds to each point score (n,): 0 when the
-    calibration has no latent term; a calibration with one needs out["theta0"]."""
+    calibration has no latent term; a calibration with one needs the points' theta0 (n, d)."""
     if cal.latent <= 0:
         return 0.0
-    if out.get("theta0") is None:
+    if theta0 is None:
         raise ValueError("this calibration has a latent term; the scored output needs theta0")
-    z = np.asarray(out["theta0"])
-    # the points of one window share its theta0 (--score_mode=block, the first seq_len - 1): one search each
-    new = np.r_[True, np.any(z[1:] != z[:-1], axis=-1)]
-    return cal.latent * cal.memory.distance(z[new], cal.info.get("latent_k", 5))[np.cumsum(new) - 1]
+    return cal.latent * cal.memory.distance(theta0, cal.info.get("latent_k", 5))
 
 
 def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -307,7 +308,7 @@ def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndar
     t = lambda a: None if a is None else np.swapaxes(np.asarray(a), 0, 1)  # noqa: E731  (n, E, V): smooth runs along axis 0
     c = contributions(t(out["x"]), t(out["mu"]), t(out.get("std")), score, center, scale)
     z = out.get("theta0")
-    latent = np.stack([np.broadcast_to(latent_term(c_, {"theta0": None if z is None else z[i]}), c.shape[:1])
+    latent = np.stack([np.broadcast_to(latent_term(c_, None if z is None else z[i]), c.shape[:1])
                        for i, c_ in enumerate(cals)], axis=1)  # (n, E)
     pinned = None if any(c_.pinned is None for c_ in cals) else np.stack([c_.pinned for c_ in cals])[None]
     usual = None

@@ -403,6 +403,13 @@ def window_to_point_scores(window_scores: np.ndarray, seq_len: int) -> np.ndarra
     return np.concatenate([window_scores[0, :-1], window_scores[:, -1]])
 
 
+def window_values_to_points(per_window: np.ndarray, seq_len: int) -> np.ndarray:
+    """One value per stride-1 window (n_windows, ...) -> one per point, as window_to_point_scores
+    assigns them: point t takes the window ending at it, the first seq_len-1 points the first
+    window's."""
+    return np.concatenate([np.repeat(per_window[:1], seq_len - 1, axis=0), per_window])
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
