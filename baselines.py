@@ -168,9 +168,13 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, An
         raise SystemExit(f"{ent.name}: no test split to score")
     test = scaler.transform(ent.test)
     test_scores, contrib = scoring.apply(cal, point_output(scorer(_flat(test, cfg.seq_len)), test, cfg.seq_len))
-    res = metrics.evaluate(test_scores, scoring.thresholds(cal, test_scores), ent.labels, ent.faults)
-    if ent.interpretation is not None and contrib is not None:
-        res.update(metrics.interpretation_metrics(contrib, interpretation_segments(ent, ent.features)))
+    threshold = scoring.thresholds(cal, test_scores)
+    res = metrics.evaluate(test_scores, threshold, ent.labels, ent.faults)
+    if ent.interpretation is not None and contrib is not None:  # named as PUAD's (scoring.explain)
+        recon = lambda w: (scorer(np.ascontiguousarray(w.reshape(len(w), -1), dtype=np.float32))["mu"], None)  # noqa: E731
+        naming = scoring.explain(cal, contrib, test, recon, scoring.named_rows(np.zeros(len(test), bool), ent.interpretation),
+                                 cfg.seq_len)
+        res.update(metrics.interpretation_metrics(naming, interpretation_segments(ent, ent.features)))
     res["n_val"] = int(cal.n_rows)
     res["time_s"] = round(time.perf_counter() - t0, 3)
     return res

@@ -48,15 +48,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import prototype_ot
-from config import OneLineParser, parse_bool, parse_config
+from config import Config, OneLineParser, parse_bool, parse_config
 import scoring
-from puad import PUAD, latent_memory, score_series
+from puad import PUAD, latent_memory, score_series, window_reconstructor
 from utils import Scaler, Windows, get_device, load_dataset, set_seed, write_json_atomic
 
 OPTIONS = dict(presets="cpu,paper", quick=False, out="res_hr/bench.json", data="../shared/datasets/ASD",
                device="auto", threads=0, score_batch=1024, entities="1,4,12", compile=False, fleet="",
                fleet_polls=6)
 V, SEQ_LEN, N_TRAIN, N_TEST = 19, 20, 8640, 4320  # ASD's shape
+NAMED_POINTS = 100  # consecutive flagged points whose features the naming benchmark ranks
 
 
 OPTION_HELP = dict(presets="comma list of config.py presets to measure", quick="fewer repeats and smaller matmuls (a quick look)", out="JSON file of every number",
@@ -287,9 +288,16 @@ def score_bench(model: PUAD, series: np.ndarray, cfg, device, batch: int, mode: 
     t = best_time(lambda: scoring.apply(cal, score_series(model, series, cfg.seq_len, batch_size=batch, mode=mode,
                                                           compile=compile)), device, repeats)
     n_windows = len(series) - cfg.seq_len + 1 if mode == "point" else math.ceil(len(series) / cfg.seq_len)
-    return dict(mode=mode + ("+compile" if compile else ""), batch=batch, points=len(series), seconds=t,
-                points_per_s=len(series) / t, windows_per_s=n_windows / t, first_call_s=first_s,
-                memory_s=memory_s, memory_windows=len(memory))
+    res = dict(mode=mode + ("+compile" if compile else ""), batch=batch, points=len(series), seconds=t,
+               points_per_s=len(series) / t, windows_per_s=n_windows / t, first_call_s=first_s,
+               memory_s=memory_s, memory_windows=len(memory))
+    if mode == "point" and not compile:  # naming the features of flagged points (V + 1 windows each)
+        out = score_series(model, series, cfg.seq_len, batch_size=batch)
+        named = scoring.apply(cal, out)[1]
+        rows = np.arange(len(series) - NAMED_POINTS, len(series))
+        res["name_s_per_point"] = best_time(lambda: scoring.explain(
+            cal, named, out["x"], window_reconstructor(model, False, cfg), rows, cfg.seq_len), device, 1) / len(rows)
+    return res
 
 
 def bench_preset(name: str, opts: dict, device: torch.device, series: list, peak_fp32: float) -> dict:
@@ -481,6 +489,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"({100 * tr['sinkhorn_share']:.1f} %), data gather {tr['data_s_per_step'] * 1e3:.2f} ms "
               f"({100 * tr['data_share']:.2f} %)")
         point = r["score"].get("point")
+        if point and "name_s_per_point" in point:
+            print(f"  naming (scoring.explain): {point['name_s_per_point'] * 1e3:.1f} ms per flagged point "
+                  f"({V + 1} windows each; a live alarm: its last {Config.smooth} points, once when raised or re-sent)")
         if point:
             print(f"  latent memory: {point['memory_windows']} windows in {point['memory_s'] * 1e3:.0f} ms "
                   f"(once per entity, at calibration)")

@@ -81,6 +81,8 @@ class Config:
     smooth: int = 5                      # score = causal mean of the last N point scores (1 = off)
     name_q: float = 0.9                  # which metrics: each feature's contribution over its name_q quantile on the
                                          # calibration rows (0 = the contributions as scored; docs/ablation.md)
+    repair_weight: float = 1.0           # which metrics: the weight of a feature's repair gain beside its own named
+                                         # contribution, both in log units (scoring.explain; 0 = by the contribution)
     latent_weight: float = 0.5           # latent term: theta0's mean distance to its latent_k nearest among the
                                          # entity's normal windows over its median on the calibration rows, times
                                          # this, added to the point score (0 = off; docs/ablation.md)
@@ -437,7 +439,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "score_samples": _nonneg, "score_batch": _pos,
     "score_mode": _choice("point", "block"),
     "score": _choice("norm", "se", "nll"), "score_floor": _positive, "const_floor": _positive,
-    "smooth": _pos, "latent_weight": _nonneg, "latent_k": _pos, "latent_memory": _pos, "name_q": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "smooth": _pos, "latent_weight": _nonneg, "repair_weight": _nonneg, "latent_k": _pos, "latent_memory": _pos, "name_q": ((lambda v: 0 <= v < 1), "in [0, 1)"),
     # a number only in detect_live.py (a fixed threshold); test.py refuses it
     "threshold": _number_or(*THRESHOLD_METHODS),
     "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"),

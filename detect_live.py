@@ -58,8 +58,11 @@ has no value there after the metric set's `fill`; the rate window after a missin
 missing too (its rate() would be computed on partial data). While Prometheus fails, polls back
 off (step, 2 x step, ... up to --max_backoff seconds).
 
-One JSON line per state change (normal <-> anomalous), with the 3 features furthest above their
-usual level ("top_features"), is appended to --live_log; the alert's description names them. With
+One JSON line per state change (normal <-> anomalous), with the 3 features that name the alarm
+("top_features": for an alarm, named as test.py names a flagged row, scoring.explain: V + 1
+reconstructions of each of the last `smooth` windows, when the alarm is raised or re-sent only;
+when it clears, the 3 furthest above their usual level), is appended to --live_log; the alert's
+description names them. With
 --webhook the change is POSTed as an Alertmanager /api/v2/alerts list (a firing alert, re-sent
 every minute while it lasts, then the same alert with endsAt when it resolves); a failed POST
 is logged and counted, never fatal.
@@ -95,7 +98,7 @@ from faultlog import ExportError  # noqa: E402
 from prometheus import (grouped_query, load_metric_set, make_session, parse_shard,  # noqa: E402
                         parse_step, query_range, render_query, shard_services, split_by_label)
 from puad import (apply_local_state, build_model, calibrate_entity, clip_inputs, local_path,  # noqa: E402
-                  read_checkpoint, run_config)
+                  read_checkpoint, run_config, window_reconstructor)
 from utils import (DataError, align_features, create_sequences, load_dataset, window_to_point_scores,  # noqa: E402
                    window_values_to_points)
 
@@ -321,6 +324,7 @@ class Detector:
         self.alert_start: dict[str, float] = {}
         self.features = list(ckpt["features"])
         self.last_contrib: dict[str, np.ndarray | None] = {}
+        self.last_input: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # scaled rows, named contributions
         self.top: dict[str, list[str]] = {}
         self.last_post: dict[str, float] = {}
         self.started = time.time()
@@ -448,6 +452,7 @@ class Detector:
                                                    "theta0": np.stack([window_values_to_points(z, seq_len) for z in theta0])})
             for i, e in enumerate(group):
                 self.last_contrib[e] = contrib[i, -1]
+                self.last_input[e] = (xs[e], contrib[i])
                 results[e] = float(scores[i, -1])
                 if not self.cfg.score_samples:
                     self.window_cache[e] = {k: known[e][k] for k in keys[e]}
@@ -506,14 +511,30 @@ class Detector:
             self.g_threshold.labels(entity).set(self.thresholds[entity])
             anomalous = bool(score > self.thresholds[entity])
             self.g_anomaly.labels(entity).set(int(anomalous))
+            resend = anomalous and self.cfg.webhook and time.time() - self.last_post.get(entity, 0) > RESEND_S
+            if anomalous and contrib is not None and (anomalous != self.anomalous[entity] or resend):
+                self.top[entity] = self.name_alarm(entity)  # only when an alarm is raised or re-sent
             if anomalous != self.anomalous[entity]:
                 self.anomalous[entity] = anomalous
                 self.state_change(entity, anomalous, score, end)
-            elif anomalous and self.cfg.webhook and time.time() - self.last_post.get(entity, 0) > RESEND_S:
+            elif resend:
                 self.send(entity, True, score, end)  # Alertmanager resolves an alert not re-sent
         self.timing = {"query_s": t1 - t0, "score_s": t2 - t1, "update_s": time.perf_counter() - t2,
                        "step_s": time.perf_counter() - t0, "scored": len(scores),
                        "model_windows": self.model_windows if scores else 0}
+
+    def name_alarm(self, entity: str) -> list[str]:
+        """The 3 features that name an alarming window, as test.py names a flagged row
+        (scoring.explain on the last poll's rows of this entity)."""
+        st = self.states[entity]
+        if st["use_local"]:
+            apply_local_state(self.model, st["local"])
+        x, named = self.last_input[entity]
+        with torch.no_grad():
+            weights = scoring.explain(self.calibrations[entity], named, x,
+                                      window_reconstructor(self.model, bool(st["use_local"]), self.cfg),
+                                      np.array([len(x) - 1]), self.cfg.seq_len)
+        return [name for name, _ in scoring.top_features(weights[-1], self.features, 3)]
 
     def send(self, entity: str, anomalous: bool, score: float, end: int) -> None:
         now = time.time()
@@ -542,8 +563,8 @@ class Detector:
                  "annotations": {"summary": f"PUAD anomaly on {entity}",
                                  "description": ", ".join(self.top.get(entity, [])),
                                  "details": f"score {score:.4g} > threshold {self.thresholds[entity]:.4g} "
-                                            f"for the window ending {iso(end)}; top features (furthest above "
-                                            f"their usual level first): {', '.join(self.top.get(entity, [])) or 'n/a'}",
+                                            f"for the window ending {iso(end)}; the metrics behind it, most first: "
+                                            f"{', '.join(self.top.get(entity, [])) or 'n/a'}",
                                  "score": f"{score:.6g}", "threshold": f"{self.thresholds[entity]:.6g}"},
                  "startsAt": iso(start),
                  "generatorURL": f"http://{self.cfg.listen}:{self.cfg.port}/metrics"}

@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 import numpy as np
 import torch
@@ -407,6 +407,20 @@ def reconstruct_entity(model: PUAD, ckpt: dict, cfg: Config, ent: Entity) -> dic
     return {"calib": calibration_input(model, ckpt, cfg, scaler.transform(ent.train), local, use_local, ent.name),
             "test": score_series(model, scaler.transform(ent.test), cfg.seq_len, use_local, **score_kwargs(cfg)),
             "use_local": use_local}
+
+
+def window_reconstructor(model: PUAD, use_local: bool, cfg: Config) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """The decoder mean and std (B, T, V) of scaled, clipped windows (B, T, V), reconstructed as
+    score_series does (cfg's score_samples, score_amp, score_compile, local_score): what
+    scoring.explain repairs features with. The entity's local state must be loaded already."""
+    device = next(model.parameters()).device
+
+    def recon(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = model.reconstruct(torch.as_tensor(np.ascontiguousarray(windows), device=device), use_local,
+                                cfg.score_samples, amp=cfg.score_amp, compile=cfg.score_compile,
+                                local_score=cfg.local_score)
+        return out["x_mu"].cpu().numpy(), out["x_std"].cpu().numpy()
+    return recon
 
 
 def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = False,

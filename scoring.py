@@ -24,12 +24,17 @@ entity has never shown: the global prototypes summarise every entity in a few po
 keeps this entity's own normal states (the same term on PCA's or the autoencoder's codes gains
 them less: docs/ablation.md). Models without a theta0 (the baselines) are scored without it.
 
-Which metrics an alarm names (segment tables, alerts, puad_feature_score, HitRate) comes from
-the same c_tv (the latent term names no metric), smoothed like the score, each feature's
-divided by its usual level: its `name_q` quantile (0.9) over the calibration rows. A feature is
-named for being far above its own normal, not for being large: most features sit at the floor,
-where the largest c_tv belong to the features of the widest train range, and a quiet metric
-that moved ten times its usual amount was ranked below them (HitRate@150% on SMD 0.457, a random ranking 0.430; docs/ablation.md).
+Which metrics an alarm names comes from the same c_tv (the latent term names no metric),
+smoothed like the score, each feature's divided by its usual level: its `name_q` quantile (0.9)
+over the calibration rows (`named`; puad_feature_score). A feature is named for being far above
+its own normal, not for being large: most features sit at the floor, where the largest c_tv
+belong to the features of the widest train range, and a quiet metric that moved ten times its
+usual amount was ranked below them (HitRate@150% on SMD 0.457, a random ranking 0.430;
+docs/ablation.md). The features behind an alarm (segment tables, alerts, HitRate) are then
+ranked by `explain`: log(1 + named) plus `repair_weight` x the repair gain, how much the other
+features' named contributions fall when this feature's values are replaced by the model's
+reconstruction of them. Residuals blame the features whose reconstruction a fault drags along
+as much as the one that moved; repairing the one that moved repairs them too.
 A feature still at its constant training value is never named (attribution).
 
 Every feature is measured against its own normal error, whatever its noise level (Garg et al.
@@ -55,12 +60,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 
 from metrics import select_threshold
+from utils import create_sequences
+
+# a model's reconstruction of scaled windows (B, T, V) -> its mean (B, T, V) and std (None when it
+# has none): what explain() repairs a feature with and re-scores (puad.window_reconstructor,
+# baselines' PCA and autoencoder)
+Reconstruct = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 SCORES = ("norm", "se", "nll")
 MAX_CONTRIBUTION = 1e12  # bounds one feature's share so that a sum over features stays finite
@@ -198,7 +210,8 @@ def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
                        recent=s[-w:].copy() if w > 0 else np.zeros(0), pinned=pinned, usual=usual,
                        memory=memory if latent > 0 else None, latent=latent,
                        info={"score": score, "smooth": int(cfg.smooth), "threshold_method": cfg.threshold,
-                             "drift_window": w, "latent_k": int(cfg.latent_k)})
+                             "drift_window": w, "latent_k": int(cfg.latent_k),
+                             "repair_weight": float(cfg.repair_weight)})
 
 
 def thresholds(cal: Calibration, scores: np.ndarray) -> np.ndarray:
@@ -233,9 +246,10 @@ def live_threshold(cal: Calibration, history: np.ndarray) -> float:
 
 
 def top_features(contrib: np.ndarray, features: list[str], k: int = 3) -> list[tuple[str, float]]:
-    """The k features with the largest named contributions over some points (apply's second
-    output, (n, V) or (V,)) -> [(name, share of the named total in 0..1)], largest first. The one
-    ranking behind test.py's segment tables, detect_live.py's alerts and the HitRate metrics."""
+    """The k features with the largest weights over some points (explain's output or apply's
+    second, (n, V) or (V,), summed over the points) -> [(name, share of the total in 0..1)],
+    largest first. The one ranking behind test.py's segment tables, detect_live.py's alerts and
+    the HitRate metrics (there of explain's weights)."""
     c = np.asarray(contrib, np.float64)
     c = c.sum(0) if c.ndim == 2 else c
     c = np.maximum(c, 0)
@@ -316,3 +330,66 @@ def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndar
         usual = np.stack([np.ones(c.shape[-1]) if c_.usual is None else c_.usual for c_ in cals])[None]
     return (np.swapaxes(point_scores(c, score, k, latent), 0, 1),
             np.swapaxes(named(c, t(out["x"]), pinned, usual, k), 0, 1))
+
+
+def named_rows(flagged: np.ndarray, interpretation: list | None = None) -> np.ndarray:
+    """The rows whose features test.py and baselines.py name (explain): the flagged ones (segment
+    tables, heatmaps) and those of the interpretation segments ((start, end inclusive, ...) each;
+    HitRate). A row's ranking does not depend on which rows are named, so labels only choose
+    where it is computed, never what it is."""
+    rows = [np.flatnonzero(flagged)] + [np.arange(s, e + 1) for s, e, *_ in interpretation or []]
+    return np.unique(np.concatenate(rows)).astype(np.int64)
+
+
+def explain(cal: Calibration, named_: np.ndarray, x: np.ndarray, recon: Reconstruct, points: np.ndarray,
+            seq_len: int, batch: int = 256) -> np.ndarray:
+    """What ranks features at `points` (n, V): each feature's weight in naming the metrics behind
+    an alarm, log(1 + its named contribution) (apply's second output, named_) plus, times the
+    calibration's repair_weight, its repair gain: how much the other features' named
+    contributions fall, in the same log units, when this feature's values in the window are
+    replaced by the model's reconstruction of them and the window is reconstructed again (mean
+    over the last `smooth` points, as named). A feature that pulls the reconstruction of the
+    others away from them gets the share of the anomaly it causes, which residuals alone give to
+    the features it disturbs (docs/ablation.md, "Naming by repair"). A feature named 0 (still at
+    its constant training value) gets no gain either. Rows not in `points` hold log(1 + named_)
+    only; each row's value does not depend on which other rows are asked for.
+
+    x: the scaled input as the model saw it (n, V; score_series' "x"); recon: the model's
+    reconstruction of such windows. Point t is named by the window ending at it (the first
+    seq_len - 1 points by the first window), as it is scored. Costs V + 1 reconstructions per
+    point asked for and per point the smoothing reads before it.
+    """
+    x = np.asarray(x, np.float32)
+    out = np.log1p(np.maximum(np.asarray(named_, np.float64), 0.0))
+    weight, k = float(cal.info.get("repair_weight", 0.0)), max(int(cal.info.get("smooth", 1)), 1)
+    points = np.unique(np.asarray(points, np.int64))
+    if weight <= 0 or len(points) == 0 or cal.info.get("score") is None:
+        return out
+    n, V = x.shape
+    need = np.unique((points[:, None] - np.arange(k)[None]).clip(0))  # the rows the smoothing reads
+    windows = create_sequences(x, seq_len)
+    start = np.maximum(need - (seq_len - 1), 0)
+    pos = need - start
+    usual = np.ones(V) if cal.usual is None else cal.usual
+    score = cal.info["score"]
+
+    gain = np.zeros((n, V))
+    for i in range(0, len(need), batch):
+        xb = np.ascontiguousarray(windows[start[i:i + batch]])
+        at = (np.arange(len(xb)), pos[i:i + batch])  # each window's named point
+        xt = xb[at]
+
+        def logs(xw: np.ndarray, mu: np.ndarray, std: np.ndarray | None) -> np.ndarray:  # (B, V) at the named points
+            c = contributions(xw[at], mu[at], None if std is None else std[at], score, cal.center, cal.scale)
+            return np.log1p(np.maximum(attribution(c, xt, cal.pinned) / usual, 0.0))
+
+        mu, std = recon(xb)
+        before = logs(xb, mu, std)
+        for v in range(V):
+            repaired = xb.copy()
+            repaired[:, :, v] = mu[:, :, v]
+            fall = before - logs(repaired, *recon(repaired))
+            gain[need[i:i + batch], v] = fall.sum(1) - fall[:, v]  # what repairing v lowers in the others
+    gain = np.maximum(smooth(gain, k)[points], 0.0)
+    out[points] += weight * gain * (named_[points] > 0)
+    return out

@@ -31,7 +31,7 @@ import pandas as pd  # noqa: E402
 from config import THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
 from metrics import evaluate, interpretation_metrics, segments, summarize  # noqa: E402
 import scoring  # noqa: E402
-from puad import build_model, read_checkpoint, reconstruct_entity, run_config  # noqa: E402
+from puad import build_model, read_checkpoint, reconstruct_entity, run_config, window_reconstructor  # noqa: E402
 from utils import (DataError, Entity, LockError, align_features, atomic_write, get_device,  # noqa: E402
                    interpretation_segments, load_dataset, log, output_lock, write_csv_atomic, write_json_atomic)
 
@@ -45,9 +45,13 @@ def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
     r = reconstruct_entity(model, ckpt, cfg, ent)
     cal = scoring.calibrate(r["calib"], cfg)
     scores, contrib = scoring.apply(cal, r["test"])
-    return dict(test_scores=scores, contrib=contrib, plan=r["test"]["plan"], plan_before=r["test"].get("plan_global"),
-                threshold=scoring.thresholds(cal, scores),
+    threshold = scoring.thresholds(cal, scores)
+    naming = scoring.explain(cal, contrib, r["test"]["x"], window_reconstructor(model, r["use_local"], cfg),
+                             scoring.named_rows(scores > threshold, ent.interpretation), cfg.seq_len)
+    return dict(test_scores=scores, contrib=contrib, naming=naming, plan=r["test"]["plan"],
+                plan_before=r["test"].get("plan_global"), threshold=threshold,
                 calibration=cal, use_local=r["use_local"], local_used=r["test"]["local_used"])
+
 
 
 def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> None:
@@ -91,8 +95,8 @@ def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.nda
 
 def predicted_segments(ent: Entity, scores: np.ndarray, pred: np.ndarray, contrib: np.ndarray | None
                        ) -> pd.DataFrame | None:
-    """One row per run of flagged points: where, how high, and the 3 features furthest above their
-    usual level over the run (scoring.top_features of the named contributions, with their shares);
+    """One row per run of flagged points: where, how high, and the 3 features that name it
+    (scoring.top_features of scoring.explain's weights summed over the run, with their shares);
     None without contributions."""
     if contrib is None:
         return None
@@ -108,11 +112,12 @@ def predicted_segments(ent: Entity, scores: np.ndarray, pred: np.ndarray, contri
 
 
 def plot_contributions(path: Path, ent: Entity, scores: np.ndarray, thresholds: np.ndarray, contrib: np.ndarray,
-                       segs: pd.DataFrame, max_segments: int = 6, n_features: int = 8, pad: int = 30) -> None:
+                       naming: np.ndarray, segs: pd.DataFrame, max_segments: int = 6, n_features: int = 8,
+                       pad: int = 30) -> None:
     """For the max_segments predicted segments with the highest scores: the score beside a heatmap
-    of the features' named contributions over time (each over its usual level, scoring.named; the
-    n_features largest in that segment, log colour scale), pad points either side; labelled
-    anomalies shaded."""
+    of the features' named contributions over time (each over its usual level, scoring.named, log
+    colour scale) for the n_features that name that segment (scoring.explain's weights, the
+    segment table's order), pad points either side; labelled anomalies shaded."""
     top = segs.sort_values("max_score", ascending=False).head(max_segments).sort_values("start")
     fig, axes = plt.subplots(2, len(top), figsize=(4.2 * len(top), 5.5), squeeze=False,
                              gridspec_kw={"height_ratios": [1, 2]})
@@ -129,7 +134,7 @@ def plot_contributions(path: Path, ent: Entity, scores: np.ndarray, thresholds: 
             ax0.fill_between(t, 0, 1, where=ent.labels[a:b] > 0, color="red", alpha=0.15,
                              transform=ax0.get_xaxis_transform(), lw=0)
         ax0.set_title(f"rows {int(seg.start)}-{int(seg.end)}", fontsize=9)
-        feats = np.argsort(-contrib[int(seg.start):int(seg.end) + 1].sum(0), kind="stable")[:n_features]
+        feats = np.argsort(-naming[int(seg.start):int(seg.end) + 1].sum(0), kind="stable")[:n_features]
         img = np.log10(1 + contrib[a:b, feats].T)
         ax1.imshow(img, aspect="auto", cmap="magma", interpolation="nearest", extent=(a - 0.5, b - 0.5, len(feats) - 0.5, -0.5))
         ax1.set_yticks(range(len(feats)), [ent.features[i][:22] for i in feats], fontsize=8)
@@ -245,8 +250,8 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
             if ent.labels is not None and ent.labels.any():
                 m.update(local_share_anomalous=float(r["local_used"][ent.labels.astype(bool)].mean()),
                          local_share_normal=float(r["local_used"][~ent.labels.astype(bool)].mean()))
-        if ent.interpretation is not None:  # which metrics: HitRate of the per-feature contributions
-            m.update(interpretation_metrics(r["contrib"], interpretation_segments(ent, ent.features)))
+        if ent.interpretation is not None:  # which metrics: HitRate of what names features
+            m.update(interpretation_metrics(r["naming"], interpretation_segments(ent, ent.features)))
         per_entity[ent.name] = m
         pred = (r["test_scores"] > r["threshold"]).astype(int)
         write_csv_atomic(out / f"scores_{ent.name}.csv", pd.DataFrame({
@@ -257,7 +262,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
         # the plan before adaptation: None for an adapted entity under --local_score=always
         plans_before.append(r["plan_before"] if r["use_local"] else r["plan"])
         local_used.append(r["local_used"])
-        segs = predicted_segments(ent, r["test_scores"], pred, r["contrib"])
+        segs = predicted_segments(ent, r["test_scores"], pred, r["naming"])
         if segs is not None:
             write_csv_atomic(out / f"segments_{ent.name}.csv", segs)
         if cfg.plots:
@@ -265,7 +270,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
             plot_scores(out / f"anomaly_scores_{ent.name}.png", ent, scaled, r["test_scores"], r["threshold"])
             if segs is not None and len(segs):
                 plot_contributions(out / f"contributions_{ent.name}.png", ent, r["test_scores"], r["threshold"],
-                                   r["contrib"], segs)
+                                   r["contrib"], r["naming"], segs)
         line = f"{ent.name}: threshold {m['threshold']:.4g}, {m['n_predicted']} of {m['n_points']} points flagged"
         if "f1" in m:
             line += (f" | AUC-ROC {m['auc_roc']:.3f} AUC-PR {m['auc_pr']:.3f} F1 {m['f1']:.3f} "

@@ -97,6 +97,51 @@ def test_a_constant_feature_that_did_not_move_is_never_named():
     np.testing.assert_allclose(s2[0], s)
 
 
+
+def _follows_feature_0(w):
+    """A model that reconstructs feature 1 from feature 0 (3 x its square: ~0 on normal data) and
+    the others as 0."""
+    mu = np.zeros_like(w, dtype=np.float64)
+    mu[..., 1] = 3 * w[..., 0] ** 2
+    return mu, None
+
+
+def test_explain_names_the_feature_that_disturbs_the_others_reconstruction():
+    rng = np.random.default_rng(5)
+    n, T = 1000, 4
+    x = rng.normal(0, 0.05, size=(n, 3))
+    cal = scoring.calibrate({"x": x, "mu": _follows_feature_0(x)[0]}, _cfg("--smooth=1"))
+    test = rng.normal(0, 0.05, size=(12, 3))
+    test[9:, 0] = 1.0  # feature 0 jumps; feature 1 stays normal, but its reconstruction follows feature 0
+    s, named = scoring.apply(cal, {"x": test, "mu": _follows_feature_0(test)[0]})
+    feats = ["cause", "follower", "other"]
+    assert scoring.top_features(named[10], feats, 1)[0][0] == "follower"  # residuals blame the follower
+    w = scoring.explain(cal, named, test, _follows_feature_0, np.array([10, 11]), T)
+    assert scoring.top_features(w[10], feats, 1)[0][0] == "cause"  # repairing it repairs the follower
+    np.testing.assert_allclose(w[:10], np.log1p(named[:10]))  # rows not asked: their named contributions
+    np.testing.assert_allclose(scoring.explain(cal, named, test, _follows_feature_0, np.array([10]), T)[10], w[10])
+    off = scoring.calibrate({"x": x, "mu": _follows_feature_0(x)[0]}, _cfg("--smooth=1", "--repair_weight=0"))
+    np.testing.assert_allclose(scoring.explain(off, named, test, _follows_feature_0, np.array([10, 11]), T),
+                               np.log1p(named))
+    # a feature still at its constant training value gets no gain, however it moves the others
+    const = np.c_[x[:, :2], np.zeros(n)]
+    pinned = scoring.calibrate({"x": const, "mu": np.zeros((n, 3)), "constant": np.array([False, False, True])},
+                               _cfg("--smooth=1"))
+    t2 = np.c_[test[:, :2], np.zeros(12)]
+
+    def follows_feature_2(w):
+        mu = np.zeros_like(w, dtype=np.float64)
+        mu[..., 0] = w[..., 0] + 5 * (w[..., 2] == 0)  # the model misreads the constant's value
+        mu[..., 2] = 0.5  # and reconstructs it elsewhere: repairing it would remove feature 0's residual
+        return mu, None
+    _, named2 = scoring.apply(pinned, {"x": t2, "mu": follows_feature_2(t2)[0]})
+    w2 = scoring.explain(pinned, named2, t2, follows_feature_2, np.array([10]), T)
+    assert named2[10, 2] == 0 and w2[10, 2] == 0
+    free = scoring.calibrate({"x": const, "mu": np.zeros((n, 3))}, _cfg("--smooth=1"))  # not known as constant
+    _, named3 = scoring.apply(free, {"x": t2, "mu": follows_feature_2(t2)[0]})
+    w3 = scoring.explain(free, named3, t2, follows_feature_2, np.array([10]), T)
+    assert w3[10, 2] > np.log1p(named3[10, 2]) + 1  # then it would get the gain
+
 def test_drift_guard_follows_a_lasting_level_shift_but_not_a_fault():
     rng = np.random.default_rng(2)
     cfg = _cfg("--smooth=1", "--drift_window=200")
@@ -221,6 +266,13 @@ def test_live_detector_never_reads_a_non_finite_score_as_normal(tmp_path, monkey
     det.poll(end)
     assert det.c_scored.labels("svc")._value.get() == 1 and np.isfinite(det.g_score.labels("svc")._value.get())
     assert det.g_anomaly.labels("svc")._value.get() == 1  # the 1e30 is far out of range
+    # the alarm names its metrics as test.py names a flagged row (scoring.explain on the same rows)
+    from puad import window_reconstructor
+    x = det.last_input["svc"][0]
+    _, named = scoring.apply(cal, score_series(model, x, cfg.seq_len))
+    weights = scoring.explain(cal, named, x, window_reconstructor(model, False, cfg), np.array([len(x) - 1]), cfg.seq_len)
+    assert det.top["svc"] == [f for f, _ in scoring.top_features(weights[-1], ["a", "b", "c"], 3)]
+    assert det.top["svc"][0] == "a"
     monkeypatch.setattr(det, "score_windows", lambda ready: {e: float("nan") for e in ready})
     det.poll(end + step)
     assert det.c_skipped.labels("svc", "non_finite")._value.get() == 1
