@@ -60,9 +60,9 @@ off (step, 2 x step, ... up to --max_backoff seconds).
 
 One JSON line per state change (normal <-> anomalous), with the 3 features that name the alarm
 ("top_features": for an alarm, named as test.py names a flagged row, scoring.explain: V + 1
-reconstructions of each of the last `smooth` windows, when the alarm is raised or re-sent only;
-when it clears, the 3 furthest above their usual level), is appended to --live_log; the alert's
-description names them. With
+reconstructions of each of the last `smooth` windows, when the alarm is raised or re-sent only,
+for at most NAMED_PER_POLL = 50 alarms a poll; otherwise, and when it clears, the 3 furthest
+above their usual level), is appended to --live_log; the alert's description names them. With
 --webhook the change is POSTed as an Alertmanager /api/v2/alerts list (a firing alert, re-sent
 every minute while it lasts, then the same alert with endsAt when it resolves); a failed POST
 is logged and counted, never fatal.
@@ -106,6 +106,8 @@ PROG = "detect_live.py"
 QUERY_WORKERS = 4  # queries of a poll in flight at once
 REFRESH_STEPS = 3  # a poll asks again for the last this many grid points (and for every point it lacks)
 RESEND_S = 60.0  # a firing alert is re-posted this often (Alertmanager's resolve_timeout is 5m)
+NAMED_PER_POLL = 50  # alarms named by repair (scoring.explain, ~20 ms each) in one poll; the rest of a
+                     # storm keep the plain ranking until their next re-send
 log = logging.getLogger("puad.live")
 
 
@@ -493,6 +495,7 @@ class Detector:
                 ready[entity] = x
         scores = self.score_windows(ready) if ready else {}
         t2 = time.perf_counter()
+        named = 0  # alarms named by repair in this poll
         for entity, score in scores.items():
             if not math.isfinite(score):  # never read as normal: skipped, counted, logged
                 self.c_skipped.labels(entity, "non_finite").inc()
@@ -512,8 +515,10 @@ class Detector:
             anomalous = bool(score > self.thresholds[entity])
             self.g_anomaly.labels(entity).set(int(anomalous))
             resend = anomalous and self.cfg.webhook and time.time() - self.last_post.get(entity, 0) > RESEND_S
-            if anomalous and contrib is not None and (anomalous != self.anomalous[entity] or resend):
+            if (anomalous and contrib is not None and (anomalous != self.anomalous[entity] or resend)
+                    and named < NAMED_PER_POLL):
                 self.top[entity] = self.name_alarm(entity)  # only when an alarm is raised or re-sent
+                named += 1
             if anomalous != self.anomalous[entity]:
                 self.anomalous[entity] = anomalous
                 self.state_change(entity, anomalous, score, end)

@@ -53,7 +53,6 @@ def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
                 calibration=cal, use_local=r["use_local"], local_used=r["test"]["local_used"])
 
 
-
 def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> None:
     """The paper's figure 4: input channels, score curve, threshold (per point: the drift guard
     raises it while the score's level stays high), true anomaly segments.
@@ -93,16 +92,16 @@ def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.nda
     save_figure(fig, path)
 
 
-def predicted_segments(ent: Entity, scores: np.ndarray, pred: np.ndarray, contrib: np.ndarray | None
+def predicted_segments(ent: Entity, scores: np.ndarray, pred: np.ndarray, naming: np.ndarray | None
                        ) -> pd.DataFrame | None:
     """One row per run of flagged points: where, how high, and the 3 features that name it
-    (scoring.top_features of scoring.explain's weights summed over the run, with their shares);
-    None without contributions."""
-    if contrib is None:
+    (scoring.top_features of scoring.explain's weights summed over the run, with their shares of
+    the run's total weight); None without contributions."""
+    if naming is None:
         return None
     rows = []
     for s, e in segments(pred):
-        top = scoring.top_features(contrib[s:e], ent.features, 3)
+        top = scoring.top_features(naming[s:e], ent.features, 3)
         rows.append({"start": int(s), "end": int(e - 1), "start_time": ent.test_ts[s], "end_time": ent.test_ts[e - 1],
                      "max_score": float(scores[s:e].max()),
                      "top_features": ";".join(name for name, _ in top),
