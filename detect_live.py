@@ -325,7 +325,6 @@ class Detector:
         self.last_scored = {e: 0.0 for e in entities}
         self.alert_start: dict[str, float] = {}
         self.features = list(ckpt["features"])
-        self.last_contrib: dict[str, np.ndarray | None] = {}
         self.last_input: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # scaled rows, named contributions
         self.top: dict[str, list[str]] = {}
         self.last_post: dict[str, float] = {}
@@ -453,7 +452,6 @@ class Detector:
                                                   {"x": np.stack([xs[e] for e in group]), "mu": point(mu), "std": point(std),
                                                    "theta0": np.stack([window_values_to_points(z, seq_len) for z in theta0])})
             for i, e in enumerate(group):
-                self.last_contrib[e] = contrib[i, -1]
                 self.last_input[e] = (xs[e], contrib[i])
                 results[e] = float(scores[i, -1])
                 if not self.cfg.score_samples:
@@ -504,7 +502,7 @@ class Detector:
             self.c_scored.labels(entity).inc()
             self.last_scored[entity] = time.time()
             self.g_score.labels(entity).set(score)
-            contrib = self.last_contrib.get(entity)
+            contrib = self.last_input[entity][1][-1] if entity in self.last_input else None  # the last point's
             if contrib is not None:  # which metrics: each feature's contribution over its usual level
                 for name, c in zip(self.features, contrib):
                     self.g_feature.labels(entity, name).set(float(c))
@@ -535,10 +533,9 @@ class Detector:
         if st["use_local"]:
             apply_local_state(self.model, st["local"])
         x, named = self.last_input[entity]
-        with torch.no_grad():
-            weights = scoring.explain(self.calibrations[entity], named, x,
-                                      window_reconstructor(self.model, bool(st["use_local"]), self.cfg),
-                                      np.array([len(x) - 1]), self.cfg.seq_len)
+        weights = scoring.explain(self.calibrations[entity], named, x,
+                                  window_reconstructor(self.model, bool(st["use_local"]), self.cfg),
+                                  np.array([len(x) - 1]), self.cfg.seq_len)
         return [name for name, _ in scoring.top_features(weights[-1], self.features, 3)]
 
     def send(self, entity: str, anomalous: bool, score: float, end: int) -> None:

@@ -370,7 +370,6 @@ def explain(cal: Calibration, named_: np.ndarray, x: np.ndarray, recon: Reconstr
     windows = create_sequences(x, seq_len)
     start = np.maximum(need - (seq_len - 1), 0)
     pos = need - start
-    usual = np.ones(V) if cal.usual is None else cal.usual
     score = cal.info["score"]
 
     gain = np.zeros((n, V))
@@ -381,7 +380,7 @@ def explain(cal: Calibration, named_: np.ndarray, x: np.ndarray, recon: Reconstr
 
         def logs(xw: np.ndarray, mu: np.ndarray, std: np.ndarray | None) -> np.ndarray:  # (B, V) at the named points
             c = contributions(xw[at], mu[at], None if std is None else std[at], score, cal.center, cal.scale)
-            return np.log1p(np.maximum(attribution(c, xt, cal.pinned) / usual, 0.0))
+            return np.log1p(np.maximum(named(c, xt, cal.pinned, cal.usual, 1), 0.0))
 
         mu, std = recon(xb)
         before = logs(xb, mu, std)
