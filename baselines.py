@@ -160,9 +160,10 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, An
     evaluate on test."""
     t0 = time.perf_counter()
     scaler = Scaler(cfg.scaler).fit(ent.train)  # train only
-    tr, val = split_train_val(scaler.transform(ent.train), cfg.val_frac, cfg.seq_len)
-    scorer = FITTERS[method](_flat(tr, cfg.seq_len, max(cfg.stride, 1)), cfg, opt)
-    cal = scoring.calibrate(dict(point_output(scorer(_flat(val, cfg.seq_len)), val, cfg.seq_len),
+    tr, held = split_train_val(scaler.transform(ent.train), cfg.val_frac, cfg.seq_len, cfg.val_blocks)
+    scorer = FITTERS[method](np.concatenate([_flat(p, cfg.seq_len, max(cfg.stride, 1)) for p in tr]), cfg, opt)
+    parts = [point_output(scorer(_flat(p, cfg.seq_len)), p, cfg.seq_len) for p in held]
+    cal = scoring.calibrate(dict({k: np.concatenate([o[k] for o in parts]) for k in parts[0]},
                                  constant=scoring.constant_features(ent.train)), cfg)
     if ent.test is None:
         raise SystemExit(f"{ent.name}: no test split to score")

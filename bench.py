@@ -279,7 +279,7 @@ def score_bench(model: PUAD, series: np.ndarray, cfg, device, batch: int, mode: 
     calibration fitted once on the series' first rows (memory_s: building the memory, once per
     entity at calibration)."""
     t0 = time.perf_counter()
-    memory = latent_memory(model, series if train is None else train, cfg)
+    memory = latent_memory(model, [series if train is None else train], cfg)
     memory_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     cal = scoring.calibrate(dict(score_series(model, series[: 10 * cfg.seq_len], cfg.seq_len, mode=mode,
@@ -405,7 +405,7 @@ def bench_fleet(n: int, opts: dict) -> dict:
         x = np.concatenate([np.nan_to_num(v) for v, _ in got.values()])
         scaler = Scaler("minmax").fit(x)
         calib = score_series(model, scaler.transform(x), cfg.seq_len)
-        memory = latent_memory(model, scaler.transform(x), cfg)  # one memory, the latent term's cost per entity
+        memory = latent_memory(model, [scaler.transform(x)], cfg)  # one memory, the latent term's cost per entity
         cal = scoring.calibrate(dict(calib, constant=scoring.constant_features(x), memory=memory), cfg)
         det = detect_live.Detector(cfg, {"features": features}, model, names, metric_set, metric_set["metrics"],
                                    {s: {"local": None, "scaler": scaler, "use_local": False} for s in names},

@@ -34,7 +34,8 @@ class Config:
     seq_len: int = 20                    # sliding window (paper 4.1)
     stride: int = 1                      # training window stride
     scaler: str = "minmax"               # minmax | zscore | robust (fitted on train only)
-    val_frac: float = 0.1                # last fraction of each train series held out
+    val_frac: float = 0.1                # fraction of each train series held out (validation and calibration)
+    val_blocks: int = 1                  # held out as the last val_frac of each of N equal chunks (1 = the tail)
     # model (the `cpu` preset: the paper's architecture scaled down)
     d_model: int = 64                    # Transformer hidden size
     n_heads: int = 4
@@ -419,7 +420,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data": _nonempty, "entities": _nonempty,
     "seq_len": _pos, "stride": _pos,
     "scaler": _choice("minmax", "zscore", "robust"),
-    "val_frac": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "val_frac": ((lambda v: 0 <= v < 1), "in [0, 1)"), "val_blocks": _pos,
     "d_model": _pos, "n_heads": _pos, "n_layers": _pos, "d_ff": _pos, "d_h1": _pos, "d_theta": _pos,
     "n_global": _pos, "n_local": _pos,
     "sinkhorn_eps": _positive, "sinkhorn_iters": _pos,

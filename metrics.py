@@ -31,7 +31,10 @@ __all__ = [
     "best_f1_oracle", "best_f1_pa_oracle", "soft_range_labels", "range_pr_auc",
     "vus_pr", "spot_threshold", "percentile_threshold", "select_threshold",
     "evaluate", "summarize", "hitrate", "hitrate_random", "interpretation_metrics",
+    "alert_metrics",
 ]
+
+DAY_S = 86400.0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -399,6 +402,64 @@ def hitrate_random(segments: Any, n_features: int, p: float) -> float:
     return float(np.mean(_top_k(n_truth, p, int(n_features)) / float(n_features)))
 
 
+# --------------------------------------------------------------------------- alerts
+def _fault_kind(faults: np.ndarray | None, a: int, b: int) -> str:
+    """The fault kind of the labelled run [a, b): its most common non-empty kind ('' if none)."""
+    if faults is None:
+        return ""
+    kinds = [k for k in faults[a:b] if k]
+    return max(set(kinds), key=kinds.count) if kinds else ""
+
+
+def alert_metrics(pred: Any, labels: Any, faults: Any | None = None, step_s: float | None = None
+                  ) -> dict[str, Any]:
+    """What an SRE reads off a series of alarms (pred: 1 = the alarm is on at that point).
+
+    An alarm event is a maximal run of flagged points; it is false when it touches no labelled
+    point. A labelled run (fault event) is caught when at least one of its points is flagged;
+    its detection delay is the number of steps from its first point to its first flagged one
+    (0 when the alarm was already on). Per-day figures need the step between rows in seconds
+    (step_s; the span is counted in rows, so a gap in the timestamps does not lengthen it):
+    without one (timestamps that are row numbers and no --step_s) they are NaN, and
+    ``false_alarms_per_1k`` (per 1,000 points) is the rate to read. ``per_fault_events`` counts
+    the fault events and those caught by kind (``faults``: a kind per point, '' outside faults).
+    """
+    y = _labels(labels)
+    p = np.asarray(pred).ravel().astype(bool)
+    if p.size != y.size:
+        raise ValueError("labels and pred differ in length")
+    fk = None
+    if faults is not None:
+        fk = np.array(["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                       for v in np.asarray(faults, dtype=object).ravel()], dtype=object)
+    alarms, faults_ = segments(p), segments(y)
+    false = sum(1 for a, b in alarms if not y[a:b].any())
+    delays, per_kind = [], {}
+    for a, b in faults_:
+        hit = np.flatnonzero(p[a:b])
+        kind = per_kind.setdefault(_fault_kind(fk, a, b) or "unlabelled", {"events": 0, "caught": 0})
+        kind["events"] += 1
+        if hit.size:
+            kind["caught"] += 1
+            delays.append(int(hit[0]))
+    days = p.size * step_s / DAY_S if step_s and step_s > 0 else NAN
+    normal = y == 0
+    out: dict[str, Any] = {
+        "alarm_events": len(alarms), "false_alarm_events": false,
+        "false_alarms_per_day": false / days if days > 0 else NAN,
+        "false_alarms_per_1k": 1000.0 * false / p.size if p.size else NAN,
+        "fault_events": len(faults_), "faults_caught": len(delays),
+        "faults_caught_share": len(delays) / len(faults_) if len(faults_) else NAN,
+        "delay_steps": float(np.median(delays)) if delays else NAN,
+        "delay_s": float(np.median(delays)) * step_s if delays and step_s and step_s > 0 else NAN,
+        "normal_flagged": float(p[normal].mean()) if normal.any() else NAN,
+        "days": days,
+    }
+    if fk is not None:
+        out["per_fault_events"] = {k: dict(v, caught_share=v["caught"] / v["events"]) for k, v in sorted(per_kind.items())}
+    return out
+
+
 # --------------------------------------------------------------------------- evaluate / summarize
 def interpretation_metrics(contrib: np.ndarray, segments: list, ps: tuple[int, ...] = (100, 150)
                            ) -> dict[str, float]:
@@ -412,8 +473,12 @@ def interpretation_metrics(contrib: np.ndarray, segments: list, ps: tuple[int, .
 
 
 def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
-             faults: Any | None = None, vus_max_window: int = VUS_MAX_WINDOW) -> dict[str, Any]:
-    """All metrics for one series at a (label-free) threshold; pred = score > threshold.
+             faults: Any | None = None, vus_max_window: int = VUS_MAX_WINDOW,
+             pred: Any | None = None, step_s: float | None = None) -> dict[str, Any]:
+    """All metrics for one series at a (label-free) threshold; pred = score > threshold unless
+    the alarm state per point is given (``pred``), and the alert figures of alert_metrics
+    (``step_s``: seconds between rows, for the per-day ones). Without labels, only the alarms
+    (``alarm_events``, ``alarms_per_day``, ``flagged``).
 
     ``threshold``: a number, or one per point (scoring.thresholds: the drift guard); then
     ``threshold`` in the result is the lowest and ``threshold_max`` the highest.
@@ -426,13 +491,18 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
     thr = np.asarray(threshold, np.float64)
     if thr.ndim and thr.shape != s.shape:
         raise ValueError("per-point thresholds and scores differ in length")
-    pred = s > thr
+    pred = s > thr if pred is None else np.asarray(pred).ravel().astype(bool)
+    if pred.shape != s.shape:
+        raise ValueError("pred and scores differ in length")
     out: dict[str, Any] = {"threshold": float(thr.min()) if thr.size else float("nan"),
                            "n_points": int(s.size), "n_predicted": int(pred.sum())}
     if thr.ndim:
         out["threshold_max"] = float(thr.max()) if thr.size else float("nan")
     if labels is None:
-        out["note"] = "no labels: metrics need labels"
+        alarms = alert_metrics(pred, np.zeros(s.size, np.int64), step_s=step_s)
+        out.update(alarm_events=alarms["alarm_events"], alarms_per_day=alarms["false_alarms_per_day"],
+                   alarms_per_1k=alarms["false_alarms_per_1k"], flagged=float(pred.mean()) if s.size else NAN,
+                   days=alarms["days"], note="no labels: detection metrics need labels")
         return out
     y = _labels(labels, s.size)
     p, r, f = prf(y, pred)
@@ -447,6 +517,7 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
         vus_max_window=int(vus_max_window),
         n_anomalies=int(y.sum()),
     )
+    out.update(alert_metrics(pred, y, faults, step_s))
     if faults is not None:
         fk = np.asarray(faults, dtype=object).ravel()
         if fk.size != s.size:
@@ -497,7 +568,29 @@ def summarize(per_entity: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     ents = {str(k): dict(v) for k, v in per_entity.items()}
     mean = nanmean_dicts(list(ents.values()))
     mean["n_entities"] = len(ents)
-    return {"entities": ents, "mean": mean}
+    return {"entities": ents, "mean": mean, "total": alert_totals(list(ents.values()))}
+
+
+def alert_totals(per_entity: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """alert_metrics summed over entities: the events, and the rates of the sums (false alarm
+    events per entity-day = all false alarms over all entity-days; the share of all fault events
+    caught, overall and per kind), which a mean of per-entity rates would weigh wrongly."""
+    count = ("alarm_events", "false_alarm_events", "fault_events", "faults_caught", "days")
+    tot: dict[str, Any] = {k: float(np.nansum([e[k] for e in per_entity if is_num(e.get(k))]))
+                           for k in count if any(k in e for e in per_entity)}
+    if not tot:
+        return {}
+    tot["false_alarms_per_day"] = tot["false_alarm_events"] / tot["days"] if tot.get("days") else NAN
+    tot["faults_caught_share"] = tot["faults_caught"] / tot["fault_events"] if tot.get("fault_events") else NAN
+    kinds: dict[str, dict[str, float]] = {}
+    for e in per_entity:
+        for kind, v in e.get("per_fault_events", {}).items():
+            k = kinds.setdefault(kind, {"events": 0, "caught": 0})
+            k["events"] += v["events"]
+            k["caught"] += v["caught"]
+    if kinds:
+        tot["per_fault_events"] = {k: dict(v, caught_share=v["caught"] / v["events"]) for k, v in kinds.items()}
+    return tot
 
 
 def paired_difference(a: Any, b: Any, n_boot: int = 10000, seed: int = 0, ci: float = 0.95

@@ -187,10 +187,12 @@ MODEL_FIELDS = ("seq_len", "d_model", "n_heads", "n_layers", "d_ff", "d_h1", "d_
                 "sinkhorn_eps", "sinkhorn_iters", "ot_momentum", "dropout", "min_std", "scaler")
 # what it was trained on: the defaults of a run on the checkpoint (--data, --entities, --val_frac
 # may change them) and adapt_windows (which rows calibrate it)
-TRAINED_ON = ("data", "entities", "val_frac", "adapt_windows")
+TRAINED_ON = ("data", "entities", "val_frac", "val_blocks", "adapt_windows")
 # defaults from the checkpoint that a run may change: the data, and the scaler kind of an entity
 # the checkpoint has no scaler for (a new entity adapted with --adapt_scaler=own, or scored unseen)
-OVERRIDABLE = ("data", "entities", "val_frac", "scaler")
+OVERRIDABLE = ("data", "entities", "val_frac", "val_blocks", "scaler")
+# what a checkpoint that predates a field was trained with, where Config's default has changed since
+LEGACY = {"val_blocks": 1}
 
 
 def model_args(cfg: Config) -> dict:
@@ -203,7 +205,7 @@ def checkpoint_args(ckpt: dict) -> dict:
     config, fields it predates at Config's defaults."""
     stored = ckpt.get("model_args") or {k: v for k, v in ckpt.get("config", {}).items()
                                         if k in MODEL_FIELDS + TRAINED_ON}
-    return {k: stored.get(k, getattr(Config, k)) for k in MODEL_FIELDS + TRAINED_ON}
+    return {k: stored.get(k, LEGACY.get(k, getattr(Config, k))) for k in MODEL_FIELDS + TRAINED_ON}
 
 
 def run_config(cfg: Config, ckpt: dict, given: set[str] = frozenset()) -> Config:
@@ -284,13 +286,22 @@ def adapted_windows(ckpt: dict, local: dict | None) -> int:
     return local.get("adapt_windows", 0) if local is not None else checkpoint_args(ckpt)["adapt_windows"]
 
 
-def calibration_rows(x_train: np.ndarray, ckpt: dict, local: dict | None, cfg: Config) -> np.ndarray:
-    """The scaled train rows a threshold is fitted on: the first N windows when the model saw only
-    those (--adapt_windows=N), else the held-out validation tail (as for the baselines)."""
+def calibration_rows(x_train: np.ndarray, ckpt: dict, local: dict | None, cfg: Config) -> list[np.ndarray]:
+    """The scaled train rows a threshold is fitted on, in parts: the first N windows when the
+    model saw only those (--adapt_windows=N), else the held-out rows (utils.split_train_val, as
+    for the baselines)."""
     n_adapt = adapted_windows(ckpt, local)
     if n_adapt:
-        return x_train[: n_adapt + cfg.seq_len - 1]
-    return split_train_val(x_train, cfg.val_frac, cfg.seq_len)[1]
+        return [x_train[: n_adapt + cfg.seq_len - 1]]
+    return split_train_val(x_train, cfg.val_frac, cfg.seq_len, cfg.val_blocks)[1]
+
+
+def score_parts(model: "PUAD", parts: list[np.ndarray], seq_len: int, use_local: bool = False, **kwargs
+                ) -> dict[str, np.ndarray]:
+    """score_series of several stretches of one series (held-out parts), concatenated in order:
+    each part is reconstructed on its own, no window crosses from one into the next."""
+    outs = [score_series(model, p, seq_len, use_local, **kwargs) for p in parts]
+    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0] if all(k in o for o in outs)}
 
 
 def score_kwargs(cfg: Config) -> dict:
@@ -309,7 +320,8 @@ def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray,
     the history's calibration rows instead (history_calibration), when the checkpoint has them:
     on new ASD servers, N = 5 to 20 windows' own threshold flagged 22-32 % of the test points,
     and up to N = 50 the history's calibration gave the better F1 (docs/meta.md)."""
-    rows = calibration_rows(x_train, ckpt, local, cfg)
+    parts = calibration_rows(x_train, ckpt, local, cfg)
+    rows = np.concatenate(parts)
     adapted = adapted_windows(ckpt, local)
     if adapted and len(rows) < cfg.min_calib_rows:
         if "history_calib" in ckpt:
@@ -319,14 +331,14 @@ def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray,
         log.warning("%s: %d calibration rows (< --min_calib_rows=%d) and no history calibration in the "
                     "checkpoint (trained before it was stored): calibrating on them anyway",
                     name or "entity", len(rows), cfg.min_calib_rows)
-    out = score_series(model, rows, cfg.seq_len, use_local, **score_kwargs(cfg))
+    out = score_parts(model, parts, cfg.seq_len, use_local, **score_kwargs(cfg))
     seen = rows if adapted else x_train
     if adapted:  # its own windows are its calibration rows
         memory = history_memory(ckpt, name)
     else:
-        before, tail = split_train_val(x_train, cfg.val_frac, cfg.seq_len)
-        # (a series too short to hold out a tail validates on itself: no rows left for a memory)
-        memory = latent_memory(model, before, cfg) if before is not tail else None
+        before, held = split_train_val(x_train, cfg.val_frac, cfg.seq_len, cfg.val_blocks)
+        # (a series too short to hold out rows validates on itself: no rows left for a memory)
+        memory = latent_memory(model, before, cfg) if before[0] is not held[0] else None
     return dict(out, constant=scoring.constant_features(seen), memory=memory)
 
 
@@ -343,11 +355,11 @@ def history_memory(ckpt: dict, name: str = "") -> np.ndarray | None:
 
 
 @torch.inference_mode()
-def latent_memory(model: PUAD, rows: np.ndarray, cfg: Config) -> np.ndarray:
+def latent_memory(model: PUAD, parts: list[np.ndarray], cfg: Config) -> np.ndarray:
     """An entity's memory for the latent term: theta0 of at most cfg.latent_memory windows spread
-    evenly over its scaled train rows (the rows training saw, never the calibration rows) ->
+    evenly over its scaled train rows (the parts training saw, never the calibration rows) ->
     (M, d_theta) float32."""
-    windows = create_sequences(clip_inputs(rows), cfg.seq_len)
+    windows = np.concatenate([create_sequences(clip_inputs(p), cfg.seq_len) for p in parts])
     if len(windows) > cfg.latent_memory:
         windows = windows[np.linspace(0, len(windows) - 1, cfg.latent_memory).round().astype(int)]
     device = next(model.parameters()).device
@@ -356,7 +368,7 @@ def latent_memory(model: PUAD, rows: np.ndarray, cfg: Config) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, cfg.d_theta), np.float32)
 
 
-def history_calibration(model: PUAD, vals: list[np.ndarray], trains: list[np.ndarray], cfg: Config,
+def history_calibration(model: PUAD, vals: list[list[np.ndarray]], trains: list[list[np.ndarray]], cfg: Config,
                         max_rows: int = HISTORY_CALIB_ROWS) -> dict[str, torch.Tensor]:
     """The history's calibration rows, stored in a stage-1 checkpoint: every history entity's
     validation tail (scaled) reconstructed by the trained model with the global prototypes,
@@ -366,8 +378,9 @@ def history_calibration(model: PUAD, vals: list[np.ndarray], trains: list[np.nda
     An entity adapted from a few windows compares its theta0s with this memory, and one adapted
     from too few is also calibrated on these rows (calibration_input)."""
     per = max(cfg.seq_len, max_rows // max(1, len(vals)))
-    outs = [score_series(model, v[-per:], cfg.seq_len, False, **score_kwargs(cfg)) for v in vals]
-    const = np.logical_and.reduce([scoring.constant_features(t) for t in trains])
+    outs = [{k: a[-per:] for k, a in score_parts(model, v, cfg.seq_len, False, **score_kwargs(cfg)).items()}
+            for v in vals]
+    const = np.logical_and.reduce([scoring.constant_features(np.concatenate(t)) for t in trains])
     pooled = {k: torch.from_numpy(np.concatenate([o[k] for o in outs]).astype(np.float32))
               for k in ("x", "mu", "std", "theta0")}
     if cfg.adapt_windows:

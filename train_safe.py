@@ -227,8 +227,9 @@ def used_rows(e: Entity, cfg: Config) -> np.ndarray:
 
 
 def prepare(entities: list[Entity], cfg: Config, scalers: dict[str, Scaler] | None = None
-            ) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, Scaler]]:
-    """Scale each entity with its own train-fitted scaler and hold out its last val_frac.
+            ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]], dict[str, Scaler]]:
+    """Scale each entity with its own train-fitted scaler and hold out val_frac of it
+    (utils.split_train_val: --val_blocks) -> per entity, its train parts and held-out parts.
 
     With --adapt_windows=N only the first N windows of each train series are used (scaler
     fitted on them too); there is then too little to hold out, so they also validate.
@@ -240,17 +241,21 @@ def prepare(entities: list[Entity], cfg: Config, scalers: dict[str, Scaler] | No
         if e.name not in scalers:
             scalers[e.name] = Scaler(cfg.scaler).fit(series)
         x = scalers[e.name].transform(series)
-        tr, va = (x, x) if cfg.adapt_windows else split_train_val(x, cfg.val_frac, cfg.seq_len)
+        tr, va = ([x], [x]) if cfg.adapt_windows else split_train_val(x, cfg.val_frac, cfg.seq_len, cfg.val_blocks)
         trains.append(tr)
         vals.append(va)
     return trains, vals, scalers
 
 
+def flat(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    return [p for entity in parts for p in entity]
+
+
 def train_global(cfg: Config, device: torch.device) -> Path:
     entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
     trains, vals, scalers = prepare(entities, cfg)
-    train_w = Windows(trains, cfg.seq_len, cfg.stride, device)
-    val_w = Windows(vals, cfg.seq_len, 1, device)
+    train_w = Windows(flat(trains), cfg.seq_len, cfg.stride, device)
+    val_w = Windows(flat(vals), cfg.seq_len, 1, device)
     print(f"global stage: {len(entities)} entities, {len(entities[0].features)} features, "
           f"{len(train_w)} train windows, {len(val_w)} validation windows")
     ckpt_path, last_path = Path(cfg.ckpt), Path(cfg.ckpt).with_suffix(".last.ckpt")
@@ -340,7 +345,7 @@ def train_local(cfg: Config, device: torch.device, entity_name: str, given: set[
         raise SystemExit(f"train_safe.py: error: --adapt_scaler must be own or history, not {cfg.adapt_scaler!r}")
     trains, vals, scalers = prepare([ent], cfg, known)
     scaler = scalers[entity_name]
-    train_w, val_w = Windows(trains, cfg.seq_len, 1, device), Windows(vals, cfg.seq_len, 1, device)
+    train_w, val_w = Windows(flat(trains), cfg.seq_len, 1, device), Windows(flat(vals), cfg.seq_len, 1, device)
     for p in model.parameters():
         p.requires_grad_(False)
     model.pot.beta_l.requires_grad_(True)

@@ -376,14 +376,27 @@ class Scaler:
         return cls(d["kind"], d["shift"].numpy(), d["scale"].numpy())
 
 
-def split_train_val(x: np.ndarray, val_frac: float, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out the last val_frac of a series (at least one window); no window crosses the cut."""
-    n_val = max(int(round(len(x) * val_frac)), seq_len) if val_frac > 0 else 0
-    if len(x) - n_val < seq_len:
-        n_val = 0
-        log.warning("series of %d rows too short for a validation split; validating on train", len(x))
-        return x, x
-    return x[: len(x) - n_val], x[len(x) - n_val:]
+def split_train_val(x: np.ndarray, val_frac: float, seq_len: int, blocks: int = 1
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Hold out val_frac of a series for validation and calibration -> (train parts, held-out
+    parts), each in time order; no window crosses a cut. blocks=1: the last val_frac (the tail);
+    blocks=B: the series cut into B equal chunks, the last val_frac of each held out, so the
+    held-out rows sample the whole series (every time of day of a one-day history) instead of
+    its last stretch. B is lowered until every part holds at least one window; a series too short
+    for any split validates on itself ([x], [x])."""
+    n = len(x)
+    n_val = max(int(round(n * val_frac)), seq_len) if val_frac > 0 else 0
+    if n_val == 0 or n - n_val < seq_len:
+        log.warning("series of %d rows too short for a validation split; validating on train", n)
+        return [x], [x]
+    b = max(1, min(int(blocks), n_val // seq_len, (n - n_val) // seq_len))
+    edges = np.linspace(0, n, b + 1).round().astype(int)
+    train, held = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        cut = hi - int(round(n_val * (hi - lo) / n))
+        train.append(x[lo:cut])
+        held.append(x[cut:hi])
+    return train, held
 
 
 def create_sequences(data: np.ndarray, seq_len: int, stride: int = 1) -> np.ndarray:

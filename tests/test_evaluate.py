@@ -176,7 +176,7 @@ def test_latent_memory_is_the_train_rows_before_the_calibration_rows(trained):
     _, scaler = entity_state(ckpt, cfg.ckpt, "omi-1")
     x = scaler.transform(ent.train)
     calib = calibration_input(model, ckpt, cfg, x, None, False)
-    before, tail = split_train_val(x, cfg.val_frac, cfg.seq_len)
+    (before,), (tail,) = split_train_val(x, cfg.val_frac, cfg.seq_len)
     T = cfg.seq_len
     assert calib["memory"].shape == (300, cfg.d_theta) and calib["theta0"].shape == (len(tail), cfg.d_theta)
     ends = model.reconstruct(torch.as_tensor(np.stack([before[:T], before[-T:]]).astype(np.float32)))["theta0"].numpy()

@@ -301,7 +301,7 @@ def test_batched_scoring_with_local_and_global_entities():
                 apply_local_state(model, local)
             out = score_series(model, states[s]["scaler"].transform(x[:30]), SEQ_LEN, local is not None,
                                local_score=local_score)
-            memory = latent_memory(model, states[s]["scaler"].transform(x[:30] + rng.normal(size=(30, 4))), cfg)
+            memory = latent_memory(model, [states[s]["scaler"].transform(x[:30] + rng.normal(size=(30, 4)))], cfg)
             cals[s] = scoring.calibrate(dict(out, constant=scoring.constant_features(x[:30]), memory=memory), cfg)
             assert cals[s].latent > 0  # each with its own memory: the latent term goes through the batch too
             series[s] = x

@@ -135,7 +135,7 @@ def test_per_fault_and_summarize():
     # net vs normals: 0.9 beats all 6 normals, 0.2 beats 4 of 6 (0.3, 0.1 above? 0.1 below)
     assert pf["net"]["auc_roc"] == pytest.approx((6 + 5) / 12)
     summ = M.summarize({"a": ev, "b": dict(ev, f1=float("nan"), auc_roc=0.0)})
-    assert set(summ) == {"entities", "mean"}
+    assert set(summ) == {"entities", "mean", "total"}
     assert summ["mean"]["f1"] == pytest.approx(ev["f1"])  # nanmean
     assert summ["mean"]["auc_roc"] == pytest.approx(ev["auc_roc"] / 2)
     assert summ["mean"]["per_fault"]["cpu"]["recall"] == 1.0
@@ -326,3 +326,53 @@ def test_paired_difference_interval_and_counts():
     assert M.paired_difference([np.nan], [1.0])["n"] == 0
     with pytest.raises(ValueError, match="one length"):
         M.paired_difference([1.0, 2.0], [1.0])
+
+
+# --------------------------------------------------------------------------- alert metrics
+def test_alert_metrics_on_a_hand_made_series():
+    """Two faults (a cpu one caught late, a network one missed) and three alarms, one of them
+    touching no labelled point; 60 s rows over 1,440 points = one day."""
+    n = 1440
+    y = np.zeros(n, int)
+    y[100:104] = 1                     # cpu fault, rows 100..103
+    y[500:504] = 1                     # net fault, never flagged
+    faults = np.array([""] * n, dtype=object)
+    faults[100:104], faults[500:504] = "cpu", "net"
+    pred = np.zeros(n, int)
+    pred[102:106] = 1                  # caught 2 steps late, runs past the fault: one event, not false
+    pred[800:803] = 1                  # false alarm
+    pred[900] = 1                      # false alarm
+    a = M.alert_metrics(pred, y, faults, step_s=60.0)
+    assert a["alarm_events"] == 3 and a["false_alarm_events"] == 2
+    assert a["days"] == pytest.approx(1.0) and a["false_alarms_per_day"] == pytest.approx(2.0)
+    assert a["false_alarms_per_1k"] == pytest.approx(2000 / 1440)
+    assert a["fault_events"] == 2 and a["faults_caught"] == 1 and a["faults_caught_share"] == 0.5
+    assert a["delay_steps"] == 2 and a["delay_s"] == 120
+    assert a["normal_flagged"] == pytest.approx((2 + 3 + 1) / (n - 8))
+    assert a["per_fault_events"] == {"cpu": {"events": 1, "caught": 1, "caught_share": 1.0},
+                                     "net": {"events": 1, "caught": 0, "caught_share": 0.0}}
+
+
+def test_alert_metrics_without_a_step_and_an_alarm_already_on():
+    y = np.array([0, 0, 1, 1, 0, 0])
+    pred = np.array([0, 1, 1, 1, 1, 0])  # on before the fault: caught with delay 0, not false
+    a = M.alert_metrics(pred, y)
+    assert a["false_alarm_events"] == 0 and a["faults_caught"] == 1 and a["delay_steps"] == 0
+    assert math.isnan(a["false_alarms_per_day"]) and math.isnan(a["delay_s"])  # row numbers: no days
+    assert "per_fault_events" not in a
+
+
+def test_evaluate_reports_alerts_and_summarize_sums_them():
+    s = np.zeros(288)
+    y = np.zeros(288, int)
+    y[10:12] = 1
+    s[10:12], s[200] = 5, 5
+    ev = M.evaluate(s, 1.0, y, step_s=300.0)  # 288 x 5 min = one day
+    assert ev["false_alarm_events"] == 1 and ev["false_alarms_per_day"] == pytest.approx(1.0)
+    held = M.evaluate(s, 1.0, y, pred=np.zeros(288, bool), step_s=300.0)  # the alarm state given
+    assert held["faults_caught"] == 0 and held["f1"] == 0.0
+    tot = M.summarize({"a": ev, "b": held})["total"]
+    assert tot["false_alarm_events"] == 1 and tot["days"] == pytest.approx(2.0)
+    assert tot["false_alarms_per_day"] == pytest.approx(0.5) and tot["faults_caught_share"] == 0.5
+    none = M.evaluate(s, 1.0, None, step_s=300.0)  # no labels: only the alarms
+    assert none["alarm_events"] == 2 and none["alarms_per_day"] == pytest.approx(2.0) and "f1" not in none

@@ -173,7 +173,7 @@ def test_score_stays_finite_for_extreme_inputs(score):
     model = PUAD(cfg, 4).eval()
     rng = np.random.default_rng(2)
     calib = rng.random((200, 4)).astype(np.float32)
-    memory = latent_memory(model, rng.random((300, 4)), cfg)  # with the latent term
+    memory = latent_memory(model, [rng.random((300, 4))], cfg)  # with the latent term
     cal = scoring.calibrate(dict(score_series(model, calib, cfg.seq_len), memory=memory), cfg)
     assert cal.latent > 0 and len(cal.memory) == len(memory)
     test = rng.random((100, 4))

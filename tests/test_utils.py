@@ -213,3 +213,18 @@ def test_interpretation_on_unlabelled_rows_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="puad"):
         load_entity(_interp_split(tmp_path, "start,end,features\n2,4,a"))
     assert "cover rows labelled 0" in caplog.text
+
+
+def test_split_train_val_holds_out_blocks_spread_over_the_series():
+    from utils import split_train_val
+    x = np.arange(1000, dtype=float)[:, None]
+    (tr,), (tail,) = split_train_val(x, 0.1, 20)  # one block: the last 10 %
+    assert len(tail) == 100 and tail[0, 0] == 900 and len(tr) == 900
+    tr, held = split_train_val(x, 0.1, 20, blocks=4)  # the last 25 rows of each quarter
+    assert [len(h) for h in held] == [25, 25, 25, 25] and [h[0, 0] for h in held] == [225, 475, 725, 975]
+    assert sum(map(len, tr)) + sum(map(len, held)) == 1000
+    assert np.array_equal(np.sort(np.concatenate(tr + held)[:, 0]), x[:, 0])  # a partition of the rows
+    tr, held = split_train_val(x, 0.1, 20, blocks=50)  # every part keeps at least one window
+    assert len(held) == 5 and min(map(len, held)) >= 20 and min(map(len, tr)) >= 20
+    tr, held = split_train_val(x[:30], 0.1, 20)  # too short to hold anything out: validates on itself
+    assert tr[0] is held[0]
