@@ -4,9 +4,11 @@ serve the result as Prometheus metrics.
 
     python detect_live.py --ckpt=checkpoints/puad.ckpt --entities=catalogue,payment \
         --prometheus=http://127.0.0.1:9090 --metrics_file=labshop/metrics-lab.yaml \
-        --live_step=15 --port=9109 --num_threads=1 [--threshold=12.5] [--webhook=URL]
+        --port=9109 --num_threads=1 [--threshold=12.5] [--webhook=URL]
 
-Every --live_step seconds, for every entity (= the metric set's $service): the last seq_len grid
+Every --live_step seconds (the step of the checkpoint's training rows, its step_s, train_safe.py; a
+--live_step that differs is refused, one line; a checkpoint without step_s keeps --live_step, with a
+warning), for every entity (= the metric set's $service): the last seq_len grid
 points (plus the rate window before them) of the metric set's columns that the checkpoint was
 trained on, matched BY NAME to the checkpoint's `features`; scaled with the entity's scaler (its
 local file's when adapted, else the checkpoint's; refused if neither); the window scored (the
@@ -22,7 +24,8 @@ global prototypes together, each entity with local prototypes in a batch of its 
 seen in the last poll is not run again), then scoring.apply_batch; the scores are those of one
 window at a time (tested). --shard=I/N keeps the entities whose name hashes to I modulo N
 (prometheus.hashmod: Prometheus' hashmod relabelling, md5), so N replicas split a fleet with no
-coordination; each serves only its entities.
+coordination; each serves only its entities. A shard that gets no entity idles: it says so in one
+log line, serves /metrics (puad_entities 0) and stops on SIGTERM like any other.
 
 Calibration: at start-up, exactly as test.py does (puad.calibrate_entity), the score's
 per-feature normaliser and the threshold (spot | percentile) come from the validation tail of
@@ -50,6 +53,8 @@ Served on --listen:--port /metrics (own CollectorRegistry):
   puad_windows_scored_total{entity}
   puad_scoring_latency_seconds          histogram, scoring time per window (a poll's batch / its windows)
   puad_webhook_errors_total
+  puad_entities                         entities this detector scores (its shard's)
+  process_*                             the process' CPU, memory, open files (prometheus_client)
 Errors and missing data never raise an alarm: puad_anomaly KEEPS ITS LAST VALUE while windows
 are skipped or Prometheus fails (it starts at 0), and puad_stale says the value is old.
 A window with a missing point is skipped and counted, never filled. A point counts as missing
@@ -66,7 +71,11 @@ above their usual level), is appended to --live_log; the alert's description nam
 --webhook the change is POSTed as an Alertmanager /api/v2/alerts list (a firing alert, re-sent
 every minute while it lasts, then the same alert with endsAt when it resolves); a failed POST
 is logged and counted, never fatal.
-SIGTERM or SIGINT stops the loop, closes the HTTP server and exits 0.
+SIGTERM or SIGINT stops the loop (so does the end of --max_polls); every entity still anomalous
+then gets its state change to normal (a JSON line with "reason": "detector stopped") and, with
+--webhook, its resolved alert (endsAt), all in one POST sent before exiting (alerts still in flight
+first), so that Alertmanager holds no alert of a stopped detector; then the HTTP server is closed
+and the exit code is 0.
 """
 from __future__ import annotations
 
@@ -89,7 +98,8 @@ import requests
 import torch
 
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")  # no *_created series
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server  # noqa: E402
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,  # noqa: E402
+                               start_http_server)
 
 import puad  # noqa: E402
 import scoring  # noqa: E402
@@ -147,6 +157,25 @@ def entity_state(ckpt: dict, cfg: Config, entity: str) -> dict:
         raise LiveError(f"entity {entity!r}: no scaler (not trained on, no local file "
                         f"{local_path(cfg.ckpt, entity)}); the checkpoint knows {sorted(ckpt['scalers'])}")
     return {"local": local, "scaler": scaler, "use_local": local is not None and cfg.use_local}
+
+
+def poll_step(cfg: Config, ckpt: dict, given: set[str]) -> int:
+    """The poll step in seconds: the step of the checkpoint's training rows (step_s) unless
+    --live_step is given; a --live_step that differs from it is refused. A checkpoint without
+    step_s (older, or trained on row-numbered data) keeps --live_step, with a warning."""
+    trained = ckpt.get("step_s")
+    if trained is None:
+        log.warning("%s does not record the step it was trained on (step_s); --live_step=%d is not checked "
+                    "against it", cfg.ckpt, cfg.live_step)
+        return cfg.live_step
+    whole = abs(trained - round(trained)) < 1e-3 * trained and round(trained) >= 1
+    if "live_step" not in given and whole:
+        return int(round(trained))
+    if not whole or cfg.live_step != round(trained):
+        raise LiveError(f"--live_step={cfg.live_step} does not match the step of {cfg.ckpt}'s training data "
+                        f"({trained:g} s, step_s): poll at the step the model was trained on"
+                        + (f" (--live_step={round(trained)})" if whole else ", in whole seconds: retrain on such data"))
+    return cfg.live_step
 
 
 def explicit_threshold(text: str) -> float | None:
@@ -328,6 +357,8 @@ class Detector:
         self.last_input: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # scaled rows, named contributions
         self.top: dict[str, list[str]] = {}
         self.last_post: dict[str, float] = {}
+        self.last_window: dict[str, tuple[float, int]] = {}  # the last scored window's score and end, per entity
+        self.posting: list[threading.Thread] = []  # alert POSTs in flight
         self.started = time.time()
         self.failures = 0
         self.rows: dict[int, tuple[np.ndarray, float]] = {}  # grid time -> (values (entities, V), presence)
@@ -350,6 +381,8 @@ class Detector:
                                ["entity", "feature"], registry=r)
         self.g_step = Gauge("puad_step_seconds", "Poll interval", registry=r)
         self.g_step.set(self.step)
+        Gauge("puad_entities", "Entities this detector scores (its shard's)", registry=r).set(len(entities))
+        ProcessCollector(registry=r)
         for e in entities:
             self.g_score.labels(e).set(float("nan"))
             self.g_anomaly.labels(e).set(0)
@@ -465,6 +498,8 @@ class Detector:
         """One poll of every entity for the window ending at grid time `end`; raises QueryError.
         One grouped query per column and one presence query for all entities (fetch_fleet),
         then one batched scoring of every complete window (score_windows)."""
+        if not self.entities:  # an empty shard idles
+            return
         t0 = time.perf_counter()
         n = self.cfg.seq_len + max(self.cfg.smooth, 1) - 1  # the last `smooth` windows
         grid, rate_steps = window_grid(self.metric_set, end, n, self.step)
@@ -502,6 +537,7 @@ class Detector:
             self.c_scored.labels(entity).inc()
             self.last_scored[entity] = time.time()
             self.g_score.labels(entity).set(score)
+            self.last_window[entity] = (score, end)
             contrib = self.last_input[entity][1][-1] if entity in self.last_input else None  # the last point's
             if contrib is not None:  # which metrics: each feature's contribution over its usual level
                 for name, c in zip(self.features, contrib):
@@ -541,25 +577,48 @@ class Detector:
     def send(self, entity: str, anomalous: bool, score: float, end: int) -> None:
         now = time.time()
         self.last_post[entity] = now
-        threading.Thread(target=self.post_alert, daemon=True,
-                         args=(entity, anomalous, score, end, self.alert_start.get(entity, now), now)).start()
+        thread = threading.Thread(target=self.post_alert, daemon=True,
+                                  args=(entity, anomalous, score, end, self.alert_start.get(entity, now), now))
+        thread.start()
+        self.posting = [t for t in self.posting if t.is_alive()] + [thread]
 
-    def state_change(self, entity: str, anomalous: bool, score: float, end: int) -> None:
+    def state_change(self, entity: str, anomalous: bool, score: float, end: int, reason: str | None = None,
+                     notify: bool = True) -> None:
         now = time.time()
         event = {"time": iso(now), "entity": entity, "state": "anomalous" if anomalous else "normal",
                  "score": round(score, 6), "threshold": round(self.thresholds[entity], 6),
                  "top_features": self.top.get(entity, []), "window_end": iso(end), "window_end_unix": end}
+        if reason:
+            event["reason"] = reason
         with open(self.cfg.live_log, "a") as f:
             f.write(json.dumps(event) + "\n")
         log.info("%s: %s (score %.4g, threshold %.4g; top features %s)", entity, event["state"], score,
                  self.thresholds[entity], ", ".join(event["top_features"]) or "n/a")
         if anomalous:
             self.alert_start[entity] = now
-        if self.cfg.webhook:
+        if self.cfg.webhook and notify:
             self.send(entity, anomalous, score, end)
 
+    def resolve_all(self) -> None:
+        """At stop: every entity still anomalous changes to normal (a JSON line each) and, with
+        --webhook, its resolved alert is POSTed, all in one request, after the POSTs in flight."""
+        for thread in self.posting:  # a firing alert that arrived after its resolution would stay active
+            thread.join(timeout=10)
+        open_ = [e for e in self.entities if self.anomalous[e]]
+        for entity in open_:
+            self.anomalous[entity] = False
+            self.g_anomaly.labels(entity).set(0)
+            self.state_change(entity, False, *self.last_window[entity], reason="detector stopped", notify=False)
+        if open_ and self.cfg.webhook:
+            now = time.time()
+            self.post([self.alert(e, False, *self.last_window[e], self.alert_start.get(e, now), now) for e in open_])
+            log.info("resolved %d alert(s) at %s", len(open_), self.cfg.webhook)
+
     def post_alert(self, entity: str, anomalous: bool, score: float, end: int, start: float, now: float) -> None:
-        """POST one alert in Alertmanager's /api/v2/alerts shape; a failure is logged and counted."""
+        self.post([self.alert(entity, anomalous, score, end, start, now)])
+
+    def alert(self, entity: str, anomalous: bool, score: float, end: int, start: float, now: float) -> dict:
+        """One alert in Alertmanager's /api/v2/alerts shape (resolved: with endsAt)."""
         alert = {"labels": {"alertname": "PUADAnomaly", "entity": entity, "severity": "warning",
                             "source": "detect_live"},
                  "annotations": {"summary": f"PUAD anomaly on {entity}",
@@ -572,8 +631,12 @@ class Detector:
                  "generatorURL": f"http://{self.cfg.listen}:{self.cfg.port}/metrics"}
         if not anomalous:
             alert["endsAt"] = iso(now)
+        return alert
+
+    def post(self, alerts: list[dict]) -> None:
+        """POST alerts to --webhook; a failure is logged and counted."""
         try:
-            r = requests.post(self.cfg.webhook, json=[alert], timeout=5)
+            r = requests.post(self.cfg.webhook, json=alerts, timeout=5)
             if r.status_code >= 300:
                 raise requests.RequestException(f"HTTP {r.status_code}: {r.text[:200]}")
         except requests.RequestException as e:
@@ -581,6 +644,13 @@ class Detector:
             log.warning("webhook %s: %s", self.cfg.webhook, str(e)[:300])
 
     def run(self) -> None:
+        """Poll every step until SIGTERM/SIGINT or --max_polls; then resolve what is still anomalous."""
+        try:
+            self._run()
+        finally:
+            self.resolve_all()
+
+    def _run(self) -> None:
         polls, delay = 0, 0.0
         next_end = math.floor(time.time() / self.step) * self.step
         while not self.stop_event.is_set():
@@ -609,11 +679,6 @@ def setup(argv: list[str]) -> Detector:
     parsed = cli(argv, description=__doc__, show=False)
     ckpt = read_checkpoint(parsed.cfg.ckpt)
     cfg = run_config(parsed.cfg, ckpt, parsed.given)  # the model fields are the checkpoint's
-    print_config(cfg)
-    if cfg.live_step < 1:
-        raise LiveError("--live_step must be >= 1 second")
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
     try:
         metric_set = load_metric_set(cfg.metrics_file)
     except ExportError as e:
@@ -621,6 +686,12 @@ def setup(argv: list[str]) -> Detector:
     if cfg.rate_window:
         metric_set["rate_window"] = cfg.rate_window
     metrics = check_features(list(ckpt["features"]), metric_set, str(cfg.ckpt), cfg.metrics_file)
+    cfg = dataclasses.replace(cfg, live_step=poll_step(cfg, ckpt, parsed.given))
+    print_config(cfg)
+    if cfg.live_step < 1:
+        raise LiveError("--live_step must be >= 1 second")
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
     if cfg.entity:
         entities = [cfg.entity]
     elif cfg.entities in ("all", ""):
@@ -632,7 +703,8 @@ def setup(argv: list[str]) -> Detector:
         entities = shard_services(entities, shard)
         log.info("shard %s: %d entities (hashmod of the name)", cfg.shard, len(entities))
         if not entities:
-            raise LiveError(f"--shard={cfg.shard}: no entity of this shard")
+            log.warning("--shard=%s: no entity of this shard; idling (serving /metrics, puad_entities 0) "
+                        "until stopped", cfg.shard)
     model, _ = build_model(ckpt, "cpu")
     states = {e: entity_state(ckpt, cfg, e) for e in entities}
     fixed = explicit_threshold(cfg.threshold)

@@ -36,7 +36,7 @@ from config import Config, cli
 from puad import (PUAD, build_model, checkpoint_args, fail, history_calibration, local_mismatch, local_path, model_args,
                   model_id, read_checkpoint, run_config, save_checkpoint)
 from utils import (DataError, Entity, LockError, Scaler, Windows, align_features, get_device, load_dataset, log,
-                   output_lock, set_seed, split_train_val, write_csv_atomic)
+                   output_lock, set_seed, split_train_val, time_step, write_csv_atomic)
 from vae_loss import total_loss
 
 LOSS_COLUMNS = ["stage", "entity", "epoch", "total", "recon", "kl0", "kl1", "ot", "val_total",
@@ -288,6 +288,7 @@ def train_global(cfg: Config, device: torch.device) -> Path:
     meta = dict(config=dataclasses.asdict(cfg), model_args=model_args(cfg), n_features=len(entities[0].features),
                 features=entities[0].features, entities=[e.name for e in entities],
                 scalers={k: s.state_dict() for k, s in scalers.items()}, stage="global", version=1,
+                step_s=time_step(entities),  # seconds between rows; detect_live.py polls at this step (None: row numbers)
                 # pooled over every history entity: the scaler a new entity may borrow (--adapt_scaler=history)
                 history_scaler=Scaler(cfg.scaler).fit(np.concatenate([used_rows(e, cfg) for e in entities])).state_dict())
 

@@ -301,6 +301,25 @@ def align_features(ent: Entity, features: list[str], where: str, against: str = 
     return ent
 
 
+EPOCH_S = (1e9, 1e11)  # numeric timestamps in this range are Unix seconds (2001-09 on); 1,000 x it, milliseconds
+
+
+def time_step(entities: list[Entity]) -> float | None:
+    """The series' step in seconds: the median difference of consecutive train timestamps over
+    the entities whose timestamps are Unix seconds (or milliseconds); None when none has such
+    timestamps (row numbers, as in ASD and SMD, no timestamp column, or text)."""
+    diffs = []
+    for e in entities:
+        if len(e.train_ts) < 2 or not pd.api.types.is_numeric_dtype(e.train_ts):
+            continue
+        ts = np.asarray(e.train_ts, dtype=np.float64)
+        for scale in (1.0, 1e-3):
+            if EPOCH_S[0] <= ts.min() * scale < EPOCH_S[1]:
+                diffs.append(np.diff(ts) * scale)
+                break
+    return float(np.median(np.concatenate(diffs))) if diffs else None
+
+
 class Windows:
     """Windows of several series, gathered per batch from one flat tensor (no window copies)."""
 

@@ -60,11 +60,11 @@ def strict(schema: dict) -> dict:
 
 
 @lru_cache(maxsize=None)
-def crd_schemas() -> dict:
-    """{(apiVersion, kind): openAPIV3Schema} from the CRD files, indexed without parsing
-    the big files twice."""
+def crd_schemas(crd_dir: Path = CRD_DIR) -> dict:
+    """{(apiVersion, kind): openAPIV3Schema} from the CRD files of crd_dir, indexed without
+    parsing the big files twice."""
     schemas = {}
-    for path in sorted(CRD_DIR.glob("*.yaml")):
+    for path in sorted(crd_dir.glob("*.yaml")):
         for crd in yaml.load_all(path.read_text(), Loader=Loader):
             if not crd or crd.get("kind") != "CustomResourceDefinition":
                 continue
@@ -76,9 +76,10 @@ def crd_schemas() -> dict:
     return schemas
 
 
-def validation_errors(manifest: dict) -> list[str]:
+def validation_errors(manifest: dict, crd_dir: Path = CRD_DIR) -> list[str]:
+    """What is wrong with a manifest against its CRD's schema in crd_dir (strict: unknown fields too)."""
     key = (manifest.get("apiVersion"), manifest.get("kind"))
-    schema = crd_schemas().get(key)
+    schema = crd_schemas(crd_dir).get(key)
     if schema is None:
         return [f"no served CRD for apiVersion={key[0]} kind={key[1]}"]
     # OpenAPI 3.0 schemas follow JSON Schema draft 4 (boolean exclusiveMaximum etc.)

@@ -11,8 +11,9 @@ deployment files (deploy/k8s, deploy/grafana).
   service's alarm; two shards cover every service exactly once, as Prometheus' hashmod splits
   them, and each replica's /metrics has only its services; every PromQL expression of the
   Grafana dashboard returns data from the detector's metrics;
-- the Kubernetes manifests validate against the Kubernetes schemas (kubernetes-validate), and the
-  rule ConfigMap holds chaos/alert-rules.yaml.
+- the Kubernetes manifests validate against the Kubernetes schemas (kubernetes-validate), the
+  ServiceMonitor and PrometheusRule against the Prometheus operator's CRD schemas (deploy/crds),
+  and the rule ConfigMap and the PrometheusRule hold chaos/alert-rules.yaml's rules.
 A random-weights `test`-preset model (seq_len 5) is enough: the tests check the pipeline, not
 the model; per-service scalers and calibrations are fitted on the fleet's first CAL_ROWS seconds.
 """
@@ -251,25 +252,52 @@ def test_two_shards_cover_every_service_once(fleet):
 
 
 def test_kubernetes_manifests_and_rules():
+    """The built-in kinds validate against Kubernetes' schemas (kubernetes-validate), the Prometheus
+    operator's (ServiceMonitor, PrometheusRule) against its CRD schemas vendored in deploy/crds;
+    both rule files are chaos/alert-rules.yaml; no ConfigMap carries the checkpoint."""
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    from test_chaos import validation_errors
     docs = [d for p in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")) for d in yaml.safe_load_all(p.read_text()) if d]
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == ["ConfigMap", "Service", "StatefulSet"], kinds
+    assert kinds == ["ConfigMap", "PrometheusRule", "Service", "ServiceMonitor", "StatefulSet"], kinds
+    crds = ROOT / "deploy" / "crds"
     for d in docs:
-        kubernetes_validate.validate(d, "1.30", strict=True)
+        if d["apiVersion"].startswith("monitoring.coreos.com/"):
+            assert validation_errors(d, crds) == [], d["kind"]
+        else:
+            kubernetes_validate.validate(d, "1.30", strict=True)
     broken = json.loads(json.dumps(next(d for d in docs if d["kind"] == "StatefulSet")))
     broken["spec"]["replicas"] = "two"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, "1.30", strict=True)
+    for kind, path, bad in (("ServiceMonitor", ("spec", "endpoints", 0), {"port": 9109}),
+                            ("PrometheusRule", ("spec", "groups", 0, "rules", 0), {"fore": "2m"})):
+        broken = json.loads(json.dumps(next(d for d in docs if d["kind"] == kind)))
+        part = broken
+        for key in path:
+            part = part[key]
+        part.update(bad)  # a number where the port's name goes; a misspelt field
+        assert validation_errors(broken, crds), kind
+    plain = yaml.safe_load((ROOT / "chaos" / "alert-rules.yaml").read_text())
     rules = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["alert-rules.yaml"]
-    assert yaml.safe_load(rules) == yaml.safe_load((ROOT / "chaos" / "alert-rules.yaml").read_text())
+    assert yaml.safe_load(rules) == plain
+    assert next(d for d in docs if d["kind"] == "PrometheusRule")["spec"]["groups"] == plain["groups"]
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] in [p["name"] for p in service["spec"]["ports"]]
+    assert {"targetLabel": "job", "replacement": "puad", "action": "replace"} in monitor["spec"]["endpoints"][0]["relabelings"]
     sts = next(d for d in docs if d["kind"] == "StatefulSet")
-    args = sts["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    pod = sts["spec"]["template"]["spec"]
+    assert not any("configMap" in v for v in pod["volumes"])  # the checkpoint comes from the init container
+    args = pod["containers"][0]["args"][0]
     import detect_live  # noqa: F401  (every flag of the manifest is a Config field)
     from config import Config
     flags = {a.split("=")[0][2:] for a in args.split() if a.startswith("--")}
     assert flags <= set(Config.__dataclass_fields__), flags - set(Config.__dataclass_fields__)
     assert "--shard=${HOSTNAME##*-}/${SHARDS}" in args
+    for doc in ("README.md", "docs/fleet.md", "docs/live.md", "chaos/README.md"):
+        assert "configmap puad-checkpoint" not in (ROOT / doc).read_text().lower(), doc
 
 
 def test_batched_scoring_with_local_and_global_entities():

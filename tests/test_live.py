@@ -9,11 +9,21 @@
   within 10 steps and it clears after the fault, with a JSON event line each and an
   Alertmanager-shaped POST each (the first answered 500: counted, not fatal); then Prometheus
   is stopped (the detector keeps serving, counts errors, marks staleness, raises no alarm) and
-  started again on the same port and storage (it recovers); SIGTERM: exit 0, port closed.
+  started again on the same port and storage (it recovers); SIGTERM: exit 0, port closed;
+- the step guard: the checkpoint records its training step (step_s); another --live_step is
+  refused (one line, exit 1); a checkpoint without step_s is run with a warning;
+- deploy/k8s/detector.yaml's init and detector commands, run as the StatefulSet runs them (its
+  args through /bin/sh -c, $HOSTNAME and $SHARDS set, the paths moved to a temporary folder,
+  the model bundle laid out by deploy/Dockerfile.model's COPY lines) against this Prometheus: a
+  shard with a service serves its score, an empty shard serves /metrics and exits 0 on SIGTERM;
+- a real Alertmanager (Debian's prometheus-alertmanager): the alerts a detector raised are
+  resolved when it stops (SIGTERM or the end of --max_polls), none stays active.
 Every process a test starts is stopped at its end (lab.Processes, by process group).
 """
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -387,3 +397,206 @@ def test_live_detection_fault_outage_and_sigterm(live_lab):
         log.close()
         webhook.close()
         print((tmp / "logs" / "detect_live.log").read_text()[-3000:])
+
+
+def test_step_mismatch_is_refused(tmp_path):
+    """Refused before any model is built (a checkpoint dict with the metric set's columns is
+    enough). The step itself comes from the train timestamps (utils.time_step): Unix seconds or
+    milliseconds, never row numbers."""
+    import dataclasses
+    import torch
+    from config import PRESETS, Config
+    from prometheus import load_metric_set
+    from utils import Entity, time_step
+    entity = lambda ts: Entity("a", ["x"], np.zeros((len(ts), 1)), np.asarray(ts))  # noqa: E731
+    assert time_step([entity(1.7e9 + np.array([0, 15, 30, 45, 75]))]) == 15.0
+    assert time_step([entity(1.7e12 + np.arange(5) * 1000)]) == 1.0
+    assert time_step([entity(np.arange(100))]) is None  # ASD, SMD: row numbers
+    ckpt = tmp_path / "puad.ckpt"
+    metrics_file = ROOT / "labshop" / "metrics-lab.yaml"
+    features = [m["column"] for m in load_metric_set(metrics_file)["metrics"]]
+    torch.save({"config": dataclasses.asdict(Config(**PRESETS["test"])), "features": features,
+                "n_features": len(features), "scalers": {}, "entities": ["catalogue"], "step_s": 1.0}, ckpt)
+    result = subprocess.run([sys.executable, str(ROOT / "detect_live.py"), f"--ckpt={ckpt}", "--live_step=15",
+                             f"--metrics_file={metrics_file}", f"--port={free_port()}", "--num_threads=1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("detect_live.py: error: --live_step=15 "), result.stderr
+    assert "(1 s, step_s)" in errors[0] and "--live_step=1)" in errors[0], errors
+
+
+@needs_binaries
+def test_step_from_checkpoint_and_old_checkpoint(live_lab, tmp_path, caplog):
+    """The lab's data was exported at 1 s: the checkpoint says so, and the detector polls at it when
+    --live_step is left out; an old checkpoint (no step_s) keeps --live_step, warned once."""
+    import logging
+
+    import torch
+
+    import detect_live
+    from puad import read_checkpoint
+    ckpt = read_checkpoint(live_lab["ckpt"])
+    assert ckpt["step_s"] == 1.0
+    common = [f"--metrics_file={live_lab['metrics_file']}", f"--data={live_lab['tmp'] / 'data'}",
+              "--entities=payment", f"--live_log={tmp_path / 'x.jsonl'}", "--threshold=1.0"]
+    assert detect_live.setup([f"--ckpt={live_lab['ckpt']}", *common]).step == 1
+    old = tmp_path / "old.ckpt"
+    torch.save({k: v for k, v in ckpt.items() if k != "step_s"}, old)
+    with caplog.at_level(logging.WARNING, logger="puad.live"):
+        det = detect_live.setup([f"--ckpt={old}", "--live_step=2", *common])
+    assert det.step == 2
+    warned = [r.getMessage() for r in caplog.records if "step_s" in r.getMessage()]
+    assert len(warned) == 1 and "--live_step=2 is not checked" in warned[0], warned
+
+
+def build_image(dockerfile: Path, context: Path, root: Path, build_args: dict[str, str]) -> None:
+    """Lay out an image's files under root as the Dockerfile's ARG and COPY lines would (no Docker
+    here): each source a glob in the build context, a folder's contents copied into the target."""
+    args: dict[str, str] = {}
+    for line in dockerfile.read_text().splitlines():
+        word, _, rest = line.partition(" ")
+        if word == "ARG":
+            name, _, default = rest.partition("=")
+            args[name] = build_args.get(name, default)
+        elif word == "COPY":
+            *sources, dest = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], rest).split()
+            target = root / dest.lstrip("/")
+            for src in (p for pattern in sources for p in sorted(context.glob(pattern.rstrip("/")))):
+                if src.is_dir():
+                    shutil.copytree(src, target, dirs_exist_ok=True)
+                else:
+                    (target if dest.endswith("/") else target.parent).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(src, target / src.name if dest.endswith("/") else target)
+
+
+def container_command(container: dict, paths: dict[str, str]) -> list[str]:
+    """A container's command line, each of `paths` (container path or option -> this machine's) replaced in one pass."""
+    pattern = re.compile("|".join(map(re.escape, sorted(paths, key=len, reverse=True))))
+    return [pattern.sub(lambda m: paths[m.group(0)], part) for part in container["command"] + container["args"]]
+
+
+@needs_binaries
+def test_kubernetes_container_command(live_lab, tmp_path):
+    """deploy/k8s/detector.yaml as the StatefulSet runs it: the init container fills the model volume
+    from a bundle built as deploy/Dockerfile.model builds it (the checkpoint trained on the lab,
+    its calibration data and metric set); then replica 1 of the manifest's SHARDS=2 (catalogue,
+    by Prometheus' hashmod) and replica 0 of 3 shards (no service: 0/3 gets neither) run the
+    detector's exact args. The first serves catalogue's score only, the second idles and serves
+    /metrics; both exit 0 on SIGTERM."""
+    from prometheus import hashmod
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "k8s" / "detector.yaml").read_text()))
+    pod = next(d for d in docs if d["kind"] == "StatefulSet")["spec"]["template"]["spec"]
+    (init,), (main,) = pod["initContainers"], pod["containers"]
+    mount = {v["name"]: v["mountPath"] for v in main["volumeMounts"]}["model"]
+    assert {v["name"]: v["mountPath"] for v in init["volumeMounts"]}["model"] == mount
+    # the bundle: a build context holding what `docker build -f deploy/Dockerfile.model` would be given
+    context, image, volume = tmp_path / "context", tmp_path / "image", tmp_path / "volume"
+    (context / "ckpt").mkdir(parents=True)
+    shutil.copy(live_lab["ckpt"], context / "ckpt" / "puad.ckpt")
+    shutil.copytree(live_lab["tmp"] / "data", context / "data")
+    shutil.copy(live_lab["metrics_file"], context / "metrics.yaml")
+    build_image(ROOT / "deploy" / "Dockerfile.model", context, image,
+                {"CKPT_DIR": "ckpt", "DATA": "data", "METRICS": "metrics.yaml"})
+    volume.mkdir()
+    subprocess.run(container_command(init, {"/model": str(image / "model"), mount: str(volume)}),
+                   check=True, timeout=30)
+    assert (volume / "checkpoints" / "puad.ckpt").is_file() and (volume / "calibration" / "catalogue").is_dir()
+
+    env = {e["name"]: e["value"] for e in main["env"]}
+    assert env["SHARDS"] == "2" and [hashmod(e, 2) for e in ENTITIES] == [1, 0] and [hashmod(e, 3) for e in ENTITIES] == [2, 2]
+    runs = {"catalogue": ("puad-detector-1", "2"), "empty": ("puad-detector-0", "3")}
+    procs, ports = {}, {}
+    try:
+        for name, (hostname, shards) in runs.items():
+            ports[name] = free_port()
+            command = container_command(main, {
+                mount: str(volume), "/tmp/": f"{tmp_path}/{name}-",
+                "--prometheus=http://prometheus-operated.monitoring.svc:9090": f"--prometheus={live_lab['prometheus']}",
+                "--port=9109": f"--port={ports[name]}", "--listen=0.0.0.0": "--listen=127.0.0.1"})
+            procs[name] = subprocess.Popen(
+                command, cwd=ROOT, start_new_session=True, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT,
+                env={**os.environ, **env, "SHARDS": shards, "HOSTNAME": hostname,
+                     "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})  # `python` is this one
+        m = wait_for(lambda m: m.get('puad_windows_scored_total{entity="catalogue"}', 0) >= 1, 60,
+                     "a scored window of catalogue", ports["catalogue"], procs["catalogue"])
+        assert math.isfinite(m['puad_anomaly_score{entity="catalogue"}'])
+        assert not any("payment" in k for k in m) and m["puad_entities"] == 1
+        assert m["puad_step_seconds"] == 1  # the checkpoint's step: the manifest gives no --live_step
+        m = wait_for(lambda m: "puad_entities" in m, 60, "/metrics of the empty shard", ports["empty"], procs["empty"])
+        assert m["puad_entities"] == 0 and m["process_cpu_seconds_total"] > 0
+        assert not any(k.startswith("puad_anomaly_score") for k in m)
+        time.sleep(2)  # it idles: still up, polling nothing
+        assert procs["empty"].poll() is None
+        for name, p in procs.items():
+            p.send_signal(signal.SIGTERM)
+            assert p.wait(timeout=20) == 0, (name, (tmp_path / f"{name}.log").read_text()[-2000:])
+        assert "--shard=0/3: no entity of this shard; idling" in (tmp_path / "empty.log").read_text()
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+
+
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+
+
+def start_alertmanager(procs, tmp: Path) -> str:
+    """A real Alertmanager on a free loopback port (no cluster, a receiver that sends nothing) -> its URL."""
+    import lab
+    port = free_port()
+    (tmp / "alertmanager.yml").write_text(yaml.safe_dump({"route": {"receiver": "null", "group_wait": "1s"},
+                                                          "receivers": [{"name": "null"}]}))
+    procs.spawn([ALERTMANAGER, f"--config.file={tmp / 'alertmanager.yml'}", f"--storage.path={tmp / 'alertmanager'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="], "alertmanager")
+    url = f"http://127.0.0.1:{port}"
+    lab.wait_http(f"{url}/-/ready", 30, "alertmanager", procs)
+    return url
+
+
+def active_alerts(alertmanager: str) -> dict[str, dict]:
+    alerts = requests.get(f"{alertmanager}/api/v2/alerts", timeout=5).json()
+    return {a["labels"]["entity"]: a for a in alerts if a["labels"].get("alertname") == "PUADAnomaly"}
+
+
+@needs_binaries
+@pytest.mark.skipif(ALERTMANAGER is None, reason="needs prometheus-alertmanager (apt-get install prometheus-alertmanager)")
+def test_alerts_resolved_when_detector_stops(live_lab, tmp_path):
+    """A threshold of -1 puts both services in alarm at their first scored window; Alertmanager
+    shows both alerts active. On SIGTERM, and at the end of --max_polls, the detector resolves
+    them before it exits 0: Alertmanager holds no active alert (without it they would stay
+    active for its resolve_timeout, 5 minutes), and the event log ends with a `normal` line for
+    each service saying why."""
+    import lab
+    procs = lab.Processes(tmp_path)
+    try:
+        alertmanager = start_alertmanager(procs, tmp_path)
+        for stop in ("sigterm", "max_polls"):
+            port, events = free_port(), tmp_path / f"events-{stop}.jsonl"
+            command = [sys.executable, str(ROOT / "detect_live.py"), f"--ckpt={live_lab['ckpt']}",
+                       f"--entities={','.join(ENTITIES)}", "--threshold=-1", f"--prometheus={live_lab['prometheus']}",
+                       f"--metrics_file={live_lab['metrics_file']}", f"--port={port}", f"--live_log={events}",
+                       f"--webhook={alertmanager}/api/v2/alerts", "--live_step=1", "--num_threads=1"]
+            if stop == "max_polls":
+                command.append("--max_polls=6")
+            detector = procs.spawn(command, f"detect_live-{stop}")
+            if stop == "sigterm":
+                deadline = time.monotonic() + 60
+                while set(active_alerts(alertmanager)) != set(ENTITIES):
+                    assert detector.poll() is None and time.monotonic() < deadline, "no alert reached Alertmanager"
+                    time.sleep(0.5)
+                detector.send_signal(signal.SIGTERM)
+            assert detector.wait(timeout=60) == 0, (tmp_path / f"detect_live-{stop}.log").read_text()[-2000:]
+            assert active_alerts(alertmanager) == {}, stop
+            lines = [json.loads(line) for line in events.read_text().splitlines()]
+            for e in ENTITIES:
+                states = [(x["state"], x.get("reason")) for x in lines if x["entity"] == e]
+                assert states == [("anomalous", None), ("normal", "detector stopped")], (stop, e, states)
+        received = {"firing": 0.0, "resolved": 0.0}
+        for line in requests.get(f"{alertmanager}/metrics", timeout=5).text.splitlines():
+            if line.startswith("alertmanager_alerts_received_total{"):
+                received[line.split('status="')[1].split('"')[0]] += float(line.rsplit(" ", 1)[1])
+        assert received == {"firing": 2 * len(ENTITIES), "resolved": 2 * len(ENTITIES)}, received
+    finally:
+        procs.stop_all()
