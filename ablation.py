@@ -23,7 +23,7 @@ import scoring
 from config import Config, cli, print_config
 from metrics import evaluate, summarize
 from puad import build_model, read_checkpoint, reconstruct_entity, run_config
-from utils import (DataError, align_features, atomic_write, get_device, load_dataset, log,
+from utils import (DataError, align_features, atomic_write, get_device, load_dataset, log, time_step,
                    write_json_atomic)
 
 # name -> Config overrides; the first row is the default, each other row changes one thing
@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
         calib, test = r["calib"], r["test"]
         for name, overrides in run_variants.items():
             vcfg = dataclasses.replace(cfg, **overrides)
-            cal = scoring.calibrate(calib, vcfg)
+            cal = scoring.calibrate(calib, vcfg, step_s=time_step([ent]))
             scores, _ = scoring.apply(cal, test)
             thr = scoring.thresholds(cal, scores)
-            per_variant[name][ent.name] = evaluate(scores, thr, ent.labels)
+            per_variant[name][ent.name] = evaluate(scores, thr, ent.labels, ent.faults, step_s=time_step([ent]))
             flagged[name].append(float(np.mean(scores > thr)))
         print(f"{ent.name} done ({time.time() - t0:.0f}s)", flush=True)
     rows, results = [], {}

@@ -40,7 +40,7 @@ import metrics
 import scoring
 from config import Config, cli, cli_error
 from utils import (Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
-                   set_seed, split_train_val, window_to_point_scores, write_json_atomic)
+                   set_seed, split_train_val, time_step, window_to_point_scores, write_json_atomic)
 
 METHODS = ("random", "pca", "iforest", "knn", "ae")
 EXTRA_DEFAULTS: dict[str, Any] = {"methods": ",".join(METHODS), "knn_k": 5,
@@ -164,13 +164,13 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, An
     scorer = FITTERS[method](np.concatenate([_flat(p, cfg.seq_len, max(cfg.stride, 1)) for p in tr]), cfg, opt)
     parts = [point_output(scorer(_flat(p, cfg.seq_len)), p, cfg.seq_len) for p in held]
     cal = scoring.calibrate(dict({k: np.concatenate([o[k] for o in parts]) for k in parts[0]},
-                                 constant=scoring.constant_features(ent.train)), cfg)
+                                 constant=scoring.constant_features(ent.train)), cfg, step_s=time_step([ent]))
     if ent.test is None:
         raise SystemExit(f"{ent.name}: no test split to score")
     test = scaler.transform(ent.test)
     test_scores, contrib = scoring.apply(cal, point_output(scorer(_flat(test, cfg.seq_len)), test, cfg.seq_len))
     threshold = scoring.thresholds(cal, test_scores)
-    res = metrics.evaluate(test_scores, threshold, ent.labels, ent.faults)
+    res = metrics.evaluate(test_scores, threshold, ent.labels, ent.faults, step_s=time_step([ent]))
     if ent.interpretation is not None and contrib is not None:  # named as PUAD's (scoring.explain)
         recon = lambda w: (scorer(np.ascontiguousarray(w.reshape(len(w), -1), dtype=np.float32))["mu"], None)  # noqa: E731
         naming = scoring.explain(cal, contrib, test, recon, scoring.named_rows(np.zeros(len(test), bool), ent.interpretation),

@@ -101,7 +101,9 @@ class Config:
     score_amp: bool = False              # CUDA only: bf16 autocast for the encoder when scoring
     score_compile: bool = False          # torch.compile the scorer (compiled once per model; docs/performance.md)
     threshold: str = "spot"              # spot | percentile
-    spot_q: float = 1e-2                 # SPOT risk level (docs/ablation.md: 1e-3 flags too little on ASD and SMD)
+    alarm_budget: float = 1.0            # false alarm events per entity per day the threshold aims at: SPOT's risk is
+                                         # budget x step / 1 day when the timestamps give the step (0 = --spot_q always)
+    spot_q: float = 1e-2                 # SPOT risk level where the step is unknown (timestamps that are row numbers)
     spot_level: float = 0.98             # initial quantile of the peaks-over-threshold fit
     percentile: float = 99.0
     drift_window: int = 1000             # drift guard: the threshold rises by as much as the median of the last N
@@ -443,7 +445,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "smooth": _pos, "latent_weight": _nonneg, "repair_weight": _nonneg, "latent_k": _pos, "latent_memory": _pos, "name_q": ((lambda v: 0 <= v < 1), "in [0, 1)"),
     # a number only in detect_live.py (a fixed threshold); test.py refuses it
     "threshold": _number_or(*THRESHOLD_METHODS),
-    "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"),
+    "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"), "alarm_budget": _nonneg,
     "spot_level": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "percentile": ((lambda v: 0 <= v <= 100), "in [0, 100]"), "drift_window": _nonneg,
     "ckpt": _nonempty, "loss_csv": _nonempty, "out_dir": _nonempty,

@@ -109,7 +109,7 @@ from prometheus import (grouped_query, load_metric_set, make_session, parse_shar
                         parse_step, query_range, render_query, shard_services, split_by_label)
 from puad import (apply_local_state, build_model, calibrate_entity, clip_inputs, local_path,  # noqa: E402
                   read_checkpoint, run_config, window_reconstructor)
-from utils import (DataError, align_features, create_sequences, load_dataset, window_to_point_scores,  # noqa: E402
+from utils import (DataError, align_features, create_sequences, load_dataset, time_step, window_to_point_scores,  # noqa: E402
                    window_values_to_points)
 
 PROG = "detect_live.py"
@@ -203,7 +203,8 @@ def calibrate(model, ckpt: dict, cfg: Config, entity: str, st: dict) -> scoring.
         raise LiveError(str(e)) from None
     if st["local"] is not None:
         apply_local_state(model, st["local"])
-    return calibrate_entity(model, ckpt, cfg, st["scaler"].transform(train), st["local"], st["use_local"], entity)
+    return calibrate_entity(model, ckpt, cfg, st["scaler"].transform(train), st["local"], st["use_local"], entity,
+                            step_s=time_step([ent]))
 
 
 # ---------------------------------------------------------------- Prometheus

@@ -391,11 +391,11 @@ def history_calibration(model: PUAD, vals: list[list[np.ndarray]], trains: list[
 
 
 def calibrate_entity(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, local: dict | None,
-                     use_local: bool, name: str = "") -> scoring.Calibration:
+                     use_local: bool, name: str = "", step_s: float | None = None) -> scoring.Calibration:
     """The one calibration of an entity: the score's normaliser and threshold fitted on its
     calibration rows (detect_live.py; test.py and ablation.py get the same calibration_input
     through reconstruct_entity and fit it with scoring.calibrate)."""
-    return scoring.calibrate(calibration_input(model, ckpt, cfg, x_train, local, use_local, name), cfg)
+    return scoring.calibrate(calibration_input(model, ckpt, cfg, x_train, local, use_local, name), cfg, step_s=step_s)
 
 
 def clip_inputs(x: np.ndarray, clip: float = INPUT_CLIP) -> np.ndarray:

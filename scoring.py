@@ -123,9 +123,20 @@ class Calibration:
     usual: np.ndarray | None = None      # (V,) each feature's usual smoothed contribution (name_q quantile on the
                                          # calibration rows, >= USUAL_FLOOR): what names features is divided by it
     memory: Memory | None = None         # theta0 of the entity's normal windows (M, d_theta; the latent term)
+    cap: float = np.inf                  # the largest raw point score of the calibration rows (smooth_scores)
     latent: float = 0.0                  # the latent term's factor: latent_weight / the calibration rows' median
                                          # distance to the memory; 0 = off
     info: dict = field(default_factory=dict)  # score, smooth and threshold method it was fitted with
+
+
+def smooth_scores(raw: np.ndarray, k: int, cap: float | np.ndarray = np.inf) -> np.ndarray:
+    """A point score from the raw point scores (time on axis 0): the causal mean of the last k,
+    never more than the point's own raw score plus `cap` (Calibration.cap: the largest raw
+    score of the calibration rows). The mean quiets the noise of normal points and gathers a long
+    anomaly's evidence; the cap keeps a short fault's huge scores from lingering on the points
+    after it, which the mean would rank above most of the fault's own (nezha_ob's 4-point faults:
+    AUC-PR 0.251 -> 0.380; docs/decisions.md)."""
+    return np.minimum(smooth(raw, k), raw + cap)
 
 
 def smooth(x: np.ndarray, k: int) -> np.ndarray:
@@ -166,15 +177,25 @@ def knn_distance(z: np.ndarray, memory: np.ndarray | Memory, k: int) -> np.ndarr
     return (memory if isinstance(memory, Memory) else Memory(memory)).distance(z, k)
 
 
-def point_scores(contrib: np.ndarray, score: str, k: int, latent: np.ndarray | float = 0.0) -> np.ndarray:
-    """Point scores (n,) from contributions: mean over features (sum for nll, the paper's
-    log-likelihood of the point), plus the latent term (Calibration.latent x theta0's distance to
-    the memory; 0 without one), then the causal mean of the last k points."""
+def raw_scores(contrib: np.ndarray, score: str, latent: np.ndarray | float = 0.0) -> np.ndarray:
+    """Raw point scores (n,) from contributions, before smoothing: mean over features (sum for
+    nll, the paper's log-likelihood of the point), plus the latent term (Calibration.latent x
+    theta0's distance to the memory; 0 without one)."""
     s = contrib.sum(-1) if score == "nll" else contrib.mean(-1)  # over features, the last axis
-    return smooth(s + latent, k)
+    return s + latent
 
 
-def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
+def spot_risk(cfg, step_s: float | None) -> float:
+    """SPOT's risk level q: the alarm budget (--alarm_budget false alarm events per entity per
+    day) spread over the day's points when the step between rows is known (q = budget x step /
+    86,400 s: a point above the threshold at most that often starts at most that many alarms a
+    day), else --spot_q (timestamps that are row numbers)."""
+    if cfg.alarm_budget > 0 and step_s and step_s > 0:
+        return float(min(max(cfg.alarm_budget * step_s / 86400.0, 1e-9), 0.5))
+    return cfg.spot_q
+
+
+def calibrate(calib: dict, cfg, score: str | None = None, step_s: float | None = None) -> Calibration:
     """The one calibration: normaliser and threshold from the calibration rows' reconstructions.
 
     calib: {"x", "mu", "std"} arrays (n, V) of the calibration rows (residual models), and
@@ -186,7 +207,7 @@ def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
     center = scale = pinned = usual = memory = None
     latent = 0.0
     if "scores" in calib:
-        s = smooth(np.asarray(calib["scores"], np.float64), cfg.smooth)
+        raw = np.asarray(calib["scores"], np.float64)
     else:
         const = np.broadcast_to(np.asarray(calib.get("constant", False), bool), np.shape(calib["x"])[1:])
         pinned = np.where(const, np.asarray(calib["x"], np.float64)[0], np.nan)
@@ -200,13 +221,15 @@ def calibrate(calib: dict, cfg, score: str | None = None) -> Calibration:
             memory = Memory(calib["memory"])
             dist = memory.distance(calib["theta0"], cfg.latent_k)
             latent = cfg.latent_weight / max(float(np.median(dist)), LATENT_FLOOR)
-        s = point_scores(c, score, cfg.smooth, latent * dist)
+        raw = raw_scores(c, score, latent * dist)
         if cfg.name_q > 0 and len(c):
             usual = np.maximum(np.quantile(named(c, calib["x"], pinned, None, cfg.smooth), cfg.name_q, axis=0),
                                USUAL_FLOOR)
-    thr = select_threshold(s, cfg.threshold, q=cfg.spot_q, level=cfg.spot_level, pct=cfg.percentile)
+    cap = float(raw.max()) if len(raw) else np.inf
+    s = smooth_scores(raw, cfg.smooth, cap)
+    thr = select_threshold(s, cfg.threshold, q=spot_risk(cfg, step_s), level=cfg.spot_level, pct=cfg.percentile)
     w = int(cfg.drift_window)
-    return Calibration(float(thr), center, scale, len(s), median=float(np.median(s)) if len(s) else 0.0,
+    return Calibration(float(thr), center, scale, len(s), median=float(np.median(s)) if len(s) else 0.0, cap=cap,
                        recent=s[-w:].copy() if w > 0 else np.zeros(0), pinned=pinned, usual=usual,
                        memory=memory if latent > 0 else None, latent=latent,
                        info={"score": score, "smooth": int(cfg.smooth), "threshold_method": cfg.threshold,
@@ -291,10 +314,11 @@ def apply(cal: Calibration, out: dict) -> tuple[np.ndarray, np.ndarray | None]:
     value has none."""
     k = cal.info.get("smooth", 1)
     if "scores" in out:
-        return smooth(np.asarray(out["scores"], np.float64), k), None
+        return smooth_scores(np.asarray(out["scores"], np.float64), k, cal.cap), None
     score = cal.info["score"]
     c = contributions(out["x"], out["mu"], out.get("std"), score, cal.center, cal.scale)
-    return point_scores(c, score, k, latent_term(cal, out.get("theta0"))), named(c, out["x"], cal.pinned, cal.usual, k)
+    raw = raw_scores(c, score, latent_term(cal, out.get("theta0")))
+    return smooth_scores(raw, k, cal.cap), named(c, out["x"], cal.pinned, cal.usual, k)
 
 
 def latent_term(cal: Calibration, theta0: np.ndarray | None) -> np.ndarray | float:
@@ -328,7 +352,8 @@ def apply_batch(cals: list[Calibration], out: dict) -> tuple[np.ndarray, np.ndar
     usual = None
     if any(c_.usual is not None for c_ in cals):
         usual = np.stack([np.ones(c.shape[-1]) if c_.usual is None else c_.usual for c_ in cals])[None]
-    return (np.swapaxes(point_scores(c, score, k, latent), 0, 1),
+    cap = np.array([c_.cap for c_ in cals])  # (E,), broadcast along the entities' axis 1
+    return (np.swapaxes(smooth_scores(raw_scores(c, score, latent), k, cap), 0, 1),
             np.swapaxes(named(c, t(out["x"]), pinned, usual, k), 0, 1))
 
 

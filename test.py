@@ -33,7 +33,8 @@ from metrics import evaluate, interpretation_metrics, segments, summarize  # noq
 import scoring  # noqa: E402
 from puad import build_model, read_checkpoint, reconstruct_entity, run_config, window_reconstructor  # noqa: E402
 from utils import (DataError, Entity, LockError, align_features, atomic_write, get_device,  # noqa: E402
-                   interpretation_segments, load_dataset, log, output_lock, write_csv_atomic, write_json_atomic)
+                   interpretation_segments, load_dataset, log, output_lock, time_step, write_csv_atomic,
+                   write_json_atomic)
 
 SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
                  "f1_pa", "best_f1_pa_oracle"]
@@ -43,7 +44,7 @@ def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
     """Calibrate on the validation tail (or, for an entity adapted from N windows, those N
     windows) of one entity, then score its test series with that calibration."""
     r = reconstruct_entity(model, ckpt, cfg, ent)
-    cal = scoring.calibrate(r["calib"], cfg)
+    cal = scoring.calibrate(r["calib"], cfg, step_s=time_step([ent]))
     scores, contrib = scoring.apply(cal, r["test"])
     threshold = scoring.thresholds(cal, scores)
     naming = scoring.explain(cal, contrib, r["test"]["x"], window_reconstructor(model, r["use_local"], cfg),
@@ -51,6 +52,14 @@ def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
     return dict(test_scores=scores, contrib=contrib, naming=naming, plan=r["test"]["plan"],
                 plan_before=r["test"].get("plan_global"), threshold=threshold,
                 calibration=cal, use_local=r["use_local"], local_used=r["test"]["local_used"])
+
+
+def alerts_text(m: dict) -> str:
+    """The alert figures of a metrics dict (one entity's or the totals) as a log fragment."""
+    per = f"{m['false_alarms_per_day']:.2f} per day" if np.isfinite(m.get("false_alarms_per_day", np.nan)) \
+        else f"{1000 * m['false_alarm_events'] / max(m.get('n_points', 0), 1):.2f} per 1k points"
+    return (f"false alarms {m['false_alarm_events']:.0f} ({per}), faults caught "
+            f"{m['faults_caught']:.0f}/{m['fault_events']:.0f}")
 
 
 def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> None:
@@ -240,7 +249,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
             raise SystemExit(f"test.py: error: {e}") from None
         r = score_entity(model, ckpt, cfg, ent)
         # the threshold is fixed; only now are the labels looked at
-        m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults)
+        m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults, step_s=time_step([ent]))
         m.update(threshold=r["calibration"].threshold,  # the fitted one; threshold_max: the drift guard's highest
                  threshold_method=cfg.threshold, local_prototypes=r["use_local"], score=cfg.score,
                  smooth=cfg.smooth, calibration_rows=r["calibration"].n_rows)
@@ -273,7 +282,8 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
         line = f"{ent.name}: threshold {m['threshold']:.4g}, {m['n_predicted']} of {m['n_points']} points flagged"
         if "f1" in m:
             line += (f" | AUC-ROC {m['auc_roc']:.3f} AUC-PR {m['auc_pr']:.3f} F1 {m['f1']:.3f} "
-                     f"best-F1(oracle) {m['best_f1_oracle']:.3f} | F1-PA {m['f1_pa']:.3f}")
+                     f"best-F1(oracle) {m['best_f1_oracle']:.3f} | F1-PA {m['f1_pa']:.3f} | "
+                     f"{alerts_text(m)}")
         print(line, flush=True)
     if not per_entity:
         raise SystemExit(f"test.py: error: {cfg.data}: no entity with a test.csv")
@@ -298,6 +308,8 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
               f"VUS-PR {mean.get('vus_pr', float('nan')):.3f} F1 {mean['f1']:.3f} "
               f"best-F1(oracle) {mean['best_f1_oracle']:.3f} | point-adjusted: F1-PA {mean['f1_pa']:.3f} "
               f"best-F1-PA(oracle) {mean['best_f1_pa_oracle']:.3f}")
+        total = results["total"]
+        print(f"alerts over {len(per_entity)} entities: {alerts_text(dict(total, n_points=sum(m['n_points'] for m in per_entity.values())))}")
     print(f"wrote {out}/metrics.json in {results['seconds']:.1f}s")
     return results
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import scoring
-from config import parse_config
+from config import Config, parse_config
 from puad import PUAD, latent_memory, score_series
 
 
@@ -278,3 +278,30 @@ def test_live_detector_never_reads_a_non_finite_score_as_normal(tmp_path, monkey
     assert det.c_skipped.labels("svc", "non_finite")._value.get() == 1
     assert det.c_scored.labels("svc")._value.get() == 1
     assert det.g_anomaly.labels("svc")._value.get() == 1  # kept, neither raised nor cleared by a NaN
+
+
+def test_smoothing_cap_keeps_a_short_faults_scores_off_the_points_after_it():
+    """A 4-point fault of raw score 1,000 over normal points at 1: the causal mean of 5 would
+    score the 4 points after the fault 200-800, above most of the fault's own; capped at the raw
+    score plus the calibration's largest raw score (3 here) they score at most 4."""
+    raw = np.ones(20)
+    raw[10:14] = 1000.0
+    plain = scoring.smooth(raw, 5)
+    capped = scoring.smooth_scores(raw, 5, cap=3.0)
+    assert plain[14:18].min() >= 200 and capped[14:18].max() <= 4.0
+    assert np.array_equal(capped[10:14], plain[10:14])  # the fault itself keeps the mean
+    np.testing.assert_allclose(capped[:10], plain[:10])  # normal noise keeps the mean too
+    cal = scoring.calibrate({"scores": np.r_[np.ones(50), 3.0]}, Config(smooth=5))
+    assert cal.cap == 3.0
+    assert np.allclose(scoring.apply(cal, {"scores": raw})[0], capped)
+
+
+def test_alarm_budget_sets_spot_risk_from_the_step():
+    cfg = Config()
+    assert scoring.spot_risk(cfg, 60.0) == pytest.approx(1 / 1440)  # 1 false alarm a day at 60 s steps
+    assert scoring.spot_risk(cfg, None) == cfg.spot_q  # row numbers: no day to spread it over
+    assert scoring.spot_risk(Config(alarm_budget=0), 60.0) == cfg.spot_q
+    rng = np.random.default_rng(0)
+    scores = {"scores": rng.exponential(size=2000)}
+    per_day = scoring.calibrate(scores, Config(smooth=1), step_s=60.0).threshold
+    assert per_day > scoring.calibrate(scores, Config(smooth=1)).threshold  # q 7e-4 is stricter than 1e-2
