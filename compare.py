@@ -1,8 +1,10 @@
 """Is one run better than another, or level with it within chance? Two metrics.json, paired by entity.
+With --table, the results table of any number of runs instead (docs/results.md's tables).
 
     python compare.py res_hr/metrics.json res_hr/baselines/ASD/pca/metrics.json
                       [--metrics=auc_pr,f1,vus_pr,f1_pa,hitrate_150] [--boot=10000] [--seed=0]
     python compare.py runs/s0/metrics.json,runs/s1/metrics.json,runs/s2/metrics.json res_hr/baselines/ASD/pca
+    python compare.py --table res_hr/nezha res_hr/baselines/nezha_ob/pca res_hr/baselines/nezha_ob/ae
 
 Each argument is a metrics.json written by test.py, baselines.py or meta_eval.py (or the folder
 holding one), or several of them joined by commas (runs of one method with different seeds:
@@ -20,7 +22,7 @@ import json
 from pathlib import Path
 
 from config import cli_error
-from metrics import is_num, nanmean_dicts, paired_difference
+from metrics import alert_totals, is_num, nanmean_dicts, paired_difference
 
 DEFAULT_METRICS = "auc_pr,f1,vus_pr,f1_pa,auc_roc,hitrate_150"
 
@@ -83,6 +85,36 @@ def table(rows: list[dict], name_a: str, name_b: str) -> str:
     return "\n".join(out)
 
 
+TABLE = [("auc_roc", "AUC-ROC"), ("auc_pr", "AUC-PR"), ("vus_pr", "VUS-PR"), ("f1", "F1 (label-free)"),
+         ("best_f1_oracle", "best F1 (oracle)"), ("f1_pa", "F1-PA"), ("hitrate_150", "HitRate@150%")]
+
+
+def results_table(paths: list[str]) -> str:
+    """One row per run: the means over entities of TABLE's metrics, then the alert figures summed
+    over the entities (metrics.alert_totals): false alarm events per entity-day (per 1,000 points
+    where the timestamps are row numbers), the share of fault events caught, the median detection
+    delay in steps and the share of normal points flagged (means over entities)."""
+    out = ["| run | " + " | ".join(name for _, name in TABLE) + " | false alarms / entity-day | faults caught | "
+           "delay (steps) | normal flagged |", "|---" * (len(TABLE) + 5) + "|"]
+    for path in paths:
+        ents = list(read_side(path).values())
+        mean = nanmean_dicts(ents)
+        tot = alert_totals(ents)
+        cells = [f"{mean[k]:.3f}" if is_num(mean.get(k)) and mean[k] == mean[k] else "" for k, _ in TABLE]
+        fa = tot.get("false_alarms_per_day", float("nan"))
+        if fa == fa:
+            fa_text = f"{fa:.2f}"
+        elif tot:
+            fa_text = f"{1000 * tot['false_alarm_events'] / sum(e.get('n_points', 0) for e in ents):.2f} per 1k points"
+        else:
+            fa_text = ""
+        caught = f"{tot['faults_caught']:.0f} / {tot['fault_events']:.0f}" if tot.get("fault_events") else ""
+        delay = f"{mean['delay_steps']:.1f}" if is_num(mean.get("delay_steps")) else ""
+        flagged = f"{100 * mean['normal_flagged']:.1f} %" if is_num(mean.get("normal_flagged")) else ""
+        out.append(f"| {path} | " + " | ".join(cells) + f" | {fa_text} | {caught} | {delay} | {flagged} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="compare.py", description=__doc__.split("\n")[0])
     ap.add_argument("a", help="metrics.json of run A (or its folder; several joined by commas: their mean)")
@@ -90,6 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated keys (default {DEFAULT_METRICS})")
     ap.add_argument("--boot", type=int, default=10000, help="bootstrap resamples (default 10000)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
+    if argv is None:
+        import sys
+        argv = sys.argv[1:]
+    if "--table" in argv:
+        runs = [a for a in argv if a != "--table"]
+        if not runs or any(a.startswith("--") for a in runs):
+            cli_error("--table takes one or more metrics.json (or folders), and no other option")
+        print(results_table(runs))
+        return
     args = ap.parse_args(argv)
     if args.boot < 100:
         cli_error(f"--boot must be at least 100, not {args.boot}")

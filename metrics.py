@@ -31,7 +31,7 @@ __all__ = [
     "best_f1_oracle", "best_f1_pa_oracle", "soft_range_labels", "range_pr_auc",
     "vus_pr", "spot_threshold", "percentile_threshold", "select_threshold",
     "evaluate", "summarize", "hitrate", "hitrate_random", "interpretation_metrics",
-    "alert_metrics",
+    "alert_metrics", "held_alarms", "alert_totals",
 ]
 
 DAY_S = 86400.0
@@ -403,6 +403,17 @@ def hitrate_random(segments: Any, n_features: int, p: float) -> float:
 
 
 # --------------------------------------------------------------------------- alerts
+def held_alarms(pred: Any, hold: int = 1) -> np.ndarray:
+    """The alarm state of flagged points under a hold (Prometheus' ``for:``): on at a point when
+    it and the hold - 1 before it are all flagged, off at the first point that is not. hold=1:
+    the flags themselves."""
+    p = np.asarray(pred).ravel().astype(bool)
+    if hold <= 1 or p.size == 0:
+        return p
+    run = np.convolve(p.astype(np.int64), np.ones(int(hold), np.int64))[:p.size]
+    return run >= hold
+
+
 def _fault_kind(faults: np.ndarray | None, a: int, b: int) -> str:
     """The fault kind of the labelled run [a, b): its most common non-empty kind ('' if none)."""
     if faults is None:
@@ -474,10 +485,11 @@ def interpretation_metrics(contrib: np.ndarray, segments: list, ps: tuple[int, .
 
 def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
              faults: Any | None = None, vus_max_window: int = VUS_MAX_WINDOW,
-             pred: Any | None = None, step_s: float | None = None) -> dict[str, Any]:
+             pred: Any | None = None, step_s: float | None = None, hold: int = 1) -> dict[str, Any]:
     """All metrics for one series at a (label-free) threshold; pred = score > threshold unless
     the alarm state per point is given (``pred``), and the alert figures of alert_metrics
-    (``step_s``: seconds between rows, for the per-day ones). Without labels, only the alarms
+    (``step_s``: seconds between rows, for the per-day ones) of the alarms the flags raise under
+    ``hold`` (held_alarms; point-wise metrics are of the flags). Without labels, only the alarms
     (``alarm_events``, ``alarms_per_day``, ``flagged``).
 
     ``threshold``: a number, or one per point (scoring.thresholds: the drift guard); then
@@ -499,7 +511,7 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
     if thr.ndim:
         out["threshold_max"] = float(thr.max()) if thr.size else float("nan")
     if labels is None:
-        alarms = alert_metrics(pred, np.zeros(s.size, np.int64), step_s=step_s)
+        alarms = alert_metrics(held_alarms(pred, hold), np.zeros(s.size, np.int64), step_s=step_s)
         out.update(alarm_events=alarms["alarm_events"], alarms_per_day=alarms["false_alarms_per_day"],
                    alarms_per_1k=alarms["false_alarms_per_1k"], flagged=float(pred.mean()) if s.size else NAN,
                    days=alarms["days"], note="no labels: detection metrics need labels")
@@ -517,7 +529,7 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
         vus_max_window=int(vus_max_window),
         n_anomalies=int(y.sum()),
     )
-    out.update(alert_metrics(pred, y, faults, step_s))
+    out.update(alert_metrics(held_alarms(pred, hold), y, faults, step_s))
     if faults is not None:
         fk = np.asarray(faults, dtype=object).ravel()
         if fk.size != s.size:

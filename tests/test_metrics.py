@@ -376,3 +376,14 @@ def test_evaluate_reports_alerts_and_summarize_sums_them():
     assert tot["false_alarms_per_day"] == pytest.approx(0.5) and tot["faults_caught_share"] == 0.5
     none = M.evaluate(s, 1.0, None, step_s=300.0)  # no labels: only the alarms
     assert none["alarm_events"] == 2 and none["alarms_per_day"] == pytest.approx(2.0) and "f1" not in none
+
+
+def test_held_alarms_wait_for_the_hold_and_end_with_the_flags():
+    pred = np.array([1, 0, 1, 1, 1, 0, 1, 1, 0])
+    assert M.held_alarms(pred, 1).tolist() == pred.astype(bool).tolist()
+    assert M.held_alarms(pred, 2).astype(int).tolist() == [0, 0, 0, 1, 1, 0, 0, 1, 0]
+    assert M.held_alarms(pred, 3).astype(int).tolist() == [0, 0, 0, 0, 1, 0, 0, 0, 0]
+    y = np.array([0, 0, 1, 1, 1, 0, 0, 0, 0])
+    ev = M.evaluate(pred.astype(float), 0.5, y, hold=2)  # the blips at 0 and 6-7: only 6-7 survives
+    assert ev["false_alarm_events"] == 1 and ev["faults_caught"] == 1 and ev["delay_steps"] == 1
+    assert ev["f1"] == M.evaluate(pred.astype(float), 0.5, y)["f1"]  # point-wise metrics are of the flags
