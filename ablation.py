@@ -23,8 +23,8 @@ import scoring
 from config import Config, cli, print_config
 from metrics import evaluate, summarize
 from puad import build_model, read_checkpoint, reconstruct_entity, run_config
-from utils import (DataError, align_features, atomic_write, get_device, load_dataset, log, time_step,
-                   write_json_atomic)
+from utils import (DataError, align_features, atomic_write, get_device, load_dataset, log, set_threads,
+                   time_step, write_json_atomic)
 
 # name -> Config overrides; the first row is the default, each other row changes one thing
 VARIANTS: dict[str, dict] = {
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = read_checkpoint(parsed.cfg.ckpt)
     cfg = run_config(parsed.cfg, ckpt, parsed.given)  # the model fields are the checkpoint's
     print_config(cfg)
+    set_threads(cfg.num_threads)
     model, _ = build_model(ckpt, get_device(cfg.device))
     try:
         entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)

@@ -40,7 +40,7 @@ import metrics
 import scoring
 from config import Config, cli, cli_error
 from utils import (Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
-                   set_seed, split_train_val, time_step, window_to_point_scores, write_json_atomic)
+                   set_seed, set_threads, split_train_val, time_step, window_to_point_scores, write_json_atomic)
 
 METHODS = ("random", "pca", "iforest", "knn", "ae")
 EXTRA_DEFAULTS: dict[str, Any] = {"methods": ",".join(METHODS), "knn_k": 5,
@@ -202,8 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         cli_error(f"unknown method(s) {unknown}; choose from {METHODS}")
     if "out_dir" not in parsed.given:  # default: one folder per dataset, so runs do not overwrite each other
         cfg.out_dir = str(Path(cfg.out_dir) / Path(cfg.data).resolve().name)
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
+    set_threads(cfg.num_threads)
     entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
     out: dict[str, dict] = {}
     for method in methods:

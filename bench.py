@@ -51,7 +51,7 @@ import prototype_ot
 from config import Config, OneLineParser, parse_bool, parse_config
 import scoring
 from puad import PUAD, latent_memory, score_series, window_reconstructor
-from utils import Scaler, Windows, get_device, load_dataset, set_seed, write_json_atomic
+from utils import Scaler, Windows, get_device, load_dataset, set_seed, set_threads, write_json_atomic
 
 OPTIONS = dict(presets="cpu,paper", quick=False, out="res_hr/bench.json", data="../shared/datasets/ASD",
                device="auto", threads=0, score_batch=1024, entities="1,4,12", compile=False, fleet="",
@@ -436,8 +436,7 @@ def fmt_bytes(b) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
-    if opts["threads"]:
-        torch.set_num_threads(opts["threads"])
+    set_threads(opts["threads"])
     if opts["fleet"]:
         results = {"threads": torch.get_num_threads(), "load_average_start": os.getloadavg(), "fleet": []}
         for n in [int(v) for v in str(opts["fleet"]).split(",") if v.strip()]:
