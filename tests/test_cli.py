@@ -123,7 +123,7 @@ def test_new_checkpoint_stores_model_args(tmp_path):
 # ---- the import graph: no library module imports a script
 
 LIBRARY = ["utils.py", "puad.py", "scoring.py", "metrics.py", "config.py", "prometheus.py", "faultlog.py",
-           "transformer.py", "prototype_ot.py", "vae_loss.py", "labshop/faults.py"]
+           "transformer.py", "prototype_ot.py", "vae_loss.py", "tranad.py", "labshop/faults.py"]
 SCRIPT_MODULES = {"train_safe", "test", "plot_loss", "baselines", "bench", "meta_eval", "detect_live",
                   "export_metrics", "lab", "ablation", "inject", "chaos"}
 
