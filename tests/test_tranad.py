@@ -1,5 +1,5 @@
-"""TranAD (tranad.py): the paper's adversarial training, its score, and its use in baselines.py,
-on tiny data."""
+"""TranAD (tranad.py): the paper's adversarial training, its score, and its two uses (baselines.py,
+bench.py --vs_tranad), on tiny data."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import tranad
-from test_reliability import make_dataset
+from test_reliability import make_dataset, targs
 
 
 def sine_windows(n: int = 400, window: int = 10, v: int = 3, seed: int = 0) -> np.ndarray:
@@ -73,3 +73,27 @@ def test_tranad_baseline_runs_only_when_asked(tmp_path):
     for ent in doc["entities"].values():
         assert math.isfinite(ent["auc_pr"]) and ent["n_points"] == 160 and "hitrate_150" not in ent
 
+
+def test_bench_vs_tranad_prints_the_ratios(tmp_path, capsys):
+    """`bench.py --vs_tranad --ckpt=...` end to end on a tiny entity with local prototypes: every
+    ratio, and both memories measured in processes of their own."""
+    import bench
+    import train_safe
+    data = make_dataset(tmp_path / "data", entities=("e1",))
+    out = tmp_path / "vs.json"
+    before = torch.get_num_threads()
+    try:
+        train_safe.main(targs(tmp_path, data, "--stage=both"))
+        bench.main(["--vs_tranad", f"--vs_data={data / 'e1'}", f"--ckpt={tmp_path}/puad.ckpt", "--threads=1",
+                    "--vs_rounds=1", "--vs_windows=64", f"--out={out}"])
+    finally:
+        torch.set_num_threads(before)
+    printed = capsys.readouterr().out
+    assert "PUAD / TranAD" in printed and "default path" in printed
+    res = json.loads(out.read_text())
+    assert res["threads"] == 1
+    v = res["vs_tranad"]
+    assert v["entity"] == "e1" and v["test_points"] == 160
+    assert all(x > 0 for x in v["best"].values()) and set(v["best"]) == {
+        "train_puad", "train_tranad", "global_puad", "default_puad", "default_tranad", "entity_puad", "entity_tranad"}
+    assert all(m["bytes"] is not None and m["bytes"] >= 0 for m in v["memory"].values())
