@@ -74,7 +74,7 @@ import tranad
 from puad import (PUAD, apply_local_state, build_model, calibrate_entity, entity_state, latent_memory, local_path,
                   read_checkpoint, reconstruct_entity, run_config, score_kwargs, score_series, window_reconstructor)
 from utils import (DataError, Scaler, Windows, align_features, create_sequences, get_device, load_dataset, set_seed, set_threads,
-                   split_train_val, write_json_atomic)
+                   split_train_val, time_step, write_json_atomic)
 
 OPTIONS = dict(presets="cpu,paper", quick=False, out="res_hr/bench.json", data="../shared/datasets/ASD",
                device="auto", threads=0, score_batch=1024, entities="1,4,12", compile=False, fleet="",
@@ -495,14 +495,16 @@ def vs_setup(opts: dict, tmp: Path) -> dict:
                          f"the default path, with local prototypes")
     apply_local_state(model, local)
     train, test = scaler.transform(ent.train), scaler.transform(ent.test)
-    cals = {use: calibrate_entity(model, ckpt, cfg, train, local, use, ent.name) for use in (True, False)}
-    fit_rows, val = split_train_val(train, cfg.val_frac, cfg.seq_len)
-    win = create_sequences(fit_rows, tranad.WINDOW)
+    step_s = time_step([ent])
+    cals = {use: calibrate_entity(model, ckpt, cfg, train, local, use, ent.name, step_s) for use in (True, False)}
+    fit_parts, held = split_train_val(train, cfg.val_frac, cfg.seq_len, cfg.val_blocks)
+    win = np.concatenate([create_sequences(p, tranad.WINDOW) for p in fit_parts])
     pick = np.random.default_rng(0).permutation(len(win))[:opts["vs_windows"]]  # as --max_train_windows
-    tran = tranad.fit(win[np.sort(pick)], epochs=opts["vs_epochs"])
-    tcal = scoring.calibrate({"scores": tranad.score_series(tran, val, opts["score_batch"]).mean(1)}, cfg)
-    return dict(folder=folder, ckpt_path=ckpt_path, ckpt=ckpt, cfg=cfg, model=model, ent=ent, train=train, test=test,
-                fit_rows=fit_rows, val=val, cals=cals, tranad=tran, tcal=tcal, tranad_windows=win)
+    ctx = dict(folder=folder, ckpt_path=ckpt_path, ckpt=ckpt, cfg=cfg, model=model, ent=ent, train=train, test=test,
+               fit_parts=fit_parts, held=held, step_s=step_s, cals=cals, tranad_windows=win,
+               tranad=tranad.fit(win[np.sort(pick)], epochs=opts["vs_epochs"]))
+    ctx["tcal"] = tranad_calibration(ctx)
+    return ctx
 
 
 def puad_scores(ctx: dict, use_local: bool) -> np.ndarray:
@@ -517,17 +519,21 @@ def puad_entity(ctx: dict) -> np.ndarray:
     """test.py's score_entity without naming: calibration rows (two passes each), the latent
     memory, the test split, calibration, scores, thresholds."""
     r = reconstruct_entity(ctx["model"], ctx["ckpt"], ctx["cfg"], ctx["ent"])
-    cal = scoring.calibrate(r["calib"], ctx["cfg"])
+    cal = scoring.calibrate(r["calib"], ctx["cfg"], step_s=ctx["step_s"])
     return scoring.thresholds(cal, scoring.apply(cal, r["test"])[0])
 
 
+def tranad_calibration(ctx: dict) -> scoring.Calibration:
+    """TranAD's calibration on the held-out train rows, as baselines.py fits one."""
+    scores = [tranad.score_series(ctx["tranad"], p, ctx["cfg"].score_batch).mean(1) for p in ctx["held"]]
+    return scoring.calibrate({"scores": np.concatenate(scores)}, ctx["cfg"], step_s=ctx["step_s"])
+
+
 def tranad_scores(ctx: dict, rows: np.ndarray, cal: scoring.Calibration | None = None) -> np.ndarray:
-    """TranAD's scores of rows (mean over features) through the same smoothing and
-    threshold; without cal, calibrated first on the validation tail (as puad_entity)."""
-    batch = ctx["cfg"].score_batch
-    if cal is None:
-        cal = scoring.calibrate({"scores": tranad.score_series(ctx["tranad"], ctx["val"], batch).mean(1)}, ctx["cfg"])
-    s = scoring.apply(cal, {"scores": tranad.score_series(ctx["tranad"], rows, batch).mean(1)})[0]
+    """TranAD's scores of rows (mean over features) through the same smoothing and threshold;
+    without cal, calibrated first (tranad_calibration, as puad_entity)."""
+    cal = cal or tranad_calibration(ctx)
+    s = scoring.apply(cal, {"scores": tranad.score_series(ctx["tranad"], rows, ctx["cfg"].score_batch).mean(1)})[0]
     return scoring.thresholds(cal, s)
 
 
@@ -586,7 +592,7 @@ def bench_vs_tranad(opts: dict) -> dict:
         setup_s = time.perf_counter() - t0
         cfg = ctx["cfg"]
         puad_model = copy.deepcopy(ctx["model"])
-        windows = Windows([ctx["fit_rows"]], cfg.seq_len, 1, torch.device("cpu"))
+        windows = Windows(ctx["fit_parts"], cfg.seq_len, 1, torch.device("cpu"))
         tran = copy.deepcopy(ctx["tranad"])
         n_test = len(ctx["test"])
         runs: dict[str, list[float]] = {k: [] for k in ("train_puad", "train_tranad", "global_puad", "default_puad",
