@@ -25,8 +25,8 @@ import scoring
 from config import Config, cli, print_config
 from metrics import alert_metrics, evaluate, segments, select_threshold, summarize
 from puad import build_model, entity_state, read_checkpoint, reconstruct_entity, run_config
-from utils import (DataError, Scaler, align_features, atomic_write, get_device, load_dataset, log, time_step,
-                   write_json_atomic)
+from utils import (DataError, Scaler, align_features, atomic_write, get_device, load_dataset, log, set_threads,
+                   time_step, write_json_atomic)
 
 # name -> Config overrides, or an experiment (a function of the calibration input, the test
 # reconstruction, the Config and the step: scores and per-point thresholds) for a variant that is
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt = read_checkpoint(parsed.cfg.ckpt)
     cfg = run_config(parsed.cfg, ckpt, parsed.given)  # the model fields are the checkpoint's
     print_config(cfg)
+    set_threads(cfg.num_threads)
     model, _ = build_model(ckpt, get_device(cfg.device))
     try:
         entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)

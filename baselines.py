@@ -1,6 +1,6 @@
 """Classical baselines scored and evaluated exactly like PUAD.
 
-    python baselines.py --data=../shared/datasets/ASD [--methods=random,pca,iforest,knn,ae]
+    python baselines.py --data=../shared/datasets/ASD [--methods=random,pca,iforest,knn,ae,tranad]
                         [--out_dir=DIR] [any Config field, e.g. --seq_len=20]
 
 Per entity: a scaler fitted on the train series only (as train_safe.prepare does), the last
@@ -8,9 +8,10 @@ Per entity: a scaler fitted on the train series only (as train_safe.prepare does
 ``seq_len``), then validation and test windows scored, point t by the window ending at t.
 PCA and the autoencoder reconstruct their input and go through the project's scorer exactly
 as PUAD does (``scoring.calibrate``/``scoring.apply``: ``--score``, ``--score_floor``,
-``--smooth``); kNN, IsolationForest and random give scalar scores, which get the same
-smoothing. The threshold is chosen on the *validation* scores without labels
-(``cfg.threshold``: SPOT with ``spot_q``/``spot_level``, or a percentile), and
+``--smooth``); kNN, IsolationForest, random and TranAD (tranad.py, Tuli et al. 2022, on windows
+of seq_len, its score at each window's last point, mean over features; run only when --methods
+names it) give scalar scores, which get the same smoothing. The threshold is chosen on the
+*validation* scores without labels (``cfg.threshold``: SPOT with ``spot_q``/``spot_level``, or a percentile), and
 ``metrics.evaluate`` computes every metric. ``--score=se --smooth=1`` is the protocol of the
 first results (mean squared error, no smoothing).
 For an entity with interpretation labels (interpretation.csv), PCA and the autoencoder, whose
@@ -21,7 +22,7 @@ Writes ``<out_dir>/<method>/metrics.json`` = {"entities", "mean", meta...} atomi
 default out_dir is ``res_hr/baselines/<dataset folder name>`` (e.g. res_hr/baselines/ASD).
 
 Baseline-only options (not Config fields): --methods, --knn_k (5), --knn_max_train (5000),
---ae_epochs (5), --pca_var (0.95), --iforest_trees (100).
+--ae_epochs (5), --pca_var (0.95), --iforest_trees (100), --tranad_epochs (5).
 """
 from __future__ import annotations
 
@@ -38,14 +39,16 @@ from sklearn.neighbors import NearestNeighbors
 
 import metrics
 import scoring
+import tranad
 from config import Config, cli, cli_error
 from utils import (Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
-                   set_seed, split_train_val, time_step, window_to_point_scores, write_json_atomic)
+                   set_seed, set_threads, split_train_val, time_step, window_to_point_scores, write_json_atomic)
 
-METHODS = ("random", "pca", "iforest", "knn", "ae")
-EXTRA_DEFAULTS: dict[str, Any] = {"methods": ",".join(METHODS), "knn_k": 5,
+METHODS = ("random", "pca", "iforest", "knn", "ae", "tranad")
+DEFAULT_METHODS = METHODS[:5]  # tranad only when asked: its training takes minutes per entity
+EXTRA_DEFAULTS: dict[str, Any] = {"methods": ",".join(DEFAULT_METHODS), "knn_k": 5,
                                   "knn_max_train": 5000, "ae_epochs": 5, "pca_var": 0.95,
-                                  "iforest_trees": 100}
+                                  "iforest_trees": 100, "tranad_epochs": tranad.EPOCHS}
 
 # a scorer maps flattened windows (n, T*V) to {"scores": per-timestep scores (n, T)} or, for a
 # model that reconstructs its input, {"mu": the reconstruction (n, T, V)}; the latter goes through
@@ -143,8 +146,17 @@ def fit_ae(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
     return score
 
 
+def fit_tranad(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
+    """TranAD (tranad.py) on windows of seq_len; its score (at each window's last point,
+    mean over features) is scalar: no per-feature normalisation, no naming."""
+    T = cfg.seq_len
+    model = tranad.fit(train.reshape(len(train), T, -1), epochs=int(opt["tranad_epochs"]), seed=cfg.seed)
+    return lambda x: {"scores": _per_window(tranad.window_scores(model, x.reshape(len(x), T, -1),
+                                                                 cfg.score_batch).mean(1), T)}
+
+
 FITTERS: dict[str, Callable[[np.ndarray, Config, dict], Scorer]] = {
-    "random": fit_random, "pca": fit_pca, "iforest": fit_iforest, "knn": fit_knn, "ae": fit_ae}
+    "random": fit_random, "pca": fit_pca, "iforest": fit_iforest, "knn": fit_knn, "ae": fit_ae, "tranad": fit_tranad}
 
 
 def point_output(out: dict, x: np.ndarray, seq_len: int) -> dict:
@@ -185,7 +197,7 @@ def add_options(parser) -> None:
     """baselines.py's own options (EXTRA_DEFAULTS), after Config's."""
     group = parser.add_argument_group("baselines")
     group.add_argument("--methods", default=EXTRA_DEFAULTS["methods"],
-                       help=f"comma list of {', '.join(METHODS)} (default: all)")
+                       help=f"comma list of {', '.join(METHODS)} (default: {EXTRA_DEFAULTS['methods']})")
     for key, value in EXTRA_DEFAULTS.items():
         if key != "methods":
             group.add_argument(f"--{key}", type=lambda t, kind=type(value): kind(float(t)), default=value,
@@ -202,8 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         cli_error(f"unknown method(s) {unknown}; choose from {METHODS}")
     if "out_dir" not in parsed.given:  # default: one folder per dataset, so runs do not overwrite each other
         cfg.out_dir = str(Path(cfg.out_dir) / Path(cfg.data).resolve().name)
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
+    set_threads(cfg.num_threads)
     entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
     out: dict[str, dict] = {}
     for method in methods:

@@ -6,6 +6,7 @@
     python bench.py --presets=cpu --compile          # also torch.compile'd scoring
     python bench.py --fleet=1000 --threads=1         # live detection of 1,000 services (only that)
     python bench.py --fleet=100,1000,5000 --threads=1
+    python bench.py --vs_tranad --threads=1            # PUAD's default scoring against TranAD's (only that)
 
 Measured on this machine, on the device utils.get_device picks (--device=cpu|cuda):
   - the matmul peak (GFLOP/s) in fp32, and in bf16 (only fast with hardware bf16: AMX, AVX512-BF16, GPUs);
@@ -29,17 +30,36 @@ warm poll reads the newest grid points and scores one new window per entity, two
 previous poll's last point has changed since; the first poll, which reads and scores whole
 windows, is printed too). A step over 1,000 ms means a 1 s poll interval is too short for that
 fleet on this machine: the detector then polls late (--live_step=15 leaves 15 s).
+--vs_tranad (bench_vs_tranad): PUAD against TranAD (tranad.py, written from Tuli et al. 2022)
+on one entity (--vs_data, SMD machine-1-6 by default), in one process, --vs_rounds rounds that
+alternate the two: training windows/s (the train_safe.py step of the cpu preset, batch 256;
+tranad.train_step, batch 128), and points/s of scoring the test split through the project's
+scorer (scoring.apply, the drift guard's thresholds): PUAD with global prototypes, PUAD's
+default path (local prototypes under --local_score=closer and the latent term: what test.py
+scores an entity with), TranAD (its score, mean over features); and per entity as test.py without
+naming (PUAD: puad.reconstruct_entity, the calibration rows, the latent memory and the test
+split, then calibrate; TranAD: its validation-tail scores, then calibrate and the test split).
+Both score in batches of --score_batch windows. Then the peak extra memory of scoring the test
+split once (PUAD's default path, TranAD), each model in a fresh process (PeakMemory). PUAD is
+--ckpt (with the entity's local file), else a cpu-preset model trained here with both stages;
+TranAD is trained here; --vs_epochs epochs of --vs_windows windows each (speed is per window:
+a model to time, not a good one). Prints PUAD / TranAD for each; writes res_hr/bench-vs-tranad.json.
 The machine may be shared: the load average before and after is recorded; timings are the
 best of a few repeats.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import ctypes
 import dataclasses
+import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,14 +68,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import prototype_ot
-from config import Config, OneLineParser, parse_bool, parse_config
+from config import Config, OneLineParser, cli_error, parse_bool, parse_config
 import scoring
-from puad import PUAD, latent_memory, score_series, window_reconstructor
-from utils import Scaler, Windows, get_device, load_dataset, set_seed, write_json_atomic
+import tranad
+from puad import (PUAD, apply_local_state, build_model, calibrate_entity, entity_state, latent_memory, local_path,
+                  read_checkpoint, reconstruct_entity, run_config, score_kwargs, score_series, window_reconstructor)
+from utils import (DataError, Scaler, Windows, align_features, create_sequences, get_device, load_dataset, set_seed, set_threads,
+                   split_train_val, time_step, write_json_atomic)
 
 OPTIONS = dict(presets="cpu,paper", quick=False, out="res_hr/bench.json", data="../shared/datasets/ASD",
                device="auto", threads=0, score_batch=1024, entities="1,4,12", compile=False, fleet="",
-               fleet_polls=6)
+               fleet_polls=6, vs_tranad=False, vs_data="../shared/datasets/SMD/machine-1-6", ckpt="",
+               vs_epochs=1, vs_windows=4096, vs_rounds=3)
 V, SEQ_LEN, N_TRAIN, N_TEST = 19, 20, 8640, 4320  # ASD's shape
 NAMED_POINTS = 100  # consecutive flagged points whose features the naming benchmark ranks
 
@@ -66,7 +90,11 @@ OPTION_HELP = dict(presets="comma list of config.py presets to measure", quick="
                    score_batch="windows per scoring batch", entities="entity counts of the scaling runs ('' = skip)",
                    compile="also torch.compile'd scoring",
                    fleet="comma list of fleet sizes: benchmark only live detection of that many services (see above)",
-                   fleet_polls="polls timed per fleet size (after the first)")
+                   fleet_polls="polls timed per fleet size (after the first)",
+                   vs_tranad="benchmark only PUAD's default scoring against TranAD's (tranad.py) on --vs_data (see above)",
+                   vs_data="one entity folder for --vs_tranad", ckpt="--vs_tranad: a PUAD checkpoint with a local file "
+                   "for the entity ('' = train one here)", vs_epochs="--vs_tranad: training epochs of both models",
+                   vs_windows="--vs_tranad: training windows per epoch", vs_rounds="--vs_tranad: alternating timed runs")
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -373,8 +401,6 @@ def bench_scaling(opts: dict, device: torch.device) -> list[dict]:
 
 def bench_fleet(n: int, opts: dict) -> dict:
     """One fleet size: Prometheus + exporter of n services, a Detector on all of them, timed polls."""
-    import tempfile
-
     import detect_live
     import fleetsim
     from config import PRESETS, Config
@@ -430,14 +456,207 @@ def bench_fleet(n: int, opts: dict) -> dict:
                 faulty=len(faults), alarms=alarms, alarms_on_faulty=caught, polls=len(warm))
 
 
+# ---- PUAD against TranAD (--vs_tranad): one process, the same entity, alternating runs
+
+def vs_checkpoint(opts: dict, folder: Path, tmp: Path) -> Path:
+    """--ckpt, else a cpu-preset PUAD trained on the entity with both stages (train_safe.py, its
+    own process; --vs_epochs epochs of --vs_windows windows each: enough for a model to time)."""
+    if opts["ckpt"]:
+        return Path(opts["ckpt"])
+    ckpt = tmp / "puad.ckpt"
+    cmd = [sys.executable, "train_safe.py", "--preset=cpu", f"--data={folder}", f"--ckpt={ckpt}",
+           f"--loss_csv={tmp}/loss.csv", "--stage=both", f"--epochs={opts['vs_epochs']}",
+           f"--local_epochs={opts['vs_epochs']}", f"--max_train_windows={opts['vs_windows']}", "--no-progress",
+           f"--num_threads={opts['threads']}"]
+    r = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"bench.py: error: training PUAD on {folder} failed: {r.stderr.strip().splitlines()[-1:]}")
+    return ckpt
+
+
+def vs_setup(opts: dict, tmp: Path) -> dict:
+    """The entity (--vs_data, one entity folder), PUAD (its checkpoint, local file and the
+    calibrations test.py fits) and a TranAD trained on the same scaled train rows."""
+    folder = Path(opts["vs_data"])
+    if not (folder / "test_label.csv").is_file() and not (folder / "test_label.csv.gz").is_file():
+        cli_error(f"--vs_data={folder}: not an entity folder with train, test and test_label files")
+    ckpt_path = vs_checkpoint(opts, folder, tmp)
+    ckpt = read_checkpoint(ckpt_path)
+    cfg = run_config(parse_config([f"--data={folder}", f"--ckpt={ckpt_path}", f"--score_batch={opts['score_batch']}"]),
+                     ckpt, {"data"})
+    model, _ = build_model(ckpt)
+    try:
+        ent = align_features(load_dataset(folder, min_rows=cfg.seq_len)[0], list(ckpt["features"]), str(folder))
+    except DataError as e:
+        cli_error(f"--vs_data={folder}: {e}")
+    local, scaler = entity_state(ckpt, ckpt_path, ent.name)
+    if local is None:
+        raise SystemExit(f"bench.py: error: {local_path(ckpt_path, ent.name)}: no local file; --vs_tranad times "
+                         f"the default path, with local prototypes")
+    apply_local_state(model, local)
+    train, test = scaler.transform(ent.train), scaler.transform(ent.test)
+    step_s = time_step([ent])
+    cals = {use: calibrate_entity(model, ckpt, cfg, train, local, use, ent.name, step_s) for use in (True, False)}
+    fit_parts, held = split_train_val(train, cfg.val_frac, cfg.seq_len, cfg.val_blocks)
+    win = np.concatenate([create_sequences(p, tranad.WINDOW) for p in fit_parts])
+    pick = np.random.default_rng(0).permutation(len(win))[:opts["vs_windows"]]  # as --max_train_windows
+    ctx = dict(folder=folder, ckpt_path=ckpt_path, ckpt=ckpt, cfg=cfg, model=model, ent=ent, train=train, test=test,
+               fit_parts=fit_parts, held=held, step_s=step_s, cals=cals, tranad_windows=win,
+               tranad=tranad.fit(win[np.sort(pick)], epochs=opts["vs_epochs"]))
+    ctx["tcal"] = tranad_calibration(ctx)
+    return ctx
+
+
+def puad_scores(ctx: dict, use_local: bool) -> np.ndarray:
+    """The test split through test.py's scorer: score_series, scoring.apply (the latent term
+    included), the drift guard's thresholds."""
+    cal, cfg = ctx["cals"][use_local], ctx["cfg"]
+    scores = scoring.apply(cal, score_series(ctx["model"], ctx["test"], cfg.seq_len, use_local, **score_kwargs(cfg)))[0]
+    return scoring.thresholds(cal, scores)
+
+
+def puad_entity(ctx: dict) -> np.ndarray:
+    """test.py's score_entity without naming: calibration rows (two passes each), the latent
+    memory, the test split, calibration, scores, thresholds."""
+    r = reconstruct_entity(ctx["model"], ctx["ckpt"], ctx["cfg"], ctx["ent"])
+    cal = scoring.calibrate(r["calib"], ctx["cfg"], step_s=ctx["step_s"])
+    return scoring.thresholds(cal, scoring.apply(cal, r["test"])[0])
+
+
+def tranad_calibration(ctx: dict) -> scoring.Calibration:
+    """TranAD's calibration on the held-out train rows, as baselines.py fits one."""
+    scores = [tranad.score_series(ctx["tranad"], p, ctx["cfg"].score_batch).mean(1) for p in ctx["held"]]
+    return scoring.calibrate({"scores": np.concatenate(scores)}, ctx["cfg"], step_s=ctx["step_s"])
+
+
+def tranad_scores(ctx: dict, rows: np.ndarray, cal: scoring.Calibration | None = None) -> np.ndarray:
+    """TranAD's scores of rows (mean over features) through the same smoothing and threshold;
+    without cal, calibrated first (tranad_calibration, as puad_entity)."""
+    cal = cal or tranad_calibration(ctx)
+    s = scoring.apply(cal, {"scores": tranad.score_series(ctx["tranad"], rows, ctx["cfg"].score_batch).mean(1)})[0]
+    return scoring.thresholds(cal, s)
+
+
+def tranad_train_bench(model, windows: np.ndarray, steps: int) -> float:
+    """Windows/s of tranad.train_step (batch tranad.BATCH, random batches, epoch 1)."""
+    opt, _ = tranad.make_optimizer(model)
+    gen = np.random.default_rng(0)
+    batches = [torch.as_tensor(np.ascontiguousarray(windows[gen.integers(0, len(windows), tranad.BATCH)], np.float32))
+               for _ in range(steps + 1)]
+    model.train()
+    tranad.train_step(model, opt, batches[0], 1)  # warm-up
+    t = time.perf_counter()
+    for xb in batches[1:]:
+        tranad.train_step(model, opt, xb, 1)
+    return steps * tranad.BATCH / (time.perf_counter() - t)
+
+
+def vs_memory(ctx: dict, which: str, opts: dict, tmp: Path) -> dict:
+    """Peak extra memory of scoring the test split once (puad_scores with local prototypes, or
+    tranad_scores), in a fresh process of its own (vs_memory_child): PeakMemory, VmHWM above
+    the RSS before, VmHWM reset through /proc/self/clear_refs, after the setup's freed memory
+    went back to the system (glibc malloc_trim)."""
+    spec = dict(which=which, opts=opts, ckpt=str(ctx["ckpt_path"]), tranad=str(tmp / "tranad.pt"))
+    torch.save(ctx["tranad"].state_dict(), spec["tranad"])
+    r = subprocess.run([sys.executable, "-c", "import bench, sys; bench.vs_memory_child(sys.argv[1])", json.dumps(spec)],
+                       cwd=Path(__file__).parent, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"bench.py: error: memory of {which}: {r.stderr.strip().splitlines()[-1:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def vs_memory_child(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    opts = dict(spec["opts"], ckpt=spec["ckpt"])
+    set_threads(opts["threads"])
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = vs_setup(dict(opts, vs_epochs=0), Path(tmp))  # no TranAD training: its weights are loaded
+    ctx["tranad"].load_state_dict(torch.load(spec["tranad"], weights_only=True))
+    fn = (lambda: puad_scores(ctx, True)) if spec["which"] == "puad" else (lambda: tranad_scores(ctx, ctx["test"], ctx["tcal"]))
+    try:  # what the setup freed goes back to the system, so that scoring cannot reuse it unseen
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    with PeakMemory(torch.device("cpu")) as mem:
+        fn()
+    print(json.dumps(dict(bytes=mem.bytes, kind=mem.kind)))
+
+
+def bench_vs_tranad(opts: dict) -> dict:
+    """Training windows/s, scoring points/s (the best of --vs_rounds alternating runs) and the
+    scoring memory of PUAD's default path against TranAD's on one entity."""
+    rounds = opts["vs_rounds"]
+    with tempfile.TemporaryDirectory(prefix="vs-tranad-") as tmp:
+        t0 = time.perf_counter()
+        ctx = vs_setup(opts, Path(tmp))
+        setup_s = time.perf_counter() - t0
+        cfg = ctx["cfg"]
+        puad_model = copy.deepcopy(ctx["model"])
+        windows = Windows(ctx["fit_parts"], cfg.seq_len, 1, torch.device("cpu"))
+        tran = copy.deepcopy(ctx["tranad"])
+        n_test = len(ctx["test"])
+        runs: dict[str, list[float]] = {k: [] for k in ("train_puad", "train_tranad", "global_puad", "default_puad",
+                                                        "default_tranad", "entity_puad", "entity_tranad")}
+        for _ in range(rounds):  # alternating, so that a busy spell of the machine hits both
+            runs["train_puad"].append(train_bench(cfg, puad_model, windows, torch.device("cpu"), 10)["windows_per_s"])
+            runs["train_tranad"].append(tranad_train_bench(tran, ctx["tranad_windows"], 20))
+            for key, fn in (("global_puad", lambda: puad_scores(ctx, False)), ("default_puad", lambda: puad_scores(ctx, True)),
+                            ("default_tranad", lambda: tranad_scores(ctx, ctx["test"], ctx["tcal"])),
+                            ("entity_puad", lambda: puad_entity(ctx)), ("entity_tranad", lambda: tranad_scores(ctx, ctx["test"]))):
+                t = time.perf_counter()
+                fn()
+                runs[key].append(n_test / (time.perf_counter() - t))
+        memory = {which: vs_memory(ctx, which, opts, Path(tmp)) for which in ("puad", "tranad")}
+    best = {k: max(v) for k, v in runs.items()}
+    pairs = dict(train=("train_puad", "train_tranad"), global_path=("global_puad", "default_tranad"),
+                 default_path=("default_puad", "default_tranad"), entity=("entity_puad", "entity_tranad"))
+    paired = {k: float(np.median(np.divide(runs[p], runs[q]))) for k, (p, q) in pairs.items()}  # round by round
+    return dict(data=str(ctx["folder"]), entity=ctx["ent"].name, features=ctx["ent"].test.shape[1],
+                train_rows=len(ctx["train"]), test_points=n_test, puad_seq_len=cfg.seq_len, tranad_window=tranad.WINDOW,
+                checkpoint=opts["ckpt"] or "trained here", setup_s=setup_s, score_batch=cfg.score_batch, runs=runs, best=best, memory=memory, paired=paired,
+                puad_parameters=sum(p.numel() for p in ctx["model"].parameters()),
+                tranad_parameters=sum(p.numel() for p in ctx["tranad"].parameters()))
+
+
+def print_vs_tranad(r: dict, threads: int) -> None:
+    b, m = r["best"], r["memory"]
+    print(f"PUAD against TranAD on {r['entity']} ({r['features']} features, {r['train_rows']} train rows, "
+          f"{r['test_points']} test points), {threads} thread(s), best of {len(r['runs']['train_puad'])} alternating runs")
+    print(f"  PUAD cpu preset, {r['puad_parameters'] / 1e3:.0f} k parameters, window {r['puad_seq_len']}; "
+          f"TranAD {r['tranad_parameters'] / 1e3:.0f} k parameters, window {r['tranad_window']}")
+    print(f"  {'path':<58}{'PUAD':>12}{'TranAD':>12}{'PUAD / TranAD':>15}{'paired':>9}")
+    rows = [("training (windows/s)", b["train_puad"], b["train_tranad"], "train"),
+            ("scoring the test split, global prototypes (points/s)", b["global_puad"], b["default_tranad"], "global_path"),
+            ("scoring the test split, default path (points/s)", b["default_puad"], b["default_tranad"], "default_path"),
+            ("per entity, test.py without naming (test points/s)", b["entity_puad"], b["entity_tranad"], "entity")]
+    for name, p, t, key in rows:
+        print(f"  {name:<58}{p:>12,.0f}{t:>12,.0f}{p / t:>14.2f}x{r['paired'][key]:>8.2f}x")
+    mp, mt = m["puad"]["bytes"], m["tranad"]["bytes"]
+    ratio = f"{mp / mt:>14.2f}x" if mp and mt else ""
+    print(f"  {'peak extra memory scoring the test split, default path':<58}{fmt_bytes(mp):>12}{fmt_bytes(mt):>12}{ratio}")
+    print(f"  default path: local prototypes (--local_score=closer) + latent term; TranAD through the same smoothing "
+          f"and threshold; both in batches of {r['score_batch']} windows. Memory: {m['puad']['kind']}, each model in a "
+          f"fresh process. paired: the median over rounds of the round's ratio. Setup (training both models, "
+          f"calibrations) {r['setup_s']:.0f} s")
+
+
 def fmt_bytes(b) -> str:
     return "n/a" if b is None else f"{b / 2**20:.0f} MiB"
 
 
 def main(argv: list[str] | None = None) -> dict:
     opts = parse_args(sys.argv[1:] if argv is None else argv)
-    if opts["threads"]:
-        torch.set_num_threads(opts["threads"])
+    set_threads(opts["threads"])
+    if opts["vs_tranad"]:
+        results = dict(threads=torch.get_num_threads(), load_average_start=os.getloadavg(), torch=torch.__version__,
+                       cpu=platform.processor() or platform.machine(), options=opts)
+        results["vs_tranad"] = r = bench_vs_tranad(opts)
+        results["load_average_end"] = os.getloadavg()
+        print_vs_tranad(r, results["threads"])
+        print(f"load average {results['load_average_start'][0]:.2f} at the start, "
+              f"{results['load_average_end'][0]:.2f} at the end")
+        write_json_atomic(opts["out"] if opts["out"] != OPTIONS["out"] else "res_hr/bench-vs-tranad.json", results)
+        return results
     if opts["fleet"]:
         results = {"threads": torch.get_num_threads(), "load_average_start": os.getloadavg(), "fleet": []}
         for n in [int(v) for v in str(opts["fleet"]).split(",") if v.strip()]:

@@ -109,8 +109,8 @@ from prometheus import (grouped_query, load_metric_set, make_session, parse_shar
                         parse_step, query_range, render_query, shard_services, split_by_label)
 from puad import (apply_local_state, build_model, calibrate_entity, clip_inputs, local_path,  # noqa: E402
                   read_checkpoint, run_config, window_reconstructor)
-from utils import (DataError, align_features, create_sequences, load_dataset, time_step, window_to_point_scores,  # noqa: E402
-                   window_values_to_points)
+from utils import (DataError, align_features, create_sequences, load_dataset, set_threads, time_step,  # noqa: E402
+                   window_to_point_scores, window_values_to_points)
 
 PROG = "detect_live.py"
 QUERY_WORKERS = 4  # queries of a poll in flight at once
@@ -691,8 +691,7 @@ def setup(argv: list[str]) -> Detector:
     print_config(cfg)
     if cfg.live_step < 1:
         raise LiveError("--live_step must be >= 1 second")
-    if cfg.num_threads > 0:
-        torch.set_num_threads(cfg.num_threads)
+    set_threads(cfg.num_threads)
     if cfg.entity:
         entities = [cfg.entity]
     elif cfg.entities in ("all", ""):

@@ -31,7 +31,7 @@ import scoring  # noqa: E402
 import test as evaluate  # noqa: E402
 import train_safe  # noqa: E402
 from config import Config, cli_config  # noqa: E402
-from utils import Scaler, atomic_write, load_dataset, write_csv_atomic  # noqa: E402
+from utils import Scaler, atomic_write, load_dataset, set_threads, write_csv_atomic  # noqa: E402
 
 HISTORY = [f"omi-{i}" for i in range(1, 10)]
 NEW = ["omi-10", "omi-11", "omi-12"]
@@ -75,6 +75,7 @@ def pca_few_shot(cfg: Config, entity: str, n: int) -> dict:
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     cfg = cli_config(argv, defaults=dict(data="../shared/datasets/ASD"), description=__doc__)
+    set_threads(cfg.num_threads)
     out = Path(cfg.out_dir)
     work = out / "meta"
     rows: list[dict] = []

@@ -33,7 +33,7 @@ from metrics import evaluate, interpretation_metrics, segments, summarize  # noq
 import scoring  # noqa: E402
 from puad import build_model, read_checkpoint, reconstruct_entity, run_config, window_reconstructor  # noqa: E402
 from utils import (DataError, Entity, LockError, align_features, atomic_write, get_device,  # noqa: E402
-                   interpretation_segments, load_dataset, log, output_lock, time_step, write_csv_atomic,
+                   interpretation_segments, load_dataset, log, output_lock, set_threads, time_step, write_csv_atomic,
                    write_json_atomic)
 
 SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
@@ -219,6 +219,7 @@ def evaluate_checkpoint(cfg: Config, given: set[str] = frozenset()) -> dict:
     ckpt = read_checkpoint(cfg.ckpt)
     cfg = run_config(cfg, ckpt, given)
     print_config(cfg)
+    set_threads(cfg.num_threads)
     if cfg.threshold.lower() not in THRESHOLD_METHODS:
         raise SystemExit(f"test.py: error: --threshold={cfg.threshold}: a fixed number is for detect_live.py; "
                          f"test.py takes spot or percentile")

@@ -36,7 +36,7 @@ from config import Config, cli
 from puad import (PUAD, build_model, checkpoint_args, fail, history_calibration, local_mismatch, local_path, model_args,
                   model_id, read_checkpoint, run_config, save_checkpoint)
 from utils import (DataError, Entity, LockError, Scaler, Windows, align_features, get_device, load_dataset, log,
-                   output_lock, set_seed, split_train_val, time_step, write_csv_atomic)
+                   output_lock, set_seed, set_threads, split_train_val, time_step, write_csv_atomic)
 from vae_loss import total_loss
 
 LOSS_COLUMNS = ["stage", "entity", "epoch", "total", "recon", "kl0", "kl1", "ot", "val_total",
@@ -433,8 +433,7 @@ def train(cfg: Config, given: set[str] = frozenset()) -> None:
     Config objects). given: the fields set on the command line (the local stage takes --data and
     --entities from the checkpoint unless given)."""
     set_seed(cfg.seed)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
+    set_threads(cfg.num_threads)
     device = init_distributed(get_device(cfg.device))  # a no-op without torchrun
     rank, world = dist_info()
     print(f"device: {device}" + (f", {world} processes (DistributedDataParallel)" if world > 1 else ""))

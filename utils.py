@@ -448,6 +448,19 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def set_threads(n: int) -> int:
+    """--num_threads: torch's CPU threads, intra-op and, where torch still allows it (once per
+    process, before any inter-op work), inter-op; 0 keeps torch's default. Every script that runs
+    the model calls it once its Config is known. Returns the intra-op threads in force."""
+    if n > 0:
+        torch.set_num_threads(n)
+        try:
+            torch.set_num_interop_threads(n)
+        except RuntimeError:  # already set, or inter-op work already started in this process
+            pass
+    return torch.get_num_threads()
+
+
 def get_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

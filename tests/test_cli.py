@@ -123,7 +123,7 @@ def test_new_checkpoint_stores_model_args(tmp_path):
 # ---- the import graph: no library module imports a script
 
 LIBRARY = ["utils.py", "puad.py", "scoring.py", "metrics.py", "config.py", "prometheus.py", "faultlog.py",
-           "transformer.py", "prototype_ot.py", "vae_loss.py", "labshop/faults.py"]
+           "transformer.py", "prototype_ot.py", "vae_loss.py", "tranad.py", "labshop/faults.py"]
 SCRIPT_MODULES = {"train_safe", "test", "plot_loss", "baselines", "bench", "meta_eval", "detect_live",
                   "export_metrics", "lab", "ablation", "inject", "chaos"}
 
@@ -178,3 +178,27 @@ def test_train_and_test_with_space_separated_options(tmp_path, capsys):
     doc = json.loads((tmp_path / "res" / "metrics.json").read_text())
     assert doc["config"]["seq_len"] == 10 and doc["config"]["smooth"] == 1 and doc["config"]["data"] == str(data)
     assert set(res["entities"]) == {"e1", "e2"}
+
+
+def test_num_threads_is_honoured_by_every_script_that_runs_the_model(tmp_path):
+    """--num_threads=1 leaves torch at one thread after test.py, ablation.py and baselines.py
+    (utils.set_threads; before, test.py kept torch's default)."""
+    import ablation
+    import baselines
+    import test as evaluate_script
+    import train_safe
+    from test_reliability import eval_args, make_dataset, targs
+    data = make_dataset(tmp_path / "data")
+    before = torch.get_num_threads()
+    try:
+        train_safe.main(targs(tmp_path, data, "--stage=global"))
+        runs = {"test.py": lambda: evaluate_script.main(eval_args(tmp_path, data, "--num_threads=1")),
+                "ablation.py": lambda: ablation.main(eval_args(tmp_path, data, "--num_threads=1", f"--out_dir={tmp_path}/abl")),
+                "baselines.py": lambda: baselines.main([f"--data={data}", "--seq_len=10", "--methods=random",
+                                                        f"--out_dir={tmp_path}/base", "--num_threads=1"])}
+        for script, run in runs.items():
+            torch.set_num_threads(2)
+            run()
+            assert torch.get_num_threads() == 1, script
+    finally:
+        torch.set_num_threads(before)
