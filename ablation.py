@@ -4,7 +4,7 @@
 
 Reconstructs every entity's calibration rows and test split once (puad.calibration_input,
 puad.score_series, as test.py), then scores them under each variant of VARIANTS through the
-one calibration (scoring.calibrate / scoring.apply) and prints a markdown table of the means
+one calibration (scoring.Scorer) and prints a markdown table of the means
 over entities: AUC-PR, F1 at the label-free threshold, VUS-PR, point-adjusted F1, and the
 share of test points flagged. Labels are used only for the metrics. Scorer options given on the
 command line (e.g. --score_floor=0.2) apply to every row, and the first row is then named for
@@ -13,6 +13,7 @@ them instead of "default". Writes the table to <out_dir>/ablation.md and every n
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ import pandas as pd
 import scoring
 from config import Config, cli, print_config
 from metrics import alert_metrics, evaluate, segments, select_threshold, summarize
-from puad import build_model, entity_state, read_checkpoint, reconstruct_entity, run_config
+from puad import CalibrationData, build_model, entity_state, fit_scorer, read_checkpoint, reconstruct_entity, run_config
 from utils import (DataError, Scaler, align_features, atomic_write, get_device, load_dataset, log, set_threads,
                    time_step, write_json_atomic)
 
@@ -32,62 +33,60 @@ from utils import (DataError, Scaler, align_features, atomic_write, get_device, 
 # reconstruction, the Config and the step: scores and per-point thresholds) for a variant that is
 # not an option of the scorer (measured and not kept: docs/decisions.md); the first row is the
 # default, each other row changes one thing
-Experiment = Callable[[dict, dict, Config, "float | None"], "tuple[np.ndarray, np.ndarray]"]
+Experiment = Callable[..., "tuple[np.ndarray, np.ndarray]"]
 VARIANTS: dict[str, dict | Experiment] = {}  # filled below, after the experiments
 KEYS = ("auc_pr", "f1", "vus_pr", "f1_pa", "auc_roc", "best_f1_oracle")
-SCORER_FIELDS = ("score", "latent_weight", "latent_k", "score_floor", "const_floor", "smooth", "threshold",
+SCORER_FIELDS = ("latent_weight", "score_floor", "const_floor", "smooth", "threshold",
                  "spot_q", "spot_level", "percentile", "drift_window", "alarm_budget")
 
 
-def _rescored(cal: scoring.Calibration, raw_calib: np.ndarray, raw_test: np.ndarray, cfg: Config,
-              step_s: float | None, smoother) -> tuple[np.ndarray, np.ndarray]:
+def _rescored(scorer: scoring.Scorer, raw_calib: np.ndarray, raw_test: np.ndarray, step_s: float | None,
+              smoother) -> tuple[np.ndarray, np.ndarray]:
     """Scores and thresholds of raw point scores under another smoother(raw), the threshold and
-    drift guard refitted on the calibration rows' smoothed scores as scoring.calibrate does."""
+    drift guard refitted on the calibration rows' smoothed scores as Scorer.fit does."""
     s_cal, s_test = smoother(raw_calib), smoother(raw_test)
-    thr = select_threshold(s_cal, cfg.threshold, q=scoring.spot_risk(cfg, step_s), level=cfg.spot_level,
-                           pct=cfg.percentile)
-    w = int(cfg.drift_window)
-    cal = dataclasses.replace(cal, threshold=float(thr), median=float(np.median(s_cal)), recent=s_cal[-w:] if w else s_cal[:0])
-    return s_test, scoring.thresholds(cal, s_test)
+    fitted = copy.copy(scorer)
+    fitted.threshold_ = float(select_threshold(s_cal, scorer.threshold, level=scorer.spot_level, pct=scorer.percentile,
+                                               q=scoring.spot_risk(scorer.alarm_budget, scorer.spot_q, step_s)))
+    fitted.median_, fitted.recent_ = float(np.median(s_cal)), s_cal[-scorer.drift_window:] if scorer.drift_window else s_cal[:0]
+    return s_test, fitted.thresholds(s_test)
 
 
-def _raw(cal: scoring.Calibration, out: dict, center: np.ndarray | None = None) -> np.ndarray:
-    c = scoring.contributions(out["x"], out["mu"], out.get("std"), cal.info["score"],
-                              cal.center if center is None else center, cal.scale)
-    return scoring.raw_scores(c, cal.info["score"], scoring.latent_term(cal, out.get("theta0")))
-
-
-def uncapped(calib: dict, test: dict, cfg: Config, step_s: float | None):
+def uncapped(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, step_s: float | None):
     """The causal mean without the cap (the default until this change)."""
-    cal = scoring.calibrate(calib, cfg, step_s=step_s)
-    return _rescored(cal, _raw(cal, calib), _raw(cal, test), cfg, step_s, lambda r: scoring.smooth(r, cfg.smooth))
+    scorer = fit_scorer(cfg, calib, step_s)
+    return _rescored(scorer, scorer.raw_scores(calib.rows), scorer.raw_scores(test), step_s,
+                     lambda r: scoring.smooth(r, cfg.smooth))
 
 
 def recentred(window: int) -> Experiment:
     """Each feature's residual centred on its median over the previous `window` points (the
     calibration rows' first) instead of the calibration median: a per-feature drift guard."""
-    def run(calib: dict, test: dict, cfg: Config, step_s: float | None):
-        cal = scoring.calibrate(calib, cfg, step_s=step_s)
-        past = np.concatenate([(np.asarray(calib["x"], np.float64) - calib["mu"])[-window:],
-                               np.asarray(test["x"], np.float64) - test["mu"]])
+    def run(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, step_s: float | None):
+        scorer = fit_scorer(cfg, calib, step_s)
+        past = np.concatenate([(np.asarray(calib.rows.x, np.float64) - calib.rows.mu)[-window:],
+                               np.asarray(test.x, np.float64) - test.mu])
         med = pd.DataFrame(past).rolling(window, min_periods=1).median().to_numpy()
-        n_cal = len(past) - len(test["x"])
-        center = med[n_cal - 1:len(past) - 1]  # point t: the `window` residuals before it
-        s = scoring.smooth_scores(_raw(cal, test, center), cfg.smooth, cal.cap)
-        return s, scoring.thresholds(cal, s)
+        n_cal = len(past) - len(test)
+        moved = copy.copy(scorer)
+        moved.center_ = med[n_cal - 1:len(past) - 1]  # point t: the `window` residuals before it
+        s = moved.score(test)
+        return s, scorer.thresholds(s)
     return run
 
 
 def level_floor(rel: float) -> Experiment:
     """Each non-constant feature's residual scale at least `rel` x its level (|median| over the
-    train rows seen, in scaled units: the calibration input's 'level'), so a gauge that barely
-    moved in training (memory) is not scaled up by its tiny range."""
-    def run(calib: dict, test: dict, cfg: Config, step_s: float | None):
-        cal = scoring.calibrate(calib, cfg, step_s=step_s)
-        floor = np.where(calib["constant"], cal.scale, np.maximum(cal.scale, rel * calib["level"]))
-        cal = dataclasses.replace(cal, scale=floor)
-        return _rescored(cal, _raw(cal, calib), _raw(cal, test), cfg, step_s,
-                         lambda r: scoring.smooth_scores(r, cfg.smooth, float(r.max()) if len(r) else np.inf))
+    train rows, in scaled units: `level`), so a gauge that barely moved in training (memory) is
+    not scaled up by its tiny range."""
+    def run(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, step_s: float | None, level=None):
+        scorer = fit_scorer(cfg, calib, step_s)
+        floored = copy.copy(scorer)
+        floored.scale_ = np.where(calib.constant, scorer.scale_, np.maximum(scorer.scale_, rel * level))
+        raw_c = floored.raw_scores(calib.rows)
+        return _rescored(floored, raw_c, floored.raw_scores(test), step_s,
+                         lambda r: scoring.smooth_scores(r, cfg.smooth, float(raw_c.max()) if len(raw_c) else np.inf))
+    run.needs_level = True
     return run
 
 
@@ -182,17 +181,17 @@ def main(argv: list[str] | None = None) -> dict:
         except DataError as e:
             raise SystemExit(f"ablation.py: error: {e}") from None
         r = reconstruct_entity(model, ckpt, cfg, ent)
-        calib, test, step = r["calib"], r["test"], time_step([ent])
-        scaler = entity_state(ckpt, cfg.ckpt, ent.name)[1] or Scaler(cfg.scaler).fit(ent.train)
-        calib = dict(calib, level=np.abs(np.median(ent.train, 0)) / scaler.scale)
+        calib, test, step = r.calib, r.test, time_step([ent])
+        scaler = entity_state(ckpt, cfg.ckpt, ent.name)[1] or Scaler().fit(ent.train)
+        level = np.abs(np.median(ent.train, 0)) / scaler.scale
         for name, variant in run_variants.items():
             if callable(variant):
-                scores, thr = variant(calib, test, cfg, step)
+                scores, thr = (variant(calib, test, cfg, step, level=level) if getattr(variant, "needs_level", False)
+                               else variant(calib, test, cfg, step))
             else:
-                vcfg = dataclasses.replace(cfg, **variant)
-                cal = scoring.calibrate(calib, vcfg, step_s=step)
-                scores, _ = scoring.apply(cal, test)
-                thr = scoring.thresholds(cal, scores)
+                scorer = fit_scorer(dataclasses.replace(cfg, **variant), calib, step)
+                scores = scorer.score(test)
+                thr = scorer.thresholds(scores)
             per_variant[name][ent.name] = evaluate(scores, thr, ent.labels, ent.faults, step_s=step)
             if name == next(iter(run_variants)):
                 series.append((scores, ent.labels, ent.faults, step))

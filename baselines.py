@@ -53,7 +53,7 @@ EXTRA_DEFAULTS: dict[str, Any] = {"methods": ",".join(DEFAULT_METHODS), "knn_k":
 # a scorer maps flattened windows (n, T*V) to {"scores": per-timestep scores (n, T)} or, for a
 # model that reconstructs its input, {"mu": the reconstruction (n, T, V)}; the latter goes through
 # the project's per-feature scoring (scoring.py) exactly as PUAD's reconstruction does
-Scorer = Callable[[np.ndarray], dict]
+WindowModel = Callable[[np.ndarray], dict]
 
 
 def _flat(x: np.ndarray, seq_len: int, stride: int = 1) -> np.ndarray:
@@ -66,14 +66,14 @@ def _per_window(score: np.ndarray, seq_len: int) -> np.ndarray:
     return np.repeat(np.asarray(score, dtype=np.float64)[:, None], seq_len, axis=1)
 
 
-def fit_random(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
+def fit_random(train: np.ndarray, cfg: Config, opt: dict) -> WindowModel:
     """Uniform random scores: the floor every metric should be read against (point adjustment
     lifts it far above zero)."""
     rng = np.random.default_rng(cfg.seed)
     return lambda x: {"scores": rng.random((len(x), cfg.seq_len))}
 
 
-def fit_pca(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
+def fit_pca(train: np.ndarray, cfg: Config, opt: dict) -> WindowModel:
     """PCA on flattened windows; the reconstruction is scored like PUAD's."""
     T = cfg.seq_len
     if len(train) < 2:  # one window has no variance to explain (sklearn divides 0 by 0): its mean
@@ -83,14 +83,14 @@ def fit_pca(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
     return lambda x: {"mu": pca.inverse_transform(pca.transform(x)).reshape(len(x), T, -1)}
 
 
-def fit_iforest(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
+def fit_iforest(train: np.ndarray, cfg: Config, opt: dict) -> WindowModel:
     """IsolationForest on flattened windows; score = -score_samples (window level)."""
     forest = IsolationForest(n_estimators=int(opt["iforest_trees"]), random_state=cfg.seed,
                              n_jobs=1).fit(train)
     return lambda x: {"scores": _per_window(-forest.score_samples(x), cfg.seq_len)}
 
 
-def fit_knn(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
+def fit_knn(train: np.ndarray, cfg: Config, opt: dict) -> WindowModel:
     """Mean Euclidean distance to the k nearest train windows (train subsampled if big)."""
     rng = np.random.default_rng(cfg.seed)
     m = int(opt["knn_max_train"])
@@ -120,7 +120,7 @@ class _AE(torch.nn.Module):
         return self.net(x)
 
 
-def fit_ae(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
+def fit_ae(train: np.ndarray, cfg: Config, opt: dict) -> WindowModel:
     """MLP autoencoder over a flattened window; the reconstruction is scored like PUAD's."""
     torch.manual_seed(cfg.seed)
     model = _AE(train.shape[1])
@@ -146,7 +146,7 @@ def fit_ae(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
     return score
 
 
-def fit_tranad(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
+def fit_tranad(train: np.ndarray, cfg: Config, opt: dict) -> WindowModel:
     """TranAD (tranad.py) on windows of seq_len; its score (at each window's last point,
     mean over features) is scalar: no per-feature normalisation, no naming."""
     T = cfg.seq_len
@@ -155,40 +155,39 @@ def fit_tranad(train: np.ndarray, cfg: Config, opt: dict) -> Scorer:
                                                                  cfg.score_batch).mean(1), T)}
 
 
-FITTERS: dict[str, Callable[[np.ndarray, Config, dict], Scorer]] = {
+FITTERS: dict[str, Callable[[np.ndarray, Config, dict], WindowModel]] = {
     "random": fit_random, "pca": fit_pca, "iforest": fit_iforest, "knn": fit_knn, "ae": fit_ae, "tranad": fit_tranad}
 
 
-def point_output(out: dict, x: np.ndarray, seq_len: int) -> dict:
+def point_output(out: dict, x: np.ndarray, seq_len: int) -> scoring.Reconstruction:
     """A scorer's window output -> per point (point t from the window ending at it, as PUAD)."""
     if "mu" in out:
-        mu = out["mu"]
-        return {"x": x, "mu": window_to_point_scores(mu, seq_len)}
-    return {"scores": window_to_point_scores(out["scores"], seq_len)}
+        return scoring.Reconstruction(x, mu=window_to_point_scores(out["mu"], seq_len))
+    return scoring.Reconstruction(x, scores=window_to_point_scores(out["scores"], seq_len))
 
 
 def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, Any]:
-    """Fit one baseline on one entity; calibrate on validation (scoring.calibrate, as PUAD);
+    """Fit one baseline on one entity; calibrate on the held-out rows (scoring.Scorer, as PUAD);
     evaluate on test."""
     t0 = time.perf_counter()
-    scaler = Scaler(cfg.scaler).fit(ent.train)  # train only
-    tr, held = split_train_val(scaler.transform(ent.train), cfg.val_frac, cfg.seq_len, cfg.val_blocks)
-    scorer = FITTERS[method](np.concatenate([_flat(p, cfg.seq_len, max(cfg.stride, 1)) for p in tr]), cfg, opt)
-    parts = [point_output(scorer(_flat(p, cfg.seq_len)), p, cfg.seq_len) for p in held]
-    cal = scoring.calibrate(dict({k: np.concatenate([o[k] for o in parts]) for k in parts[0]},
-                                 constant=scoring.constant_features(ent.train)), cfg, step_s=time_step([ent]))
     if ent.test is None:
         raise SystemExit(f"{ent.name}: no test split to score")
+    scaler = Scaler().fit(ent.train)  # train only
+    tr, held = split_train_val(scaler.transform(ent.train), cfg.val_frac, cfg.seq_len, cfg.val_blocks)
+    model = FITTERS[method](np.concatenate([_flat(p, cfg.seq_len, max(cfg.stride, 1)) for p in tr]), cfg, opt)
+    calib = scoring.Reconstruction.concat([point_output(model(_flat(p, cfg.seq_len)), p, cfg.seq_len) for p in held])
+    scorer = scoring.Scorer.from_config(cfg).fit(calib, scoring.constant_features(ent.train), step_s=time_step([ent]))
     test = scaler.transform(ent.test)
-    test_scores, contrib = scoring.apply(cal, point_output(scorer(_flat(test, cfg.seq_len)), test, cfg.seq_len))
-    threshold = scoring.thresholds(cal, test_scores)
-    res = metrics.evaluate(test_scores, threshold, ent.labels, ent.faults, step_s=time_step([ent]))
-    if ent.interpretation is not None and contrib is not None:  # named as PUAD's (scoring.explain)
-        recon = lambda w: (scorer(np.ascontiguousarray(w.reshape(len(w), -1), dtype=np.float32))["mu"], None)  # noqa: E731
-        naming = scoring.explain(cal, contrib, test, recon, scoring.named_rows(np.zeros(len(test), bool), ent.interpretation),
-                                 cfg.seq_len)
-        res.update(metrics.interpretation_metrics(naming, interpretation_segments(ent, ent.features)))
-    res["n_val"] = int(cal.n_rows)
+    rec = point_output(model(_flat(test, cfg.seq_len)), test, cfg.seq_len)
+    test_scores = scorer.score(rec)
+    res = metrics.evaluate(test_scores, scorer.thresholds(test_scores), ent.labels, ent.faults, step_s=time_step([ent]))
+    if ent.interpretation is not None and rec.mu is not None:  # named as PUAD's (Scorer.explain)
+        recon = lambda w: model(np.ascontiguousarray(w.reshape(len(w), -1), dtype=np.float32))["mu"]  # noqa: E731
+        segs = interpretation_segments(ent, ent.features)
+        named = scoring.named_rows(np.zeros(len(test), bool), ent.interpretation, scoring.NAMED_PER_SEGMENT)
+        res.update(metrics.interpretation_metrics(scorer.explain(rec, recon, named, cfg.seq_len), segs,
+                                                  weights=metrics.sample_weights(len(test), segs, named)))
+    res["n_val"] = int(scorer.n_rows_)
     res["time_s"] = round(time.perf_counter() - t0, 3)
     return res
 

@@ -3,7 +3,6 @@
     python bench.py                                  # presets cpu and paper, writes res_hr/bench.json
     python bench.py --quick --presets=cpu            # a quick look
     python bench.py --threads=1 --out=res_hr/bench-1t.json
-    python bench.py --presets=cpu --compile          # also torch.compile'd scoring
     python bench.py --fleet=1000 --threads=1         # live detection of 1,000 services (only that)
     python bench.py --fleet=100,1000,5000 --threads=1
     python bench.py --vs_tranad --threads=1            # PUAD's default scoring against TranAD's (only that)
@@ -71,13 +70,14 @@ import prototype_ot
 from config import Config, OneLineParser, cli_error, parse_bool, parse_config
 import scoring
 import tranad
-from puad import (PUAD, apply_local_state, build_model, calibrate_entity, entity_state, latent_memory, local_path,
-                  read_checkpoint, reconstruct_entity, run_config, score_kwargs, score_series, window_reconstructor)
+from puad import (PUAD, apply_local_state, build_model, calibrate_entity, entity_state, fit_scorer, latent_memory,
+                  local_path, read_checkpoint, reconstruct_entity, run_config, score_kwargs, score_series,
+                  window_reconstructor)
 from utils import (DataError, Scaler, Windows, align_features, create_sequences, get_device, load_dataset, set_seed, set_threads,
                    split_train_val, time_step, write_json_atomic)
 
 OPTIONS = dict(presets="cpu,paper", quick=False, out="res_hr/bench.json", data="../shared/datasets/ASD",
-               device="auto", threads=0, score_batch=1024, entities="1,4,12", compile=False, fleet="",
+               device="auto", threads=0, score_batch=1024, entities="1,4,12", fleet="",
                fleet_polls=6, vs_tranad=False, vs_data="../shared/datasets/SMD/machine-1-6", ckpt="",
                vs_epochs=1, vs_windows=4096, vs_rounds=3)
 V, SEQ_LEN, N_TRAIN, N_TEST = 19, 20, 8640, 4320  # ASD's shape
@@ -88,7 +88,6 @@ OPTION_HELP = dict(presets="comma list of config.py presets to measure", quick="
                    data="ASD-shaped dataset for the real-data runs (synthetic series when absent)",
                    device="auto | cpu | cuda | cuda:N", threads="torch CPU threads (0 = torch default)",
                    score_batch="windows per scoring batch", entities="entity counts of the scaling runs ('' = skip)",
-                   compile="also torch.compile'd scoring",
                    fleet="comma list of fleet sizes: benchmark only live detection of that many services (see above)",
                    fleet_polls="polls timed per fleet size (after the first)",
                    vs_tranad="benchmark only PUAD's default scoring against TranAD's (tranad.py) on --vs_data (see above)",
@@ -301,30 +300,29 @@ def train_bench(cfg, model: PUAD, windows: Windows, device, steps: int) -> dict:
 
 
 def score_bench(model: PUAD, series: np.ndarray, cfg, device, batch: int, mode: str, repeats: int,
-                compile: bool = False, train: np.ndarray | None = None) -> dict:
-    """The whole default scorer: reconstruction (score_series) and scoring.apply (normalise,
-    the latent term against a memory of --latent_memory train windows, combine, smooth), with a
-    calibration fitted once on the series' first rows (memory_s: building the memory, once per
-    entity at calibration)."""
+                train: np.ndarray | None = None) -> dict:
+    """The whole default scorer: reconstruction (score_series) and Scorer.score (normalise, the
+    latent term against a memory of up to 1,000 train windows, combine, smooth), with a Scorer
+    fitted once on the series' first rows (memory_s: building the memory, once per entity at
+    calibration)."""
     t0 = time.perf_counter()
     memory = latent_memory(model, [series if train is None else train], cfg)
     memory_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cal = scoring.calibrate(dict(score_series(model, series[: 10 * cfg.seq_len], cfg.seq_len, mode=mode,
-                                              compile=compile), memory=memory), cfg)  # compiles once
+    scorer = scoring.Scorer.from_config(cfg).fit(score_series(model, series[: 10 * cfg.seq_len], cfg.seq_len, mode=mode),
+                                                 memory=memory)
     first_s = time.perf_counter() - t0
-    t = best_time(lambda: scoring.apply(cal, score_series(model, series, cfg.seq_len, batch_size=batch, mode=mode,
-                                                          compile=compile)), device, repeats)
+    t = best_time(lambda: scorer.score(score_series(model, series, cfg.seq_len, batch_size=batch, mode=mode)),
+                  device, repeats)
     n_windows = len(series) - cfg.seq_len + 1 if mode == "point" else math.ceil(len(series) / cfg.seq_len)
-    res = dict(mode=mode + ("+compile" if compile else ""), batch=batch, points=len(series), seconds=t,
+    res = dict(mode=mode, batch=batch, points=len(series), seconds=t,
                points_per_s=len(series) / t, windows_per_s=n_windows / t, first_call_s=first_s,
                memory_s=memory_s, memory_windows=len(memory))
-    if mode == "point" and not compile:  # naming the features of flagged points (V + 1 windows each)
-        out = score_series(model, series, cfg.seq_len, batch_size=batch)
-        named = scoring.apply(cal, out)[1]
+    if mode == "point":  # naming the features of flagged points (a reconstruction per feature repaired)
+        rec = score_series(model, series, cfg.seq_len, batch_size=batch)
         rows = np.arange(len(series) - NAMED_POINTS, len(series))
-        res["name_s_per_point"] = best_time(lambda: scoring.explain(
-            cal, named, out["x"], window_reconstructor(model, False, cfg), rows, cfg.seq_len), device, 1) / len(rows)
+        res["name_s_per_point"] = best_time(lambda: scorer.explain(
+            rec, window_reconstructor(model, False), rows, cfg.seq_len), device, 1) / len(rows)
     return res
 
 
@@ -355,12 +353,9 @@ def bench_preset(name: str, opts: dict, device: torch.device, series: list, peak
     if name == "paper":
         test = test[: (500 if quick else 1500)]
     res["score"] = {}
-    modes = [("point", False), ("block", False)]
-    if opts["compile"] and name == "cpu":
-        modes += [("point", True), ("block", True)]
-    for mode, comp in modes:
+    for mode in ("point", "block"):
         with PeakMemory(device) as mem_score:
-            s = score_bench(model, test, cfg, device, opts["score_batch"], mode, 2 if quick else 3, comp,
+            s = score_bench(model, test, cfg, device, opts["score_batch"], mode, 2 if quick else 3,
                             train=series[0][1])
         s["peak_memory_bytes"] = mem_score.bytes
         s["gflops"] = s["windows_per_s"] * fwd / 1e9
@@ -432,7 +427,7 @@ def bench_fleet(n: int, opts: dict) -> dict:
         scaler = Scaler("minmax").fit(x)
         calib = score_series(model, scaler.transform(x), cfg.seq_len)
         memory = latent_memory(model, [scaler.transform(x)], cfg)  # one memory, the latent term's cost per entity
-        cal = scoring.calibrate(dict(calib, constant=scoring.constant_features(x), memory=memory), cfg)
+        cal = scoring.Scorer.from_config(cfg).fit(calib, scoring.constant_features(x), memory)
         det = detect_live.Detector(cfg, {"features": features}, model, names, metric_set, metric_set["metrics"],
                                    {s: {"local": None, "scaler": scaler, "use_local": False} for s in names},
                                    {s: cal for s in names})
@@ -508,33 +503,35 @@ def vs_setup(opts: dict, tmp: Path) -> dict:
 
 
 def puad_scores(ctx: dict, use_local: bool) -> np.ndarray:
-    """The test split through test.py's scorer: score_series, scoring.apply (the latent term
+    """The test split through test.py's scorer: score_series, Scorer.score (the latent term
     included), the drift guard's thresholds."""
-    cal, cfg = ctx["cals"][use_local], ctx["cfg"]
-    scores = scoring.apply(cal, score_series(ctx["model"], ctx["test"], cfg.seq_len, use_local, **score_kwargs(cfg)))[0]
-    return scoring.thresholds(cal, scores)
+    scorer, cfg = ctx["cals"][use_local], ctx["cfg"]
+    return scorer.thresholds(scorer.score(score_series(ctx["model"], ctx["test"], cfg.seq_len, use_local,
+                                                       **score_kwargs(cfg))))
 
 
 def puad_entity(ctx: dict) -> np.ndarray:
-    """test.py's score_entity without naming: calibration rows (two passes each), the latent
-    memory, the test split, calibration, scores, thresholds."""
+    """test.py's score_entity without naming: calibration rows, the latent memory, the test
+    split, calibration, scores, thresholds."""
     r = reconstruct_entity(ctx["model"], ctx["ckpt"], ctx["cfg"], ctx["ent"])
-    cal = scoring.calibrate(r["calib"], ctx["cfg"], step_s=ctx["step_s"])
-    return scoring.thresholds(cal, scoring.apply(cal, r["test"])[0])
+    scorer = fit_scorer(ctx["cfg"], r.calib, ctx["step_s"])
+    return scorer.thresholds(scorer.score(r.test))
 
 
-def tranad_calibration(ctx: dict) -> scoring.Calibration:
-    """TranAD's calibration on the held-out train rows, as baselines.py fits one."""
+def tranad_calibration(ctx: dict) -> scoring.Scorer:
+    """TranAD's Scorer fitted on the held-out train rows, as baselines.py fits one."""
     scores = [tranad.score_series(ctx["tranad"], p, ctx["cfg"].score_batch).mean(1) for p in ctx["held"]]
-    return scoring.calibrate({"scores": np.concatenate(scores)}, ctx["cfg"], step_s=ctx["step_s"])
+    rows = np.concatenate(ctx["held"])
+    return scoring.Scorer.from_config(ctx["cfg"]).fit(scoring.Reconstruction(rows, scores=np.concatenate(scores)),
+                                                      step_s=ctx["step_s"])
 
 
-def tranad_scores(ctx: dict, rows: np.ndarray, cal: scoring.Calibration | None = None) -> np.ndarray:
+def tranad_scores(ctx: dict, rows: np.ndarray, scorer: scoring.Scorer | None = None) -> np.ndarray:
     """TranAD's scores of rows (mean over features) through the same smoothing and threshold;
-    without cal, calibrated first (tranad_calibration, as puad_entity)."""
-    cal = cal or tranad_calibration(ctx)
-    s = scoring.apply(cal, {"scores": tranad.score_series(ctx["tranad"], rows, ctx["cfg"].score_batch).mean(1)})[0]
-    return scoring.thresholds(cal, s)
+    without a scorer, calibrated first (tranad_calibration, as puad_entity)."""
+    scorer = scorer or tranad_calibration(ctx)
+    s = scorer.score(scoring.Reconstruction(rows, scores=tranad.score_series(ctx["tranad"], rows, ctx["cfg"].score_batch).mean(1)))
+    return scorer.thresholds(s)
 
 
 def tranad_train_bench(model, windows: np.ndarray, steps: int) -> float:

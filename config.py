@@ -33,7 +33,6 @@ class Config:
     entity: str = ""                     # target entity for --stage=local / test.py
     seq_len: int = 20                    # sliding window (paper 4.1)
     stride: int = 1                      # training window stride
-    scaler: str = "minmax"               # minmax | zscore | robust (fitted on train only)
     val_frac: float = 0.1                # fraction of each train series held out (validation and calibration)
     val_blocks: int = 1                  # held out as the last val_frac of each of N equal chunks (1 = the tail)
     # model (the `cpu` preset: the paper's architecture scaled down)
@@ -55,17 +54,9 @@ class Config:
     epochs: int = 8                      # stage 1 (global) epochs
     local_epochs: int = 3                # stage 2 (local) epochs
     adapt_windows: int = 0               # use only the first N windows of each train series (0 = all)
-    adapt_scaler: str = "history"        # new entity's scaler: history (pooled over the history entities) | own (fitted on the N windows)
-    local_plan: str = "running"          # stage 2 transport: running (each window alone) | batch (balanced Sinkhorn, paper)
-    local_init: str = "global"           # beta_l starts at: global (the global prototypes the adaptation windows use
-                                         # most) | windows (theta0 of adaptation windows, paper)
-    local_offset: float = 0.0            # the local prototypes' OT potentials start this many sinkhorn_eps below the
-                                         # lowest global one: they take mass only from windows far from every global prototype
     batch_size: int = 256
     lr: float = 1e-3
-    lr_decay: str = "constant"           # stage 1's lr: constant, or cosine from lr to 0 over --epochs
     local_lr: float = 1e-2
-    weight_decay: float = 0.0
     rho1: float = 0.01                   # KL(q(theta1) || p(theta1 | theta0'))
     rho2: float = 0.01                   # KL(q(theta0) || N(0, I))
     rho3: float = 0.01                   # OT loss
@@ -75,8 +66,6 @@ class Config:
     max_train_windows: int = 0           # per epoch, random subset (0 = all windows)
     resume: bool = False
     # scoring and thresholds (scoring.py; docs/ablation.md for how they were chosen)
-    score: str = "norm"                  # norm: squared residual per feature / its robust scale on the calibration
-                                         # rows, mean over features | se: squared error | nll: -log p(x | theta1), learned sigma
     score_floor: float = 0.1             # norm: smallest residual scale of a feature (scaled units)
     const_floor: float = 0.01            # norm: the same for a feature constant over the train series
     smooth: int = 5                      # score = causal mean of the last N point scores (1 = off)
@@ -84,22 +73,15 @@ class Config:
                                          # calibration rows (0 = the contributions as scored; docs/ablation.md)
     repair_weight: float = 1.0           # which metrics: the weight of a feature's repair gain beside its own named
                                          # contribution, both in log units (scoring.explain; 0 = by the contribution)
-    latent_weight: float = 0.5           # latent term: theta0's mean distance to its latent_k nearest among the
+    latent_weight: float = 0.5           # latent term: theta0's mean distance to its 5 nearest among the
                                          # entity's normal windows over its median on the calibration rows, times
                                          # this, added to the point score (0 = off; docs/ablation.md)
-    latent_k: int = 5
-    latent_memory: int = 1000            # the most normal windows an entity's memory keeps (spread evenly)
     use_local: bool = True               # test.py: apply the entity's local prototypes when adapted
     min_calib_rows: int = 200            # an entity adapted from fewer rows than this is calibrated on the history's
                                          # calibration rows stored in the checkpoint (chosen on 3 ASD splits: docs/meta.md)
-    local_score: str = "closer"          # with local prototypes, each point takes the closer reconstruction with or
-                                         # without them (closer) | always through them (always, paper)
-    score_samples: int = 0               # 0: posterior means (deterministic); L > 0: mean over L samples
     score_batch: int = 1024
     score_mode: str = "point"            # point: the window ending at each point | block: non-overlapping
                                          # windows, each scores all its points (~seq_len x fewer passes)
-    score_amp: bool = False              # CUDA only: bf16 autocast for the encoder when scoring
-    score_compile: bool = False          # torch.compile the scorer (compiled once per model; docs/performance.md)
     threshold: str = "spot"              # spot | percentile
     alarm_budget: float = 1.0            # false alarm events per entity per day the threshold aims at: SPOT's risk is
                                          # budget x step / 1 day when the timestamps give the step (0 = --spot_q always)
@@ -421,7 +403,6 @@ _url = (lambda v: re.match(r"https?://[^/\s]", v) is not None), "an http:// or h
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data": _nonempty, "entities": _nonempty,
     "seq_len": _pos, "stride": _pos,
-    "scaler": _choice("minmax", "zscore", "robust"),
     "val_frac": ((lambda v: 0 <= v < 1), "in [0, 1)"), "val_blocks": _pos,
     "d_model": _pos, "n_heads": _pos, "n_layers": _pos, "d_ff": _pos, "d_h1": _pos, "d_theta": _pos,
     "n_global": _pos, "n_local": _pos,
@@ -431,18 +412,14 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "min_std": _positive,
     "stage": _choice("global", "local", "both"),
     "epochs": _pos, "local_epochs": _pos, "adapt_windows": _nonneg,
-    "adapt_scaler": _choice("history", "own"),
-    "local_plan": _choice("batch", "running"),
-    "local_init": _choice("windows", "global"), "local_offset": _nonneg,
-    "local_score": _choice("closer", "always"), "min_calib_rows": _nonneg,
-    "lr_decay": _choice("cosine", "constant"),
-    "batch_size": _pos, "lr": _positive, "local_lr": _positive, "weight_decay": _nonneg,
+    "min_calib_rows": _nonneg,
+    "batch_size": _pos, "lr": _positive, "local_lr": _positive,
     "rho1": _nonneg, "rho2": _nonneg, "rho3": _nonneg, "warmup_epochs": _nonneg,
     "grad_clip": _positive, "max_bad_steps": _pos, "max_train_windows": _nonneg,
-    "score_samples": _nonneg, "score_batch": _pos,
+    "score_batch": _pos,
     "score_mode": _choice("point", "block"),
-    "score": _choice("norm", "se", "nll"), "score_floor": _positive, "const_floor": _positive,
-    "smooth": _pos, "latent_weight": _nonneg, "repair_weight": _nonneg, "latent_k": _pos, "latent_memory": _pos, "name_q": ((lambda v: 0 <= v < 1), "in [0, 1)"),
+    "score_floor": _positive, "const_floor": _positive,
+    "smooth": _pos, "latent_weight": _nonneg, "repair_weight": _nonneg, "name_q": ((lambda v: 0 <= v < 1), "in [0, 1)"),
     # a number only in detect_live.py (a fixed threshold); test.py refuses it
     "threshold": _number_or(*THRESHOLD_METHODS),
     "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"), "alarm_budget": _nonneg,

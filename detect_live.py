@@ -188,7 +188,7 @@ def explicit_threshold(text: str) -> float | None:
     return value
 
 
-def calibrate(model, ckpt: dict, cfg: Config, entity: str, st: dict) -> scoring.Calibration:
+def calibrate(model, ckpt: dict, cfg: Config, entity: str, st: dict) -> scoring.Scorer:
     """The calibration test.py would use (puad.calibrate_entity): the score's normaliser and
     threshold from the validation tail of the entity's train series in --data (or its first
     adapt_windows windows when adapted from those, or the history's calibration rows when those
@@ -337,14 +337,13 @@ def fetch_fleet(session, prometheus: str, metric_set: dict, metrics: list[dict],
 
 class Detector:
     def __init__(self, cfg: Config, ckpt: dict, model, entities: list[str], metric_set: dict,
-                 metrics: list[dict], states: dict[str, dict], calibrations: dict[str, scoring.Calibration]):
+                 metrics: list[dict], states: dict[str, dict], scorers: dict[str, scoring.Scorer]):
         self.cfg, self.ckpt, self.model = cfg, ckpt, model
         self.entities, self.metric_set, self.metrics = entities, metric_set, metrics
-        self.states, self.calibrations = states, calibrations
-        self.thresholds = {e: c.threshold for e, c in calibrations.items()}
+        self.states, self.scorers = states, scorers
+        self.thresholds = {e: s.threshold_ for e, s in scorers.items()}
         # the drift guard's past scores per entity (scoring.live_threshold), the calibration's last ones first
-        self.history = {e: deque(c.recent, maxlen=max(int(c.info.get("drift_window", 0)), 1))
-                        for e, c in calibrations.items()}
+        self.history = {e: deque(s.recent_, maxlen=max(s.drift_window, 1)) for e, s in scorers.items()}
         self.prometheus = cfg.prometheus
         if cfg.prometheus == Config.prometheus and os.environ.get("PROMETHEUS_URL"):
             self.prometheus = os.environ["PROMETHEUS_URL"]
@@ -355,7 +354,7 @@ class Detector:
         self.last_scored = {e: 0.0 for e in entities}
         self.alert_start: dict[str, float] = {}
         self.features = list(ckpt["features"])
-        self.last_input: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # scaled rows, named contributions
+        self.last_input: dict[str, tuple[scoring.Reconstruction, np.ndarray]] = {}  # last rows, named contributions
         self.top: dict[str, list[str]] = {}
         self.last_post: dict[str, float] = {}
         self.last_window: dict[str, tuple[float, int]] = {}  # the last scored window's score and end, per entity
@@ -363,7 +362,7 @@ class Detector:
         self.started = time.time()
         self.failures = 0
         self.rows: dict[int, tuple[np.ndarray, float]] = {}  # grid time -> (values (entities, V), presence)
-        self.window_cache: dict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = {}
+        self.window_cache: dict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = {}  # window -> mu, theta0
         self.timing: dict[str, float] = {}
         self.model_windows = 0
         r = self.registry = CollectorRegistry()
@@ -396,7 +395,7 @@ class Detector:
 
     def set_threshold(self, entity: str, value: float) -> None:
         """Fix an entity's threshold at `value` for every later poll (no drift guard)."""
-        self.calibrations[entity] = scoring.fixed_threshold(self.calibrations[entity], value)
+        self.scorers[entity] = self.scorers[entity].fixed(value)
         self.history[entity].clear()
         self.thresholds[entity] = float(value)
         self.g_threshold.labels(entity).set(float(value))
@@ -421,75 +420,67 @@ class Detector:
         last `smooth` windows, so the causal smoothing is test.py's."""
         return self.score_windows({entity: raw})[entity]
 
-    def _reconstruct(self, windows: np.ndarray, use_local: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The model's decoder mean and std (B, T, V) and theta0 (B, d_theta) of scaled, clipped
-        windows, in batches."""
-        parts: tuple[list, list, list] = ([], [], [])
+    def _reconstruct(self, windows: np.ndarray, use_local: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The model's decoder mean (B, T, V) and theta0 (B, d_theta) of scaled, clipped windows,
+        in batches."""
+        parts: tuple[list, list] = ([], [])
         for i in range(0, len(windows), self.cfg.score_batch):
-            xb = torch.as_tensor(np.ascontiguousarray(windows[i:i + self.cfg.score_batch]))
-            out = self.model.reconstruct(xb, use_local, self.cfg.score_samples, local_score=self.cfg.local_score)
-            for part, key in zip(parts, ("x_mu", "x_std", "theta0")):
-                part.append(out[key].numpy())
-        return tuple(np.concatenate(p) for p in parts)
+            out = self.model.reconstruct(torch.as_tensor(np.ascontiguousarray(windows[i:i + self.cfg.score_batch])),
+                                         use_local)
+            parts[0].append(out["x_mu"].numpy())
+            parts[1].append(out["theta0"].numpy())
+        return np.concatenate(parts[0]), np.concatenate(parts[1])
 
     def score_windows(self, raws: dict[str, np.ndarray]) -> dict[str, float]:
         """Scores of many entities' windows (raw: seq_len + smooth - 1 rows each), batched: each
-        entity's rows are scaled with its own scaler and clipped (puad.clip_inputs, as in score_series);
-        the windows of every entity on the global prototypes only go through the model in one
-        batch (--score_batch windows at a time); an entity with local prototypes (its own
-        beta_l, loaded into the model) in one batch of its own; then scoring.apply_batch (scoring.apply
-        of many series at once) with each entity's calibration. The same numbers as score_series on each entity alone (tested).
-        A window the model saw in an earlier poll (same scaled values: the grid moved by one
-        step, so smooth - 1 of the smooth windows are the last poll's) is not run again
-        (posterior means are deterministic; off with --score_samples > 0)."""
+        entity's rows are scaled with its own scaler and clipped (puad.clip_inputs, as in
+        score_series); the windows of every entity on the global prototypes only go through the
+        model in one batch (--score_batch windows at a time); an entity with local prototypes
+        (its own beta_l, loaded into the model) in one batch of its own; then scoring.score_many
+        with each entity's Scorer. The same numbers as score_series on each entity alone
+        (tested). A window the model saw in an earlier poll (same scaled values: the grid moved
+        by one step, so smooth - 1 of the smooth windows are the last poll's) is not run again
+        (posterior means are deterministic)."""
         t0 = time.perf_counter()
         seq_len = self.cfg.seq_len
         xs, keys, todo = {}, {}, {False: [], True: []}
-        cache = {} if self.cfg.score_samples else self.window_cache
         for entity, raw in raws.items():
             st = self.states[entity]
             x = clip_inputs(st["scaler"].transform(raw))
             xs[entity] = x
             windows = create_sequences(x, seq_len)
             keys[entity] = [w.tobytes() for w in windows]
-            old = cache.get(entity, {})
+            old = self.window_cache.get(entity, {})
             for w, key in zip(windows, keys[entity]):
                 if key not in old:
                     todo[bool(st["use_local"])].append((entity, key, w))
-        fresh: dict[str, dict[bytes, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}  # mu, std, theta0
+        fresh: dict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = {}  # mu, theta0
         self.model_windows = len(todo[False]) + len(todo[True])
         groups = [(False, todo[False])]  # global prototypes only: one batch for every such entity
         by_entity: dict[str, list] = {}
         for item in todo[True]:
             by_entity.setdefault(item[0], []).append(item)
         groups += [(True, items) for items in by_entity.values()]  # local prototypes: one batch per entity
-        with torch.no_grad():
-            for use_local, items in groups:
-                if not items:
-                    continue
-                if use_local:
-                    apply_local_state(self.model, self.states[items[0][0]]["local"])
-                mu, std, theta0 = self._reconstruct(np.stack([w for *_, w in items]), use_local)
-                for (entity, key, _), m, s, z in zip(items, mu, std, theta0):
-                    fresh.setdefault(entity, {})[key] = (m, s, z)
+        for use_local, items in groups:
+            if not items:
+                continue
+            if use_local:
+                apply_local_state(self.model, self.states[items[0][0]]["local"])
+            mu, theta0 = self._reconstruct(np.stack([w for *_, w in items]), use_local)
+            for (entity, key, _), m, z in zip(items, mu, theta0):
+                fresh.setdefault(entity, {})[key] = (m, z)
+        entities = list(xs)
+        known = {e: {**self.window_cache.get(e, {}), **fresh.get(e, {})} for e in entities}
+        # per entity, its windows' means to points (E, n, V) and theta0 to points (E, n, d)
+        mu = np.stack([window_to_point_scores(np.stack([known[e][k][0] for k in keys[e]]), seq_len) for e in entities])
+        theta0 = np.stack([window_values_to_points(np.stack([known[e][k][1] for k in keys[e]]), seq_len) for e in entities])
+        scores, named = scoring.score_many([self.scorers[e] for e in entities], np.stack([xs[e] for e in entities]),
+                                           mu, theta0)
         results = {}
-        point = lambda a: np.stack([window_to_point_scores(w, seq_len) for w in a])  # noqa: E731  (per entity)
-        by_kind: dict[tuple, list[str]] = {}  # entities whose calibrations score alike go through apply_batch together
-        for entity in xs:
-            cal = self.calibrations[entity]
-            by_kind.setdefault((cal.info.get("score"), cal.info.get("smooth", 1), cal.center is None), []).append(entity)
-        for group in by_kind.values():
-            known = {e: {**cache.get(e, {}), **fresh.get(e, {})} for e in group}
-            # (E, windows, T, V) for mu and std, (E, windows, d) for theta0: each to points, per entity
-            mu, std, theta0 = (np.stack([[known[e][k][i] for k in keys[e]] for e in group]) for i in range(3))
-            scores, contrib = scoring.apply_batch([self.calibrations[e] for e in group],
-                                                  {"x": np.stack([xs[e] for e in group]), "mu": point(mu), "std": point(std),
-                                                   "theta0": np.stack([window_values_to_points(z, seq_len) for z in theta0])})
-            for i, e in enumerate(group):
-                self.last_input[e] = (xs[e], contrib[i])
-                results[e] = float(scores[i, -1])
-                if not self.cfg.score_samples:
-                    self.window_cache[e] = {k: known[e][k] for k in keys[e]}
+        for i, e in enumerate(entities):
+            self.last_input[e] = (scoring.Reconstruction(xs[e], mu[i]), named[i])
+            results[e] = float(scores[i, -1])
+            self.window_cache[e] = {k: known[e][k] for k in keys[e]}
         per_window = (time.perf_counter() - t0) / max(len(raws), 1)
         for _ in raws:
             self.h_latency.observe(per_window)
@@ -544,7 +535,7 @@ class Detector:
                 for name, c in zip(self.features, contrib):
                     self.g_feature.labels(entity, name).set(float(c))
                 self.top[entity] = [n for n, _ in scoring.top_features(contrib, self.features, 3)]
-            self.thresholds[entity] = scoring.live_threshold(self.calibrations[entity], np.asarray(self.history[entity]))
+            self.thresholds[entity] = self.scorers[entity].next_threshold(np.asarray(self.history[entity]))
             self.history[entity].append(score)
             self.g_threshold.labels(entity).set(self.thresholds[entity])
             anomalous = bool(score > self.thresholds[entity])
@@ -565,14 +556,13 @@ class Detector:
 
     def name_alarm(self, entity: str) -> list[str]:
         """The 3 features that name an alarming window, as test.py names a flagged row
-        (scoring.explain on the last poll's rows of this entity)."""
+        (Scorer.explain on the last poll's rows of this entity)."""
         st = self.states[entity]
         if st["use_local"]:
             apply_local_state(self.model, st["local"])
-        x, named = self.last_input[entity]
-        weights = scoring.explain(self.calibrations[entity], named, x,
-                                  window_reconstructor(self.model, bool(st["use_local"]), self.cfg),
-                                  np.array([len(x) - 1]), self.cfg.seq_len)
+        rec, _ = self.last_input[entity]
+        weights = self.scorers[entity].explain(rec, window_reconstructor(self.model, bool(st["use_local"])),
+                                               np.array([len(rec) - 1]), self.cfg.seq_len)
         return [name for name, _ in scoring.top_features(weights[-1], self.features, 3)]
 
     def send(self, entity: str, anomalous: bool, score: float, end: int) -> None:
@@ -710,18 +700,18 @@ def setup(argv: list[str]) -> Detector:
     fixed = explicit_threshold(cfg.threshold)
     if fixed is None and cfg.threshold.lower() not in THRESHOLD_METHODS:
         raise LiveError(f"--threshold={cfg.threshold}: give a number, spot or percentile")
-    calibrations = {}
+    scorers = {}
     for e in entities:
         # an explicit threshold still needs the score's normaliser from the calibration rows
-        calibrations[e] = calibrate(model, ckpt, dataclasses.replace(cfg, threshold="spot") if fixed is not None
+        scorers[e] = calibrate(model, ckpt, dataclasses.replace(cfg, threshold="spot") if fixed is not None
                                     else cfg, e, states[e])
         if fixed is not None:
-            calibrations[e] = scoring.fixed_threshold(calibrations[e], fixed)
-        log.info("%s: threshold %.6g (%s)%s", e, calibrations[e].threshold, "--threshold" if fixed is not None
+            scorers[e] = scorers[e].fixed(fixed)
+        log.info("%s: threshold %.6g (%s)%s", e, scorers[e].threshold_, "--threshold" if fixed is not None
                  else f"{cfg.threshold} on the validation tail of {cfg.data}/{e}",
                  ", local prototypes" if states[e]["use_local"] else "")
     Path(cfg.live_log).parent.mkdir(parents=True, exist_ok=True)
-    return Detector(cfg, ckpt, model, entities, metric_set, metrics, states, calibrations)
+    return Detector(cfg, ckpt, model, entities, metric_set, metrics, states, scorers)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ History: one shared model trained on omi-1..omi-9 (80 % of the servers). For eac
 Thresholds come from the N windows' own scores (SPOT), never from labels.
 
     python meta_eval.py                       # cpu preset
-    python meta_eval.py --adapt_scaler=history --out_dir=res_hr/meta_history
 Writes <out_dir>/meta_eval.csv and <out_dir>/meta_eval.png; models under <out_dir>/meta/.
 """
 from __future__ import annotations
@@ -61,16 +60,16 @@ def scores_row(res: dict, entity: str, n: int | str, method: str, seconds: float
 
 
 def pca_few_shot(cfg: Config, entity: str, n: int) -> dict:
-    """(d) PCA fitted on the first n windows, calibrated on them (scoring.calibrate, as PUAD)."""
+    """(d) PCA fitted on the first n windows, calibrated on them (scoring.Scorer, as PUAD)."""
     ent = load_dataset(cfg.data, [entity], min_rows=cfg.seq_len)[0]
     rows = ent.train[: n + cfg.seq_len - 1]
-    scaler = Scaler(cfg.scaler).fit(rows)
+    scaler = Scaler().fit(rows)
     score = baselines.FITTERS["pca"](baselines._flat(scaler.transform(rows), cfg.seq_len), cfg,
                                      dict(baselines.EXTRA_DEFAULTS))
     out = lambda x: baselines.point_output(score(baselines._flat(x, cfg.seq_len)), x, cfg.seq_len)  # noqa: E731
-    cal = scoring.calibrate(dict(out(scaler.transform(rows)), constant=scoring.constant_features(rows)), cfg)
-    test_scores, _ = scoring.apply(cal, out(scaler.transform(ent.test)))
-    return metrics.evaluate(test_scores, scoring.thresholds(cal, test_scores), ent.labels)
+    scorer = scoring.Scorer.from_config(cfg).fit(out(scaler.transform(rows)), scoring.constant_features(rows))
+    test_scores = scorer.score(out(scaler.transform(ent.test)))
+    return metrics.evaluate(test_scores, scorer.thresholds(test_scores), ent.labels)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:

@@ -31,7 +31,7 @@ __all__ = [
     "best_f1_oracle", "best_f1_pa_oracle", "soft_range_labels", "range_pr_auc",
     "vus_pr", "spot_threshold", "percentile_threshold", "select_threshold",
     "evaluate", "summarize", "hitrate", "hitrate_random", "interpretation_metrics",
-    "alert_metrics", "held_alarms", "alert_totals",
+    "alert_metrics", "held_alarms", "alert_totals", "sample_weights",
 ]
 
 DAY_S = 86400.0
@@ -356,7 +356,7 @@ def _top_k(n_truth: np.ndarray, p: float, n_features: int) -> np.ndarray:
     return np.minimum(np.floor(p * n_truth / 100.0 + 1e-9).astype(np.int64), n_features)
 
 
-def hitrate(contrib: Any, segments: Any, p: float) -> float:
+def hitrate(contrib: Any, segments: Any, p: float, weights: Any | None = None) -> float:
     """HitRate@P% (OmniAnomaly, KDD 2019) of per-feature contributions ``contrib`` (n, V).
 
     ``segments``: (start, end_inclusive, feature indices) per interpretation segment.  For each
@@ -364,7 +364,9 @@ def hitrate(contrib: Any, segments: Any, p: float) -> float:
     covering it): |G ∩ top-k| / |G|, where top-k are the k = floor(P% x |G|) features of highest
     contribution at that point; averaged over the points.  Ties are broken by a stable sort of
     the descending contributions, so among equal values the lower feature index ranks first.
-    NaN when no point has a non-empty G.
+    ``weights`` (n,): each point's weight in the average (sample_weights: a sample of each
+    segment's points standing for all of them; 0 = left out). NaN when no point has a
+    non-empty G.
     """
     c = np.asarray(contrib, dtype=np.float64)
     if c.ndim != 2:
@@ -372,17 +374,33 @@ def hitrate(contrib: Any, segments: Any, p: float) -> float:
     if c.size and not np.all(np.isfinite(c)):
         raise ValueError("contrib contains NaN/inf")
     truth = _truth_mask(segments, *c.shape)
-    rows = np.flatnonzero(truth.any(axis=1))
+    w = np.ones(c.shape[0]) if weights is None else np.asarray(weights, np.float64)
+    rows = np.flatnonzero(truth.any(axis=1) & (w > 0))
     if rows.size == 0:
         return NAN
-    truth, c = truth[rows], c[rows]
+    truth, c, w = truth[rows], c[rows], w[rows]
     order = np.argsort(-c, axis=1, kind="stable")
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.arange(c.shape[1])[None, :].repeat(len(rows), 0), axis=1)
     n_truth = truth.sum(axis=1)
     k = _top_k(n_truth, p, c.shape[1])
     hits = (truth & (rank < k[:, None])).sum(axis=1)
-    return float(np.mean(hits / n_truth))
+    return float(np.average(hits / n_truth, weights=w))
+
+
+def sample_weights(n: int, segments: Any, sampled: Any) -> np.ndarray:
+    """(n,) weights that let a sample of each interpretation segment's points stand for the whole
+    segment in hitrate(): a sampled point of a segment of L points with m of them sampled weighs
+    L / m (its first covering segment's), an unsampled point 0."""
+    w = np.zeros(n)
+    chosen = np.zeros(n, bool)
+    chosen[np.asarray(sampled, np.int64)] = True
+    for start, end, *_ in segments:
+        rows = np.arange(int(start), int(end) + 1)
+        picked = rows[chosen[rows] & (w[rows] == 0)]
+        if len(picked):
+            w[picked] = len(rows) / len(picked)
+    return w
 
 
 def hitrate_random(segments: Any, n_features: int, p: float) -> float:
@@ -472,13 +490,14 @@ def alert_metrics(pred: Any, labels: Any, faults: Any | None = None, step_s: flo
 
 
 # --------------------------------------------------------------------------- evaluate / summarize
-def interpretation_metrics(contrib: np.ndarray, segments: list, ps: tuple[int, ...] = (100, 150)
-                           ) -> dict[str, float]:
-    """hitrate_<P> of per-feature contributions (n, V) and its random-ranking floor
-    hitrate_<P>_random, for P in ps (test.py and baselines.py report the same keys)."""
+def interpretation_metrics(contrib: np.ndarray, segments: list, ps: tuple[int, ...] = (100, 150),
+                           weights: np.ndarray | None = None) -> dict[str, float]:
+    """hitrate_<P> of per-feature contributions (n, V) (over a sample of the segments' points when
+    weights are given: sample_weights) and its random-ranking floor hitrate_<P>_random, for P in
+    ps (test.py and baselines.py report the same keys)."""
     out = {}
     for p in ps:
-        out[f"hitrate_{p}"] = hitrate(contrib, segments, p)
+        out[f"hitrate_{p}"] = hitrate(contrib, segments, p, weights)
         out[f"hitrate_{p}_random"] = hitrate_random(segments, contrib.shape[1], p)
     return out
 

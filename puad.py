@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from dataclasses import dataclass
 import sys
 from pathlib import Path
 from typing import Callable, NoReturn
@@ -17,16 +18,18 @@ import torch
 from torch import nn
 
 import scoring
+from scoring import Reconstruction
 from config import Config, ConfigError, config_from_dict
 from prototype_ot import PrototypeOT
 from transformer import TransformerEncoder
-from utils import (Entity, Scaler, atomic_write, create_sequences, log, split_train_val, window_to_point_scores,
-                   window_values_to_points)
+from utils import Entity, Scaler, atomic_write, create_sequences, log, split_train_val, window_values_to_points
 from vae_loss import HierarchicalVAE, gaussian_kl, gaussian_nll, total_loss
 
 
 INPUT_CLIP = 10.0  # scaled inputs are clipped to +-this before the model (score_series)
 HISTORY_CALIB_ROWS = 4000  # the most calibration rows a stage-1 checkpoint stores (history_calibration)
+LATENT_MEMORY = 1000  # the most normal windows an entity's latent memory keeps (500 to all: within 0.005 AUC-PR,
+                      # docs/decisions.md)
 
 
 class PUAD(nn.Module):
@@ -40,37 +43,37 @@ class PUAD(nn.Module):
         self.vae = HierarchicalVAE(self.encoder.out_dim, cfg.d_h1, cfg.d_theta, cfg.seq_len,
                                    n_features, cfg.min_std)
 
-    def forward(self, x: torch.Tensor, use_local: bool = False, sample: bool = True,
-                batch_plan: bool = True, score_only: bool = False) -> dict[str, torch.Tensor]:
-        """x (B, T, V) -> loss parts (batch means), the per-point NLL (B, T, V) and the plan (B, K).
-
-        score_only: just what a score needs, the decoder's x_mu and x_std (B, T, V), the plan and
-        theta0 (B, d_theta; its posterior mean when not sampling); no KL terms, prior head or OT
-        loss (the scorer's fast path, same numbers).
-        """
+    def encode(self, x: torch.Tensor, sample: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, T, V) -> h1, q(theta0 | x)'s mean and std, theta0 (sampled, or the mean)."""
         h0 = self.encoder(x)
-        h1 = self.to_h1(h0)
         mu0, std0 = self.vae.phi(h0)
         theta0 = mu0 + std0 * torch.randn_like(std0) if sample else mu0
-        theta0_prime, ot, plan = self.pot(theta0, use_local, batch_plan, need_loss=not score_only)
+        return self.to_h1(h0), mu0, std0, theta0
+
+    def generate(self, theta0: torch.Tensor, h1: torch.Tensor, use_local: bool, sample: bool = True,
+                 batch_plan: bool = True, need_loss: bool = True) -> dict[str, torch.Tensor]:
+        """theta0 -> transport to the prototypes (eq. 2-4), theta1 (eq. 9), the decoder's x_mu
+        and x_std (B, T, V); the OT loss and q(theta1)'s mean and std for the loss."""
+        theta0_prime, ot, plan = self.pot(theta0, use_local, batch_plan, need_loss=need_loss)
         mu1, std1 = self.vae.psi(torch.cat([theta0_prime, h1], dim=-1))
         theta1 = mu1 + std1 * torch.randn_like(std1) if sample else mu1
         x_mu, x_std = self.vae.decode(theta1)
-        if score_only:
-            return {"x_mu": x_mu, "x_std": x_std, "plan": plan, "theta0": theta0}
-        mu_p, std_p = self.vae.f1(theta0_prime)
-        nll = gaussian_nll(x, x_mu, x_std)
-        return {
-            "recon": nll.sum((1, 2)).mean(),
-            "kl0": gaussian_kl(mu0, std0).sum(-1).mean(),
-            "kl1": gaussian_kl(mu1, std1, mu_p, std_p).sum(-1).mean(),
-            "ot": ot,
-            "nll": nll,
-            "x_mu": x_mu,
-            "x_std": x_std,
-            "plan": plan,
-            "theta0": theta0,
-        }
+        return {"theta0_prime": theta0_prime, "ot": ot, "plan": plan, "mu1": mu1, "std1": std1,
+                "x_mu": x_mu, "x_std": x_std}
+
+    def forward(self, x: torch.Tensor, use_local: bool = False, sample: bool = True,
+                batch_plan: bool = True) -> dict[str, torch.Tensor]:
+        """x (B, T, V) -> the loss parts (batch means), the per-point NLL (B, T, V) and the plan
+        (B, K). Training samples and transports a batch together (batch_plan); validation uses
+        posterior means, each window transported alone (sample=batch_plan=False)."""
+        h1, mu0, std0, theta0 = self.encode(x, sample)
+        g = self.generate(theta0, h1, use_local, sample, batch_plan)
+        mu_p, std_p = self.vae.f1(g["theta0_prime"])
+        nll = gaussian_nll(x, g["x_mu"], g["x_std"])
+        return {"recon": nll.sum((1, 2)).mean(), "kl0": gaussian_kl(mu0, std0).sum(-1).mean(),
+                "kl1": gaussian_kl(g["mu1"], g["std1"], mu_p, std_p).sum(-1).mean(), "ot": g["ot"],
+                "nll": nll, "x_mu": g["x_mu"], "x_std": g["x_std"], "plan": g["plan"], "theta0": theta0}
 
     def loss(self, x: torch.Tensor, rho: tuple[float, float, float], use_local: bool = False,
              batch_plan: bool = True) -> dict[str, torch.Tensor]:
@@ -79,58 +82,33 @@ class PUAD(nn.Module):
         return out
 
     @torch.inference_mode()
-    def reconstruct(self, x: torch.Tensor, use_local: bool = False, n_samples: int = 0,
-                    amp: bool = False, compile: bool = False, local_score: str = "closer") -> dict[str, torch.Tensor]:
-        """Decoder mean and std of every point of every window (B, T, V), the row-normalised
-        transport plan (B, K) and theta0 (B, d_theta), what the encoder makes of each window
-        (the same with or without the local prototypes).
+    def reconstruct(self, x: torch.Tensor, use_local: bool = False) -> dict[str, torch.Tensor]:
+        """The decoder's mean of every point of every window (B, T, V) from posterior means, the
+        row-normalised transport plan (B, K) and theta0 (B, d_theta), what the encoder makes of
+        each window (the same with or without the local prototypes).
 
-        Each window is transported on its own (running OT potentials), so nothing depends on
-        the batch. n_samples=0 uses posterior means; L > 0 averages mu and std over L samples.
-        amp: the whole pass under bf16 autocast, on CUDA only (off by default).
-        compile: the posterior-mean pass through torch.compile (dynamic batch size, compiled
-        once per model; see docs/performance.md).
-        use_local with local_score="closer" (the default): each point takes the reconstruction,
-        with or without the local prototypes, that is closer to it (squared error summed over
-        its features); "local_used" (B, T) says which, "plan_global" (B, K_g) is the plan of the
-        pass without them (the windows' transport before adaptation). The local prototypes can then explain
-        what the global ones do not, never make a point worse explained: fitted on a few
-        windows, they otherwise pull every window towards those (docs/meta.md). "always": the
-        paper's, every point through global + local prototypes.
+        Each window is transported on its own (running OT potentials), so nothing depends on the
+        batch. With use_local each point takes the reconstruction, with or without the local
+        prototypes, that is closer to it (squared error summed over its features): the local
+        prototypes then explain what the global ones do not, and never make a point worse
+        explained (fitted on a few windows, they otherwise pull every window towards those:
+        docs/meta.md). "local_used" (B, T) says which; "plan_global" (B, K_g) is the plan
+        without them (the windows' transport before adaptation). The encoder runs once for both.
         """
-        if local_score not in ("closer", "always"):
-            raise ValueError(f"local_score must be closer or always, not {local_score!r}")
         was_training = self.training
         self.eval()
-        out = self._decode(x, use_local, n_samples, amp, compile)
-        if use_local and local_score == "closer":
-            glob = self._decode(x, False, n_samples, amp, compile)
-            used = ((x - out["x_mu"]) ** 2).sum(-1) <= ((x - glob["x_mu"]) ** 2).sum(-1)  # (B, T)
-            for k in ("x_mu", "x_std"):
-                out[k] = torch.where(used[..., None], out[k], glob[k])
-            out["local_used"] = used
-            out["plan_global"] = glob["plan"]  # before adaptation
-        else:
-            out["local_used"] = torch.full(x.shape[:2], bool(use_local), device=x.device)
+        h1, _, _, theta0 = self.encode(x, sample=False)
+        out = self.generate(theta0, h1, False, sample=False, batch_plan=False, need_loss=False)
+        res = {"x_mu": out["x_mu"], "plan": out["plan"], "theta0": theta0,
+               "local_used": torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)}
+        if use_local:
+            local = self.generate(theta0, h1, True, sample=False, batch_plan=False, need_loss=False)
+            used = ((x - local["x_mu"]) ** 2).sum(-1) <= ((x - out["x_mu"]) ** 2).sum(-1)  # (B, T)
+            res.update(x_mu=torch.where(used[..., None], local["x_mu"], out["x_mu"]), plan=local["plan"],
+                       local_used=used, plan_global=out["plan"] / out["plan"].sum(-1, keepdim=True))
+        res["plan"] = res["plan"] / res["plan"].sum(-1, keepdim=True)
         self.train(was_training)
-        return out
-
-    def _decode(self, x: torch.Tensor, use_local: bool, n_samples: int, amp: bool, compile: bool
-                ) -> dict[str, torch.Tensor]:
-        """reconstruct's forward pass(es) with one choice of prototypes (in eval mode); the plan
-        row-normalised."""
-        if n_samples <= 0:
-            if compile and "_compiled" not in self.__dict__:
-                self.__dict__["_compiled"] = torch.compile(self.forward, dynamic=True)
-            fwd = self.__dict__["_compiled"] if compile else self.forward
-            with torch.autocast(x.device.type, torch.bfloat16, enabled=amp and x.device.type == "cuda"):
-                out = fwd(x, use_local, sample=False, batch_plan=False, score_only=True)
-            out = {k: v.float() for k, v in out.items()}
-        else:
-            outs = [self(x, use_local, sample=True, batch_plan=False, score_only=True) for _ in range(n_samples)]
-            out = {k: torch.stack([o[k] for o in outs]).mean(0) for k in outs[0]}
-        out["plan"] = out["plan"] / out["plan"].sum(-1, keepdim=True)
-        return out
+        return res
 
 
 # ---- checkpoints: plain dicts of tensors, strings and numbers, loadable with weights_only=True
@@ -184,13 +162,12 @@ def model_id(state: dict[str, torch.Tensor]) -> str:
 
 # the network and its input: fixed by a checkpoint (stored as its "model_args", like nanoGPT's)
 MODEL_FIELDS = ("seq_len", "d_model", "n_heads", "n_layers", "d_ff", "d_h1", "d_theta", "n_global", "n_local",
-                "sinkhorn_eps", "sinkhorn_iters", "ot_momentum", "dropout", "min_std", "scaler")
+                "sinkhorn_eps", "sinkhorn_iters", "ot_momentum", "dropout", "min_std")
 # what it was trained on: the defaults of a run on the checkpoint (--data, --entities, --val_frac
 # may change them) and adapt_windows (which rows calibrate it)
 TRAINED_ON = ("data", "entities", "val_frac", "val_blocks", "adapt_windows")
-# defaults from the checkpoint that a run may change: the data, and the scaler kind of an entity
-# the checkpoint has no scaler for (a new entity adapted with --adapt_scaler=own, or scored unseen)
-OVERRIDABLE = ("data", "entities", "val_frac", "val_blocks", "scaler")
+# defaults from the checkpoint that a run may change: the data and how it was split
+OVERRIDABLE = ("data", "entities", "val_frac", "val_blocks")
 # what a checkpoint that predates a field was trained with, where Config's default has changed since
 LEGACY = {"val_blocks": 1}
 
@@ -211,7 +188,7 @@ def checkpoint_args(ckpt: dict) -> dict:
 def run_config(cfg: Config, ckpt: dict, given: set[str] = frozenset()) -> Config:
     """The Config of a run on a trained checkpoint (test.py, detect_live.py, ablation.py, the local
     stage): the model fields are the checkpoint's (one set differently on the command line is
-    ignored, with a warning); --data, --entities, --val_frac and --scaler (OVERRIDABLE) default to
+    ignored, with a warning); --data, --entities, --val_frac and --val_blocks (OVERRIDABLE) default to
     the checkpoint's unless given; every run option (scoring, thresholds, outputs, device...) is the command line's."""
     args = checkpoint_args(ckpt)
     ignored = [f"--{k}={getattr(cfg, k)!r} (checkpoint: {args[k]!r})" for k in MODEL_FIELDS
@@ -297,21 +274,35 @@ def calibration_rows(x_train: np.ndarray, ckpt: dict, local: dict | None, cfg: C
 
 
 def score_parts(model: "PUAD", parts: list[np.ndarray], seq_len: int, use_local: bool = False, **kwargs
-                ) -> dict[str, np.ndarray]:
+                ) -> Reconstruction:
     """score_series of several stretches of one series (held-out parts), concatenated in order:
     each part is reconstructed on its own, no window crosses from one into the next."""
-    outs = [score_series(model, p, seq_len, use_local, **kwargs) for p in parts]
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0] if all(k in o for o in outs)}
+    return Reconstruction.concat([score_series(model, p, seq_len, use_local, **kwargs) for p in parts])
+
+
+@dataclass
+class CalibrationData:
+    """What an entity's Scorer is fitted on (calibration_input)."""
+    rows: Reconstruction                 # the calibration rows' reconstruction
+    constant: np.ndarray                 # (V,) the features constant over the rows training saw
+    memory: np.ndarray | None = None     # (M, d_theta) the latent term's normal windows; None: no term
+
+
+@dataclass
+class EntityReconstruction:
+    """An entity's calibration data and test split, reconstructed (reconstruct_entity)."""
+    calib: CalibrationData
+    test: Reconstruction
+    use_local: bool
 
 
 def score_kwargs(cfg: Config) -> dict:
     """score_series' options from a Config (the same for calibration and test rows)."""
-    return dict(batch_size=cfg.score_batch, n_samples=cfg.score_samples, mode=cfg.score_mode,
-                amp=cfg.score_amp, compile=cfg.score_compile, local_score=cfg.local_score)
+    return dict(batch_size=cfg.score_batch, mode=cfg.score_mode)
 
 
 def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, local: dict | None,
-                      use_local: bool, name: str = "") -> dict:
+                      use_local: bool, name: str = "") -> CalibrationData:
     """What an entity's calibration is fitted on: the reconstruction of its calibration rows
     (x_train already scaled), which features were constant over the rows training saw, and the
     latent term's memory, never of the calibration rows themselves: theta0 of the train rows
@@ -327,7 +318,9 @@ def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray,
         if "history_calib" in ckpt:
             log.info("%s: %d calibration rows (< --min_calib_rows=%d): the history's %d calibration rows",
                      name or "entity", len(rows), cfg.min_calib_rows, len(ckpt["history_calib"]["x"]))
-            return dict({k: v.numpy() for k, v in ckpt["history_calib"].items()}, memory=history_memory(ckpt, name))
+            h = {k: v.numpy() for k, v in ckpt["history_calib"].items()}
+            return CalibrationData(Reconstruction(h["x"], h["mu"], h.get("theta0")), h["constant"],
+                                   history_memory(ckpt, name))
         log.warning("%s: %d calibration rows (< --min_calib_rows=%d) and no history calibration in the "
                     "checkpoint (trained before it was stored): calibrating on them anyway",
                     name or "entity", len(rows), cfg.min_calib_rows)
@@ -339,7 +332,7 @@ def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray,
         before, held = split_train_val(x_train, cfg.val_frac, cfg.seq_len, cfg.val_blocks)
         # (a series too short to hold out rows validates on itself: no rows left for a memory)
         memory = latent_memory(model, before, cfg) if before[0] is not held[0] else None
-    return dict(out, constant=scoring.constant_features(seen), memory=memory)
+    return CalibrationData(out, scoring.constant_features(seen), memory)
 
 
 def history_memory(ckpt: dict, name: str = "") -> np.ndarray | None:
@@ -355,17 +348,20 @@ def history_memory(ckpt: dict, name: str = "") -> np.ndarray | None:
 
 
 @torch.inference_mode()
-def latent_memory(model: PUAD, parts: list[np.ndarray], cfg: Config) -> np.ndarray:
-    """An entity's memory for the latent term: theta0 of at most cfg.latent_memory windows spread
-    evenly over its scaled train rows (the parts training saw, never the calibration rows) ->
-    (M, d_theta) float32."""
+def latent_memory(model: PUAD, parts: list[np.ndarray], cfg: Config, size: int = LATENT_MEMORY) -> np.ndarray:
+    """An entity's memory for the latent term: theta0 (the encoder's posterior mean) of at most
+    `size` windows spread evenly over its scaled train rows (the parts training saw, never the
+    calibration rows) -> (M, d_theta) float32."""
     windows = np.concatenate([create_sequences(clip_inputs(p), cfg.seq_len) for p in parts])
-    if len(windows) > cfg.latent_memory:
-        windows = windows[np.linspace(0, len(windows) - 1, cfg.latent_memory).round().astype(int)]
+    if len(windows) > size:
+        windows = windows[np.linspace(0, len(windows) - 1, size).round().astype(int)]
     device = next(model.parameters()).device
-    parts = [model.reconstruct(torch.as_tensor(np.ascontiguousarray(windows[i:i + cfg.score_batch]), device=device)
-                               )["theta0"].cpu().numpy() for i in range(0, len(windows), cfg.score_batch)]
-    return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, cfg.d_theta), np.float32)
+    was_training = model.training
+    model.eval()
+    out = [model.encode(torch.as_tensor(np.ascontiguousarray(windows[i:i + cfg.score_batch]), device=device),
+                        sample=False)[3].cpu().numpy() for i in range(0, len(windows), cfg.score_batch)]
+    model.train(was_training)
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, cfg.d_theta), np.float32)
 
 
 def history_calibration(model: PUAD, vals: list[list[np.ndarray]], trains: list[list[np.ndarray]], cfg: Config,
@@ -378,24 +374,27 @@ def history_calibration(model: PUAD, vals: list[list[np.ndarray]], trains: list[
     An entity adapted from a few windows compares its theta0s with this memory, and one adapted
     from too few is also calibrated on these rows (calibration_input)."""
     per = max(cfg.seq_len, max_rows // max(1, len(vals)))
-    outs = [{k: a[-per:] for k, a in score_parts(model, v, cfg.seq_len, False, **score_kwargs(cfg)).items()}
-            for v in vals]
+    outs = [score_parts(model, v, cfg.seq_len, False, **score_kwargs(cfg)).tail(per) for v in vals]
     const = np.logical_and.reduce([scoring.constant_features(np.concatenate(t)) for t in trains])
-    pooled = {k: torch.from_numpy(np.concatenate([o[k] for o in outs]).astype(np.float32))
-              for k in ("x", "mu", "std", "theta0")}
+    pooled = {k: torch.from_numpy(np.concatenate([getattr(o, k) for o in outs]).astype(np.float32))
+              for k in ("x", "mu", "theta0")}
     if cfg.adapt_windows:
         return dict(pooled, constant=torch.from_numpy(np.asarray(const, bool)))
-    each = dataclasses.replace(cfg, latent_memory=per)
-    memory = torch.from_numpy(np.concatenate([latent_memory(model, t, each) for t in trains]))
+    memory = torch.from_numpy(np.concatenate([latent_memory(model, t, cfg, per) for t in trains]))
     return dict(pooled, constant=torch.from_numpy(np.asarray(const, bool)), memory=memory)
 
 
 def calibrate_entity(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, local: dict | None,
-                     use_local: bool, name: str = "", step_s: float | None = None) -> scoring.Calibration:
-    """The one calibration of an entity: the score's normaliser and threshold fitted on its
-    calibration rows (detect_live.py; test.py and ablation.py get the same calibration_input
-    through reconstruct_entity and fit it with scoring.calibrate)."""
-    return scoring.calibrate(calibration_input(model, ckpt, cfg, x_train, local, use_local, name), cfg, step_s=step_s)
+                     use_local: bool, name: str = "", step_s: float | None = None) -> scoring.Scorer:
+    """The one calibration of an entity: its Scorer fitted on its calibration input
+    (calibration_input; detect_live.py; test.py and ablation.py fit the same through
+    reconstruct_entity and fit_scorer)."""
+    return fit_scorer(cfg, calibration_input(model, ckpt, cfg, x_train, local, use_local, name), step_s)
+
+
+def fit_scorer(cfg: Config, calib: CalibrationData, step_s: float | None = None) -> scoring.Scorer:
+    """A Scorer with cfg's options fitted on an entity's calibration data."""
+    return scoring.Scorer.from_config(cfg).fit(calib.rows, calib.constant, calib.memory, step_s)
 
 
 def clip_inputs(x: np.ndarray, clip: float = INPUT_CLIP) -> np.ndarray:
@@ -404,11 +403,11 @@ def clip_inputs(x: np.ndarray, clip: float = INPUT_CLIP) -> np.ndarray:
                    -clip, clip).astype(np.float32)
 
 
-def reconstruct_entity(model: PUAD, ckpt: dict, cfg: Config, ent: Entity) -> dict:
+def reconstruct_entity(model: PUAD, ckpt: dict, cfg: Config, ent: Entity) -> EntityReconstruction:
     """One entity's local state loaded (if adapted), its calibration input (calibration_input)
     and its test split reconstructed (score_series): what test.py calibrates and scores, and
-    what ablation.py scores under each variant -> {"calib", "test", "use_local"}. An entity
-    neither trained on nor adapted is scaled with its own train data (logged)."""
+    what ablation.py scores under each variant. An entity neither trained on nor adapted is
+    scaled with its own train data (logged)."""
     local, scaler = entity_state(ckpt, cfg.ckpt, ent.name)
     use_local = local is not None and cfg.use_local  # --use_local=False keeps the local scaler
     if local is not None:
@@ -416,48 +415,39 @@ def reconstruct_entity(model: PUAD, ckpt: dict, cfg: Config, ent: Entity) -> dic
     if scaler is None:
         log.warning("%s: not seen in training and not adapted; scaling with its own train data "
                     "and global prototypes only", ent.name)
-        scaler = Scaler(cfg.scaler).fit(ent.train)
-    return {"calib": calibration_input(model, ckpt, cfg, scaler.transform(ent.train), local, use_local, ent.name),
-            "test": score_series(model, scaler.transform(ent.test), cfg.seq_len, use_local, **score_kwargs(cfg)),
-            "use_local": use_local}
+        scaler = Scaler().fit(ent.train)
+    return EntityReconstruction(
+        calibration_input(model, ckpt, cfg, scaler.transform(ent.train), local, use_local, ent.name),
+        score_series(model, scaler.transform(ent.test), cfg.seq_len, use_local, **score_kwargs(cfg)), use_local)
 
 
-def window_reconstructor(model: PUAD, use_local: bool, cfg: Config) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """The decoder mean and std (B, T, V) of scaled, clipped windows (B, T, V), reconstructed as
-    score_series does (cfg's score_samples, score_amp, score_compile, local_score): what
-    scoring.explain repairs features with. The entity's local state must be loaded already."""
+def window_reconstructor(model: PUAD, use_local: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """The decoder's mean (B, T, V) of scaled, clipped windows (B, T, V), reconstructed as
+    score_series does: what scoring.explain repairs features with. The entity's local state
+    must be loaded already."""
     device = next(model.parameters()).device
 
-    def recon(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = model.reconstruct(torch.as_tensor(np.ascontiguousarray(windows), device=device), use_local,
-                                cfg.score_samples, amp=cfg.score_amp, compile=cfg.score_compile,
-                                local_score=cfg.local_score)
-        return out["x_mu"].cpu().numpy(), out["x_std"].cpu().numpy()
+    def recon(windows: np.ndarray) -> np.ndarray:
+        return model.reconstruct(torch.as_tensor(np.ascontiguousarray(windows), device=device), use_local
+                                 )["x_mu"].cpu().numpy()
     return recon
 
 
 def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = False,
-                 batch_size: int = 1024, n_samples: int = 0, mode: str = "point", amp: bool = False,
-                 compile: bool = False, clip: float = INPUT_CLIP, local_score: str = "closer") -> dict[str, np.ndarray]:
+                 batch_size: int = 1024, mode: str = "point", clip: float = INPUT_CLIP) -> Reconstruction:
     """Reconstruct every point of a scaled series (n, V): the one scorer's model half.
 
-    Returns {"x": the input as the model saw it (n, V), "mu", "std": the decoder's mean and
-    standard deviation of each point (n, V), "plan": the transport plan of the window that
-    reconstructs it (n, K), "theta0": that window's theta0 (n, d_theta), "local_used": (n,) bool,
-    whether the point's reconstruction went through the local prototypes (PUAD.reconstruct's
-    local_score), and under local_score=closer
-    "plan_global" (n, K_g), the plan without the local prototypes}; scoring.calibrate /
-    scoring.apply turn these into scores.
-    Inputs are clipped to [-clip, clip] (scaled units: for the default min-max scaler, `clip`
-    train ranges), so any finite input gives a finite score; a clipped value is still far
-    outside every training value and scores as such.
+    Returns its scoring.Reconstruction: x, the input as the model saw it (n, V); mu, the
+    decoder's mean of each point (n, V); plan, the transport plan of the window that reconstructs
+    it (n, K); theta0, that window's theta0 (n, d_theta); local_used (n,), whether the point's
+    reconstruction went through the local prototypes (PUAD.reconstruct); and with use_local
+    plan_global (n, K_g), the plan without them. A scoring.Scorer turns it into scores. Inputs are clipped to [-clip, clip] (scaled units: `clip` train ranges), so any finite
+    input gives a finite score; a clipped value is still far outside every training value.
     mode="point": point t is reconstructed by the window that ends at it; the first seq_len-1
-    points by the first window (see utils.window_to_point_scores): one window per point.
-    mode="block": non-overlapping windows (stride seq_len), every point of a window by it,
-    about seq_len times fewer windows; the tail that no full window covers comes from the
-    window ending at the last point. The first seq_len points, the last point of every block
-    and the last point of the series are the same in both modes. Windows go through in
-    batches, no Python loop per window; amp, compile, local_score: see PUAD.reconstruct.
+    points by the first window (utils.window_to_point_scores): one window per point, of which
+    only the last point is kept. mode="block": non-overlapping windows (stride seq_len), every
+    point of a window by it, about seq_len times fewer windows; the tail that no full window
+    covers comes from the window ending at the last point. Windows go through in batches.
     """
     if mode not in ("point", "block"):
         raise ValueError(f"score mode must be point or block, not {mode!r}")
@@ -465,35 +455,32 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
     x = clip_inputs(x, clip)
     n = len(x)
     windows = create_sequences(x, seq_len, seq_len if mode == "block" else 1)
-    tail = n - len(windows) * seq_len if mode == "block" else 0  # points after the last full block
-    parts: dict[str, list[np.ndarray]] = {"mu": [], "std": [], "plan": [], "theta0": [], "used": [], "plan_global": []}
-    for i in range(0, len(windows), batch_size):
+    n_full = len(windows)
+    tail = n - n_full * seq_len if mode == "block" else 0  # points after the last full block
+    per_point: dict[str, list[np.ndarray]] = {"mu": [], "local_used": []}
+    per_window: dict[str, list[np.ndarray]] = {"plan": [], "theta0": [], "plan_global": []}
+    for i in range(0, n_full, batch_size):
         batch = windows[i:i + batch_size]
-        if tail and i + batch_size >= len(windows):
+        last = tail and i + batch_size >= n_full
+        if last:
             batch = np.concatenate([batch, x[None, n - seq_len:]])  # the window ending at the last point
-        xb = torch.as_tensor(np.require(batch, requirements=["C", "W"]), device=device)  # copies a view
-        out = model.reconstruct(xb, use_local, n_samples, amp=amp, compile=compile, local_score=local_score)
-        parts["mu"].append(out["x_mu"].cpu().numpy())
-        parts["std"].append(out["x_std"].cpu().numpy())
-        parts["plan"].append(out["plan"].cpu().numpy())
-        parts["theta0"].append(out["theta0"].cpu().numpy())
-        parts["used"].append(out["local_used"].cpu().numpy())
-        if "plan_global" in out:
-            parts["plan_global"].append(out["plan_global"].cpu().numpy())
-    mu, std, plan, used = (np.concatenate(parts[k]) for k in ("mu", "std", "plan", "used"))
-    if mode == "block":
-        n_full = len(windows)
-        take = lambda a: np.concatenate([a[:n_full].reshape(-1, a.shape[-1])] +  # noqa: E731
-                                        ([a[-1, seq_len - tail:]] if tail else []))
-        to_points = lambda p: np.concatenate([np.repeat(p[:n_full], seq_len, axis=0)] +  # noqa: E731
-                                             ([np.repeat(p[-1:], tail, axis=0)] if tail else []))
-        res = {"x": x, "mu": take(mu), "std": take(std), "local_used": take(used[..., None])[:, 0]}
-    else:
-        to_points = lambda p: window_values_to_points(p, seq_len)  # noqa: E731
-        res = {"x": x, "mu": window_to_point_scores(mu, seq_len), "std": window_to_point_scores(std, seq_len),
-               "local_used": window_to_point_scores(used, seq_len)}
-    res["plan"] = to_points(plan)
-    res["theta0"] = to_points(np.concatenate(parts["theta0"]))
-    if parts["plan_global"]:
-        res["plan_global"] = to_points(np.concatenate(parts["plan_global"]))
-    return res
+        out = model.reconstruct(torch.as_tensor(np.require(batch, requirements=["C", "W"]), device=device), use_local)
+        for k in per_point:
+            a = out["x_mu" if k == "mu" else k]
+            if mode == "point":  # the first window's points before its last, then every window's last
+                kept = torch.cat([a[0, :-1], a[:, -1]]) if i == 0 else a[:, -1]
+            else:
+                kept = a[:len(a) - 1 if last else len(a)].flatten(0, 1)
+                if last:
+                    kept = torch.cat([kept, a[-1, seq_len - tail:]])
+            per_point[k].append(kept.cpu().numpy())
+        for k in per_window:
+            if k in out:
+                per_window[k].append(out[k].cpu().numpy())
+    res = {k: np.concatenate(v) for k, v in per_point.items()}
+    for k, v in per_window.items():
+        if v:
+            w = np.concatenate(v)
+            res[k] = (window_values_to_points(w, seq_len) if mode == "point" else
+                      np.concatenate([np.repeat(w[:n_full], seq_len, axis=0)] + ([np.repeat(w[-1:], tail, axis=0)] if tail else [])))
+    return Reconstruction(x, **res)

@@ -29,9 +29,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from config import THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
-from metrics import evaluate, interpretation_metrics, segments, summarize  # noqa: E402
+from metrics import evaluate, interpretation_metrics, sample_weights, segments, summarize  # noqa: E402
 import scoring  # noqa: E402
-from puad import build_model, read_checkpoint, reconstruct_entity, run_config, window_reconstructor  # noqa: E402
+from puad import build_model, fit_scorer, read_checkpoint, reconstruct_entity, run_config, window_reconstructor  # noqa: E402
 from utils import (DataError, Entity, LockError, align_features, atomic_write, get_device,  # noqa: E402
                    interpretation_segments, load_dataset, log, output_lock, set_threads, time_step, write_csv_atomic,
                    write_json_atomic)
@@ -41,17 +41,18 @@ SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "be
 
 
 def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
-    """Calibrate on the validation tail (or, for an entity adapted from N windows, those N
-    windows) of one entity, then score its test series with that calibration."""
+    """Calibrate on the held-out rows (or, for an entity adapted from N windows, those N
+    windows) of one entity, then score its test series with that calibration and name the
+    features behind its flagged runs and interpretation segments (at most NAMED_PER_SEGMENT
+    points of each: naming costs a reconstruction per feature)."""
     r = reconstruct_entity(model, ckpt, cfg, ent)
-    cal = scoring.calibrate(r["calib"], cfg, step_s=time_step([ent]))
-    scores, contrib = scoring.apply(cal, r["test"])
-    threshold = scoring.thresholds(cal, scores)
-    naming = scoring.explain(cal, contrib, r["test"]["x"], window_reconstructor(model, r["use_local"], cfg),
-                             scoring.named_rows(scores > threshold, ent.interpretation), cfg.seq_len)
-    return dict(test_scores=scores, contrib=contrib, naming=naming, plan=r["test"]["plan"],
-                plan_before=r["test"].get("plan_global"), threshold=threshold,
-                calibration=cal, use_local=r["use_local"], local_used=r["test"]["local_used"])
+    scorer = fit_scorer(cfg, r.calib, time_step([ent]))
+    scores = scorer.score(r.test)
+    threshold = scorer.thresholds(scores)
+    named = scoring.named_rows(scores > threshold, ent.interpretation, scoring.NAMED_PER_SEGMENT)
+    naming = scorer.explain(r.test, window_reconstructor(model, r.use_local), named, cfg.seq_len)
+    return dict(test_scores=scores, contrib=scorer.name(r.test), naming=naming, named=named, rec=r.test,
+                threshold=threshold, scorer=scorer, use_local=r.use_local)
 
 
 def alerts_text(m: dict) -> str:
@@ -101,16 +102,17 @@ def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.nda
     save_figure(fig, path)
 
 
-def predicted_segments(ent: Entity, scores: np.ndarray, pred: np.ndarray, naming: np.ndarray | None
-                       ) -> pd.DataFrame | None:
+def predicted_segments(ent: Entity, scores: np.ndarray, pred: np.ndarray, naming: np.ndarray | None,
+                       named: np.ndarray | None = None) -> pd.DataFrame | None:
     """One row per run of flagged points: where, how high, and the 3 features that name it
-    (scoring.top_features of scoring.explain's weights summed over the run, with their shares of
-    the run's total weight); None without contributions."""
+    (scoring.top_features of Scorer.explain's weights summed over the run's named points, the
+    `named` rows, with their shares of that total); None without contributions."""
     if naming is None:
         return None
     rows = []
     for s, e in segments(pred):
-        top = scoring.top_features(naming[s:e], ent.features, 3)
+        at = np.arange(s, e) if named is None else named[(named >= s) & (named < e)]
+        top = scoring.top_features(naming[at if len(at) else np.arange(s, e)], ent.features, 3)
         rows.append({"start": int(s), "end": int(e - 1), "start_time": ent.test_ts[s], "end_time": ent.test_ts[e - 1],
                      "max_score": float(scores[s:e].max()),
                      "top_features": ";".join(name for name, _ in top),
@@ -239,7 +241,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
     except DataError as e:
         raise SystemExit(f"test.py: error: {e}") from None
     out = Path(cfg.out_dir)
-    per_entity, plans, plan_labels, plans_before, local_used = {}, [], [], [], []
+    per_entity, plans, plan_labels, plans_before, local_used_all = {}, [], [], [], []
     for ent in entities:
         if ent.test is None:
             log.warning("%s: no test.csv; skipped", ent.name)
@@ -251,27 +253,29 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
         r = score_entity(model, ckpt, cfg, ent)
         # the threshold is fixed; only now are the labels looked at
         m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults, step_s=time_step([ent]))
-        m.update(threshold=r["calibration"].threshold,  # the fitted one; threshold_max: the drift guard's highest
-                 threshold_method=cfg.threshold, local_prototypes=r["use_local"], score=cfg.score,
-                 smooth=cfg.smooth, calibration_rows=r["calibration"].n_rows)
-        if r["use_local"]:  # which points the local prototypes reconstruct (--local_score=closer: where closer)
-            m.update(local_share=float(r["local_used"].mean()))
+        m.update(threshold=r["scorer"].threshold_,  # the fitted one; threshold_max: the drift guard's highest
+                 threshold_method=cfg.threshold, local_prototypes=r["use_local"],
+                 smooth=cfg.smooth, calibration_rows=r["scorer"].n_rows_)
+        local_used = r["rec"].local_used
+        if r["use_local"]:  # which points the local prototypes reconstruct (where closer)
+            m.update(local_share=float(local_used.mean()))
             if ent.labels is not None and ent.labels.any():
-                m.update(local_share_anomalous=float(r["local_used"][ent.labels.astype(bool)].mean()),
-                         local_share_normal=float(r["local_used"][~ent.labels.astype(bool)].mean()))
+                m.update(local_share_anomalous=float(local_used[ent.labels.astype(bool)].mean()),
+                         local_share_normal=float(local_used[~ent.labels.astype(bool)].mean()))
         if ent.interpretation is not None:  # which metrics: HitRate of what names features
-            m.update(interpretation_metrics(r["naming"], interpretation_segments(ent, ent.features)))
+            segs = interpretation_segments(ent, ent.features)
+            m.update(interpretation_metrics(r["naming"], segs, weights=sample_weights(len(r["test_scores"]), segs, r["named"])))
         per_entity[ent.name] = m
         pred = (r["test_scores"] > r["threshold"]).astype(int)
         write_csv_atomic(out / f"scores_{ent.name}.csv", pd.DataFrame({
             "timestamp": ent.test_ts, "score": r["test_scores"], "threshold": r["threshold"],
             "prediction": pred, "label": ent.labels if ent.labels is not None else np.full(len(pred), -1)}))
-        plans.append(r["plan"])
+        plans.append(r["rec"].plan)
         plan_labels.append(ent.labels)
         # the plan before adaptation: None for an adapted entity under --local_score=always
-        plans_before.append(r["plan_before"] if r["use_local"] else r["plan"])
-        local_used.append(r["local_used"])
-        segs = predicted_segments(ent, r["test_scores"], pred, r["naming"])
+        plans_before.append(r["rec"].plan_global if r["use_local"] else r["rec"].plan)
+        local_used_all.append(local_used)
+        segs = predicted_segments(ent, r["test_scores"], pred, r["naming"], r["named"])
         if segs is not None:
             write_csv_atomic(out / f"segments_{ent.name}.csv", segs)
         if cfg.plots:
@@ -302,7 +306,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
         # before/after panels when some entity is adapted and every adapted one has its plan before
         adapted = any(m["local_prototypes"] for m in per_entity.values()) and all(p is not None for p in plans_before)
         plot_transport(out / "transport_plan.png", plans, plan_labels, cfg.n_global,
-                       plans_before if adapted else None, local_used if adapted else None)
+                       plans_before if adapted else None, local_used_all if adapted else None)
     mean = results["mean"]
     if "f1" in mean:
         print(f"mean over {len(per_entity)} entities: AUC-ROC {mean['auc_roc']:.3f} AUC-PR {mean['auc_pr']:.3f} "

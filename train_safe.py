@@ -96,15 +96,6 @@ def rho_at(cfg: Config, epoch_progress: float, warm: bool = True) -> tuple[float
     return cfg.rho1 * f, cfg.rho2 * f, cfg.rho3 * f
 
 
-def lr_at(cfg: Config, lr: float, epoch_progress: float, epochs: int, stage: str) -> float:
-    """The learning rate after epoch_progress epochs: lr (--lr_decay=constant, the default, and
-    stage 2), or for stage 1 under --lr_decay=cosine a cosine fall from lr to 0 over its epochs
-    (measured, not the default: docs/ablation.md)."""
-    if stage != "global" or cfg.lr_decay == "constant":
-        return lr
-    return lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch_progress / max(epochs, 1), 1.0)))
-
-
 @torch.no_grad()
 def validate(model: PUAD, windows: Windows, cfg: Config, use_local: bool) -> float:
     """Validation loss with the target rhos, posterior means, each window on its own."""
@@ -123,10 +114,10 @@ def validate(model: PUAD, windows: Windows, cfg: Config, use_local: bool) -> flo
 def make_step(model: PUAD, cfg: Config, dev: torch.device, use_local: bool, start_epoch: int):
     """The training step, step_fn(xb, rho, use_local) -> loss parts, and the running OT potentials
     the ranks average after every step (None with one process)."""
-    # --local_plan=running: stage 2 transports each window alone with the potentials stage 1
-    # learned; a balanced plan over a batch of N few-shot windows forces those N windows to use
-    # every prototype equally (for N = 1, theta0' is the mean prototype)
-    batch_plan = not (use_local and cfg.local_plan == "running")
+    # stage 2 transports each window alone with the potentials stage 1 learned: a balanced plan
+    # over a batch of N few-shot windows forces those N windows to use every prototype equally
+    # (for N = 1, theta0' is the mean prototype; docs/meta.md)
+    batch_plan = not use_local
     rank, world = dist_info()
     if world == 1:
         return (lambda xb, rho, ul: model.loss(xb, rho, ul, batch_plan)), None
@@ -148,7 +139,7 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
                start_epoch: int = 0, opt_state: dict | None = None, best_val: float = math.inf) -> float:
     """The training loop shared by both stages; save(epoch, best, optimizer, improved) persists state."""
     use_local = stage == "local"
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(params, lr=lr)
     if opt_state:
         opt.load_state_dict(opt_state)
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * start_epoch + (stage == "local"))
@@ -186,8 +177,6 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
             if not torch.isfinite(grad_norm):
                 skipped, bad_run = skipped + 1, bad_run + 1
                 continue
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, lr, epoch - 1 + step / steps_per_epoch, epochs, stage)
             opt.step()
             bad_run = 0
             for k in sums:
@@ -239,7 +228,7 @@ def prepare(entities: list[Entity], cfg: Config, scalers: dict[str, Scaler] | No
     for e in entities:
         series = used_rows(e, cfg)
         if e.name not in scalers:
-            scalers[e.name] = Scaler(cfg.scaler).fit(series)
+            scalers[e.name] = Scaler().fit(series)
         x = scalers[e.name].transform(series)
         tr, va = ([x], [x]) if cfg.adapt_windows else split_train_val(x, cfg.val_frac, cfg.seq_len, cfg.val_blocks)
         trains.append(tr)
@@ -289,8 +278,8 @@ def train_global(cfg: Config, device: torch.device) -> Path:
                 features=entities[0].features, entities=[e.name for e in entities],
                 scalers={k: s.state_dict() for k, s in scalers.items()}, stage="global", version=1,
                 step_s=time_step(entities),  # seconds between rows; detect_live.py polls at this step (None: row numbers)
-                # pooled over every history entity: the scaler a new entity may borrow (--adapt_scaler=history)
-                history_scaler=Scaler(cfg.scaler).fit(np.concatenate([used_rows(e, cfg) for e in entities])).state_dict())
+                # pooled over every history entity: the scaler a new entity adapted from a few windows borrows
+                history_scaler=Scaler().fit(np.concatenate([used_rows(e, cfg) for e in entities])).state_dict())
 
     saved = []  # epochs whose model this run wrote to ckpt_path
 
@@ -338,12 +327,8 @@ def train_local(cfg: Config, device: torch.device, entity_name: str, given: set[
                          f"{cfg.data}/{entity_name}", f"the checkpoint {cfg.ckpt}")
     if entity_name in shared["scalers"] and not cfg.adapt_windows:
         known = {entity_name: Scaler.from_state(shared["scalers"][entity_name])}  # trained on it
-    elif cfg.adapt_scaler == "history":
+    else:  # the history's pooled scaler: a few windows' own range is no range (docs/meta.md)
         known = {entity_name: Scaler.from_state(shared["history_scaler"])}
-    elif cfg.adapt_scaler == "own":
-        known = {}  # fitted on the rows adaptation sees
-    else:
-        raise SystemExit(f"train_safe.py: error: --adapt_scaler must be own or history, not {cfg.adapt_scaler!r}")
     trains, vals, scalers = prepare([ent], cfg, known)
     scaler = scalers[entity_name]
     train_w, val_w = Windows(flat(trains), cfg.seq_len, 1, device), Windows(flat(vals), cfg.seq_len, 1, device)
@@ -378,38 +363,25 @@ def train_local(cfg: Config, device: torch.device, entity_name: str, given: set[
 
 @torch.no_grad()
 def init_local_prototypes(model: PUAD, train_w: Windows, cfg: Config) -> None:
-    """Where beta_l and its OT potentials start (the only tensors stage 2 fits).
-
-    local_init="windows": "beta_l is summarized from a few samples from the new MTS first"
-    (paper 3.2.1): theta0 of windows spread evenly over the adaptation data, the local potentials
-    at the global ones' mean (0), or local_offset * eps below the lowest global one, so that a
-    window goes to a local prototype only when it is far from every global one.
-    local_init="global": copies of the global prototypes that the adaptation windows use most,
-    each copy and its original sharing the original's mass (both potentials g_j - eps ln 2), so
-    that adaptation starts exactly at the history model's reconstruction and moves only what
-    the new entity needs.
-    """
+    """Where beta_l and its OT potentials start (the only tensors stage 2 fits): copies of the
+    global prototypes that the adaptation windows use most, each copy and its original sharing
+    the original's mass (both potentials g_j - eps ln 2), so that adaptation starts exactly at the
+    history model's reconstruction and moves only what the new entity needs (the paper's theta0
+    of a few windows measured worse on new servers: docs/meta.md)."""
     model.eval()
     pot = model.pot
     g = pot.g_global.clone()
-    if cfg.local_init == "global":
-        idx = torch.arange(len(train_w), device=train_w.data.device)
-        use = torch.zeros(len(g), device=idx.device)
-        for i in range(0, len(idx), 1024):
-            x = train_w.data[train_w.starts[idx[i:i + 1024], None] + train_w.steps]
-            theta0 = model.vae.phi(model.encoder(x))[0]
-            use += torch.softmax((g - pot.cost(theta0, pot.beta_g)) / pot.eps, -1).sum(0)
-        top = torch.argsort(use, descending=True)[: cfg.n_local] % len(g)
-        pot.beta_l.copy_(pot.beta_g[top])
-        g_copy = g[top] - pot.eps * math.log(2.0)  # softmax(g - C) over [beta_g; beta_l] = over beta_g
-        g[top] = g_copy
-        pot.g_local.copy_(torch.cat([g, g_copy]))
-        return
-    picks = np.linspace(0, len(train_w) - 1, cfg.n_local).round().astype(int)
-    first = train_w.data[train_w.starts[picks, None] + train_w.steps]
-    pot.beta_l.copy_(model.vae.phi(model.encoder(first))[0])
-    start = g.min() - cfg.local_offset * pot.eps if cfg.local_offset else g.new_tensor(0.0)
-    pot.g_local.copy_(torch.cat([g, start.expand(cfg.n_local)]))
+    idx = torch.arange(len(train_w), device=train_w.data.device)
+    use = torch.zeros(len(g), device=idx.device)
+    for i in range(0, len(idx), 1024):
+        x = train_w.data[train_w.starts[idx[i:i + 1024], None] + train_w.steps]
+        theta0 = model.vae.phi(model.encoder(x))[0]
+        use += torch.softmax((g - pot.cost(theta0, pot.beta_g)) / pot.eps, -1).sum(0)
+    top = torch.argsort(use, descending=True)[: cfg.n_local] % len(g)
+    pot.beta_l.copy_(pot.beta_g[top])
+    g_copy = g[top] - pot.eps * math.log(2.0)  # softmax(g - C) over [beta_g; beta_l] = over beta_g
+    g[top] = g_copy
+    pot.g_local.copy_(torch.cat([g, g_copy]))
 
 
 def _previous_rows(loss_csv: str) -> list[dict]:

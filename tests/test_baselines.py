@@ -61,9 +61,9 @@ def test_point_output_aligns_reconstructions_with_points():
     windows = baselines._flat(x, T)
     # a "reconstruction" that is the window itself shifted by 1: point t must get row t of x + 1
     out = baselines.point_output({"mu": windows.reshape(len(windows), T, V) + 1}, x, T)
-    assert out["mu"].shape == (12, V)
-    np.testing.assert_allclose(out["mu"], x + 1)
-    res = metrics.interpretation_metrics(out["mu"], [(0, 11, [int(np.argmax(x[0]))])])
+    assert out.mu.shape == (12, V)
+    np.testing.assert_allclose(out.mu, x + 1)
+    res = metrics.interpretation_metrics(out.mu, [(0, 11, [int(np.argmax(x[0]))])])
     assert set(res) == {"hitrate_100", "hitrate_150", "hitrate_100_random", "hitrate_150_random"}
     assert res["hitrate_100_random"] == pytest.approx(1 / 3)
 

@@ -20,7 +20,7 @@ SCRIPTS = {
     "plot_loss.py": ["--loss_csv", "--out_dir"],
     "baselines.py": ["--methods", "--knn_k", "--seq_len"],
     "bench.py": ["--presets", "--quick", "--threads"],
-    "meta_eval.py": ["--adapt_scaler", "--epochs"],
+    "meta_eval.py": ["--adapt_windows", "--epochs"],
     "detect_live.py": ["--prometheus", "--live_step", "--threshold", "live detection"],
     "export_metrics.py": ["--start", "--fault_log", "--out"],
     "lab.py": ["--minutes", "--ci", "--out"],
@@ -48,7 +48,7 @@ def test_help_shows_type_default_and_comment_of_every_field():
         assert f"--{f.name} " in r.stdout, f.name
     assert "--seq_len INT" in r.stdout and "sliding window (paper 4.1) [int, default 20]" in r.stdout
     # a comment continued on the next line is part of the field's help
-    assert "mean over features | se: squared error" in r.stdout
+    assert "median of the last N scores stands above the calibration median" in r.stdout
     for group in ("data:", "model:", "training:", "scoring and thresholds:", "outputs and runtime:", "live detection:"):
         assert f"\n{group}" in r.stdout
 
@@ -96,7 +96,7 @@ def tiny_checkpoint(cfg: Config, with_model_args: bool) -> dict:
 
 def test_old_checkpoint_with_config_only_loads(tmp_path):
     from puad import build_model, checkpoint_args, read_checkpoint, run_config
-    trained = parse_config(["--preset=test", "--d_model=8", "--score=nll", "--data=somewhere", "--smooth=2"])
+    trained = parse_config(["--preset=test", "--d_model=8", "--data=somewhere", "--smooth=2"])
     torch.save(tiny_checkpoint(trained, with_model_args=False), tmp_path / "old.ckpt")
     ckpt = read_checkpoint(tmp_path / "old.ckpt")
     assert "model_args" not in ckpt and checkpoint_args(ckpt)["d_model"] == 8
@@ -106,7 +106,7 @@ def test_old_checkpoint_with_config_only_loads(tmp_path):
     run = parse_cli(["--d_model=64", "--threshold=percentile"])
     cfg = run_config(run.cfg, ckpt, run.given)
     assert (cfg.d_model, cfg.data, cfg.threshold) == (8, "somewhere", "percentile")
-    assert (cfg.score, cfg.smooth) == (Config.score, Config.smooth)  # not the training run's
+    assert cfg.smooth == Config.smooth  # not the training run's
     run = parse_cli(["--data=elsewhere"])
     assert run_config(run.cfg, ckpt, run.given).data == "elsewhere"
 

@@ -159,30 +159,28 @@ def test_transport_plot_shows_the_plan_before_and_after_adaptation(monkeypatch, 
 
 def test_latent_memory_is_the_train_rows_before_the_calibration_rows(trained):
     """The latent term's memory holds theta0 of windows spread evenly over the train rows that
-    come before the calibration rows (never the calibration rows themselves), at most
-    --latent_memory of them; test.py's scores use it, --latent_weight=0 scores without it."""
-    import dataclasses
-
+    come before the calibration rows (never the calibration rows themselves), at most 1,000 of
+    them (puad.LATENT_MEMORY); test.py's scores use it, --latent_weight=0 scores without it."""
     import torch
 
+    import scoring
     from config import parse_config
-    from puad import build_model, calibration_input, entity_state, read_checkpoint, run_config
+    from puad import LATENT_MEMORY, build_model, calibration_input, entity_state, latent_memory, read_checkpoint, run_config
     from utils import load_dataset, split_train_val
     src, data = trained
     ckpt = read_checkpoint(src / "puad.ckpt")
     model, _ = build_model(ckpt)
-    cfg = run_config(parse_config([f"--ckpt={src / 'puad.ckpt'}", f"--data={data}", "--latent_memory=300"]), ckpt)
+    cfg = run_config(parse_config([f"--ckpt={src / 'puad.ckpt'}", f"--data={data}"]), ckpt)
     ent = load_dataset(data, ["omi-1"])[0]
     _, scaler = entity_state(ckpt, cfg.ckpt, "omi-1")
     x = scaler.transform(ent.train)
     calib = calibration_input(model, ckpt, cfg, x, None, False)
     (before,), (tail,) = split_train_val(x, cfg.val_frac, cfg.seq_len)
     T = cfg.seq_len
-    assert calib["memory"].shape == (300, cfg.d_theta) and calib["theta0"].shape == (len(tail), cfg.d_theta)
+    assert calib.memory.shape == (LATENT_MEMORY, cfg.d_theta) and calib.rows.theta0.shape == (len(tail), cfg.d_theta)
     ends = model.reconstruct(torch.as_tensor(np.stack([before[:T], before[-T:]]).astype(np.float32)))["theta0"].numpy()
-    np.testing.assert_allclose(calib["memory"][[0, -1]], ends, rtol=1e-5, atol=1e-6)  # first and last window before the tail
-    whole = calibration_input(model, ckpt, dataclasses.replace(cfg, latent_memory=10 ** 6), x, None, False)
-    assert len(whole["memory"]) == len(before) - T + 1  # every window before the tail, none of the tail's
+    np.testing.assert_allclose(calib.memory[[0, -1]], ends, rtol=1e-5, atol=1e-6)  # first and last window before the tail
+    whole = latent_memory(model, [before], cfg, size=10 ** 6)
+    assert len(whole) == len(before) - T + 1  # every window before the tail, none of the tail's
     # a window of the tail is not in the memory: its distance to it is not 0
-    import scoring
-    assert scoring.knn_distance(calib["theta0"][T:T + 1], whole["memory"], 1)[0] > 0
+    assert scoring.Memory(whole).distance(calib.rows.theta0[T:T + 1], 1)[0] > 0

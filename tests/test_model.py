@@ -96,8 +96,8 @@ def test_scoring_does_not_depend_on_the_batch():
 
 
 def test_fast_scoring_path_equals_the_full_forward():
-    """reconstruct() (forward with score_only: no KL, prior head or OT loss) gives the numbers
-    of the full forward pass with posterior means and each window transported alone."""
+    """reconstruct() (no KL, prior head or OT loss) gives the numbers of the full forward pass
+    with posterior means and each window transported alone."""
     torch.manual_seed(5)
     cfg = parse_config(["--preset=test"])
     model = PUAD(cfg, 5)
@@ -110,7 +110,6 @@ def test_fast_scoring_path_equals_the_full_forward():
         full = model(x, sample=False, batch_plan=False)
     fast = model.reconstruct(x)
     assert torch.allclose(fast["x_mu"], full["x_mu"], atol=1e-6)
-    assert torch.allclose(fast["x_std"], full["x_std"], atol=1e-6)
     plan = full["plan"] / full["plan"].sum(-1, keepdim=True)
     assert torch.allclose(fast["plan"], plan, atol=1e-6)
     assert torch.allclose(fast["theta0"], full["theta0"], atol=1e-6)  # what the latent term compares
@@ -143,14 +142,14 @@ def test_total_loss_is_eq_11():
 
 
 def test_local_init_global_starts_at_the_history_models_reconstruction():
-    """--local_init=global copies the most-used global prototypes and splits each one's mass with
-    its copy: before any local step, scoring with the local prototypes equals scoring without."""
+    """Stage 2 copies the most-used global prototypes and splits each one's mass with its copy:
+    before any local step, scoring with the local prototypes equals scoring without."""
     import numpy as np
 
     from train_safe import init_local_prototypes
     from utils import Windows
     torch.manual_seed(6)
-    cfg = parse_config(["--preset=test", "--local_init=global"])
+    cfg = parse_config(["--preset=test"])
     model = PUAD(cfg, 5)
     x = torch.rand(64, cfg.seq_len, 5)
     model.train()
@@ -162,55 +161,49 @@ def test_local_init_global_starts_at_the_history_models_reconstruction():
         assert any(torch.allclose(model.pot.beta_l[0], b) for b in model.pot.beta_g)
     a, b = model.reconstruct(x, use_local=False), model.reconstruct(x, use_local=True)
     assert torch.allclose(a["x_mu"], b["x_mu"], atol=1e-5)
-    cfg_w = parse_config(["--preset=test", "--local_init=windows"])  # the paper's init (theta0 of windows) moves it
-    init_local_prototypes(model, windows, cfg_w)
-    assert not torch.allclose(a["x_mu"], model.reconstruct(x, use_local=True, local_score="always")["x_mu"], atol=1e-5)
 
 
-def test_local_score_closer_takes_the_better_reconstruction_per_point():
-    """--local_score=closer (default): each point's mean and std come from the pass, with or
-    without the local prototypes, whose mean is closer to it; "always" is the full forward
-    with the local prototypes (the paper's)."""
+def test_local_prototypes_reconstruct_a_point_only_where_closer():
+    """With local prototypes each point's mean comes from the pass, with or without them, whose
+    mean is closer to it (the encoder runs once for both); score_series keeps it per point."""
     import numpy as np
 
     from puad import score_series
-    from train_safe import init_local_prototypes
-    from utils import Windows
+    from utils import create_sequences
     torch.manual_seed(7)
-    cfg = parse_config(["--preset=test", "--local_init=windows"])  # the paper's init: beta_l at theta0 of some windows
+    cfg = parse_config(["--preset=test"])
     model = PUAD(cfg, 5)
     x = torch.rand(64, cfg.seq_len, 5)
     model.train()
     for _ in range(3):
         model.loss(x, (0.01, 0.01, 0.01))
-    init_local_prototypes(model, Windows([np.random.default_rng(1).random((80, 5))], cfg.seq_len, 1, "cpu"), cfg)
     model.eval()
-    with torch.no_grad():
-        full = model(x, use_local=True, sample=False, batch_plan=False)
-    g, a = model.reconstruct(x, use_local=False), model.reconstruct(x, use_local=True, local_score="always")
-    c = model.reconstruct(x, use_local=True)
-    assert torch.allclose(a["x_mu"], full["x_mu"], atol=1e-6) and bool(a["local_used"].all())
+    with torch.no_grad():  # local prototypes at theta0 of two windows, their potentials at 0
+        model.pot.beta_l.copy_(model.encode(x[:2], sample=False)[3])
+        model.pot.g_local.copy_(torch.cat([model.pot.g_global, torch.zeros(cfg.n_local)]))
+        local = model(x, use_local=True, sample=False, batch_plan=False)
+    g, c = model.reconstruct(x, use_local=False), model.reconstruct(x, use_local=True)
     assert not bool(g["local_used"].any())
-    se = {k: ((x - o["x_mu"]) ** 2).sum(-1) for k, o in (("g", g), ("a", a), ("c", c))}
+    se = {k: ((x - o["x_mu"]) ** 2).sum(-1) for k, o in (("g", g), ("l", local), ("c", c))}
     used = c["local_used"]
     assert 0 < used.float().mean() < 1  # both passes win somewhere with these weights
-    assert torch.equal(used, se["a"] <= se["g"])
-    assert torch.allclose(se["c"], torch.minimum(se["a"], se["g"]), atol=1e-6)
-    for k in ("x_mu", "x_std"):
-        assert torch.allclose(c[k], torch.where(used[..., None], a[k], g[k]))
-    assert torch.allclose(c["plan"], a["plan"])  # the plan shown is the local one
+    assert torch.equal(used, se["l"] <= se["g"])
+    assert torch.allclose(se["c"], torch.minimum(se["l"], se["g"]), atol=1e-6)
+    assert torch.allclose(c["x_mu"], torch.where(used[..., None], local["x_mu"], g["x_mu"]), atol=1e-6)
+    assert torch.allclose(c["plan"], local["plan"] / local["plan"].sum(-1, keepdim=True), atol=1e-6)  # the local plan
     assert torch.allclose(c["plan_global"], g["plan"])  # and the one before adaptation beside it
-    assert c["plan_global"].shape[-1] == cfg.n_global and "plan_global" not in a
-    # score_series passes it through, per point, in both modes
+    assert c["plan_global"].shape[-1] == cfg.n_global and "plan_global" not in g
+    # score_series keeps each window's last point (the first window's every point), in both modes
     series = np.random.default_rng(2).random((60, 5)).astype(np.float32)
+    windows = torch.as_tensor(np.ascontiguousarray(create_sequences(series, cfg.seq_len)))
+    per_window = model.reconstruct(windows, use_local=True)
+    out = score_series(model, series, cfg.seq_len, True)
+    np.testing.assert_allclose(out.mu[cfg.seq_len - 1:], per_window["x_mu"][:, -1].numpy(), atol=1e-6)
+    np.testing.assert_allclose(out.mu[:cfg.seq_len - 1], per_window["x_mu"][0, :-1].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(out.local_used[cfg.seq_len - 1:], per_window["local_used"][:, -1].numpy())
     for mode in ("point", "block"):
         out = score_series(model, series, cfg.seq_len, True, mode=mode)
-        ref = score_series(model, series, cfg.seq_len, True, mode=mode, local_score="always")
         glob = score_series(model, series, cfg.seq_len, False, mode=mode)
-        assert out["local_used"].shape == (60,) and ref["local_used"].all() and not glob["local_used"].any()
-        want = np.where(out["local_used"][:, None], ref["mu"], glob["mu"])
-        np.testing.assert_allclose(out["mu"], want, atol=1e-6)
-        np.testing.assert_allclose(out["plan_global"], glob["plan"], atol=1e-6)
-        assert out["plan"].shape == (60, cfg.n_global + cfg.n_local) and "plan_global" not in ref
-    with pytest.raises(ValueError, match="local_score"):
-        model.reconstruct(x, use_local=True, local_score="best")
+        assert out.local_used.shape == (60,) and out.local_used.any() and not glob.local_used.any()
+        np.testing.assert_allclose(out.plan_global, glob.plan, atol=1e-6)
+        assert out.plan.shape == (60, cfg.n_global + cfg.n_local) and glob.plan_global is None

@@ -54,7 +54,7 @@ def data(tmp_path):
     ("--n_heads=3", "d_model"), ("--dropout=2", "dropout"), ("--percentile=150", "percentile"),
     ("--spot_q=2", "spot_q"), ("--score_mode=fast", "score_mode"), ("--threshold=auto", "threshold"),
     ("--port=70000", "port"), ("--device=gpu", "device"), ("--stage=all", "stage"),
-    ("--scaler=max", "scaler"), ("--adapt_scaler=mine", "adapt_scaler"), ("--local_plan=x", "local_plan"),
+    ("--val_blocks=0", "val_blocks"), ("--alarm_budget=-1", "alarm_budget"), ("--smooth=0", "smooth"),
     ("--sinkhorn_eps=0", "sinkhorn_eps"), ("--lr=1e999", "lr")])
 def test_config_field_out_of_range_is_refused(arg, field):
     with pytest.raises(ConfigError, match=f"--{field}="):

@@ -14,6 +14,16 @@ def _cfg(*args):
     return parse_config(["--preset=test", *args])
 
 
+def _fit(cfg, x=None, mu=None, constant=None, theta0=None, memory=None, scores=None, step_s=None) -> scoring.Scorer:
+    x = np.zeros((len(scores), 1)) if x is None else x
+    return scoring.Scorer.from_config(cfg).fit(scoring.Reconstruction(x, mu, theta0, scores), constant, memory, step_s)
+
+
+def _apply(scorer: scoring.Scorer, x=None, mu=None, theta0=None, scores=None):
+    rec = scoring.Reconstruction(np.zeros((len(scores), 1)) if x is None else x, mu, theta0, scores)
+    return scorer.score(rec), scorer.name(rec)
+
+
 def test_smooth_is_a_causal_moving_mean():
     x = np.array([0.0, 3, 6, 9, 12])
     np.testing.assert_allclose(scoring.smooth(x, 3), [0, 1.5, 3, 6, 9])
@@ -31,22 +41,21 @@ def test_norm_score_measures_each_feature_against_its_own_normal_error():
     mu = np.zeros((n, 3))
     x = rng.normal(0, [0.2, 0.02, 0.0], size=(n, 3))  # a noisy, a quiet and a constant feature
     cfg = _cfg("--smooth=1", "--spot_q=1e-3")
-    cal = scoring.calibrate({"x": x, "mu": mu, "constant": np.array([False, False, True])}, cfg)
-    assert cal.scale[0] == pytest.approx(0.2, rel=0.1)
-    assert cal.scale[1] == pytest.approx(cfg.score_floor)  # the floor, not 0.02
-    assert cal.scale[2] == pytest.approx(cfg.const_floor)  # constant over train: the smaller floor
+    cal = _fit(cfg, x, mu, np.array([False, False, True]))
+    assert cal.scale_[0] == pytest.approx(0.2, rel=0.1)
+    assert cal.scale_[1] == pytest.approx(cfg.score_floor)  # the floor, not 0.02
+    assert cal.scale_[2] == pytest.approx(cfg.const_floor)  # constant over train: the smaller floor
     test = np.zeros((4, 3))
     test[1, 0] = 0.6     # 3 sigma of the noisy feature: normal
     test[2, 1] = 2.0     # far outside the quiet feature's floor
     test[3, 2] = -1.0    # a constant feature left its value (a stopped service's `up`)
-    s, contrib = scoring.apply(cal, {"x": test, "mu": np.zeros((4, 3))})
-    assert s[1] < cal.threshold < s[2] < s[3]
+    s, contrib = _apply(cal, test, np.zeros((4, 3)))
+    assert s[1] < cal.threshold_ < s[2] < s[3]
     assert contrib.shape == (4, 3) and contrib[3].argmax() == 2
-    np.testing.assert_allclose((contrib * cal.usual).mean(1), s)  # each over its usual level ...
-    as_scored = scoring.calibrate({"x": x, "mu": mu, "constant": np.array([False, False, True])},
-                                  _cfg("--smooth=1", "--spot_q=1e-3", "--name_q=0"))
-    s0, c0 = scoring.apply(as_scored, {"x": test, "mu": np.zeros((4, 3))})
-    assert as_scored.usual is None
+    np.testing.assert_allclose((contrib * cal.usual_).mean(1), s)  # each over its usual level ...
+    as_scored = _fit(_cfg("--smooth=1", "--spot_q=1e-3", "--name_q=0"), x, mu, np.array([False, False, True]))
+    s0, c0 = _apply(as_scored, test, np.zeros((4, 3)))
+    assert as_scored.usual_ is None
     np.testing.assert_allclose(s0, s)
     np.testing.assert_allclose(c0.mean(1), s)  # ... or as scored: they average to the score
 
@@ -56,27 +65,28 @@ def test_a_feature_is_named_for_leaving_its_own_normal_not_for_being_large():
     n = 2000
     x = rng.normal(0, [0.05, 0.005], size=(n, 2))  # both under the floor: scored in the same units
     cfg = _cfg("--smooth=1")
-    cal = scoring.calibrate({"x": x, "mu": np.zeros((n, 2))}, cfg)
-    q0 = np.quantile(((x - cal.center) / cal.scale) ** 2, cfg.name_q, axis=0)
-    np.testing.assert_allclose(cal.usual, np.maximum(q0, scoring.USUAL_FLOOR))
+    cal = _fit(cfg, x, np.zeros((n, 2)))
+    q0 = np.quantile(((x - cal.center_) / cal.scale_) ** 2, cfg.name_q, axis=0)
+    np.testing.assert_allclose(cal.usual_, np.maximum(q0, scoring.USUAL_FLOOR))
     test = np.array([[0.08, 0.05]])  # the noisy one at 1.6 x its spread, the quiet one at 10 x its own
-    s, contrib = scoring.apply(cal, {"x": test, "mu": np.zeros((1, 2))})
-    c = ((test[0] - cal.center) / cal.scale) ** 2
+    s, contrib = _apply(cal, test, np.zeros((1, 2)))
+    c = ((test[0] - cal.center_) / cal.scale_) ** 2
     assert c[0] > c[1]  # the larger contribution to the score ...
     assert scoring.top_features(contrib[0], ["noisy", "quiet"], 1)[0][0] == "quiet"  # ... is not the one named
-    off = scoring.calibrate({"x": x, "mu": np.zeros((n, 2))}, _cfg("--smooth=1", "--name_q=0"))
-    assert scoring.top_features(scoring.apply(off, {"x": test, "mu": np.zeros((1, 2))})[1][0], ["noisy", "quiet"], 1)[0][0] == "noisy"
+    off = _fit(_cfg("--smooth=1", "--name_q=0"), x, np.zeros((n, 2)))
+    assert scoring.top_features(_apply(off, test, np.zeros((1, 2)))[1][0], ["noisy", "quiet"], 1)[0][0] == "noisy"
 
 
 def test_scalar_scores_get_the_same_smoothing_and_threshold_rule():
     rng = np.random.default_rng(1)
     cfg = _cfg("--smooth=4", "--threshold=percentile", "--percentile=99")
     val = rng.random(1000)
-    cal = scoring.calibrate({"scores": val}, cfg)
-    assert cal.threshold == pytest.approx(np.percentile(scoring.smooth(val, 4), 99))
-    s, contrib = scoring.apply(cal, {"scores": val})
+    cal = _fit(cfg, scores=val)
+    capped = scoring.smooth_scores(val, 4, val.max())
+    assert cal.threshold_ == pytest.approx(np.percentile(capped, 99))
+    s, contrib = _apply(cal, scores=val)
     assert contrib is None
-    np.testing.assert_allclose(s, scoring.smooth(val, 4))
+    np.testing.assert_allclose(s, capped)
 
 
 def test_a_constant_feature_that_did_not_move_is_never_named():
@@ -84,15 +94,15 @@ def test_a_constant_feature_that_did_not_move_is_never_named():
     n = 500
     x = np.c_[rng.normal(0, 0.2, n), np.full(n, 0.5)]  # feature 1 constant (0.5) over train
     cfg = _cfg("--smooth=1")
-    cal = scoring.calibrate({"x": x, "mu": np.zeros((n, 2)) + [0, 0.5], "constant": np.array([False, True])}, cfg)
+    cal = _fit(cfg, x, np.zeros((n, 2)) + [0, 0.5], np.array([False, True]))
     test = np.array([[0.8, 0.5], [0.8, 0.5], [0.0, 0.2]])
     mu = np.array([[0.0, 0.6], [0.0, 0.6], [0.0, 0.5]])  # the model's reconstruction of it wobbles
-    s, contrib = scoring.apply(cal, {"x": test, "mu": mu})
+    s, contrib = _apply(cal, test, mu)
     assert s[0] > 1 and contrib[0, 1] == 0 and contrib[0, 0] > 0  # scored, but not named
-    assert s[0] == pytest.approx((((0.8 - cal.center[0]) / cal.scale[0]) ** 2 + (0.1 / cfg.const_floor) ** 2) / 2)
+    assert s[0] == pytest.approx((((0.8 - cal.center_[0]) / cal.scale_[0]) ** 2 + (0.1 / cfg.const_floor) ** 2) / 2)
     assert scoring.top_features(contrib[2], ["a", "b"], 1)[0][0] == "b"  # it left its value: named
     # the fleet's batched path names the same features
-    s2, c2 = scoring.apply_batch([cal, cal], {"x": np.stack([test, test]), "mu": np.stack([mu, mu])})
+    s2, c2 = scoring.score_many([cal, cal], np.stack([test, test]), np.stack([mu, mu]), None)
     np.testing.assert_allclose(c2[1], contrib)
     np.testing.assert_allclose(s2[0], s)
 
@@ -103,87 +113,85 @@ def _follows_feature_0(w):
     the others as 0."""
     mu = np.zeros_like(w, dtype=np.float64)
     mu[..., 1] = 3 * w[..., 0] ** 2
-    return mu, None
+    return mu
 
 
 def test_explain_names_the_feature_that_disturbs_the_others_reconstruction():
     rng = np.random.default_rng(5)
     n, T = 1000, 4
     x = rng.normal(0, 0.05, size=(n, 3))
-    cal = scoring.calibrate({"x": x, "mu": _follows_feature_0(x)[0]}, _cfg("--smooth=1"))
+    cal = _fit(_cfg("--smooth=1"), x, _follows_feature_0(x))
     test = rng.normal(0, 0.05, size=(12, 3))
     test[9:, 0] = 1.0  # feature 0 jumps; feature 1 stays normal, but its reconstruction follows feature 0
-    s, named = scoring.apply(cal, {"x": test, "mu": _follows_feature_0(test)[0]})
+    rec = scoring.Reconstruction(test, _follows_feature_0(test))
+    named = cal.name(rec)
     feats = ["cause", "follower", "other"]
     assert scoring.top_features(named[10], feats, 1)[0][0] == "follower"  # residuals blame the follower
-    w = scoring.explain(cal, named, test, _follows_feature_0, np.array([10, 11]), T)
+    w = cal.explain(rec, _follows_feature_0, np.array([10, 11]), T)
     assert scoring.top_features(w[10], feats, 1)[0][0] == "cause"  # repairing it repairs the follower
     np.testing.assert_allclose(w[:10], np.log1p(named[:10]))  # rows not asked: their named contributions
-    np.testing.assert_allclose(scoring.explain(cal, named, test, _follows_feature_0, np.array([10]), T)[10], w[10])
-    off = scoring.calibrate({"x": x, "mu": _follows_feature_0(x)[0]}, _cfg("--smooth=1", "--repair_weight=0"))
-    np.testing.assert_allclose(scoring.explain(off, named, test, _follows_feature_0, np.array([10, 11]), T),
-                               np.log1p(named))
+    np.testing.assert_allclose(cal.explain(rec, _follows_feature_0, np.array([10]), T)[10], w[10])
+    off = _fit(_cfg("--smooth=1", "--repair_weight=0"), x, _follows_feature_0(x))
+    np.testing.assert_allclose(off.explain(rec, _follows_feature_0, np.array([10, 11]), T), np.log1p(off.name(rec)))
     # a feature still at its constant training value gets no gain, however it moves the others
     const = np.c_[x[:, :2], np.zeros(n)]
-    pinned = scoring.calibrate({"x": const, "mu": np.zeros((n, 3)), "constant": np.array([False, False, True])},
-                               _cfg("--smooth=1"))
+    pinned = _fit(_cfg("--smooth=1"), const, np.zeros((n, 3)), np.array([False, False, True]))
     t2 = np.c_[test[:, :2], np.zeros(12)]
 
     def follows_feature_2(w):
         mu = np.zeros_like(w, dtype=np.float64)
         mu[..., 0] = w[..., 0] + 5 * (w[..., 2] == 0)  # the model misreads the constant's value
         mu[..., 2] = 0.5  # and reconstructs it elsewhere: repairing it would remove feature 0's residual
-        return mu, None
-    _, named2 = scoring.apply(pinned, {"x": t2, "mu": follows_feature_2(t2)[0]})
-    w2 = scoring.explain(pinned, named2, t2, follows_feature_2, np.array([10]), T)
+        return mu
+    rec2 = scoring.Reconstruction(t2, follows_feature_2(t2))
+    named2 = pinned.name(rec2)
+    w2 = pinned.explain(rec2, follows_feature_2, np.array([10]), T)
     assert named2[10, 2] == 0 and w2[10, 2] == 0
-    free = scoring.calibrate({"x": const, "mu": np.zeros((n, 3))}, _cfg("--smooth=1"))  # not known as constant
-    _, named3 = scoring.apply(free, {"x": t2, "mu": follows_feature_2(t2)[0]})
-    w3 = scoring.explain(free, named3, t2, follows_feature_2, np.array([10]), T)
+    free = _fit(_cfg("--smooth=1"), const, np.zeros((n, 3)))  # not known as constant
+    named3 = free.name(rec2)
+    w3 = free.explain(rec2, follows_feature_2, np.array([10]), T)
     assert w3[10, 2] > np.log1p(named3[10, 2]) + 1  # then it would get the gain
 
 def test_drift_guard_follows_a_lasting_level_shift_but_not_a_fault():
     rng = np.random.default_rng(2)
     cfg = _cfg("--smooth=1", "--drift_window=200")
-    cal = scoring.calibrate({"scores": rng.exponential(1.0, 1000)}, cfg)
-    assert len(cal.recent) == 200 and cal.median == pytest.approx(np.log(2), rel=0.15)
+    cal = _fit(cfg, scores=rng.exponential(1.0, 1000))
+    assert len(cal.recent_) == 200 and cal.median_ == pytest.approx(np.log(2), rel=0.15)
     test = rng.exponential(1.0, 1200)
     test[100:150] += 50      # a fault: 50 points far above the threshold
     test[400:] += 20         # a level shift that lasts (a new normal, e.g. memory after a restart)
-    s, _ = scoring.apply(cal, {"scores": test})
-    thr = scoring.thresholds(cal, s)
-    assert thr.shape == s.shape and thr.min() == pytest.approx(cal.threshold)
+    s, _ = _apply(cal, scores=test)
+    thr = cal.thresholds(s)
+    assert thr.shape == s.shape and thr.min() == pytest.approx(cal.threshold_)
     assert (s[100:150] > thr[100:150]).all()              # the fault alarms throughout
-    assert (thr[:100] < cal.threshold + 0.5).all()         # normal scores raise it little
+    assert (thr[:100] < cal.threshold_ + 0.5).all()         # normal scores raise it little
     assert (s[400:450] > thr[400:450]).all()              # the shift alarms at first ...
     assert (s[700:] > thr[700:]).mean() < 0.05             # ... and stops once it is most of the window
-    off = scoring.calibrate({"scores": rng.exponential(1.0, 1000)}, _cfg("--smooth=1", "--drift_window=0"))
-    assert (scoring.thresholds(off, s) == off.threshold).all()
+    off = _fit(_cfg("--smooth=1", "--drift_window=0"), scores=rng.exponential(1.0, 1000))
+    assert (off.thresholds(s) == off.threshold_).all()
     # live: the threshold of the next point from the scores before it is the same number
-    history = list(cal.recent)
+    history = list(cal.recent_)
     for i, x in enumerate(s[:600]):
-        assert scoring.live_threshold(cal, np.array(history)) == pytest.approx(thr[i], rel=1e-12)
+        assert cal.next_threshold(np.array(history)) == pytest.approx(thr[i], rel=1e-12)
         history.append(x)
 
 
-@pytest.mark.parametrize("score", scoring.SCORES)
-def test_score_stays_finite_for_extreme_inputs(score):
+def test_score_stays_finite_for_extreme_inputs():
     torch.manual_seed(0)
-    cfg = _cfg(f"--score={score}")
+    cfg = _cfg()
     model = PUAD(cfg, 4).eval()
     rng = np.random.default_rng(2)
     calib = rng.random((200, 4)).astype(np.float32)
     memory = latent_memory(model, [rng.random((300, 4))], cfg)  # with the latent term
-    cal = scoring.calibrate(dict(score_series(model, calib, cfg.seq_len), memory=memory), cfg)
-    assert cal.latent > 0 and len(cal.memory) == len(memory)
+    cal = scoring.Scorer.from_config(cfg).fit(score_series(model, calib, cfg.seq_len), memory=memory)
+    assert cal.latent_ > 0 and len(cal.memory_) == len(memory)
     test = rng.random((100, 4))
     test[50, 0], test[60, 1], test[70, 2], test[80, 3] = 1e18, -1e30, 3.4e38, np.finfo(np.float64).max
     out = score_series(model, test, cfg.seq_len)
-    s, _ = scoring.apply(cal, out)
-    assert np.isfinite(s).all() and np.isfinite(out["mu"]).all()
-    assert np.abs(out["x"]).max() <= 10.0  # clipped before the model
-    if score != "nll":
-        assert s[50:55].min() > cal.threshold  # and the extreme point still scores as anomalous
+    s = cal.score(out)
+    assert np.isfinite(s).all() and np.isfinite(out.mu).all()
+    assert np.abs(out.x).max() <= 10.0  # clipped before the model
+    assert s[50:55].min() > cal.threshold_  # and the extreme point still scores as anomalous
 
 
 def test_knn_distance_is_the_mean_distance_to_the_k_nearest():
@@ -191,10 +199,10 @@ def test_knn_distance_is_the_mean_distance_to_the_k_nearest():
     rng = np.random.default_rng(5)
     memory, z = rng.normal(size=(300, 6)), rng.normal(size=(5000, 6))  # more rows than one chunk
     want = NearestNeighbors(n_neighbors=5).fit(memory).kneighbors(z)[0].mean(1)
-    np.testing.assert_allclose(scoring.knn_distance(z, memory, 5), want, rtol=1e-5, atol=1e-5)  # float32
-    np.testing.assert_allclose(scoring.knn_distance(z[:3], memory[:2], 5),  # k > M: all of them
+    np.testing.assert_allclose(scoring.Memory(memory).distance(z, 5), want, rtol=1e-5, atol=1e-5)  # float32
+    np.testing.assert_allclose(scoring.Memory(memory[:2]).distance(z[:3], 5),  # k > M: all of them
                                np.linalg.norm(z[:3, None] - memory[None, :2], axis=-1).mean(1), rtol=1e-5)
-    assert scoring.knn_distance(z.reshape(2, 2500, 6), memory, 5).shape == (2, 2500)
+    assert scoring.Memory(memory).distance(z.reshape(2, 2500, 6), 5).shape == (2, 2500)
 
 
 def test_latent_term_scores_a_window_unlike_the_entitys_normal_windows():
@@ -203,36 +211,30 @@ def test_latent_term_scores_a_window_unlike_the_entitys_normal_windows():
     distance to the memory; latent_weight=0 is the reconstruction score alone."""
     rng = np.random.default_rng(6)
     n, V, d = 1000, 3, 4
-    calib = {"x": rng.normal(0, 0.1, (n, V)), "mu": np.zeros((n, V)), "theta0": rng.normal(0, 1, (n, d)),
-             "memory": rng.normal(0, 1, (400, d))}
-    cfg = _cfg("--smooth=1", "--latent_weight=2", "--latent_k=5")
-    cal = scoring.calibrate(calib, cfg)
-    dist = scoring.knn_distance(calib["theta0"], calib["memory"], 5)
-    assert cal.latent == pytest.approx(2 / np.median(dist))
-    test = {"x": np.full((2, V), 0.05), "mu": np.zeros((2, V)), "theta0": np.stack([calib["memory"][0], np.full(d, 8.0)])}
-    s, contrib = scoring.apply(cal, test)
+    x, theta0, memory = rng.normal(0, 0.1, (n, V)), rng.normal(0, 1, (n, d)), rng.normal(0, 1, (400, d))
+    cfg = _cfg("--smooth=1", "--latent_weight=2")
+    cal = _fit(cfg, x, np.zeros((n, V)), theta0=theta0, memory=memory)
+    dist = scoring.Memory(memory).distance(theta0, scoring.LATENT_K)
+    assert cal.latent_ == pytest.approx(2 / np.median(dist))
+    test = scoring.Reconstruction(np.full((2, V), 0.05), np.zeros((2, V)), np.stack([memory[0], np.full(d, 8.0)]))
+    s, contrib = cal.score(test), cal.name(test)
     np.testing.assert_allclose(contrib[0], contrib[1])  # the same residuals name the same features ...
-    assert s[0] < cal.threshold < s[1]  # ... but only the unfamiliar state is anomalous
-    np.testing.assert_allclose(s - s[0], cal.latent * (scoring.knn_distance(test["theta0"], calib["memory"], 5)
-                                                       - scoring.knn_distance(test["theta0"][:1], calib["memory"], 5)),
+    assert s[0] < cal.threshold_ < s[1]  # ... but only the unfamiliar state is anomalous
+    np.testing.assert_allclose(s - s[0], cal.latent_ * (scoring.Memory(memory).distance(test.theta0, 5)
+                                                        - scoring.Memory(memory).distance(test.theta0[:1], 5)),
                                atol=1e-5)  # float32 distances
-    off = scoring.calibrate(calib, _cfg("--smooth=1", "--latent_weight=0"))
-    assert off.latent == 0 and off.memory is None
-    s0, _ = scoring.apply(off, {"x": test["x"], "mu": test["mu"]})  # no theta0 needed without the term
+    off = _fit(_cfg("--smooth=1", "--latent_weight=0"), x, np.zeros((n, V)), theta0=theta0, memory=memory)
+    assert off.latent_ == 0 and off.memory_ is None
+    s0, _ = _apply(off, test.x, test.mu)  # no theta0 needed without the term
     assert s0[0] == pytest.approx(s0[1])
     with pytest.raises(ValueError, match="theta0"):
-        scoring.apply(cal, {"x": test["x"], "mu": test["mu"]})
+        _apply(cal, test.x, test.mu)
     # the fleet's batched path gives each entity's numbers, each with its own memory
-    other = scoring.calibrate(dict(calib, memory=calib["memory"] + 3.0), cfg)
-    sb, cb = scoring.apply_batch([cal, other], {k: np.stack([v, v]) for k, v in test.items()})
+    other = _fit(cfg, x, np.zeros((n, V)), theta0=theta0, memory=memory + 3.0)
+    sb, cb = scoring.score_many([cal, other], np.stack([test.x] * 2), np.stack([test.mu] * 2), np.stack([test.theta0] * 2))
     np.testing.assert_allclose(sb[0], s)
-    np.testing.assert_allclose(sb[1], scoring.apply(other, test)[0])
+    np.testing.assert_allclose(sb[1], other.score(test))
     np.testing.assert_allclose(cb[0], contrib)
-
-
-def test_unknown_score_is_refused():
-    with pytest.raises(ValueError, match="score must be one of"):
-        scoring.contributions(np.zeros((2, 2)), np.zeros((2, 2)), None, "fast")
 
 
 def test_live_detector_never_reads_a_non_finite_score_as_normal(tmp_path, monkeypatch):
@@ -249,7 +251,7 @@ def test_live_detector_never_reads_a_non_finite_score_as_normal(tmp_path, monkey
     ckpt["model_id"] = model_id(ckpt["model"])
     rng = np.random.default_rng(0)
     scaler = Scaler().fit(rng.random((100, V)))
-    cal = scoring.calibrate(score_series(model, scaler.transform(rng.random((200, V))), cfg.seq_len), cfg)
+    cal = scoring.Scorer.from_config(cfg).fit(score_series(model, scaler.transform(rng.random((200, V))), cfg.seq_len))
     states = {"svc": {"local": None, "scaler": scaler, "use_local": False}}
     det = detect_live.Detector(cfg, ckpt, model, ["svc"], {"rate_window": "1s"}, [], states, {"svc": cal})
     n = cfg.seq_len + cfg.smooth - 1
@@ -268,9 +270,9 @@ def test_live_detector_never_reads_a_non_finite_score_as_normal(tmp_path, monkey
     assert det.g_anomaly.labels("svc")._value.get() == 1  # the 1e30 is far out of range
     # the alarm names its metrics as test.py names a flagged row (scoring.explain on the same rows)
     from puad import window_reconstructor
-    x = det.last_input["svc"][0]
-    _, named = scoring.apply(cal, score_series(model, x, cfg.seq_len))
-    weights = scoring.explain(cal, named, x, window_reconstructor(model, False, cfg), np.array([len(x) - 1]), cfg.seq_len)
+    x = det.last_input["svc"][0].x
+    weights = cal.explain(score_series(model, x, cfg.seq_len), window_reconstructor(model, False), np.array([len(x) - 1]),
+                          cfg.seq_len)
     assert det.top["svc"] == [f for f, _ in scoring.top_features(weights[-1], ["a", "b", "c"], 3)]
     assert det.top["svc"][0] == "a"
     monkeypatch.setattr(det, "score_windows", lambda ready: {e: float("nan") for e in ready})
@@ -291,17 +293,16 @@ def test_smoothing_cap_keeps_a_short_faults_scores_off_the_points_after_it():
     assert plain[14:18].min() >= 200 and capped[14:18].max() <= 4.0
     assert np.array_equal(capped[10:14], plain[10:14])  # the fault itself keeps the mean
     np.testing.assert_allclose(capped[:10], plain[:10])  # normal noise keeps the mean too
-    cal = scoring.calibrate({"scores": np.r_[np.ones(50), 3.0]}, Config(smooth=5))
-    assert cal.cap == 3.0
-    assert np.allclose(scoring.apply(cal, {"scores": raw})[0], capped)
+    cal = _fit(Config(smooth=5), scores=np.r_[np.ones(50), 3.0])
+    assert cal.cap_ == 3.0
+    assert np.allclose(_apply(cal, scores=raw)[0], capped)
 
 
 def test_alarm_budget_sets_spot_risk_from_the_step():
-    cfg = Config()
-    assert scoring.spot_risk(cfg, 60.0) == pytest.approx(1 / 1440)  # 1 false alarm a day at 60 s steps
-    assert scoring.spot_risk(cfg, None) == cfg.spot_q  # row numbers: no day to spread it over
-    assert scoring.spot_risk(Config(alarm_budget=0), 60.0) == cfg.spot_q
+    assert scoring.spot_risk(1.0, 1e-2, 60.0) == pytest.approx(1 / 1440)  # 1 false alarm a day at 60 s steps
+    assert scoring.spot_risk(1.0, 1e-2, None) == 1e-2  # row numbers: no day to spread it over
+    assert scoring.spot_risk(0.0, 1e-2, 60.0) == 1e-2
     rng = np.random.default_rng(0)
-    scores = {"scores": rng.exponential(size=2000)}
-    per_day = scoring.calibrate(scores, Config(smooth=1), step_s=60.0).threshold
-    assert per_day > scoring.calibrate(scores, Config(smooth=1)).threshold  # q 7e-4 is stricter than 1e-2
+    scores = rng.exponential(size=2000)
+    per_day = _fit(Config(smooth=1), scores=scores, step_s=60.0).threshold_
+    assert per_day > _fit(Config(smooth=1), scores=scores).threshold_  # q 7e-4 is stricter than 1e-2

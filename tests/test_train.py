@@ -27,23 +27,12 @@ def test_global_stage_lowers_validation_loss(trained):
     assert set(ckpt["scalers"]) == {"omi-1", "omi-2"}
 
 
-def test_lr_decay_cosine_falls_to_zero_in_stage_one_only(trained, tmp_path, asd):
-    """--lr_decay=cosine: stage 1's lr falls from --lr to 0 over --epochs (what loss.csv records
-    per epoch); stage 2 keeps its --local_lr; the default keeps --lr constant."""
-    from config import parse_config
-    cfg = parse_config(["--preset=test", "--lr_decay=cosine"])
-    assert train_safe.lr_at(cfg, 1e-3, 0, 4, "global") == 1e-3
-    assert train_safe.lr_at(cfg, 1e-3, 2, 4, "global") == pytest.approx(5e-4)
-    assert train_safe.lr_at(cfg, 1e-3, 4, 4, "global") == pytest.approx(0, abs=1e-15)
-    assert train_safe.lr_at(cfg, 1e-2, 2, 4, "local") == 1e-2
-    assert parse_config(["--preset=test"]).lr_decay == "constant"
-    tmp, _ = trained  # trained with the default
+def test_stage_one_keeps_the_lr_constant(trained):
+    """Stage 1 trains at --lr throughout (a cosine decay measured worse: docs/decisions.md), as
+    loss.csv records per epoch."""
+    tmp, _ = trained
     base = read_checkpoint(tmp / "puad.ckpt")["config"]["lr"]
     assert (pd.read_csv(tmp / "loss.csv").query("stage == 'global'").lr == base).all()
-    train_safe.main(args(tmp_path, asd, "--entities=omi-1", "--stage=global", "--max_train_windows=512",
-                         "--epochs=3", "--lr_decay=cosine"))
-    lr = pd.read_csv(tmp_path / "loss.csv").lr.to_numpy()
-    assert len(lr) == 3 and (np.diff(lr) < 0).all() and lr[0] < base and lr[-1] < 0.05 * base
 
 
 def test_local_stage_changes_only_beta_l(trained):
@@ -72,7 +61,7 @@ def test_checkpoint_round_trip_gives_identical_scores(trained):
     m1, cfg = build_model(ckpt)
     m2, _ = build_model(torch.load(tmp / "puad.ckpt", weights_only=True))
     o1, o2 = score_series(m1, x, cfg.seq_len), score_series(m2, x, cfg.seq_len, batch_size=7)  # batching must not matter
-    (s1, p1), (s2, p2) = [(o["mu"].sum(1), o["plan"]) for o in (o1, o2)]
+    (s1, p1), (s2, p2) = [(o.mu.sum(1), o.plan) for o in (o1, o2)]
     assert s1.shape == (300,) and p1.shape == (300, cfg.n_global)
     assert np.isfinite(s1).all()
     np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-4)
