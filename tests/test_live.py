@@ -270,12 +270,12 @@ def test_threshold_is_test_py_s(live_lab):
     for ent in load_dataset(tmp / "data"):
         ent.test = ent.train  # score_entity also scores a test split
         r = evaluate_script.score_entity(model, ckpt, cfg, ent)
-        assert det.thresholds[ent.name] == pytest.approx(r["calibration"].threshold, rel=1e-6)
-        cal = det.calibrations[ent.name]  # one calibration: normaliser, threshold and drift guard alike
-        np.testing.assert_allclose(cal.recent, r["calibration"].recent, rtol=1e-6)
-        assert cal.median == pytest.approx(r["calibration"].median, rel=1e-6)
-        np.testing.assert_allclose(cal.center, r["calibration"].center, rtol=1e-6)
-        np.testing.assert_allclose(cal.scale, r["calibration"].scale, rtol=1e-6)
+        assert det.thresholds[ent.name] == pytest.approx(r["scorer"].threshold_, rel=1e-6)
+        cal = det.scorers[ent.name]  # one calibration: normaliser, threshold and drift guard alike
+        np.testing.assert_allclose(cal.recent_, r["scorer"].recent_, rtol=1e-6)
+        assert cal.median_ == pytest.approx(r["scorer"].median_, rel=1e-6)
+        np.testing.assert_allclose(cal.center_, r["scorer"].center_, rtol=1e-6)
+        np.testing.assert_allclose(cal.scale_, r["scorer"].scale_, rtol=1e-6)
         # a live window's score is the offline (smoothed) score of its last point
         x = ent.train[:, [ent.features.index(f) for f in ckpt["features"]]]
         for i in (k - 1, len(x) - 1):
