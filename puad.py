@@ -82,31 +82,39 @@ class PUAD(nn.Module):
         return out
 
     @torch.inference_mode()
-    def reconstruct(self, x: torch.Tensor, use_local: bool = False) -> dict[str, torch.Tensor]:
-        """The decoder's mean of every point of every window (B, T, V) from posterior means, the
-        row-normalised transport plan (B, K) and theta0 (B, d_theta), what the encoder makes of
-        each window (the same with or without the local prototypes).
+    def reconstruct(self, x: torch.Tensor, use_local: bool = False, last: bool = False) -> dict[str, torch.Tensor]:
+        """The decoder's mean of every point of every window (B, T, V), or of each window's last
+        point only (last=True: (B, 1, V)), from posterior means; the row-normalised transport plan
+        (B, K) and theta0 (B, d_theta), what the encoder makes of each window (the same with or
+        without the local prototypes).
 
         Each window is transported on its own (running OT potentials), so nothing depends on the
         batch. With use_local each point takes the reconstruction, with or without the local
         prototypes, that is closer to it (squared error summed over its features): the local
         prototypes then explain what the global ones do not, and never make a point worse
         explained (fitted on a few windows, they otherwise pull every window towards those:
-        docs/meta.md). "local_used" (B, T) says which; "plan_global" (B, K_g) is the plan
+        docs/meta.md). "local_used" (B, T or 1) says which; "plan_global" (B, K_g) is the plan
         without them (the windows' transport before adaptation). The encoder runs once for both.
         """
         was_training = self.training
         self.eval()
-        h1, _, _, theta0 = self.encode(x, sample=False)
-        out = self.generate(theta0, h1, False, sample=False, batch_plan=False, need_loss=False)
-        res = {"x_mu": out["x_mu"], "plan": out["plan"], "theta0": theta0,
-               "local_used": torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)}
+        h0 = self.encoder(x)
+        h1, theta0 = self.to_h1(h0), self.vae.phi.mean(h0)
+        xs = x[:, -1:] if last else x
+
+        def decode(local: bool) -> tuple[torch.Tensor, torch.Tensor]:
+            theta0_prime, _, plan = self.pot(theta0, local, batch_plan=False, need_loss=False)
+            theta1 = self.vae.psi.mean(torch.cat([theta0_prime, h1], dim=-1))
+            return self.vae.decode_mean(theta1, last), plan / plan.sum(-1, keepdim=True)
+
+        x_mu, plan = decode(False)
+        res = {"x_mu": x_mu, "plan": plan, "theta0": theta0,
+               "local_used": torch.zeros(xs.shape[:2], dtype=torch.bool, device=x.device)}
         if use_local:
-            local = self.generate(theta0, h1, True, sample=False, batch_plan=False, need_loss=False)
-            used = ((x - local["x_mu"]) ** 2).sum(-1) <= ((x - out["x_mu"]) ** 2).sum(-1)  # (B, T)
-            res.update(x_mu=torch.where(used[..., None], local["x_mu"], out["x_mu"]), plan=local["plan"],
-                       local_used=used, plan_global=out["plan"] / out["plan"].sum(-1, keepdim=True))
-        res["plan"] = res["plan"] / res["plan"].sum(-1, keepdim=True)
+            local_mu, local_plan = decode(True)
+            used = ((xs - local_mu) ** 2).sum(-1) <= ((xs - x_mu) ** 2).sum(-1)  # (B, T or 1)
+            res.update(x_mu=torch.where(used[..., None], local_mu, x_mu), plan=local_plan, local_used=used,
+                       plan_global=plan)
         self.train(was_training)
         return res
 
@@ -464,11 +472,15 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
         last = tail and i + batch_size >= n_full
         if last:
             batch = np.concatenate([batch, x[None, n - seq_len:]])  # the window ending at the last point
-        out = model.reconstruct(torch.as_tensor(np.require(batch, requirements=["C", "W"]), device=device), use_local)
+        point = mode == "point"  # each window's last point (reconstructed alone), the first window's every point
+        out = model.reconstruct(torch.as_tensor(np.require(batch, requirements=["C", "W"]), device=device), use_local,
+                                last=point)
+        first = model.reconstruct(torch.as_tensor(np.ascontiguousarray(batch[:1]), device=device), use_local) \
+            if point and i == 0 else None
         for k in per_point:
             a = out["x_mu" if k == "mu" else k]
-            if mode == "point":  # the first window's points before its last, then every window's last
-                kept = torch.cat([a[0, :-1], a[:, -1]]) if i == 0 else a[:, -1]
+            if point:
+                kept = torch.cat([first["x_mu" if k == "mu" else k][0, :-1], a[:, -1]]) if i == 0 else a[:, -1]
             else:
                 kept = a[:len(a) - 1 if last else len(a)].flatten(0, 1)
                 if last:

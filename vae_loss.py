@@ -43,6 +43,10 @@ class GaussianHead(nn.Module):
         h = self.hidden(x)
         return self.mu(h), F.softplus(self.std(h)) + self.min_std
 
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean alone (scoring uses posterior means: the std head is not needed)."""
+        return self.mu(self.hidden(x))
+
 
 class HierarchicalVAE(nn.Module):
     def __init__(self, d_h0: int, d_h1: int, d_theta: int, seq_len: int, n_features: int,
@@ -58,6 +62,14 @@ class HierarchicalVAE(nn.Module):
         mu, std = self.f2(theta1)
         shape = (-1, self.seq_len, self.n_features)
         return mu.view(shape), std.view(shape)
+
+    def decode_mean(self, theta1: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """The decoder's mean (B, T, V), or of the window's last point only (B, 1, V)."""
+        h = self.f2.hidden(theta1)
+        if not last:
+            return self.f2.mu(h).view(-1, self.seq_len, self.n_features)
+        rows = slice((self.seq_len - 1) * self.n_features, None)  # the last point's V outputs
+        return F.linear(h, self.f2.mu.weight[rows], self.f2.mu.bias[rows]).view(-1, 1, self.n_features)
 
 
 def total_loss(recon: torch.Tensor, kl0: torch.Tensor, kl1: torch.Tensor, ot: torch.Tensor,

@@ -80,7 +80,7 @@ def test_block_scoring_matches_point_scoring_where_the_same_window_scores(asd):
     bo = score_series(model, x, cfg.seq_len, batch_size=16, mode="block")
     # the per-feature squared error stands in for a score here: the same window, the same numbers
     (p, p_plan), (b, b_plan) = [(((o.x - o.mu) ** 2).sum(1), o.plan) for o in (po, bo)]
-    assert sum(calls) == 51 and n_point == 1013 - 19  # seq_len times fewer windows
+    assert sum(calls) == 51 and n_point == 1013 - 19 + 1  # seq_len times fewer windows (point: the first again, whole)
     assert b.shape == p.shape == (1013,) and b_plan.shape == p_plan.shape
     assert np.isfinite(b).all() and np.isfinite(b_plan).all()
     same = np.r_[0:20, 19:1013:20, 1012]  # first window, last point of each block, the series end
