@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 try:
-    from faultlog import ExportError, append_fault, format_time, read_fault_log
+    from faultlog import FAULT_LOG_COLUMNS, ExportError, append_fault, format_time, prepare_fault_log
 except ModuleNotFoundError:  # run as a file: the repository root is not on the path
     raise SystemExit("inject.py: error: run it from the repository root as `python -m chaos.inject ...`") from None
 
@@ -183,15 +183,20 @@ def run_plan(plan: list[dict], fault_log: str | Path, kubectl: str = "kubectl",
             entry, start = state["in_flight"]
             deleted = call("delete", "-f", str(entry["manifest"]), "--ignore-not-found") == 0
             end = math.ceil(time.time())
-            append_fault(fault_log, math.floor(start), end, entry["kind"], entry["target"],
-                         entry["name"])
+            row = [format_time(math.floor(start)), format_time(end), entry["kind"], entry["target"], entry["name"]]
             state["in_flight"] = None
-            print(f"{PROG}: {entry['name']}: {format_time(start)} .. {format_time(end)} logged",
-                  flush=True)
+            logged = True
+            try:
+                append_fault(fault_log, *row)
+                print(f"{PROG}: {entry['name']}: {row[0]} .. {row[1]} logged", flush=True)
+            except ExportError as e:  # the fault ran: its times must not be lost
+                logged = False
+                print(f"{PROG}: error: {e}; add the fault's row ({','.join(FAULT_LOG_COLUMNS)}) by hand: "
+                      f"{','.join(row)}", file=sys.stderr, flush=True)
             if not deleted:
                 print(f"{PROG}: error: kubectl delete failed; the fault may still be active: "
                       f"kubectl delete -f {entry['manifest']}", file=sys.stderr)
-            return deleted
+            return deleted and logged
         finally:
             state["cleaning"] = False
 
@@ -254,9 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     print_plan(plan)
     if args.dry_run:
         return 0
-    try:
-        if Path(args.fault_log).exists() and Path(args.fault_log).stat().st_size > 0:
-            read_fault_log(args.fault_log)  # refuse to append to something that is not a log
+    try:  # before any fault runs: a log that cannot be written would lose the faults' times
+        prepare_fault_log(args.fault_log)
     except ExportError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
