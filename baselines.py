@@ -41,7 +41,7 @@ import metrics
 import scoring
 import tranad
 from config import Config, cli, cli_error
-from utils import (Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
+from utils import (DataError, Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
                    set_seed, set_threads, split_train_val, time_step, window_to_point_scores, write_json_atomic)
 
 METHODS = ("random", "pca", "iforest", "knn", "ae", "tranad")
@@ -215,7 +215,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     if "out_dir" not in parsed.given:  # default: one folder per dataset, so runs do not overwrite each other
         cfg.out_dir = str(Path(cfg.out_dir) / Path(cfg.data).resolve().name)
     set_threads(cfg.num_threads)
-    entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
+    try:
+        entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
+    except DataError as e:
+        raise SystemExit(f"baselines.py: error: {e}") from None
     out: dict[str, dict] = {}
     for method in methods:
         t0 = time.perf_counter()

@@ -20,11 +20,14 @@ PARTS = ["total", "recon", "kl0", "kl1", "ot", "val_total"]
 def plot_loss(loss_csv: str | Path, out_png: str | Path) -> Path:
     path = Path(loss_csv)
     if not path.is_file():
-        raise SystemExit(f"{path}: no such file; train first with train_safe.py")
-    df = pd.read_csv(path, keep_default_na=False)
+        raise SystemExit(f"plot_loss.py: error: {path}: no such file; train first with train_safe.py")
+    try:
+        df = pd.read_csv(path, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        raise SystemExit(f"plot_loss.py: error: {path}: not a loss_metrics.csv ({(str(e).splitlines() or ['unreadable'])[0]})") from None
     missing = [c for c in ["stage", "entity", "epoch"] + PARTS if c not in df.columns]
     if missing or df.empty:
-        raise SystemExit(f"{path}: not a loss_metrics.csv ({'missing ' + str(missing) if missing else 'no rows'})")
+        raise SystemExit(f"plot_loss.py: error: {path}: not a loss_metrics.csv ({'missing ' + str(missing) if missing else 'no rows'})")
     runs = [(stage, ent, g) for (stage, ent), g in df.groupby(["stage", "entity"], sort=False)]
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     for ax, part in zip(axes.flat, PARTS):
