@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     cfg, opt = parsed.cfg, vars(parsed.opts)
     methods = [m.strip() for m in str(opt["methods"]).split(",") if m.strip()]
     unknown = [m for m in methods if m not in FITTERS]
+    if not methods:
+        cli_error(f"--methods: no method given; choose from {METHODS}")
     if unknown:
         cli_error(f"unknown method(s) {unknown}; choose from {METHODS}")
     if "out_dir" not in parsed.given:  # default: one folder per dataset, so runs do not overwrite each other
@@ -234,7 +236,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         summary.update(method=method, data=str(cfg.data), wall_s=round(time.perf_counter() - t0, 2),
                        options={k: opt[k] for k in opt if k != "methods"},
                        config=dataclasses.asdict(cfg))
-        write_json_atomic(f"{cfg.out_dir}/{method}/metrics.json", summary)
+        try:
+            write_json_atomic(f"{cfg.out_dir}/{method}/metrics.json", summary)
+        except OSError as e:
+            raise SystemExit(f"baselines.py: error: cannot write {cfg.out_dir}/{method}/metrics.json "
+                             f"({e.strerror or e})") from None
         m = summary["mean"]
         log.info("%s mean: auc_roc=%s auc_pr=%s f1=%s best_f1=%s best_f1_pa=%s vus_pr=%s  [%.1fs]",
                  method, *(_fmt(m.get(k)) for k in ("auc_roc", "auc_pr", "f1", "best_f1_oracle",

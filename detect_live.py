@@ -104,7 +104,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Pro
 
 import puad  # noqa: E402
 import scoring  # noqa: E402
-from config import THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
+from config import CHECKS, THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
 from faultlog import ExportError  # noqa: E402
 from prometheus import (grouped_query, load_metric_set, make_session, parse_shard,  # noqa: E402
                         parse_step, query_range, redact_url, render_query, shard_services, split_by_label)
@@ -692,9 +692,16 @@ def setup(argv: list[str]) -> Detector:
         raise LiveError(str(e)) from None
     if cfg.rate_window:
         metric_set["rate_window"] = cfg.rate_window
+    try:  # a window's grid needs it in whole seconds
+        parse_step(metric_set["rate_window"])
+    except ExportError as e:
+        raise LiveError(f"rate window of {cfg.metrics_file} or --rate_window: {e}") from None
     metrics = check_features(list(ckpt["features"]), metric_set, str(cfg.ckpt), cfg.metrics_file)
     cfg = dataclasses.replace(cfg, live_step=poll_step(cfg, ckpt, parsed.given))
     print_config(cfg)
+    prometheus = os.environ.get("PROMETHEUS_URL") if cfg.prometheus == Config.prometheus else None
+    if prometheus and not CHECKS["prometheus"][0](prometheus):
+        raise LiveError(f"PROMETHEUS_URL={redact_url(prometheus)!r}: must be {CHECKS['prometheus'][1]}")
     if cfg.live_step < 1:
         raise LiveError("--live_step must be >= 1 second")
     set_threads(cfg.num_threads)
@@ -703,7 +710,9 @@ def setup(argv: list[str]) -> Detector:
     elif cfg.entities in ("all", ""):
         entities = list(ckpt.get("entities") or ckpt["scalers"])
     else:
-        entities = [e.strip() for e in cfg.entities.split(",") if e.strip()]
+        entities = list(dict.fromkeys(e.strip() for e in cfg.entities.split(",") if e.strip()))
+    if not entities:
+        raise LiveError(f"--entities={cfg.entities!r}: no entity")
     if cfg.shard:
         shard = parse_shard(cfg.shard)
         entities = shard_services(entities, shard)

@@ -288,6 +288,7 @@ def _write_dataset(out: Path, files: dict[Path, pd.DataFrame | bytes]) -> None:
         temp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     except OSError as e:
         raise ExportError(f"cannot write --out {out}: {e.strerror}") from None
+    old = None
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -301,7 +302,6 @@ def _write_dataset(out: Path, files: dict[Path, pd.DataFrame | bytes]) -> None:
                     content.to_csv(f, index=False)
                 f.flush()
                 os.fsync(f.fileno())
-        old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
             os.replace(out, old / out.name)
@@ -311,11 +311,12 @@ def _write_dataset(out: Path, files: dict[Path, pd.DataFrame | bytes]) -> None:
             if old is not None:  # put the old dataset back
                 os.replace(old / out.name, out)
             raise
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(temp, ignore_errors=True)
-        raise ExportError(f"cannot write --out {out}: {e.strerror or e}; nothing changed") from None
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+        if old is not None and not (old / out.name).exists():  # never a folder holding the old dataset
+            shutil.rmtree(old, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ExportError(f"cannot write --out {out}: {e.strerror or e}; nothing changed") from None
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -336,9 +337,15 @@ def check_options(**values: float) -> None:
 
 def check_out(out: str | os.PathLike, overwrite: bool) -> None:
     """Refuse an output folder that is not empty unless overwrite (then export replaces it whole)."""
+    if not str(out).strip():
+        raise ExportError("--out is empty: give the dataset's folder")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: exists and is not a folder")
+    for inside in (Path.cwd(), Path(__file__).resolve().parent):  # --overwrite must not replace these
+        if inside.resolve().is_relative_to(out.resolve()):
+            raise ExportError(f"--out {out}: holds {inside} (the current folder or this repository); "
+                              "give a folder of its own for the dataset")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out}: not empty (an existing dataset?); give --overwrite to replace "
                           "it whole, or another --out")

@@ -129,7 +129,7 @@ def _append_rows(path: Path, rows: list[list[str]]) -> None:
         prefix = ""
         if not new_file:
             with open(path, "rb") as f:
-                header = f.readline().decode("utf-8", errors="replace").strip()
+                header = f.readline().decode("utf-8-sig", errors="replace").strip()  # -sig: a BOM (Excel)
                 f.seek(-1, os.SEEK_END)
                 prefix = "" if f.read(1) == b"\n" else "\n"  # a hand-edited file without final newline
             if header != ",".join(FAULT_LOG_COLUMNS):
@@ -168,7 +168,7 @@ def read_fault_log(path: str | os.PathLike) -> list[dict]:
 
 def _read_fault_rows(path: Path) -> list[dict]:
     faults = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != FAULT_LOG_COLUMNS:

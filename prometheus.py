@@ -21,7 +21,7 @@ import requests
 import yaml
 from tqdm import tqdm
 
-from faultlog import FAULT_KINDS, ExportError, path_name
+from faultlog import FAULT_KINDS, MAX_UNIX_SECONDS, ExportError, path_name
 
 DEFAULT_PROMETHEUS = "http://localhost:9090"
 AGGREGATIONS = ("sum", "mean", "max", "min")
@@ -466,6 +466,11 @@ def query_range(session: requests.Session, prometheus: str, query: str, start: i
         except (requests.Timeout, requests.ConnectionError) as e:
             problem = f"cannot reach Prometheus at {shown} ({redact_url(_short_reason(e))})"
             continue
+        except requests.RequestException as e:  # no scheme, a malformed URL: retrying cannot help
+            raise ExportError(f"cannot query {shown}: {redact_url(_short_reason(e))} (give an http:// or "
+                              "https:// base URL)") from None
+        except OSError as e:  # a --ca_cert that cannot be read
+            raise ExportError(f"cannot query {shown}: {e.strerror or e}") from None
         if response.status_code >= 500 or response.status_code == 429:
             problem = (f"Prometheus at {shown} answered HTTP {response.status_code} for "
                        f"{what}: {_error_text(response)}")
@@ -495,7 +500,7 @@ def parse_matrix(body: Any, what: str = "query", query: str = "") -> list[dict]:
     """The one parser of a query_range answer (Prometheus' JSON, decoded) -> its series, each
     {'metric': {label: value}, 'values': float64 array (n, 2) of unix time, value} (NaN and
     +-Inf kept as such). Anything else than Prometheus' shape (not an object, no matrix, a series
-    without 'values', a time that is not a finite number, a value that is not a number) is an
+    without 'values', a time that is not unix seconds, a value that is not a number) is an
     ExportError naming `what`: a malformed answer never reaches the caller."""
     if not isinstance(body, dict):
         raise ExportError(f"{what}: the answer is a JSON {type(body).__name__}, not Prometheus' object")
@@ -526,7 +531,7 @@ def _series(s: Any, n: int, what: str) -> dict:
         tv = np.array(values, dtype=np.float64)
     except (ValueError, TypeError, OverflowError):
         tv = None
-    if tv is None or tv.ndim != 2 or tv.shape[1] != 2 or not np.isfinite(tv[:, 0]).all():
+    if tv is None or tv.ndim != 2 or tv.shape[1] != 2 or not (np.abs(tv[:, 0]) <= MAX_UNIX_SECONDS).all():
         bad = next((p for p in values if not _point(p)), values[0])
         raise ExportError(f"{what}: series {n} of the answer has a point {str(bad)[:80]} that is not "
                           "[unix time, number]")
@@ -535,7 +540,7 @@ def _series(s: Any, n: int, what: str) -> dict:
 
 def _point(p: Any) -> bool:
     try:
-        return isinstance(p, list) and len(p) == 2 and math.isfinite(float(p[0])) and float(p[1]) is not None
+        return isinstance(p, list) and len(p) == 2 and abs(float(p[0])) <= MAX_UNIX_SECONDS and float(p[1]) is not None
     except (TypeError, ValueError, OverflowError):
         return False
 

@@ -442,6 +442,9 @@ def train(cfg: Config, given: set[str] = frozenset()) -> None:
     print(f"device: {device}" + (f", {world} processes (DistributedDataParallel)" if world > 1 else ""))
     t0 = time.time()
     ckpt_path = Path(cfg.ckpt)
+    for option, path in (("ckpt", ckpt_path), ("loss_csv", Path(cfg.loss_csv))):
+        if path.is_dir():  # refused before training, not at the first save
+            raise SystemExit(f"train_safe.py: error: --{option}={path}: a folder, not a file")
     try:
         # one run per --ckpt: it writes the checkpoint, its .last.ckpt and the local files beside it;
         # the lock sits beside the real file, so a symlinked --ckpt takes the same lock

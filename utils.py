@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
 import glob
 import gzip
@@ -103,6 +104,8 @@ def read_csv(path: Path, **kwargs) -> pd.DataFrame:
     except _READ_ERRORS as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"{path}: cannot parse CSV ({reason})") from None
+    if len(header) == 1 and (sep := next((c for c in ";\t|" if c in header[0]), None)):
+        raise DataError(f"{path}: one column {header[0]!r}: separated by {sep!r}? the loader reads comma-separated CSV")
     seen: dict[str, int] = {}
     for i, name in enumerate(header, start=1):
         if not name.strip():
@@ -329,7 +332,7 @@ def load_dataset(path: str | Path, entities: str | list[str] = "all", min_rows: 
     """Load every entity (or the named ones) of a dataset; all must share one feature list."""
     folders = entity_folders(path)
     if entities not in ("all", "", None):
-        wanted = entities.split(",") if isinstance(entities, str) else list(entities)
+        wanted = list(dict.fromkeys(entities.split(",") if isinstance(entities, str) else entities))  # each once
         by_name = {p.name: p for p in folders}
         unknown = [w for w in wanted if w not in by_name]
         if unknown:
@@ -538,6 +541,8 @@ def atomic_write(path: str | Path, write) -> None:
     at path is written through (its target is replaced, the link stays). The temporary name
     carries the writer's pid; those of dead writers (a killed save) are removed (sweep_temp)."""
     path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.tmp-"
     sweep_temp(path.parent, prefix)
@@ -599,7 +604,8 @@ def run_outputs(folder: str | Path, name: str = ".test", last: str = "metrics.js
         (folder / last).unlink(missing_ok=True)
         write_json_atomic(manifest, sorted(set(old) | set(new)))  # every file that may be in the folder now
         for rel in sorted(set(old) - set(new)):
-            (folder / rel).unlink(missing_ok=True)
+            if (folder / rel).is_file() or (folder / rel).is_symlink():  # a folder it names is not ours
+                (folder / rel).unlink()
         for rel in new:
             if rel != last:
                 (folder / rel).parent.mkdir(parents=True, exist_ok=True)

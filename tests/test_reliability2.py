@@ -765,3 +765,177 @@ def test_a_symlinked_ckpt_takes_the_lock_and_stays_a_link(trained, tmp_path):
     before = (real / "puad.ckpt").read_bytes()
     train_safe.main(targs(tmp_path, data, "--stage=global", f"--ckpt={link}", "--seed=5"))
     assert link.is_symlink() and (real / "puad.ckpt").read_bytes() != before
+
+
+# ================================================================ found by re-running the probe
+
+def test_prometheus_url_without_scheme_is_one_line(tmp_path):
+    """--prometheus=localhost:9090 (no scheme) gave requests' InvalidSchema traceback."""
+    result = cli_export("--prometheus", "localhost:9090", "--metrics", str(write_metric_set(tmp_path)),
+                        "--start", "1000", "--end", "1100", "--out", str(tmp_path / "out"))
+    assert "give an http:// or https:// base URL" in one_line_error(result, "export_metrics.py")
+
+
+def test_export_never_replaces_the_current_folder(tmp_path):
+    """--out=.. --overwrite from a subfolder replaced the folder holding it; --out=. and --out=''."""
+    (tmp_path / "here").mkdir()
+    (tmp_path / "keep.txt").write_text("mine")
+    fake = FakePrometheus(lambda params: (200, matrix(points(params, lambda t: 1.0))))
+    try:
+        for out in ("..", ".", ""):
+            result = subprocess.run(
+                [sys.executable, str(ROOT / "export_metrics.py"), "--prometheus", fake.url, "--metrics",
+                 str(write_metric_set(tmp_path)), "--start", "1000", "--end", "1100", "--step", "10s", "--out", out,
+                 "--overwrite", "--no_progress"], capture_output=True, text=True, timeout=60, cwd=tmp_path / "here")
+            assert "--out" in one_line_error(result, "export_metrics.py")
+    finally:
+        fake.close()
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "keep.txt", "metrics.yaml"]
+
+
+def test_outputs_that_are_folders_or_files_are_one_line(trained, tmp_path, capsys):
+    """plot_loss.py --out_dir=FILE, baselines.py --out_dir=FILE and --methods=',', train_safe.py
+    --loss_csv=FOLDER (refused before training, not after it)."""
+    import baselines
+    import plot_loss
+    src, data = trained
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match=r"plot_loss.py: error: cannot write .*afile/loss_curve.png"):
+        plot_loss.main([f"--loss_csv={src / 's0' / 'loss.csv'}", f"--out_dir={tmp_path / 'afile'}"])
+    with pytest.raises(SystemExit, match=r"baselines.py: error: cannot write .*afile/random/metrics.json"):
+        baselines.main([f"--data={data}", "--methods=random", f"--out_dir={tmp_path / 'afile'}", "--seq_len=10"])
+    with pytest.raises(SystemExit) as e:
+        baselines.main([f"--data={data}", "--methods=,", f"--out_dir={tmp_path / 'b'}", "--seq_len=10"])
+    assert e.value.code == 2 and "--methods: no method given" in capsys.readouterr().err
+    t0 = time.time()
+    with pytest.raises(SystemExit, match=r"train_safe.py: error: --loss_csv=.*: a folder, not a file"):
+        train_safe.main(targs(tmp_path, data, "--stage=global", f"--loss_csv={tmp_path}", "--epochs=50"))
+    assert time.time() - t0 < 20 and not (tmp_path / "puad.ckpt").exists()
+
+
+def test_plot_loss_refuses_a_value_that_is_not_a_number(trained, tmp_path):
+    import plot_loss
+    src, _ = trained
+    df = pd.read_csv(src / "s0" / "loss.csv")
+    df["total"] = df["total"].astype(object)
+    df.loc[0, "total"] = "abc"
+    df.to_csv(tmp_path / "loss.csv", index=False)
+    with pytest.raises(SystemExit, match=r"loss.csv: line 2: total 'abc' is not a number"):
+        plot_loss.plot_loss(tmp_path / "loss.csv", tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("env, option, message", [
+    ({"PROMETHEUS_URL": "localhost:9090"}, [], "PROMETHEUS_URL='localhost:9090': must be an http"),
+    ({}, ["--entities=,"], "--entities=',': no entity"),
+    ({}, ["--rate_window=1m30s"], "rate window of")])
+def test_detect_live_refuses_at_start_what_would_fail_every_poll(live, tmp_path, env, option, message):
+    """An invalid PROMETHEUS_URL (never range-checked) or a rate window like 1m30s raised at the
+    first poll; --entities=',' ran a detector of no entity."""
+    args = [f"--ckpt={live['ckpt']}", f"--data={live['data']}", f"--metrics_file={live['metrics']}", "--port=0",
+            "--max_polls=1", "--live_step=1", "--num_threads=1", f"--live_log={tmp_path / 'e.jsonl'}"]
+    result = subprocess.run([sys.executable, str(ROOT / "detect_live.py"), *args, *(option or ["--entities=e1"])],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT,
+                            env={**os.environ, **env})
+    assert result.returncode == 1 and f"detect_live.py: error: {message}" in result.stderr, result.stderr[-2000:]
+
+
+def test_an_entity_named_twice_is_loaded_once(tmp_path):
+    data = make_dataset(tmp_path / "data")
+    assert [e.name for e in utils.load_dataset(data, "e1,e2,e1")] == ["e1", "e2"]
+
+
+def test_a_csv_with_another_separator_is_named(tmp_path):
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "train.csv").write_text("timestamp;a;b\n" + "".join(f"{t};{t % 3};1\n" for t in range(30)))
+    with pytest.raises(utils.DataError, match=r"train.csv: one column 'timestamp;a;b': separated by ';'\?"):
+        utils.load_entity(tmp_path / "e")
+
+
+def test_an_answer_time_out_of_range_is_refused():
+    from faultlog import ExportError
+    from prometheus import parse_matrix
+    with pytest.raises(ExportError, match=r"point \[1e\+300, '1'\] that is not \[unix time, number\]"):
+        parse_matrix({"status": "success", "data": {"resultType": "matrix",
+                                                     "result": [{"metric": {}, "values": [[1e300, "1"]]}]}}, "q")
+
+
+def test_a_fault_log_saved_with_a_bom_is_read_and_appended(tmp_path):
+    """A fault log saved by a spreadsheet (UTF-8 with BOM) was refused as 'not a fault log'."""
+    from faultlog import append_fault, read_fault_log
+    log = tmp_path / "faults.csv"
+    log.write_bytes(b"\xef\xbb\xbfstart,end,kind,target,name\n2026-11-24T03:20:00Z,2026-11-24T03:25:00Z,cpu-stress,p,x\n")
+    append_fault(log, 1_795_490_900, 1_795_491_000, "cpu-stress", "p", "y")
+    assert [f["name"] for f in read_fault_log(log)] == ["x", "y"]
+
+
+def test_interpretation_only_with_an_empty_label_file_is_one_line(tmp_path):
+    (tmp_path / "out" / "svc").mkdir(parents=True)
+    (tmp_path / "out" / "svc" / "test_label.csv").write_bytes(b"")
+    metrics = tmp_path / "m.yaml"
+    metrics.write_text(yaml.safe_dump({"services": ["svc"], "metrics": {"x": "x"},
+                                       "interpretation": {"cpu-stress": ["x"]}}))
+    em.append_fault(tmp_path / "faults.csv", 1000, 1010, "cpu-stress", "svc", "f")
+    result = cli_export("--metrics", str(metrics), "--out", str(tmp_path / "out"), "--interpretation_only",
+                        "--fault_log", str(tmp_path / "faults.csv"))
+    assert "test_label.csv: cannot parse CSV" in one_line_error(result, "export_metrics.py")
+
+
+def plan_without_time_limit(tmp_path: Path, duration: float) -> Path:
+    manifest, plan = tmp_path / "cpu.yaml", tmp_path / "plan.yaml"
+    manifest.write_text("\n".join(line for line in (ROOT / "chaos" / "cpu-stress-test.yaml").read_text().splitlines()
+                                  if "duration:" not in line))
+    plan.write_text(yaml.safe_dump([{"manifest": str(manifest), "duration": duration}]))
+    return plan
+
+
+def test_inject_refuses_a_duration_sleep_cannot_take(tmp_path):
+    """A plan entry of 1e308 s applied the fault, then time.sleep overflowed."""
+    from chaos import inject
+    with pytest.raises(inject.PlanError, match=r"duration must be a number of seconds in \[0, 1e\+06\]"):
+        inject.load_plan(plan_without_time_limit(tmp_path, 1e308))
+
+
+def test_inject_deletes_and_logs_the_fault_whatever_stops_it(tmp_path, monkeypatch):
+    """The overflow above left the fault applied and unlogged: any error while a fault is in
+    flight now deletes and logs it first."""
+    from chaos import inject
+    plan = plan_without_time_limit(tmp_path, 30)
+    path, record = kubectl(tmp_path)
+
+    def broken_sleep(seconds):
+        raise OverflowError("timestamp out of range for platform time_t")
+    monkeypatch.setattr(inject.time, "sleep", broken_sleep)
+    with pytest.raises(OverflowError):
+        inject.run_plan(inject.load_plan(plan), tmp_path / "faults.csv", str(path), inject_timeout=0)
+    assert [json.loads(line)[0] for line in record.read_text().splitlines()] == ["apply", "delete"]
+    assert [f["name"] for f in em.read_fault_log(tmp_path / "faults.csv")] == ["cpu-stress-catalogue"]
+
+
+def test_inject_refuses_a_nan_inject_timeout(tmp_path):
+    path, record = kubectl(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "chaos.inject", "--plan", str(ROOT / "chaos" / "plan-example.yaml"),
+                             "--fault_log", str(tmp_path / "f.csv"), "--kubectl", str(path), "--inject_timeout=nan"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2 and "--inject_timeout=nan: must be a number of seconds >= 0" in result.stderr
+    assert not record.exists()
+
+
+def test_a_manifest_never_removes_files_outside_its_folder(tmp_path):
+    folder = tmp_path / "res"
+    folder.mkdir()
+    (tmp_path / "outside.txt").write_text("mine")
+    (folder / "sub").mkdir()
+    (folder / ".test.manifest").write_text(json.dumps(["../outside.txt", "sub", "old.csv"]))
+    (folder / "old.csv").write_text("old")
+    with utils.run_outputs(folder) as stage:
+        (stage / "metrics.json").write_text("{}")
+    assert (tmp_path / "outside.txt").read_text() == "mine" and (folder / "sub").is_dir()
+    assert sorted(p.name for p in folder.iterdir()) == [".test.manifest", "metrics.json", "sub"]
+
+
+def test_test_py_out_dir_that_is_a_file_is_one_line(trained, tmp_path):
+    src, data = trained
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match=r"test.py: error: .*afile"):
+        evaluate_script.main(eval_args(src / "s0", data, f"--out_dir={tmp_path / 'afile'}"))
