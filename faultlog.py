@@ -11,12 +11,18 @@ import csv
 import io
 import math
 import os
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 MAX_UNIX_SECONDS = 1e11  # year 5138: a larger number is a time in milliseconds
+# a data column named like this is a time, never a feature (utils' loader takes it as the timestamp;
+# export refuses it as a metric's column; case and spaces ignored): timestamp*, time, ts, date,
+# datetime, epoch, unix_time, time_stamp, ..., with a unit like _s, _ms, _utc
+TIME_NAME = re.compile(r"timestamp.*|(time|ts|date|datetime|date_time|epoch|unix|unixtime|unix_time|time_stamp)"
+                       r"([ _-]?(s|ms|us|ns|sec|secs|seconds|utc|\(s\)|\(ms\)))?")
 FAULT_LOG_COLUMNS = ["start", "end", "kind", "target", "name"]
 FAULT_KINDS = ("cpu-stress", "memory-stress", "pod-failure", "network-delay")
 

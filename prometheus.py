@@ -21,7 +21,7 @@ import requests
 import yaml
 from tqdm import tqdm
 
-from faultlog import FAULT_KINDS, MAX_UNIX_SECONDS, ExportError, path_name
+from faultlog import FAULT_KINDS, MAX_UNIX_SECONDS, TIME_NAME, ExportError, path_name
 
 DEFAULT_PROMETHEUS = "http://localhost:9090"
 AGGREGATIONS = ("sum", "mean", "max", "min")
@@ -76,8 +76,9 @@ def load_metric_set(metric_set: str | os.PathLike | dict, namespace: str | None 
     result["services"] = list(dict.fromkeys(path_name(s, "service") for s in result["services"]))
     for column, spec in raw["metrics"].items():
         column = str(column)
-        if column == "timestamp":
-            raise ExportError(f"{where}: 'timestamp' is reserved, rename that metric")
+        if TIME_NAME.fullmatch(column.strip().lower()):
+            raise ExportError(f"{where}: column '{column}' would be read as a time, not a feature "
+                              "(timestamp, time, ts, date, ... are reserved); rename that metric")
         if isinstance(spec, str):
             spec = {"query": spec}
         if not isinstance(spec, dict) or not isinstance(spec.get("query"), str):

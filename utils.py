@@ -46,6 +46,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from faultlog import TIME_NAME
+
 log = logging.getLogger("puad")
 if not log.handlers:
     _h = logging.StreamHandler()
@@ -87,10 +89,6 @@ def _natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-# a column named like this is the timestamp, never a feature (case and spaces ignored): timestamp*,
-# time, ts, date, datetime, epoch, unix_time, time_stamp, ..., with a unit like _s, _ms, _utc
-TIME_NAME = re.compile(r"timestamp.*|(time|ts|date|datetime|date_time|epoch|unix|unixtime|unix_time|time_stamp)"
-                       r"([ _-]?(s|ms|us|ns|sec|secs|seconds|utc|\(s\)|\(ms\)))?")
 _READ_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError, zlib.error)
 
 

@@ -939,3 +939,13 @@ def test_test_py_out_dir_that_is_a_file_is_one_line(trained, tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit, match=r"test.py: error: .*afile"):
         evaluate_script.main(eval_args(src / "s0", data, f"--out_dir={tmp_path / 'afile'}"))
+
+
+def test_export_refuses_a_metric_column_the_loader_would_read_as_a_time():
+    """A metric column named `time` or `date` would be exported beside `timestamp`, then read by
+    the loader as a second time column: refused when the metric set is loaded."""
+    from prometheus import load_metric_set
+    for column in ("time", "Date", "ts_ms"):
+        with pytest.raises(em.ExportError, match=rf"column '{column}' would be read as a time"):
+            load_metric_set({"services": ["s"], "metrics": {column: "x"}})
+    assert load_metric_set({"services": ["s"], "metrics": {"cpu_time": "x", "uptime": "y"}})["metrics"]
