@@ -370,10 +370,14 @@ EPOCH_S = (1e9, 1e11)  # numeric timestamps in this range are Unix seconds (2001
 
 def time_step(entities: list[Entity]) -> float | None:
     """The series' step in seconds: the median difference of consecutive train timestamps over
-    the entities whose timestamps are Unix seconds (or milliseconds); None when none has such
-    timestamps (row numbers, as in ASD and SMD, no timestamp column, or text)."""
+    the entities whose timestamps are Unix seconds (or milliseconds) or dates (parse_timestamps'
+    datetime64); None when none has such timestamps (row numbers, as in ASD and SMD, or no
+    timestamp column)."""
     diffs = []
     for e in entities:
+        if len(e.train_ts) > 1 and np.asarray(e.train_ts).dtype.kind == "M":
+            diffs.append(np.diff(e.train_ts) / np.timedelta64(1, "s"))
+            continue
         if len(e.train_ts) < 2 or not pd.api.types.is_numeric_dtype(e.train_ts):
             continue
         ts = np.asarray(e.train_ts, dtype=np.float64)
