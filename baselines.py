@@ -41,7 +41,7 @@ import metrics
 import scoring
 import tranad
 from config import Config, cli, cli_error
-from utils import (Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
+from utils import (DataError, Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
                    set_seed, set_threads, split_train_val, time_step, window_to_point_scores, write_json_atomic)
 
 METHODS = ("random", "pca", "iforest", "knn", "ae", "tranad")
@@ -209,12 +209,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     cfg, opt = parsed.cfg, vars(parsed.opts)
     methods = [m.strip() for m in str(opt["methods"]).split(",") if m.strip()]
     unknown = [m for m in methods if m not in FITTERS]
+    if not methods:
+        cli_error(f"--methods: no method given; choose from {METHODS}")
     if unknown:
         cli_error(f"unknown method(s) {unknown}; choose from {METHODS}")
     if "out_dir" not in parsed.given:  # default: one folder per dataset, so runs do not overwrite each other
         cfg.out_dir = str(Path(cfg.out_dir) / Path(cfg.data).resolve().name)
     set_threads(cfg.num_threads)
-    entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
+    try:
+        entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
+    except DataError as e:
+        raise SystemExit(f"baselines.py: error: {e}") from None
     out: dict[str, dict] = {}
     for method in methods:
         t0 = time.perf_counter()
@@ -230,7 +235,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         summary.update(method=method, data=str(cfg.data), wall_s=round(time.perf_counter() - t0, 2),
                        options={k: opt[k] for k in opt if k != "methods"},
                        config=dataclasses.asdict(cfg))
-        write_json_atomic(f"{cfg.out_dir}/{method}/metrics.json", summary)
+        try:
+            write_json_atomic(f"{cfg.out_dir}/{method}/metrics.json", summary)
+        except OSError as e:
+            raise SystemExit(f"baselines.py: error: cannot write {cfg.out_dir}/{method}/metrics.json "
+                             f"({e.strerror or e})") from None
         m = summary["mean"]
         log.info("%s mean: auc_roc=%s auc_pr=%s f1=%s best_f1=%s best_f1_pa=%s vus_pr=%s  [%.1fs]",
                  method, *(_fmt(m.get(k)) for k in ("auc_roc", "auc_pr", "f1", "best_f1_oracle",

@@ -344,9 +344,10 @@ def changed_fields(cfg: Config) -> dict[str, Any]:
 
 def print_config(cfg: Config) -> None:
     """The effective config as the fields that differ from the defaults (the whole config goes
-    into the checkpoint and metrics.json)."""
+    into the checkpoint and metrics.json), credentials in URLs redacted (prometheus.redact_url)."""
+    from prometheus import redact_url  # the one rule for a URL in a log (prometheus.py imports requests)
     changed = changed_fields(cfg)
-    print("config:", ", ".join(f"{k}={v!r}" for k, v in changed.items()) if changed else "the defaults",
+    print("config:", ", ".join(f"{k}={redact_url(repr(v))}" for k, v in changed.items()) if changed else "the defaults",
           flush=True)
 
 

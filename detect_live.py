@@ -45,14 +45,15 @@ Served on --listen:--port /metrics (own CollectorRegistry):
                                         rows; scoring.named): V features x entities series, bounded
   puad_anomaly{entity}                  1 when that score > threshold, else 0
   puad_threshold{entity}
-  puad_stale{entity}                    1 when the entity's last scored window is older than
-                                        --stale_steps steps (Prometheus down, data missing)
+  puad_stale{entity}                    1 until the entity's first scored window, and when its last one is
+                                        older than --stale_steps steps (Prometheus down, data missing)
   puad_last_success_timestamp_seconds   last time every query of a poll succeeded
   puad_query_errors_total               failed polls (Prometheus unreachable, HTTP errors)
   puad_skipped_windows_total{entity,reason}  windows not scored: missing_points | no_data | non_finite
   puad_windows_scored_total{entity}
   puad_scoring_latency_seconds          histogram, scoring time per window (a poll's batch / its windows)
   puad_webhook_errors_total
+  puad_live_log_errors_total            state changes --live_log could not take (the event is logged instead)
   puad_entities                         entities this detector scores (its shard's)
   process_*                             the process' CPU, memory, open files (prometheus_client)
 Errors and missing data never raise an alarm: puad_anomaly KEEPS ITS LAST VALUE while windows
@@ -103,10 +104,10 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Pro
 
 import puad  # noqa: E402
 import scoring  # noqa: E402
-from config import THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
+from config import CHECKS, THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
 from faultlog import ExportError  # noqa: E402
 from prometheus import (grouped_query, load_metric_set, make_session, parse_shard,  # noqa: E402
-                        parse_step, query_range, render_query, shard_services, split_by_label)
+                        parse_step, query_range, redact_url, render_query, shard_services, split_by_label)
 from puad import (apply_local_state, build_model, calibrate_entity, clip_inputs, local_path,  # noqa: E402
                   read_checkpoint, run_config, window_reconstructor)
 from utils import (DataError, align_features, create_sequences, load_dataset, set_threads, time_step,  # noqa: E402
@@ -375,6 +376,7 @@ class Detector:
         self.c_skipped = Counter("puad_skipped_windows", "Windows not scored", ["entity", "reason"], registry=r)
         self.c_scored = Counter("puad_windows_scored", "Windows scored", ["entity"], registry=r)
         self.c_webhook = Counter("puad_webhook_errors", "Failed alert POSTs to the webhook", registry=r)
+        self.c_log_errors = Counter("puad_live_log_errors", "State changes that could not be appended to --live_log", registry=r)
         self.h_latency = Histogram("puad_scoring_latency_seconds", "Model time to score one window", registry=r,
                                    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
         self.g_feature = Gauge("puad_feature_score", "Each feature's contribution to the last score over its usual level (features x entities series)",
@@ -401,8 +403,8 @@ class Detector:
         self.g_threshold.labels(entity).set(float(value))
 
     def is_stale(self, entity: str) -> bool:
-        since = self.last_scored[entity] or self.started
-        return time.time() - since > self.cfg.stale_steps * self.step
+        """True until the entity's first scored window, then when that is older than stale_steps steps."""
+        return not self.last_scored[entity] or time.time() - self.last_scored[entity] > self.cfg.stale_steps * self.step
 
     def serve(self) -> None:
         self.server, self.server_thread = start_http_server(self.cfg.port, self.cfg.listen, registry=self.registry)
@@ -581,8 +583,12 @@ class Detector:
                  "top_features": self.top.get(entity, []), "window_end": iso(end), "window_end_unix": end}
         if reason:
             event["reason"] = reason
-        with open(self.cfg.live_log, "a") as f:
-            f.write(json.dumps(event) + "\n")
+        try:
+            with open(self.cfg.live_log, "a") as f:
+                f.write(json.dumps(event) + "\n")
+        except OSError as e:  # a full disk or a read-only file system: the event is logged here instead
+            self.c_log_errors.inc()
+            log.warning("cannot append to --live_log %s (%s); event: %s", self.cfg.live_log, e.strerror, json.dumps(event))
         log.info("%s: %s (score %.4g, threshold %.4g; top features %s)", entity, event["state"], score,
                  self.thresholds[entity], ", ".join(event["top_features"]) or "n/a")
         if anomalous:
@@ -632,7 +638,7 @@ class Detector:
                 raise requests.RequestException(f"HTTP {r.status_code}: {r.text[:200]}")
         except requests.RequestException as e:
             self.c_webhook.inc()
-            log.warning("webhook %s: %s", self.cfg.webhook, str(e)[:300])
+            log.warning("webhook %s: %s", redact_url(self.cfg.webhook), redact_url(str(e)[:300]))
 
     def run(self) -> None:
         """Poll every step until SIGTERM/SIGINT or --max_polls; then resolve what is still anomalous."""
@@ -676,9 +682,16 @@ def setup(argv: list[str]) -> Detector:
         raise LiveError(str(e)) from None
     if cfg.rate_window:
         metric_set["rate_window"] = cfg.rate_window
+    try:  # a window's grid needs it in whole seconds
+        parse_step(metric_set["rate_window"])
+    except ExportError as e:
+        raise LiveError(f"rate window of {cfg.metrics_file} or --rate_window: {e}") from None
     metrics = check_features(list(ckpt["features"]), metric_set, str(cfg.ckpt), cfg.metrics_file)
     cfg = dataclasses.replace(cfg, live_step=poll_step(cfg, ckpt, parsed.given))
     print_config(cfg)
+    prometheus = os.environ.get("PROMETHEUS_URL") if cfg.prometheus == Config.prometheus else None
+    if prometheus and not CHECKS["prometheus"][0](prometheus):
+        raise LiveError(f"PROMETHEUS_URL={redact_url(prometheus)!r}: must be {CHECKS['prometheus'][1]}")
     if cfg.live_step < 1:
         raise LiveError("--live_step must be >= 1 second")
     set_threads(cfg.num_threads)
@@ -687,7 +700,9 @@ def setup(argv: list[str]) -> Detector:
     elif cfg.entities in ("all", ""):
         entities = list(ckpt.get("entities") or ckpt["scalers"])
     else:
-        entities = [e.strip() for e in cfg.entities.split(",") if e.strip()]
+        entities = list(dict.fromkeys(e.strip() for e in cfg.entities.split(",") if e.strip()))
+    if not entities:
+        raise LiveError(f"--entities={cfg.entities!r}: no entity")
     if cfg.shard:
         shard = parse_shard(cfg.shard)
         entities = shard_services(entities, shard)
@@ -710,7 +725,12 @@ def setup(argv: list[str]) -> Detector:
         log.info("%s: threshold %.6g (%s)%s", e, scorers[e].threshold_, "--threshold" if fixed is not None
                  else f"{cfg.threshold} on the validation tail of {cfg.data}/{e}",
                  ", local prototypes" if states[e]["use_local"] else "")
-    Path(cfg.live_log).parent.mkdir(parents=True, exist_ok=True)
+    try:  # refused now rather than at the first state change
+        Path(cfg.live_log).parent.mkdir(parents=True, exist_ok=True)
+        with open(cfg.live_log, "a"):
+            pass
+    except OSError as e:
+        raise LiveError(f"--live_log={cfg.live_log}: cannot append to it ({e.strerror})") from None
     return Detector(cfg, ckpt, model, entities, metric_set, metrics, states, scorers)
 
 

@@ -107,9 +107,8 @@ def fetch_column(session: requests.Session, prometheus: str, query: str, timesta
         chunk = timestamps[i:i + MAX_POINTS]
         series = query_range(session, prometheus, query, int(chunk[0]), int(chunk[-1]), step,
                              what, timeout, retries, backoff)
-        frame = pd.DataFrame({
-            n: pd.Series([float(v) for _, v in s["values"]],
-                         index=[int(round(float(t))) for t, _ in s["values"]], dtype=float)
+        frame = pd.DataFrame({  # parse_matrix's values: float (time, value) arrays
+            n: pd.Series(s["values"][:, 1], index=np.rint(s["values"][:, 0]).astype(np.int64), dtype=float)
             for n, s in enumerate(series)})
         if frame.empty:
             continue
@@ -230,6 +229,7 @@ def write_interpretation(out: str | os.PathLike, metric_set_path: str | os.PathL
     test rows from its test_label.csv, faults from the fault log, columns from the metric
     set's `interpretation:`. Every row must lie on rows labelled with its fault's kind (else
     the margin or fault log differs from the export's). -> {service: number of rows}."""
+    check_options(label_margin=label_margin)
     metric_set = load_metric_set(metric_set_path, services=services)
     if not metric_set["interpretation"]:
         raise ExportError(f"{metric_set_path}: no 'interpretation' mapping")
@@ -240,7 +240,10 @@ def write_interpretation(out: str | os.PathLike, metric_set_path: str | os.PathL
         label_path = folder / "test_label.csv"
         if not label_path.is_file():
             raise ExportError(f"{label_path} does not exist")
-        labels = pd.read_csv(label_path, dtype={"fault": str}, keep_default_na=False)
+        try:
+            labels = pd.read_csv(label_path, dtype={"fault": str}, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+            raise ExportError(f"{label_path}: cannot parse CSV ({str(e).splitlines()[0]})") from None
         if not {"timestamp", "label", "fault"} <= set(labels.columns):
             raise ExportError(f"{label_path}: needs columns timestamp,label,fault")
         rows = _interpretation_rows(labels["timestamp"].to_numpy(), faults, service,
@@ -256,52 +259,93 @@ def write_interpretation(out: str | os.PathLike, metric_set_path: str | os.PathL
             files[folder / INTERPRETATION_FILE] = frame
         else:
             stale.append(folder / INTERPRETATION_FILE)
-    for path, frame in files.items():  # every file checked before any is written
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                frame.to_csv(f, index=False)
-            os.chmod(temp, 0o644)
-            os.replace(temp, path)
-        finally:
-            Path(temp).unlink(missing_ok=True)
-    for path in stale:
-        path.unlink(missing_ok=True)
+    try:
+        for path, frame in files.items():  # every file checked before any is written
+            fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", newline="") as f:
+                    frame.to_csv(f, index=False)
+                os.chmod(temp, 0o644)
+                os.replace(temp, path)
+            finally:
+                Path(temp).unlink(missing_ok=True)
+        for path in stale:
+            path.unlink(missing_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot write {e.filename or out}: {e.strerror or e}") from None
     return counts
 
 
 # ---------------------------------------------------------------- writing
 
-def _write_dataset(out: Path, files: dict[Path, pd.DataFrame]) -> None:
-    """Write every frame (paths relative to out) into a new temp folder beside out, then swap
-    it in for out whole: a reader sees the old dataset or the new one, never a mix, and no
-    file of the old dataset survives. On any error the temp folder is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+def _write_dataset(out: Path, files: dict[Path, pd.DataFrame | bytes]) -> None:
+    """Write every frame or byte string (paths relative to out) into a new temp folder beside
+    out, then swap it in for out whole: a reader sees the old dataset or the new one, never a
+    mix, and no file of the old dataset survives (but the inputs inside it: inputs_inside). On
+    any error (a full disk: ExportError) the temp folder is removed and out is unchanged."""
     try:
-        for rel, frame in files.items():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        temp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise ExportError(f"cannot write --out {out}: {e.strerror}") from None
+    old = None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o777 & ~umask)  # mkdtemp makes 0700: the dataset gets the usual permissions
+        for rel, content in files.items():
             (temp / rel).parent.mkdir(parents=True, exist_ok=True)
-            with open(temp / rel, "w", newline="") as f:
-                frame.to_csv(f, index=False)
+            with open(temp / rel, "wb") as f:
+                if isinstance(content, bytes):
+                    f.write(content)
+                else:
+                    content.to_csv(f, index=False)
                 f.flush()
                 os.fsync(f.fileno())
-        old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
             os.replace(out, old / out.name)
-        os.rename(temp, out)
-    except BaseException:
+        try:
+            os.rename(temp, out)
+        except OSError:
+            if old is not None:  # put the old dataset back
+                os.replace(old / out.name, out)
+            raise
+    except BaseException as e:
         shutil.rmtree(temp, ignore_errors=True)
+        if old is not None and not (old / out.name).exists():  # never a folder holding the old dataset
+            shutil.rmtree(old, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ExportError(f"cannot write --out {out}: {e.strerror or e}; nothing changed") from None
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def check_options(**values: float) -> None:
+    """Refuse an option out of its range (NaN included), naming it: timeout > 0; label_margin,
+    max_gap, retries, backoff >= 0; max_gap and retries whole numbers."""
+    for name, value in values.items():
+        whole = name in ("max_gap", "retries")
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and (value > 0 if name == "timeout" else value >= 0) and (not whole or value == int(value)))
+        if not ok:
+            kind = "a number of seconds > 0" if name == "timeout" else \
+                "a whole number >= 0" if whole else "a finite number >= 0"
+            raise ExportError(f"--{name}={value!r}: must be {kind}")
+
+
 def check_out(out: str | os.PathLike, overwrite: bool) -> None:
     """Refuse an output folder that is not empty unless overwrite (then export replaces it whole)."""
+    if not str(out).strip():
+        raise ExportError("--out is empty: give the dataset's folder")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: exists and is not a folder")
+    for inside in (Path.cwd(), Path(__file__).resolve().parent):  # --overwrite must not replace these
+        if inside.resolve().is_relative_to(out.resolve()):
+            raise ExportError(f"--out {out}: holds {inside} (the current folder or this repository); "
+                              "give a folder of its own for the dataset")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out}: not empty (an existing dataset?); give --overwrite to replace "
                           "it whole, or another --out")
@@ -331,9 +375,9 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
                           f"({format_time(start_s)})")
     if label_scope not in ("target", "all"):
         raise ExportError(f"label_scope must be 'target' or 'all', got {label_scope!r}")
-    if label_margin < 0 or max_gap < 0:
-        raise ExportError("label_margin and max_gap must be >= 0")
+    check_options(label_margin=label_margin, max_gap=max_gap, timeout=timeout, retries=retries, backoff=backoff)
     check_out(out, overwrite)
+    kept = inputs_inside(out, fault_log, metric_set_path)  # read now: --overwrite replaces out whole
     metric_set = load_metric_set(metric_set_path, namespace, services)
     timestamps = grid(start_s, end_s, step_s)
     faults = faults_in_range(fault_log, timestamps, label_margin, label_scope, metric_set)
@@ -344,7 +388,7 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
     summary = {"out": str(out), "columns": [m["column"] for m in metric_set["metrics"]],
                "train_end": None if split is None else int(split), "faults": faults,
                "warnings": warnings, "services": {}}
-    files = {}
+    files: dict[Path, pd.DataFrame | bytes] = dict(kept)
     for service, frame in results.items():
         service_files, info = split_service(service, frame, split, faults, interpretation_faults, metric_set,
                                             label_margin, label_scope)
@@ -354,6 +398,24 @@ def export(prometheus: str, metric_set_path: str | os.PathLike | dict, start: An
     check_out(out, overwrite)  # again: another run may have written there while this one queried
     _write_dataset(out, files)
     return summary
+
+
+def inputs_inside(out: str | os.PathLike, *inputs: Any) -> dict[Path, bytes]:
+    """Input files (the fault log, the metric set) that lie inside `out` -> {path inside out: their
+    bytes}: written again into the new dataset, so that --overwrite never deletes an input
+    (Dataset/lab keeps its fault log in the dataset's folder)."""
+    kept = {}
+    root = Path(out).resolve()
+    for path in inputs:
+        if not isinstance(path, (str, os.PathLike)) or not Path(path).is_file():
+            continue
+        real = Path(path).resolve()
+        if real.is_relative_to(root):
+            try:
+                kept[real.relative_to(root)] = real.read_bytes()
+            except OSError as e:
+                raise ExportError(f"cannot read {path}: {e.strerror}") from None
+    return kept
 
 
 def faults_in_range(fault_log: str | os.PathLike | list[dict] | None, timestamps: np.ndarray, label_margin: float,
@@ -451,6 +513,7 @@ def fetch_window(prometheus: str, metric_set: str | os.PathLike | dict, service:
     DataFrame timestamp + metric columns, gaps handled as in export(). Rows inside longer
     gaps are dropped, so fewer than n_steps rows can come back."""
     step_s = parse_step(step)
+    check_options(max_gap=max_gap, timeout=timeout, retries=retries, backoff=backoff)
     metric_set = load_metric_set(metric_set)
     last = math.floor(parse_time(end) / step_s) * step_s
     timestamps = np.arange(last - (n_steps - 1) * step_s, last + step_s, step_s, dtype=np.int64)

@@ -2,8 +2,8 @@
 export_metrics.py and the tests read to label a recording.
 
 Header `start,end,kind,target,name`, one fault per row, times like 2026-11-24T03:20:00Z (UTC,
-whole seconds). Also the time format every Prometheus tool here shares (parse_time,
-format_time) and their one error type, ExportError.
+whole seconds). Also what every tool here shares without torch: the time format (parse_time,
+format_time), the rule for a name used as a path (path_name) and the one error type, ExportError.
 """
 from __future__ import annotations
 
@@ -11,18 +11,46 @@ import csv
 import io
 import math
 import os
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 MAX_UNIX_SECONDS = 1e11  # year 5138: a larger number is a time in milliseconds
+# a data column named like this is a time, never a feature (utils' loader takes it as the timestamp;
+# export refuses it as a metric's column; case and spaces ignored): timestamp*, time, ts, date,
+# datetime, epoch, unix_time, time_stamp, ..., with a unit like _s, _ms, _utc
+TIME_NAME = re.compile(r"timestamp.*|(time|ts|date|datetime|date_time|epoch|unix|unixtime|unix_time|time_stamp)"
+                       r"([ _-]?(s|ms|us|ns|sec|secs|seconds|utc|\(s\)|\(ms\)))?")
 FAULT_LOG_COLUMNS = ["start", "end", "kind", "target", "name"]
 FAULT_KINDS = ("cpu-stress", "memory-stress", "pod-failure", "network-delay")
 
 
 class ExportError(Exception):
     """A problem the user has to fix; the CLI prints it as one line and exits non-zero."""
+
+
+# ---------------------------------------------------------------- names used as paths
+
+MAX_NAME_BYTES = 200  # a file name is at most 255 bytes; room for prefixes like "contributions_"
+
+
+def path_name(name: str, what: str = "name") -> str:
+    """The one rule for a name (a service, an entity) that becomes a file or folder name: one
+    path component that stays inside its folder -> the name, else ExportError naming it. Refused:
+    empty, '.', '..', a '/' or '\\', a control character, a leading '.' (hidden: the temporary
+    and lock files beside outputs start with one), more than MAX_NAME_BYTES bytes."""
+    text = str(name)
+    problem = ("is empty" if not text.strip() else
+               "has a '/' or '\\' (a name is one folder, not a path)" if "/" in text or "\\" in text else
+               "starts with '.'" if text.startswith(".") else
+               "has a control character" if any(ord(c) < 32 or ord(c) == 127 for c in text) else
+               f"is longer than {MAX_NAME_BYTES} bytes" if len(text.encode("utf-8", "replace")) > MAX_NAME_BYTES
+               else None)
+    if problem:
+        raise ExportError(f"{what} {text!r} {problem}: it would be used as a file name")
+    return text
 
 
 # ---------------------------------------------------------------- times
@@ -76,34 +104,50 @@ def append_fault(path: str | os.PathLike, start: Any, end: Any, kind: str, targe
                  name: str) -> None:
     """Append one fault to the fault log CSV (header `start,end,kind,target,name`), creating
     it with its header if needed. The row is written in one write and fsynced, so the file
-    is a valid log at every moment."""
+    is a valid log at every moment. A log that cannot be written is an ExportError naming it."""
     if kind not in FAULT_KINDS:
         raise ExportError(f"unknown fault kind {kind!r} (expected one of {', '.join(FAULT_KINDS)})")
     start_text, end_text = format_time(start), format_time(end)
     if parse_time(end_text) < parse_time(start_text):
         raise ExportError(f"fault {name!r} ends ({end_text}) before it starts ({start_text})")
+    _append_rows(Path(path), [[start_text, end_text, kind, target, name]])
+
+
+def prepare_fault_log(path: str | os.PathLike) -> None:
+    """Make sure faults can be logged to `path` before any is run: an existing file must be a
+    fault log; a missing or empty one is created with the header. ExportError naming the path
+    otherwise (a folder, a missing folder, no permission, a read-only file system)."""
     path = Path(path)
-    new_file = not path.exists() or path.stat().st_size == 0
-    if not new_file:
-        with open(path, "rb") as f:
-            header = f.readline().decode("utf-8", errors="replace").strip()
-        if header != ",".join(FAULT_LOG_COLUMNS):
-            raise ExportError(f"{path} is not a fault log (header {header!r}, expected "
-                              f"{','.join(FAULT_LOG_COLUMNS)!r})")
-    lines = []
-    prefix = ""
-    if new_file:
-        lines.append(FAULT_LOG_COLUMNS)
+    if path.is_file() and path.stat().st_size > 0:
+        read_fault_log(path)
+        if not os.access(path, os.W_OK):
+            raise ExportError(f"cannot write fault log {path}: permission denied")
     else:
-        with open(path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            prefix = "" if f.read(1) == b"\n" else "\n"  # a hand-edited file without final newline
-    lines.append([start_text, end_text, kind, target, name])
-    with open(path, "a", newline="") as f:
-        text = prefix + "".join(_csv_line(line) for line in lines)
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        _append_rows(path, [])
+
+
+def _append_rows(path: Path, rows: list[list[str]]) -> None:
+    """rows appended to the log in one fsynced write, the header first when the file is new."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a folder")
+        new_file = not path.exists() or path.stat().st_size == 0
+        prefix = ""
+        if not new_file:
+            with open(path, "rb") as f:
+                header = f.readline().decode("utf-8-sig", errors="replace").strip()  # -sig: a BOM (Excel)
+                f.seek(-1, os.SEEK_END)
+                prefix = "" if f.read(1) == b"\n" else "\n"  # a hand-edited file without final newline
+            if header != ",".join(FAULT_LOG_COLUMNS):
+                raise ExportError(f"{path} is not a fault log (header {header!r}, expected "
+                                  f"{','.join(FAULT_LOG_COLUMNS)!r})")
+        lines = ([FAULT_LOG_COLUMNS] if new_file else []) + rows
+        with open(path, "a", newline="") as f:
+            f.write(prefix + "".join(_csv_line(line) for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ExportError(f"cannot write fault log {path}: {e.strerror or e}") from None
 
 
 def _csv_line(fields: list[str]) -> str:
@@ -118,15 +162,19 @@ def read_fault_log(path: str | os.PathLike) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise ExportError(f"fault log {path} does not exist")
+    if path.is_dir():
+        raise ExportError(f"fault log {path} is a folder, not a file")
     try:
         return _read_fault_rows(path)
     except (UnicodeDecodeError, csv.Error) as e:  # a binary file, NUL bytes
         raise ExportError(f"{path}: not a fault log (not CSV text: {str(e).splitlines()[0][:80]})") from None
+    except OSError as e:
+        raise ExportError(f"cannot read fault log {path}: {e.strerror or e}") from None
 
 
 def _read_fault_rows(path: Path) -> list[dict]:
     faults = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip() for h in header] != FAULT_LOG_COLUMNS:

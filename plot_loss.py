@@ -20,11 +20,23 @@ PARTS = ["total", "recon", "kl0", "kl1", "ot", "val_total"]
 def plot_loss(loss_csv: str | Path, out_png: str | Path) -> Path:
     path = Path(loss_csv)
     if not path.is_file():
-        raise SystemExit(f"{path}: no such file; train first with train_safe.py")
-    df = pd.read_csv(path, keep_default_na=False)
+        raise SystemExit(f"plot_loss.py: error: {path}: " + ("a folder, not a file" if path.is_dir() else
+                                                            "no such file; train first with train_safe.py"))
+    try:
+        df = pd.read_csv(path, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        raise SystemExit(f"plot_loss.py: error: {path}: not a loss_metrics.csv ({(str(e).splitlines() or ['unreadable'])[0]})") from None
     missing = [c for c in ["stage", "entity", "epoch"] + PARTS if c not in df.columns]
     if missing or df.empty:
-        raise SystemExit(f"{path}: not a loss_metrics.csv ({'missing ' + str(missing) if missing else 'no rows'})")
+        raise SystemExit(f"plot_loss.py: error: {path}: not a loss_metrics.csv ({'missing ' + str(missing) if missing else 'no rows'})")
+    for part in PARTS:  # numbers; an empty cell (no validation loss) is a gap
+        text = df[part].astype(str).str.strip()
+        values = pd.to_numeric(text.where(text != "", "nan"), errors="coerce")
+        bad = values.isna() & ~text.str.lower().isin(["", "nan"])
+        if bad.any():
+            raise SystemExit(f"plot_loss.py: error: {path}: line {int(bad.idxmax()) + 2}: {part} "
+                             f"{df[part].iloc[int(bad.idxmax())]!r} is not a number")
+        df[part] = values
     runs = [(stage, ent, g) for (stage, ent), g in df.groupby(["stage", "entity"], sort=False)]
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     for ax, part in zip(axes.flat, PARTS):
@@ -46,7 +58,11 @@ def plot_loss(loss_csv: str | Path, out_png: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     cfg = cli_config(argv, description=__doc__)
-    out = plot_loss(cfg.loss_csv, Path(cfg.out_dir) / "loss_curve.png")
+    try:
+        out = plot_loss(cfg.loss_csv, Path(cfg.out_dir) / "loss_curve.png")
+    except OSError as e:
+        raise SystemExit(f"plot_loss.py: error: cannot write {Path(cfg.out_dir) / 'loss_curve.png'} "
+                         f"({e.strerror or e})") from None
     print(f"wrote {out}")
     return out
 

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import requests
 import yaml
 from tqdm import tqdm
 
-from faultlog import FAULT_KINDS, ExportError
+from faultlog import FAULT_KINDS, MAX_UNIX_SECONDS, TIME_NAME, ExportError, path_name
 
 DEFAULT_PROMETHEUS = "http://localhost:9090"
 AGGREGATIONS = ("sum", "mean", "max", "min")
@@ -71,10 +72,13 @@ def load_metric_set(metric_set: str | os.PathLike | dict, namespace: str | None 
     }
     if not result["services"]:
         raise ExportError(f"{where}: no services (give 'services:' or --services)")
+    # a service names its folder of the dataset: one path component (faultlog.path_name)
+    result["services"] = list(dict.fromkeys(path_name(s, "service") for s in result["services"]))
     for column, spec in raw["metrics"].items():
         column = str(column)
-        if column == "timestamp":
-            raise ExportError(f"{where}: 'timestamp' is reserved, rename that metric")
+        if TIME_NAME.fullmatch(column.strip().lower()):
+            raise ExportError(f"{where}: column '{column}' would be read as a time, not a feature "
+                              "(timestamp, time, ts, date, ... are reserved); rename that metric")
         if isinstance(spec, str):
             spec = {"query": spec}
         if not isinstance(spec, dict) or not isinstance(spec.get("query"), str):
@@ -122,14 +126,80 @@ def _interpretation_map(raw: Any, metric_set: dict, where: str) -> dict[str, lis
 
 
 def render_query(metric: dict, metric_set: dict, service: str) -> str:
-    """Fill $namespace, $service and $rate_window into a metric's PromQL."""
-    try:
-        return string.Template(metric["query"]).substitute(
-            namespace=metric_set["namespace"], service=service,
-            rate_window=metric_set["rate_window"])
-    except (KeyError, ValueError) as e:
-        raise ExportError(f"metric '{metric['column']}': bad placeholder {e} in query "
-                          f"(known: $namespace, $service, $rate_window; write $$ for $)") from None
+    """Fill $namespace, $service and $rate_window into a metric's PromQL (fill_placeholders)."""
+    return fill_placeholders(metric["query"], {"namespace": metric_set["namespace"], "service": service,
+                                               "rate_window": metric_set["rate_window"]},
+                             f"metric '{metric['column']}'")
+
+
+_QUOTES = "\"'`"
+_BARE = re.compile(r"[A-Za-z0-9_:]*")  # a value outside a string literal: a name part, no PromQL syntax
+_DURATION = re.compile(r"(\d+(ms|s|m|h|d|w|y))+")
+
+
+def fill_placeholders(template: str, values: dict[str, str], where: str,
+                      regexes: frozenset[str] = frozenset()) -> str:
+    """The one rule for a value put into PromQL (export_metrics.py and detect_live.py): each
+    $name / ${name} of `values` (string.Template syntax, $$ for $) is written as a literal for
+    the place it stands in, so no value can change the query's structure. Inside a quoted string
+    it is escaped for that string, and inside the regex of a =~ or !~ matcher it first matches
+    itself only (regex_literal; a name in `regexes` is a regex already); outside a string only
+    [A-Za-z0-9_:] is allowed ($rate_window: a duration like 1m). Raises ExportError naming
+    `where` for an unknown placeholder or a value that cannot stand where it is."""
+    quote_at = _quote_context(template)
+    out, last = [], 0
+    for m in string.Template.pattern.finditer(template):
+        out.append(template[last:m.start()])
+        last = m.end()
+        if m.group("escaped") is not None:
+            out.append("$")
+            continue
+        name = m.group("named") or m.group("braced")
+        if name is None or name not in values:
+            shown = m.group(0) if name is None else f"${name}"
+            raise ExportError(f"{where}: bad placeholder {shown!r} in query (known: "
+                              f"{', '.join('$' + k for k in values)}; write $$ for $)")
+        out.append(_literal(str(values[name]), name, quote_at[m.start()], template, name in regexes, where))
+    out.append(template[last:])
+    return "".join(out)
+
+
+def _quote_context(text: str) -> list[tuple[str, int] | None]:
+    """For each position of a PromQL text: (quote character, position of the opening quote) when
+    it lies inside a string literal, else None."""
+    state, quote, opened, i = [None] * (len(text) + 1), None, -1, 0
+    while i < len(text):
+        c = text[i]
+        state[i] = (quote, opened) if quote else None
+        if quote:
+            if c == "\\" and quote != "`":
+                state[i + 1: i + 2] = [(quote, opened)]
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in _QUOTES:
+            quote, opened = c, i
+        i += 1
+    return state
+
+
+def _literal(value: str, name: str, context: tuple[str, int] | None, template: str, is_regex: bool,
+             where: str) -> str:
+    if context is None:
+        pattern = _DURATION if name == "rate_window" else _BARE
+        if not pattern.fullmatch(value):
+            raise ExportError(f"{where}: ${name} = {value!r} stands outside a quoted string in the query, "
+                              "where it may only hold " + ("a duration like 1m" if name == "rate_window"
+                                                           else "letters, digits, '_' and ':'"))
+        return value
+    quote, opened = context
+    if template[:opened].rstrip().endswith(("=~", "!~")) and not is_regex:
+        value = regex_literal(value)
+    if quote == "`":
+        if "`" in value:
+            raise ExportError(f"{where}: ${name} = {value!r} has a '`' and stands in a `...` string")
+        return value
+    return _string_literal(value, quote)
 
 
 # ---------------------------------------------------------------- fleets: shards, grouped queries
@@ -172,9 +242,10 @@ def regex_literal(text: str) -> str:
     return "".join("\\" + c if c in _REGEX_SPECIAL else c for c in text)
 
 
-def _string_literal(text: str) -> str:
-    """text inside a PromQL double-quoted string."""
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+def _string_literal(text: str, quote: str = '"') -> str:
+    """text inside a PromQL string quoted with `quote` (" or ')."""
+    text = text.replace("\\", "\\\\").replace(quote, "\\" + quote)
+    return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
 
 def _parens(text: str) -> dict[int, int]:
@@ -215,10 +286,11 @@ def grouped_query(metric: dict, metric_set: dict, services: list[str]) -> tuple[
     template = metric["query"]
     if "grouped" in metric:
         names = "|".join(regex_literal(s) for s in services)
-        return string.Template(metric["grouped"]).substitute(
-            namespace=metric_set["namespace"], rate_window=metric_set["rate_window"],
-            services=_string_literal(names),
-            group_label=metric.get("group_label", "service")), metric.get("group_label", "service")
+        label = metric.get("group_label", "service")
+        return fill_placeholders(metric["grouped"], {"namespace": metric_set["namespace"],
+                                                     "rate_window": metric_set["rate_window"],
+                                                     "services": names, "group_label": label},
+                                 f"metric '{metric['column']}' (grouped)", regexes=frozenset({"services"})), label
     if not _PLACEHOLDER.search(template):
         return None
     alternatives = "|".join(regex_literal(s) for s in sorted(services, key=lambda s: (-len(s), s)))
@@ -280,11 +352,8 @@ def grouped_query(metric: dict, metric_set: dict, services: list[str]) -> tuple[
     query = template
     for start, end, text in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
         query = query[:start] + text + query[end:]
-    try:
-        return string.Template(query).substitute(namespace=metric_set["namespace"],
-                                                 rate_window=metric_set["rate_window"]), label
-    except (KeyError, ValueError) as e:
-        raise ExportError(f"metric '{metric['column']}': bad placeholder {e} in query") from None
+    return fill_placeholders(query, {"namespace": metric_set["namespace"], "rate_window": metric_set["rate_window"]},
+                             f"metric '{metric['column']}'"), label
 
 
 def _label_replace_args(label: str, source: str, regex: str) -> str:
@@ -297,16 +366,15 @@ def split_by_label(series: list[dict], label: str, services: list[str], grid: "A
     """A grouped answer -> {service: values on `grid` (numpy, NaN where none)}: the finite values
     of a service's series combined with `agg` at each grid point (as one service's own query
     would be). Series without the label (e.g. `or vector(0)`) or of other services are ignored."""
-    import numpy as np
     grid = np.asarray(grid, np.int64)
     first, step = int(grid[0]), int(grid[1] - grid[0]) if len(grid) > 1 else 1
     wanted = set(services)
     keep = [(s["metric"].get(label), s["values"]) for s in series
-            if s["metric"].get(label) in wanted and s["values"]]
+            if s["metric"].get(label) in wanted and len(s["values"])]
     if not keep:
         return {}
     lengths = [len(v) for _, v in keep]
-    tv = np.array([p for _, v in keep for p in v], dtype=np.float64)  # one conversion of every "value" string
+    tv = np.concatenate([v for _, v in keep])  # (points, 2): time, value (parse_matrix's arrays)
     idx = np.rint((tv[:, 0] - first) / step).astype(np.int64)
     owner = np.repeat(np.arange(len(keep)), lengths)
     ok = (idx >= 0) & (idx < len(grid)) & np.isfinite(tv[:, 1])
@@ -320,7 +388,6 @@ def split_by_label(series: list[dict], label: str, services: list[str], grid: "A
 
 def combine_rows(rows: list, agg: str):
     """Rows of one service (NaN = no value) combined per grid point with agg; NaN where none has one."""
-    import numpy as np
     if len(rows) == 1:
         return rows[0]
     a = np.vstack(rows)
@@ -338,6 +405,17 @@ def combine_rows(rows: list, agg: str):
 
 
 # ---------------------------------------------------------------- HTTP
+
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]*@")
+_SECRET_PARAM = re.compile(r"([?&](?:[A-Za-z0-9_.-]*(?:token|key|secret|password|passwd|pwd|auth|signature|sig))=)[^&#\s]*",
+                           re.IGNORECASE)
+
+
+def redact_url(text: str) -> str:
+    """The one rule for a URL in a log: the credentials of every URL in `text` (user:password@,
+    and the values of query parameters like token=, api_key=, password=) become '***'."""
+    return _SECRET_PARAM.sub(r"\1***", _USERINFO.sub(r"\1***@", str(text)))
+
 
 def make_session(token: str | None = None, user: str | None = None,
                  password: str | None = None, verify: bool | str = True) -> requests.Session:
@@ -374,6 +452,7 @@ def query_range(session: requests.Session, prometheus: str, query: str, start: i
     Timeouts, connection errors, 429 and 5xx are retried `retries` times, waiting
     backoff, 2*backoff, 4*backoff ... seconds. `what` names the query in errors."""
     url = prometheus.rstrip("/") + "/api/v1/query_range"
+    shown, shown_url = redact_url(prometheus), redact_url(url)  # messages never carry credentials
     params = {"query": query, "start": start, "end": end, "step": step}
     problem = ""
     for attempt in range(retries + 1):
@@ -383,13 +462,18 @@ def query_range(session: requests.Session, prometheus: str, query: str, start: i
             # POST keeps long queries out of the URL
             response = session.post(url, data=params, timeout=timeout)
         except requests.exceptions.SSLError as e:
-            raise ExportError(f"TLS error talking to {prometheus}: {_short_reason(e)} "
+            raise ExportError(f"TLS error talking to {shown}: {redact_url(_short_reason(e))} "
                               "(use --ca_cert FILE, or --insecure)") from None
         except (requests.Timeout, requests.ConnectionError) as e:
-            problem = f"cannot reach Prometheus at {prometheus} ({_short_reason(e)})"
+            problem = f"cannot reach Prometheus at {shown} ({redact_url(_short_reason(e))})"
             continue
+        except requests.RequestException as e:  # no scheme, a malformed URL: retrying cannot help
+            raise ExportError(f"cannot query {shown}: {redact_url(_short_reason(e))} (give an http:// or "
+                              "https:// base URL)") from None
+        except OSError as e:  # a --ca_cert that cannot be read
+            raise ExportError(f"cannot query {shown}: {e.strerror or e}") from None
         if response.status_code >= 500 or response.status_code == 429:
-            problem = (f"Prometheus at {prometheus} answered HTTP {response.status_code} for "
+            problem = (f"Prometheus at {shown} answered HTTP {response.status_code} for "
                        f"{what}: {_error_text(response)}")
             continue
         break
@@ -397,31 +481,75 @@ def query_range(session: requests.Session, prometheus: str, query: str, start: i
         raise ExportError(f"{problem} after {retries + 1} tries")
 
     if response.status_code in (401, 403):
-        raise ExportError(f"Prometheus at {prometheus} refused access (HTTP "
+        raise ExportError(f"Prometheus at {shown} refused access (HTTP "
                           f"{response.status_code}): set PROMETHEUS_TOKEN or "
                           "PROMETHEUS_USER/PROMETHEUS_PASSWORD")
     if response.status_code in (400, 422):
         raise ExportError(f"Prometheus rejected {what}: {_error_text(response)}; query: {query}")
     if response.status_code != 200:
-        raise ExportError(f"HTTP {response.status_code} from {url} for {what}: is --prometheus "
+        raise ExportError(f"HTTP {response.status_code} from {shown_url} for {what}: is --prometheus "
                           "the base URL of Prometheus?")
     try:
         body = response.json()
-    except ValueError:
-        raise ExportError(f"{url} did not answer JSON for {what}: is --prometheus the base "
+    except (ValueError, RecursionError):
+        raise ExportError(f"{shown_url} did not answer JSON for {what}: is --prometheus the base "
                           "URL of Prometheus?") from None
+    return parse_matrix(body, what, query)
+
+
+def parse_matrix(body: Any, what: str = "query", query: str = "") -> list[dict]:
+    """The one parser of a query_range answer (Prometheus' JSON, decoded) -> its series, each
+    {'metric': {label: value}, 'values': float64 array (n, 2) of unix time, value} (NaN and
+    +-Inf kept as such). Anything else than Prometheus' shape (not an object, no matrix, a series
+    without 'values', a time that is not unix seconds, a value that is not a number) is an
+    ExportError naming `what`: a malformed answer never reaches the caller."""
+    if not isinstance(body, dict):
+        raise ExportError(f"{what}: the answer is a JSON {type(body).__name__}, not Prometheus' object")
     if body.get("status") != "success":
-        raise ExportError(f"Prometheus rejected {what}: {body.get('error', body)}; query: {query}")
+        raise ExportError(f"Prometheus rejected {what}: {str(body.get('error', body))[:300]}; query: {query}")
     for text in body.get("warnings") or []:
         warn(f"Prometheus warning for {what}: {text}")
-    data = body.get("data") or {}
-    if data.get("resultType") != "matrix":
-        raise ExportError(f"{what}: expected a range vector result, got {data.get('resultType')!r}")
-    return data.get("result") or []
+    data = body.get("data")
+    if not isinstance(data, dict) or data.get("resultType") != "matrix":
+        kind = data.get("resultType") if isinstance(data, dict) else type(data).__name__
+        raise ExportError(f"{what}: expected a range vector result, got {kind!r}")
+    result = data.get("result")
+    result = [] if result is None else result
+    if not isinstance(result, list):
+        raise ExportError(f"{what}: 'result' is a {type(result).__name__}, not a list of series")
+    return [_series(s, n, what) for n, s in enumerate(result)]
+
+
+def _series(s: Any, n: int, what: str) -> dict:
+    labels = s.get("metric", {}) if isinstance(s, dict) else None
+    values = s.get("values") if isinstance(s, dict) else None
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()) \
+            or not isinstance(values, list):
+        raise ExportError(f"{what}: series {n} of the answer has no 'metric' object and 'values' list")
+    if not values:
+        return {"metric": labels, "values": np.zeros((0, 2))}
+    try:  # Prometheus sends [time, "value"] pairs: one conversion per series
+        tv = np.array(values, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError):
+        tv = None
+    if tv is None or tv.ndim != 2 or tv.shape[1] != 2 or not (np.abs(tv[:, 0]) <= MAX_UNIX_SECONDS).all():
+        bad = next((p for p in values if not _point(p)), values[0])
+        raise ExportError(f"{what}: series {n} of the answer has a point {str(bad)[:80]} that is not "
+                          "[unix time, number]")
+    return {"metric": labels, "values": tv}
+
+
+def _point(p: Any) -> bool:
+    try:
+        return isinstance(p, list) and len(p) == 2 and abs(float(p[0])) <= MAX_UNIX_SECONDS and float(p[1]) is not None
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _error_text(response: requests.Response) -> str:
     try:
-        return str(response.json().get("error") or response.text[:200])
-    except ValueError:
+        body = response.json()
+        error = body.get("error") if isinstance(body, dict) else None
+        return redact_url(str(error or response.text[:200])[:300])
+    except (ValueError, RecursionError):
         return response.text.strip()[:200] or response.reason

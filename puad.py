@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
+import os
 from dataclasses import dataclass
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from torch import nn
 import scoring
 from scoring import Reconstruction
 from config import Config, ConfigError, config_from_dict
+from faultlog import ExportError, path_name
 from prototype_ot import PrototypeOT
 from transformer import TransformerEncoder
 from utils import Entity, Scaler, atomic_write, create_sequences, log, split_train_val, window_values_to_points
@@ -122,13 +125,31 @@ class PUAD(nn.Module):
 # ---- checkpoints: plain dicts of tensors, strings and numbers, loadable with weights_only=True
 
 def local_path(ckpt: str | Path, entity: str) -> Path:
-    """Where the per-entity state (beta_l, its OT potentials and scaler) sits beside the shared model."""
+    """Where the per-entity state (beta_l, its OT potentials and scaler) sits beside the shared
+    model; an entity name that is not one path component is refused (faultlog.path_name)."""
     ckpt = Path(ckpt)
-    return ckpt.with_name(f"{ckpt.stem}.local-{entity}.pt")
+    try:
+        return ckpt.with_name(f"{ckpt.stem}.local-{path_name(entity, 'entity')}.pt")
+    except ExportError as e:
+        fail(str(e))
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Write a checkpoint atomically and fsynced; a failed write (a full disk) is a one-line error
+    and leaves the file there as it was. Serialised in memory first: torch.save reports a failed
+    write as an opaque RuntimeError, a plain write says why."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        fail(f"{path}: cannot save the checkpoint ({e.strerror or e}); the file there is unchanged")
 
 
 def fail(message: str) -> NoReturn:
@@ -150,7 +171,7 @@ def read_checkpoint(path: str | Path, device: torch.device | str = "cpu", kind: 
         fail(f"{path}: not a readable PUAD checkpoint ({reason})")
     if kind is None:
         kind = "local" if isinstance(ckpt, dict) and "beta_l" in ckpt else "shared"
-    need = ("n_features", "features") if kind == "shared" else ("entity", "features", "beta_l", "g_local", "scaler")
+    need = ("n_features", "features", "scalers") if kind == "shared" else ("entity", "features", "beta_l", "g_local", "scaler")
     missing = [k for k in need if not isinstance(ckpt, dict) or k not in ckpt]
     if kind == "shared" and not (isinstance(ckpt, dict) and ("model_args" in ckpt or "config" in ckpt)):
         missing.insert(0, "config or model_args")  # model_args since they were split from config
@@ -216,11 +237,22 @@ def build_model(ckpt: dict, device: torch.device | str = "cpu") -> tuple[PUAD, C
         cfg = config_from_dict(checkpoint_args(ckpt))
     except ConfigError as e:
         fail(f"checkpoint model_args: {e}")
-    model = PUAD(cfg, ckpt["n_features"]).to(device)
+    n = ckpt["n_features"]
+    if isinstance(n, bool) or not isinstance(n, int) or n != len(ckpt["features"]):
+        fail(f"checkpoint n_features={n!r} does not match its {len(ckpt['features'])} features")
+    if not isinstance(ckpt.get("model"), dict):
+        fail("checkpoint has no model weights")
+    with torch.device("meta"):  # shapes only, nothing allocated: absurd model_args are refused here
+        expected = {k: tuple(v.shape) for k, v in PUAD(cfg, n).state_dict().items()}
+    stored = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else "not a tensor" for k, v in ckpt["model"].items()}
+    wrong = [k for k in expected if stored.get(k, "missing") != expected[k]]
+    if wrong:
+        got = stored.get(wrong[0], "missing")
+        fail(f"checkpoint model does not match its own model_args ({wrong[0]}: {got}, model_args give "
+             f"{expected[wrong[0]]}; seq_len={cfg.seq_len}, d_model={cfg.d_model})")
+    model = PUAD(cfg, n).to(device)
     try:
         model.load_state_dict(ckpt["model"])
-    except KeyError:
-        fail("checkpoint has no model weights")
     except RuntimeError as e:
         fail(f"checkpoint model does not match its own model_args ({str(e).splitlines()[0]})")
     model.eval()

@@ -33,8 +33,8 @@ from metrics import evaluate, interpretation_metrics, sample_weights, segments, 
 import scoring  # noqa: E402
 from puad import build_model, fit_scorer, read_checkpoint, reconstruct_entity, run_config, window_reconstructor  # noqa: E402
 from utils import (DataError, Entity, LockError, align_features, atomic_write, get_device,  # noqa: E402
-                   interpretation_segments, load_dataset, log, output_lock, set_threads, time_step, write_csv_atomic,
-                   write_json_atomic)
+                   interpretation_segments, load_dataset, log, output_lock, run_outputs, set_threads, time_step,
+                   write_csv_atomic, write_json_atomic)
 
 SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
                  "f1_pa", "best_f1_pa_oracle"]
@@ -226,21 +226,24 @@ def evaluate_checkpoint(cfg: Config, given: set[str] = frozenset()) -> dict:
         raise SystemExit(f"test.py: error: --threshold={cfg.threshold}: a fixed number is for detect_live.py; "
                          f"test.py takes spot or percentile")
     model, _ = build_model(ckpt, get_device(cfg.device))
-    try:  # one run per --out_dir: two would mix their files
-        with output_lock(Path(cfg.out_dir) / ".test.lock"):
-            return evaluate_all(cfg, ckpt, model, t0)
+    try:  # one run per --out_dir: two would mix their files; its outputs replace the last run's together
+        with output_lock(Path(cfg.out_dir) / ".test.lock"), run_outputs(cfg.out_dir, ".test") as staged:
+            return evaluate_all(cfg, ckpt, model, t0, staged)
     except LockError as e:
         raise SystemExit(f"test.py: error: {e}") from None
+    except OSError as e:  # a full disk: the last run's outputs stay as they were
+        raise SystemExit(f"test.py: error: cannot write the outputs in {cfg.out_dir} ({e.strerror or e})") from None
 
 
-def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
-    """Score, threshold and evaluate every entity; write the outputs to cfg.out_dir."""
+def evaluate_all(cfg: Config, ckpt: dict, model, t0: float, out: Path | None = None) -> dict:
+    """Score, threshold and evaluate every entity; write the outputs to `out` (default cfg.out_dir;
+    evaluate_checkpoint gives utils.run_outputs' staging folder, moved to cfg.out_dir at the end)."""
     names = [cfg.entity] if cfg.entity else cfg.entities
     try:
         entities = load_dataset(cfg.data, names if names != "all" else "all", min_rows=cfg.seq_len)
     except DataError as e:
         raise SystemExit(f"test.py: error: {e}") from None
-    out = Path(cfg.out_dir)
+    out = Path(out or cfg.out_dir)
     per_entity, plans, plan_labels, plans_before, local_used_all = {}, [], [], [], []
     for ent in entities:
         if ent.test is None:
@@ -315,7 +318,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float) -> dict:
               f"best-F1-PA(oracle) {mean['best_f1_pa_oracle']:.3f}")
         total = results["total"]
         print(f"alerts over {len(per_entity)} entities: {alerts_text(dict(total, n_points=sum(m['n_points'] for m in per_entity.values())))}")
-    print(f"wrote {out}/metrics.json in {results['seconds']:.1f}s")
+    print(f"wrote {cfg.out_dir}/metrics.json in {results['seconds']:.1f}s")
     return results
 
 

@@ -387,9 +387,12 @@ def init_local_prototypes(model: PUAD, train_w: Windows, cfg: Config) -> None:
 def _previous_rows(loss_csv: str) -> list[dict]:
     """Rows already in loss_metrics.csv (the global stage) so local rows are appended to them."""
     path = Path(loss_csv)
-    if not path.is_file():
+    if not path.is_file() or path.stat().st_size == 0:
         return []
-    df = pd.read_csv(path, keep_default_na=False)
+    try:
+        df = pd.read_csv(path, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"--loss_csv {path}: cannot parse CSV ({str(e).splitlines()[0]}); move it away") from None
     return df.to_dict("records") if list(df.columns) == LOSS_COLUMNS else []
 
 
@@ -411,15 +414,23 @@ def train(cfg: Config, given: set[str] = frozenset()) -> None:
     print(f"device: {device}" + (f", {world} processes (DistributedDataParallel)" if world > 1 else ""))
     t0 = time.time()
     ckpt_path = Path(cfg.ckpt)
+    for option, path in (("ckpt", ckpt_path), ("loss_csv", Path(cfg.loss_csv))):
+        if path.is_dir():  # refused before training, not at the first save
+            raise SystemExit(f"train_safe.py: error: --{option}={path}: a folder, not a file")
     try:
-        # one run per --ckpt: it writes the checkpoint, its .last.ckpt and the local files beside it
-        lock = output_lock(ckpt_path.with_name(ckpt_path.name + ".lock")) if rank == 0 else None
+        # one run per --ckpt: it writes the checkpoint, its .last.ckpt and the local files beside it;
+        # the lock sits beside the real file, so a symlinked --ckpt takes the same lock
+        real = Path(os.path.realpath(ckpt_path))
+        lock = output_lock(real.with_name(real.name + ".lock")) if rank == 0 else None
         with lock or contextlib.nullcontext():
             _train(cfg, device, rank, world, given)
     except LockError as e:
         raise SystemExit(f"train_safe.py: error: {e}") from None
     except DataError as e:
         raise SystemExit(f"train_safe.py: error: {e}") from None
+    except OSError as e:  # a full disk while writing the loss CSV (checkpoints: puad.save_checkpoint)
+        raise SystemExit(f"train_safe.py: error: cannot write {e.filename or 'an output'} ({e.strerror or e}); "
+                         "the files there are unchanged") from None
     except KeyboardInterrupt:
         last = ckpt_path.with_suffix(".last.ckpt")
         if cfg.stage != "local" and last.is_file() and last.stat().st_mtime >= t0:  # this run's

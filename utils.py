@@ -9,9 +9,12 @@ Dataset layout (see README): a split folder holding train.csv, test.csv and test
   - columns in test.csv that train.csv lacks are dropped; a train column missing from
     test.csv is an error;
   - a column constant over train is kept (it scales to 0 there; any change in test shows).
-A file with fewer rows than one window, a non-numeric column, a missing or non-numeric
-timestamp, or a last row with fewer fields than the header (a file cut off while written) is
-an error.
+The timestamp column is the one named like a time (TIME_NAME: timestamp, time, ts, date,
+datetime, epoch, ...; logged when not `timestamp`), or a first column of date strings; its
+values are read as numbers or as datetimes (parse_timestamps), never sorted as text. A file
+with fewer rows than one window, a non-numeric column, a missing or unreadable timestamp, two
+columns named like times, a header naming a column twice or not at all, or a last row with
+fewer fields than the header (a file cut off while written) is an error.
 
 Optional interpretation labels (which metrics are anomalous): interpretation.csv beside
 test.csv, columns start,end,features = first and last test row (0-based, inclusive, rows in
@@ -23,20 +26,27 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import fcntl
+import glob
 import gzip
 import json
 import logging
 import os
 import random
 import re
+import shutil
 import tempfile
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+
+from faultlog import TIME_NAME
 
 log = logging.getLogger("puad")
 if not log.handlers:
@@ -79,33 +89,89 @@ def _natural_key(s: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
-def _ts_column(df: pd.DataFrame) -> str | None:
-    for c in df.columns:
-        if str(c).lower().startswith("timestamp"):
-            return c
+_READ_ERRORS = (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError, zlib.error)
+
+
+def read_csv(path: Path, **kwargs) -> pd.DataFrame:
+    """pd.read_csv of a data file, any failure (0 bytes, a cut-off .gz, binary, unreadable) a
+    DataError naming it; a header naming a column twice, or a column without a name, refused
+    (pandas would rename the copy `name.1` and use whichever it reads first)."""
+    try:
+        header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0].tolist()
+        df = pd.read_csv(path, **kwargs)
+    except _READ_ERRORS as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: cannot parse CSV ({reason})") from None
+    if len(header) == 1 and (sep := next((c for c in ";\t|" if c in header[0]), None)):
+        raise DataError(f"{path}: one column {header[0]!r}: separated by {sep!r}? the loader reads comma-separated CSV")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(header, start=1):
+        if not name.strip():
+            raise DataError(f"{path}: column {i} of the header has no name (an index written with the data?)")
+        if name in seen:
+            raise DataError(f"{path}: column {name!r} appears twice in the header (columns {seen[name]} and {i}); "
+                            "keep one")
+        seen[name] = i
+    return df
+
+
+def _ts_column(df: pd.DataFrame, path: Path | None = None) -> str | None:
+    """The timestamp column: the one named like a time (TIME_NAME); else a first column of date
+    strings. Two columns named like times are refused (the other would be trained as a feature)."""
+    named = [c for c in df.columns if TIME_NAME.fullmatch(str(c).strip().lower())]
+    if len(named) > 1:
+        raise DataError(f"{path}: columns {named} all name a time; keep one (the others would be features)")
+    if named:
+        return named[0]
+    first = df.columns[0] if len(df.columns) else None
+    if first is not None and len(df) and not pd.api.types.is_numeric_dtype(df[first]) and _looks_like_times(df[first]):
+        return first
     return None
 
 
-def _read_table(path: Path, min_rows: int) -> tuple[pd.DataFrame, np.ndarray]:
-    """Read one CSV, sort by timestamp if present; returns (values frame, timestamps)."""
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
-        raise DataError(f"{path}: cannot parse CSV ({str(e).splitlines()[0]})") from None
+def _looks_like_times(values: pd.Series) -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return bool(pd.to_datetime(values.head(20), utc=True, errors="coerce").notna().all())
+
+
+def parse_timestamps(values: pd.Series, path: Path) -> np.ndarray:
+    """A timestamp column -> numbers (unix or any epoch, as written) or datetime64 (UTC; ISO 8601
+    or another date format pandas infers from the first value, one format for the file), never
+    text: a missing, non-finite or unreadable stamp is a DataError naming its line."""
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        ts = values.to_numpy()
+        bad = ~np.isfinite(ts.astype(np.float64))
+    else:
+        numbers = pd.to_numeric(values, errors="coerce")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            times = pd.to_datetime(values.astype(str), utc=True, errors="coerce")
+        if numbers.notna().sum() > times.notna().sum():
+            ts, bad = numbers.to_numpy(), numbers.isna().to_numpy() | ~np.isfinite(numbers.to_numpy(np.float64))
+        else:
+            ts, bad = times.dt.tz_localize(None).to_numpy(), times.isna().to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{path}: line {i + 2}: timestamp {values.iloc[i]!r} is missing or not a time "
+                        f"({bad.sum()} such row(s); one format for the file: unix seconds, ISO 8601, ...)")
+    return ts
+
+
+def _read_table(path: Path, min_rows: int) -> tuple[pd.DataFrame, np.ndarray, str | None]:
+    """Read one CSV, sort by timestamp if present -> (values frame, timestamps, timestamp column)."""
+    df = read_csv(path)
     n_fields = _last_row_fields(path)
     if len(df) and n_fields is not None and n_fields < df.shape[1]:
         raise DataError(f"{path}: line {len(df) + 1}: {n_fields} fields, the header has {df.shape[1]} "
                         f"(file cut off while written?)")
-    ts_col = _ts_column(df)
+    ts_col = _ts_column(df, path)
     if ts_col is None:
         ts = np.arange(len(df))
     else:
-        ts = df.pop(ts_col).to_numpy()
-        bad = pd.isna(ts) if not pd.api.types.is_numeric_dtype(ts) else ~np.isfinite(ts.astype(np.float64))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{path}: line {i + 2}: timestamp {ts[i]!r} is missing or not finite "
-                            f"({bad.sum()} such row(s))")
+        if str(ts_col) != "timestamp":
+            log.info("%s: column %r taken as the timestamp", path, ts_col)
+        ts = parse_timestamps(df.pop(ts_col), path)
         if len(ts) > 1 and not np.all(ts[1:] > ts[:-1]):
             log.warning("%s: timestamps are not increasing; sorting %d rows by timestamp", path, len(ts))
             order = np.argsort(ts, kind="stable")
@@ -116,7 +182,7 @@ def _read_table(path: Path, min_rows: int) -> tuple[pd.DataFrame, np.ndarray]:
                 df, ts = df[~dup].reset_index(drop=True), ts[~dup]
     if len(df) < min_rows:
         raise DataError(f"{path}: {len(df)} rows, fewer than one window of {min_rows}")
-    return df, ts
+    return df, ts, ts_col
 
 
 def _last_row_fields(path: Path) -> int | None:
@@ -126,7 +192,7 @@ def _last_row_fields(path: Path) -> int | None:
             if not path.name.endswith(".gz"):
                 fh.seek(max(0, path.stat().st_size - 65536))
             lines = collections.deque((ln for ln in fh if ln.strip()), maxlen=1)
-    except OSError:
+    except (OSError, EOFError, zlib.error):
         return None
     return lines[0].count(b",") + 1 if lines else None
 
@@ -152,7 +218,7 @@ def load_entity(folder: str | Path, min_rows: int = 1, name: str | None = None) 
     train_path = _find(folder, "train")
     if train_path is None:
         raise DataError(f"{folder}: no train.csv or train.csv.gz")
-    train_df, train_ts = _read_table(train_path, min_rows)
+    train_df, train_ts, _ = _read_table(train_path, min_rows)
     features = [str(c) for c in train_df.columns]
     if not features:
         raise DataError(f"{train_path}: no feature columns")
@@ -165,7 +231,7 @@ def load_entity(folder: str | Path, min_rows: int = 1, name: str | None = None) 
     test_path = _find(folder, "test")
     if test_path is None:
         return ent
-    test_df, test_ts = _read_table(test_path, min_rows)
+    test_df, test_ts, ts_col = _read_table(test_path, min_rows)
     test_df.columns = [str(c) for c in test_df.columns]
     missing = [f for f in features if f not in test_df.columns]
     if missing:
@@ -176,7 +242,7 @@ def load_entity(folder: str | Path, min_rows: int = 1, name: str | None = None) 
     ent.test, ent.test_ts = _numeric(test_df[features], test_path), test_ts
     label_path = _find(folder, "test_label")
     if label_path is not None:
-        ent.labels, ent.faults = _read_labels(label_path, test_ts, _ts_column(pd.read_csv(test_path, nrows=0)) is not None)
+        ent.labels, ent.faults = _read_labels(label_path, test_ts, ts_col is not None)
     interp_path = _find(folder, "interpretation")
     if interp_path is not None:
         ent.interpretation = _read_interpretation(interp_path, len(test_ts), features)
@@ -186,10 +252,7 @@ def load_entity(folder: str | Path, min_rows: int = 1, name: str | None = None) 
 
 
 def _read_interpretation(path: Path, n_test: int, features: list[str]) -> list[tuple[int, int, list[str]]]:
-    try:
-        df = pd.read_csv(path, dtype={"features": str}, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
-        raise DataError(f"{path}: cannot parse CSV ({str(e).splitlines()[0]})") from None
+    df = read_csv(path, dtype={"features": str}, keep_default_na=False)
     missing = [c for c in ("start", "end", "features") if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; need start,end,features")
@@ -227,14 +290,15 @@ def interpretation_segments(ent: Entity, features: list[str] | None = None) -> l
 
 
 def _read_labels(path: Path, test_ts: np.ndarray, test_has_ts: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    lab = pd.read_csv(path, dtype={"fault": str})  # an all-empty fault column must not turn float
+    lab = read_csv(path, dtype={"fault": str})  # an all-empty fault column must not turn float
+    ts_col = _ts_column(lab, path) if len(lab.columns) > 1 else None
     if "label" not in lab.columns:
-        if lab.shape[1] == 1 or (lab.shape[1] == 2 and _ts_column(lab) is not None):
-            lab = lab.rename(columns={[c for c in lab.columns if c != _ts_column(lab)][0]: "label"})
+        if lab.shape[1] == 1 or (lab.shape[1] == 2 and ts_col is not None):
+            lab = lab.rename(columns={[c for c in lab.columns if c != ts_col][0]: "label"})
         else:
             raise DataError(f"{path}: no 'label' column")
-    ts_col = _ts_column(lab)
     if ts_col is not None and test_has_ts:
+        lab[ts_col] = parse_timestamps(lab[ts_col], path)  # as test.csv's are parsed
         lab = lab.drop_duplicates(ts_col).set_index(ts_col)
         missing = ~pd.Index(test_ts).isin(lab.index)
         if missing.any():
@@ -266,7 +330,7 @@ def load_dataset(path: str | Path, entities: str | list[str] = "all", min_rows: 
     """Load every entity (or the named ones) of a dataset; all must share one feature list."""
     folders = entity_folders(path)
     if entities not in ("all", "", None):
-        wanted = entities.split(",") if isinstance(entities, str) else list(entities)
+        wanted = list(dict.fromkeys(entities.split(",") if isinstance(entities, str) else entities))  # each once
         by_name = {p.name: p for p in folders}
         unknown = [w for w in wanted if w not in by_name]
         if unknown:
@@ -306,10 +370,14 @@ EPOCH_S = (1e9, 1e11)  # numeric timestamps in this range are Unix seconds (2001
 
 def time_step(entities: list[Entity]) -> float | None:
     """The series' step in seconds: the median difference of consecutive train timestamps over
-    the entities whose timestamps are Unix seconds (or milliseconds); None when none has such
-    timestamps (row numbers, as in ASD and SMD, no timestamp column, or text)."""
+    the entities whose timestamps are Unix seconds (or milliseconds) or dates (parse_timestamps'
+    datetime64); None when none has such timestamps (row numbers, as in ASD and SMD, or no
+    timestamp column)."""
     diffs = []
     for e in entities:
+        if len(e.train_ts) > 1 and np.asarray(e.train_ts).dtype.kind == "M":
+            diffs.append(np.diff(e.train_ts) / np.timedelta64(1, "s"))
+            continue
         if len(e.train_ts) < 2 or not pd.api.types.is_numeric_dtype(e.train_ts):
             continue
         ts = np.asarray(e.train_ts, dtype=np.float64)
@@ -471,10 +539,16 @@ def get_device(name: str = "auto") -> torch.device:
 
 
 def atomic_write(path: str | Path, write) -> None:
-    """Call write(tmp_path), then rename onto path, so a reader never sees half a file."""
-    path = Path(path)
+    """Call write(tmp_path), then rename onto path, so a reader never sees half a file. A symlink
+    at path is written through (its target is replaced, the link stays). The temporary name
+    carries the writer's pid; those of dead writers (a killed save) are removed (sweep_temp)."""
+    path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    prefix = f".{path.name}.tmp-"
+    sweep_temp(path.parent, prefix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{prefix}{os.getpid()}-", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
@@ -485,6 +559,73 @@ def atomic_write(path: str | Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def sweep_temp(folder: Path, prefix: str) -> None:
+    """Remove the files and folders `<prefix><pid>-...` in folder whose writing process is gone
+    (killed mid-write): temporary names here carry their writer's pid (atomic_write, run_outputs)."""
+    for p in folder.glob(f"{glob.escape(prefix)}*"):
+        pid = re.match(r"(\d+)-", p.name[len(prefix):])
+        if pid is None or _alive(int(pid.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_outputs(folder: str | Path, name: str = ".test", last: str = "metrics.json"):
+    """The output-folder rule: one run's files in a folder that other tools share (test.py's
+    --out_dir also holds loss_curve.png), replaced together. Yields a staging folder inside
+    `folder` to write every file into; when the block succeeds they are moved in with the files
+    of the previous run that this one did not write removed, and `last` (the file that says a run
+    is complete) moved in last, after being removed first. `<name>.manifest` lists the run's
+    files, so after a crash at any point (kill -9) the folder never holds `last` beside files of
+    another run, and the next run removes whatever the crashed one left. A failed block changes
+    nothing. One writer at a time: hold output_lock around it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep_temp(folder, f"{name}.run-")
+    stage = Path(tempfile.mkdtemp(dir=folder, prefix=f"{name}.run-{os.getpid()}-"))
+    try:
+        yield stage
+        new = sorted(str(p.relative_to(stage)) for p in stage.rglob("*") if p.is_file())
+        manifest = folder / f"{name}.manifest"
+        old = [rel for rel in _read_manifest(manifest) if not rel.startswith("/") and ".." not in Path(rel).parts]
+        (folder / last).unlink(missing_ok=True)
+        write_json_atomic(manifest, sorted(set(old) | set(new)))  # every file that may be in the folder now
+        for rel in sorted(set(old) - set(new)):
+            if (folder / rel).is_file() or (folder / rel).is_symlink():  # a folder it names is not ours
+                (folder / rel).unlink()
+        for rel in new:
+            if rel != last:
+                (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(stage / rel, folder / rel)
+        write_json_atomic(manifest, new)
+        if last in new:
+            os.replace(stage / last, folder / last)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _read_manifest(path: Path) -> list[str]:
+    try:
+        names = json.loads(path.read_text()) if path.is_file() else []
+    except (OSError, ValueError):
+        log.warning("%s: unreadable; files of earlier runs it named may stay", path)
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 @contextlib.contextmanager

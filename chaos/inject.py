@@ -30,12 +30,13 @@ from pathlib import Path
 import yaml
 
 try:
-    from faultlog import ExportError, append_fault, format_time, read_fault_log
+    from faultlog import FAULT_LOG_COLUMNS, ExportError, append_fault, format_time, prepare_fault_log
 except ModuleNotFoundError:  # run as a file: the repository root is not on the path
     raise SystemExit("inject.py: error: run it from the repository root as `python -m chaos.inject ...`") from None
 
 PROG = "inject.py"
 PLAN_KEYS = {"manifest", "duration", "pause_after", "name"}
+MAX_SECONDS = 1e6  # a plan entry's duration or pause: 11.6 days (time.sleep overflows far above)
 
 
 class PlanError(Exception):
@@ -136,8 +137,8 @@ def load_plan(path: str | Path) -> list[dict]:
         pause = item.get("pause_after", 0)
         for key, value in (("duration", duration), ("pause_after", pause)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or value < 0:
-                raise PlanError(f"{where}: {key} must be a number of seconds >= 0, got {value!r}")
+                    or not 0 <= value <= MAX_SECONDS:
+                raise PlanError(f"{where}: {key} must be a number of seconds in [0, {MAX_SECONDS:g}], got {value!r}")
         if duration <= 0:
             raise PlanError(f"{where}: duration must be > 0")
         if limit_s is not None and duration > limit_s:
@@ -183,15 +184,20 @@ def run_plan(plan: list[dict], fault_log: str | Path, kubectl: str = "kubectl",
             entry, start = state["in_flight"]
             deleted = call("delete", "-f", str(entry["manifest"]), "--ignore-not-found") == 0
             end = math.ceil(time.time())
-            append_fault(fault_log, math.floor(start), end, entry["kind"], entry["target"],
-                         entry["name"])
+            row = [format_time(math.floor(start)), format_time(end), entry["kind"], entry["target"], entry["name"]]
             state["in_flight"] = None
-            print(f"{PROG}: {entry['name']}: {format_time(start)} .. {format_time(end)} logged",
-                  flush=True)
+            logged = True
+            try:
+                append_fault(fault_log, *row)
+                print(f"{PROG}: {entry['name']}: {row[0]} .. {row[1]} logged", flush=True)
+            except ExportError as e:  # the fault ran: its times must not be lost
+                logged = False
+                print(f"{PROG}: error: {e}; add the fault's row ({','.join(FAULT_LOG_COLUMNS)}) by hand: "
+                      f"{','.join(row)}", file=sys.stderr, flush=True)
             if not deleted:
                 print(f"{PROG}: error: kubectl delete failed; the fault may still be active: "
                       f"kubectl delete -f {entry['manifest']}", file=sys.stderr)
-            return deleted
+            return deleted and logged
         finally:
             state["cleaning"] = False
 
@@ -229,6 +235,10 @@ def run_plan(plan: list[dict], fault_log: str | Path, kubectl: str = "kubectl",
         if state["in_flight"] is not None:
             finish()
         return 128 + stop.signum
+    except BaseException:  # whatever goes wrong, a fault applied is deleted and logged
+        if state["in_flight"] is not None:
+            finish()
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -246,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the plan and exit; calls nothing")
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.inject_timeout) and args.inject_timeout >= 0):
+        parser.error(f"--inject_timeout={args.inject_timeout}: must be a number of seconds >= 0")
     try:
         plan = load_plan(args.plan)
     except PlanError as e:
@@ -254,15 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     print_plan(plan)
     if args.dry_run:
         return 0
-    try:
-        if Path(args.fault_log).exists() and Path(args.fault_log).stat().st_size > 0:
-            read_fault_log(args.fault_log)  # refuse to append to something that is not a log
-    except ExportError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
     if shutil.which(args.kubectl) is None:
         print(f"{PROG}: error: kubectl not found at {args.kubectl!r} (use --kubectl PATH)",
               file=sys.stderr)
+        return 1
+    try:  # before any fault runs: a log that cannot be written would lose the faults' times
+        prepare_fault_log(args.fault_log)
+    except ExportError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     first = time.time()
     try:
