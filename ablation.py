@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 import scoring
-from config import Config, cli, print_config
-from metrics import alert_metrics, evaluate, segments, select_threshold, summarize
+from config import SCORES, Config, cli, print_config
+from metrics import alert_metrics, evaluate, percentile_threshold, segments, spot_threshold, summarize
 from puad import CalibrationData, build_model, entity_state, fit_scorer, read_checkpoint, reconstruct_entity, run_config
 from utils import (DataError, Scaler, align_features, atomic_write, get_device, load_dataset, log, set_threads,
                    time_step, write_json_atomic)
@@ -36,8 +36,7 @@ from utils import (DataError, Scaler, align_features, atomic_write, get_device, 
 Experiment = Callable[..., "tuple[np.ndarray, np.ndarray]"]
 VARIANTS: dict[str, dict | Experiment] = {}  # filled below, after the experiments
 KEYS = ("auc_pr", "f1", "vus_pr", "f1_pa", "auc_roc", "best_f1_oracle")
-SCORER_FIELDS = ("latent_weight", "score_floor", "const_floor", "smooth", "threshold",
-                 "spot_q", "spot_level", "percentile", "drift_window", "alarm_budget")
+SCORER_FIELDS = ("latent_weight", "score_floor", "smooth", "spot_q", "spot_level", "drift_window", "alarm_budget")
 
 
 def _rescored(scorer: scoring.Scorer, raw_calib: np.ndarray, raw_test: np.ndarray, step_s: float | None,
@@ -46,8 +45,8 @@ def _rescored(scorer: scoring.Scorer, raw_calib: np.ndarray, raw_test: np.ndarra
     drift guard refitted on the calibration rows' smoothed scores as Scorer.fit does."""
     s_cal, s_test = smoother(raw_calib), smoother(raw_test)
     fitted = copy.copy(scorer)
-    fitted.threshold_ = float(select_threshold(s_cal, scorer.threshold, level=scorer.spot_level, pct=scorer.percentile,
-                                               q=scoring.spot_risk(scorer.alarm_budget, scorer.spot_q, step_s)))
+    fitted.threshold_ = float(spot_threshold(s_cal, scoring.spot_risk(scorer.alarm_budget, scorer.spot_q, step_s),
+                                             scorer.spot_level))
     fitted.median_, fitted.recent_ = float(np.median(s_cal)), s_cal[-scorer.drift_window:] if scorer.drift_window else s_cal[:0]
     return s_test, fitted.thresholds(s_test)
 
@@ -72,6 +71,29 @@ def recentred(window: int) -> Experiment:
         moved.center_ = med[n_cal - 1:len(past) - 1]  # point t: the `window` residuals before it
         s = moved.score(test)
         return s, scorer.thresholds(s)
+    return run
+
+
+def percentile99(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, step_s: float | None):
+    """The threshold at the 99th percentile of the calibration scores instead of SPOT."""
+    scorer = fit_scorer(cfg, calib, step_s)
+    s_cal, s = scorer.score(calib.rows), scorer.score(test)
+    fitted = copy.copy(scorer)
+    fitted.threshold_ = percentile_threshold(s_cal, 99.0)
+    return s, fitted.thresholds(s)
+
+
+def no_const_floor(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, step_s: float | None):
+    """A feature constant over the train series scaled like any other (floor 0.1, not 0.01)."""
+    return fit_scorer(cfg, CalibrationData(calib.rows, np.zeros_like(calib.constant), calib.memory), step_s), test
+
+
+def _scored(make):
+    def run(calib, test, cfg, step_s):
+        scorer, rec = make(calib, test, cfg, step_s)
+        s = scorer.score(rec)
+        return s, scorer.thresholds(s)
+    run.__doc__ = make.__doc__
     return run
 
 
@@ -101,10 +123,10 @@ VARIANTS.update({
     "latent term 1": dict(latent_weight=1.0),
     "floor 0.05": dict(score_floor=0.05),
     "floor 0.2": dict(score_floor=0.2),
-    "no constant-feature floor (0.1 for all)": dict(const_floor=0.1),
+    "no constant-feature floor (0.1 for all)": _scored(no_const_floor),
     "no alarm budget (SPOT q=1e-2)": dict(alarm_budget=0.0),
     "alarm budget 0.5 a day": dict(alarm_budget=0.5),
-    "percentile 99 of the calibration scores": dict(threshold="percentile", percentile=99.0),
+    "percentile 99 of the calibration scores": percentile99,
     "no drift guard (the fitted threshold at every point)": dict(drift_window=0),
     "drift guard over 300 points": dict(drift_window=300),
     "each feature's residual centred on its median over the last 300 points": recentred(300),
@@ -158,7 +180,8 @@ def oracle_alert_ceiling(series: list[tuple[np.ndarray, np.ndarray, np.ndarray |
 
 def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
-    parsed = cli(argv, defaults=dict(out_dir="res_hr/ablation"), description=__doc__, show=False)
+    parsed = cli(argv, defaults=dict(out_dir="res_hr/ablation"), description=__doc__, show=False,
+                 reads=tuple(f for f in SCORES if f != "threshold"))
     ckpt = read_checkpoint(parsed.cfg.ckpt)
     cfg = run_config(parsed.cfg, ckpt, parsed.given)  # the model fields are the checkpoint's
     print_config(cfg)

@@ -11,7 +11,7 @@ as PUAD does (``scoring.calibrate``/``scoring.apply``: ``--score``, ``--score_fl
 ``--smooth``); kNN, IsolationForest, random and TranAD (tranad.py, Tuli et al. 2022, on windows
 of seq_len, its score at each window's last point, mean over features; run only when --methods
 names it) give scalar scores, which get the same smoothing. The threshold is chosen on the
-*validation* scores without labels (``cfg.threshold``: SPOT with ``spot_q``/``spot_level``, or a percentile), and
+*validation* scores without labels (SPOT at the alarm budget, ``spot_q``/``spot_level``), and
 ``metrics.evaluate`` computes every metric. ``--score=se --smooth=1`` is the protocol of the
 first results (mean squared error, no smoothing).
 For an entity with interpretation labels (interpretation.csv), PCA and the autoencoder, whose
@@ -44,6 +44,10 @@ from config import Config, cli, cli_error
 from utils import (DataError, Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
                    set_seed, set_threads, split_train_val, time_step, window_to_point_scores, write_json_atomic)
 
+# the Config fields baselines.py takes: the data, its split and window, the scorer, the AE's batch
+READS = ("data", "entities", "out_dir", "smooth", "alarm_budget", "num_threads", "seed", "seq_len", "val_frac",
+         "val_blocks", "score_floor", "name_q", "repair_weight", "spot_q", "spot_level", "drift_window", "batch_size",
+         "score_batch")
 METHODS = ("random", "pca", "iforest", "knn", "ae", "tranad")
 DEFAULT_METHODS = METHODS[:5]  # tranad only when asked: its training takes minutes per entity
 EXTRA_DEFAULTS: dict[str, Any] = {"methods": ",".join(DEFAULT_METHODS), "knn_k": 5,
@@ -174,7 +178,7 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, An
         raise SystemExit(f"{ent.name}: no test split to score")
     scaler = Scaler().fit(ent.train)  # train only
     tr, held = split_train_val(scaler.transform(ent.train), cfg.val_frac, cfg.seq_len, cfg.val_blocks)
-    model = FITTERS[method](np.concatenate([_flat(p, cfg.seq_len, max(cfg.stride, 1)) for p in tr]), cfg, opt)
+    model = FITTERS[method](np.concatenate([_flat(p, cfg.seq_len) for p in tr]), cfg, opt)
     calib = scoring.Reconstruction.concat([point_output(model(_flat(p, cfg.seq_len)), p, cfg.seq_len) for p in held])
     scorer = scoring.Scorer.from_config(cfg).fit(calib, scoring.constant_features(ent.train), step_s=time_step([ent]))
     test = scaler.transform(ent.test)
@@ -192,6 +196,11 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, An
     return res
 
 
+OPTION_HELP = {"knn_k": "kNN: neighbours averaged", "knn_max_train": "kNN: train windows kept (a random subset)",
+               "ae_epochs": "windowed AE: training epochs", "pca_var": "PCA: share of the variance kept",
+               "iforest_trees": "IsolationForest: trees", "tranad_epochs": "TranAD: training epochs"}
+
+
 def add_options(parser) -> None:
     """baselines.py's own options (EXTRA_DEFAULTS), after Config's."""
     group = parser.add_argument_group("baselines")
@@ -200,12 +209,12 @@ def add_options(parser) -> None:
     for key, value in EXTRA_DEFAULTS.items():
         if key != "methods":
             group.add_argument(f"--{key}", type=lambda t, kind=type(value): kind(float(t)), default=value,
-                               metavar=type(value).__name__.upper(), help=f"[default {value!r}]")
+                               metavar=type(value).__name__.upper(), help=f"{OPTION_HELP[key]} [default {value!r}]")
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
     """Run the chosen baselines; returns {method: metrics.json content}."""
-    parsed = cli(argv, defaults={"out_dir": "res_hr/baselines"}, description=__doc__, extra=add_options)
+    parsed = cli(argv, defaults={"out_dir": "res_hr/baselines"}, description=__doc__, extra=add_options, reads=READS)
     cfg, opt = parsed.cfg, vars(parsed.opts)
     methods = [m.strip() for m in str(opt["methods"]).split(",") if m.strip()]
     unknown = [m for m in methods if m not in FITTERS]

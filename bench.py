@@ -403,7 +403,7 @@ def bench_fleet(n: int, opts: dict) -> dict:
 
     names = fleetsim.service_names(n)
     faults = {name: ("cpu", "latency")[i % 2] for i, name in enumerate(names[::100])}
-    cfg = Config(**{k: v for k, v in PRESETS["cpu"].items()}, live_step=1, threshold="percentile",
+    cfg = Config(**{k: v for k, v in PRESETS["cpu"].items()}, live_step=1,
                  num_threads=opts["threads"], score_batch=opts["score_batch"])
     metric_set = load_metric_set(Path(__file__).parent / "labshop" / "metrics-lab.yaml", services=names)
     metric_set["rate_window"] = "5s"

@@ -2,9 +2,9 @@
 
 Precedence, lowest to highest: the dataclass defaults (the `cpu` preset), `--preset=NAME`,
 `--config=FILE.py` (a Python file assigning Config field names, as in nanoGPT), then
-`--field=value` or `--field value` for any field (values parsed as Python literals; a bare word
-is a string; bools also as `--flag` / `--no-flag`). `python SCRIPT.py --help` lists every field
-with its type, default and the comment beside it below, grouped as below.
+`--field=value` or `--field value` for any field the script reads (values parsed as Python
+literals; a bare word is a string; bools also as `--flag` / `--no-flag`). `python SCRIPT.py
+--help` lists the fields that script reads with their type, default and help, grouped as GROUPS.
 
     python train_safe.py --preset=paper --epochs=3 --data=../shared/datasets/ASD
 """
@@ -13,111 +13,129 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import functools
-import inspect
-import io
 import math
 import re
 import sys
-import tokenize
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 
+def _f(default: Any, help: str) -> Any:
+    """A Config field with its --help text (declared here, not parsed from comments)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Config:
+    # what a user edits: the data, where the model goes, how long to train, how alarms are raised
+    data: str = _f("Dataset/lab", "a split folder or a folder of entity folders")
+    entities: str = _f("all", "'all' or a comma list of entity names")
+    entity: str = _f("", "one entity: the target of --stage=local, or the one test.py evaluates")
+    ckpt: str = _f("checkpoints/puad.ckpt", "the shared model; local files puad.local-<entity>.pt sit beside it")
+    out_dir: str = _f("res_hr", "where test.py (and plots) write their outputs")
+    epochs: int = _f(8, "stage 1 (global) epochs; the epoch of the lowest validation loss is kept")
+    smooth: int = _f(5, "score = causal mean of the last N point scores, capped at the point's own plus the "
+                        "calibration's largest (1 = off)")
+    alarm_budget: float = _f(1.0, "false alarm events per entity per day the threshold aims at: SPOT's risk is "
+                                  "budget x step / 1 day when the timestamps give the step (0 = --spot_q always)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    num_threads: int = _f(0, "torch CPU threads (0 = torch default)")
+    seed: int = _f(0, "seed of training, sampling and the baselines")
     # data
-    data: str = "Dataset/lab"            # a split folder or a folder of entity folders
-    entities: str = "all"                # 'all' or a comma list of entity names
-    entity: str = ""                     # target entity for --stage=local / test.py
-    seq_len: int = 20                    # sliding window (paper 4.1)
-    stride: int = 1                      # training window stride
-    val_frac: float = 0.1                # fraction of each train series held out (validation and calibration)
-    val_blocks: int = 1                  # held out as the last val_frac of each of N equal chunks (1 = the tail)
+    seq_len: int = _f(20, "sliding window (paper 4.1)")
+    val_frac: float = _f(0.1, "fraction of each train series held out (validation and calibration)")
+    val_blocks: int = _f(1, "held out as the last val_frac of each of N equal chunks (1 = the tail)")
     # model (the `cpu` preset: the paper's architecture scaled down)
-    d_model: int = 64                    # Transformer hidden size
-    n_heads: int = 4
-    n_layers: int = 3
-    d_ff: int = 128                      # Transformer feed-forward size
-    d_h1: int = 128                      # MLP h0 -> h1, and the hidden size of every Gaussian head (the decoder's too)
-    d_theta: int = 64                    # theta0, theta1 and prototype dimension
-    n_global: int = 10                   # K_g global prototypes beta_g
-    n_local: int = 2                     # K_l local prototypes beta_l
-    sinkhorn_eps: float = 0.1            # entropic regularisation (costs are divided by sqrt(d_theta))
-    sinkhorn_iters: int = 100
-    ot_momentum: float = 0.1             # running prototype potentials used for scoring
-    dropout: float = 0.1
-    min_std: float = 0.01                # floor of every Gaussian's standard deviation
+    d_model: int = _f(64, "Transformer hidden size")
+    n_heads: int = _f(4, "attention heads")
+    n_layers: int = _f(3, "Transformer layers")
+    d_ff: int = _f(128, "Transformer feed-forward size")
+    d_h1: int = _f(128, "MLP h0 -> h1, and the hidden size of every Gaussian head (the decoder's too)")
+    d_theta: int = _f(64, "theta0, theta1 and prototype dimension")
+    n_global: int = _f(10, "K_g global prototypes beta_g")
+    n_local: int = _f(2, "K_l local prototypes beta_l")
+    sinkhorn_eps: float = _f(0.1, "entropic regularisation (costs are divided by sqrt(d_theta))")
+    sinkhorn_iters: int = _f(100, "Sinkhorn iterations of a training batch's plan")
+    ot_momentum: float = _f(0.1, "running prototype potentials used for scoring")
+    dropout: float = _f(0.1, "dropout of the Transformer")
+    min_std: float = _f(0.01, "floor of every Gaussian's standard deviation")
     # training
-    stage: str = "both"                  # global | local | both
-    epochs: int = 8                      # stage 1 (global) epochs
-    local_epochs: int = 3                # stage 2 (local) epochs
-    adapt_windows: int = 0               # use only the first N windows of each train series (0 = all)
-    batch_size: int = 256
-    lr: float = 1e-3
-    local_lr: float = 1e-2
-    rho1: float = 0.01                   # KL(q(theta1) || p(theta1 | theta0'))
-    rho2: float = 0.01                   # KL(q(theta0) || N(0, I))
-    rho3: float = 0.01                   # OT loss
-    warmup_epochs: int = 3               # rho1..3 rise linearly from 0 over the first K epochs
-    grad_clip: float = 5.0
-    max_bad_steps: int = 20              # consecutive non-finite losses before the run stops
-    max_train_windows: int = 0           # per epoch, random subset (0 = all windows)
-    resume: bool = False
-    # scoring and thresholds (scoring.py; docs/ablation.md for how they were chosen)
-    score_floor: float = 0.1             # norm: smallest residual scale of a feature (scaled units)
-    const_floor: float = 0.01            # norm: the same for a feature constant over the train series
-    smooth: int = 5                      # score = causal mean of the last N point scores (1 = off)
-    name_q: float = 0.9                  # which metrics: each feature's contribution over its name_q quantile on the
-                                         # calibration rows (0 = the contributions as scored; docs/ablation.md)
-    repair_weight: float = 1.0           # which metrics: the weight of a feature's repair gain beside its own named
-                                         # contribution, both in log units (scoring.explain; 0 = by the contribution)
-    latent_weight: float = 0.5           # latent term: theta0's mean distance to its 5 nearest among the
-                                         # entity's normal windows over its median on the calibration rows, times
-                                         # this, added to the point score (0 = off; docs/ablation.md)
-    use_local: bool = True               # test.py: apply the entity's local prototypes when adapted
-    min_calib_rows: int = 200            # an entity adapted from fewer rows than this is calibrated on the history's
-                                         # calibration rows stored in the checkpoint (chosen on 3 ASD splits: docs/meta.md)
-    score_batch: int = 1024
-    score_mode: str = "point"            # point: the window ending at each point | block: non-overlapping
-                                         # windows, each scores all its points (~seq_len x fewer passes)
-    threshold: str = "spot"              # spot | percentile
-    alarm_budget: float = 1.0            # false alarm events per entity per day the threshold aims at: SPOT's risk is
-                                         # budget x step / 1 day when the timestamps give the step (0 = --spot_q always)
-    spot_q: float = 1e-2                 # SPOT risk level where the step is unknown (timestamps that are row numbers)
-    spot_level: float = 0.98             # initial quantile of the peaks-over-threshold fit
-    percentile: float = 99.0
-    drift_window: int = 1000             # drift guard: the threshold rises by as much as the median of the last N
-                                         # scores stands above the calibration median (0 = fixed threshold)
-    # outputs and runtime
-    ckpt: str = "checkpoints/puad.ckpt"
-    loss_csv: str = "loss_metrics.csv"
-    out_dir: str = "res_hr"
-    plots: bool = True
-    device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    num_threads: int = 0                 # torch CPU threads (0 = torch default)
-    seed: int = 0
-    progress: bool = True
-    # live detection (detect_live.py; --threshold=NUMBER there sets the threshold explicitly)
-    prometheus: str = "http://localhost:9090"  # Prometheus base URL (env PROMETHEUS_URL when left default)
-    metrics_file: str = "labshop/metrics-lab.yaml"  # metric set YAML (export_metrics.py format)
-    rate_window: str = ""                # override the metric set's $rate_window ('' = keep)
-    live_step: int = 15                  # seconds between polls = the grid step of a window
-    port: int = 9109                     # /metrics of the detector
-    listen: str = "127.0.0.1"            # address the detector listens on
-    live_log: str = "live_events.jsonl"  # one JSON line per state change
-    webhook: str = ""                    # Alertmanager-compatible URL (.../api/v2/alerts); '' = off
-    stale_steps: int = 3                 # puad_stale = 1 when the last good query is older than this
-    max_backoff: float = 60.0            # seconds, cap of the retry delay while Prometheus fails
-    query_timeout: float = 5.0           # seconds per Prometheus request
-    max_polls: int = 0                   # stop after N polls (0 = run until SIGTERM/SIGINT)
-    shard: str = ""                      # I/N: only the entities whose name hashes to I modulo N (Prometheus hashmod); '' = all
+    stage: str = _f("both", "global | local | both")
+    local_epochs: int = _f(3, "stage 2 (local) epochs")
+    adapt_windows: int = _f(0, "use only the first N windows of each train series (0 = all)")
+    batch_size: int = _f(256, "training windows per step")
+    lr: float = _f(1e-3, "stage 1 learning rate (Adam)")
+    local_lr: float = _f(1e-2, "stage 2 learning rate")
+    rho1: float = _f(0.01, "weight of KL(q(theta1) || p(theta1 | theta0'))")
+    rho2: float = _f(0.01, "weight of KL(q(theta0) || N(0, I))")
+    rho3: float = _f(0.01, "weight of the OT loss")
+    warmup_epochs: int = _f(3, "rho1..3 rise linearly from 0 over the first K epochs")
+    grad_clip: float = _f(5.0, "gradient norm clip")
+    max_train_windows: int = _f(0, "per epoch, a random subset of this many windows (0 = all)")
+    resume: bool = _f(False, "continue stage 1 from <ckpt>.last.ckpt")
+    # scoring and thresholds (scoring.py; docs/decisions.md for how they were chosen)
+    score_floor: float = _f(0.1, "smallest residual scale of a feature (scaled units)")
+    name_q: float = _f(0.9, "which metrics: each feature's contribution over its name_q quantile on the "
+                            "calibration rows (0 = the contributions as scored)")
+    repair_weight: float = _f(1.0, "which metrics: the weight of a feature's repair gain beside its own named "
+                                   "contribution, both in log units (Scorer.explain; 0 = by the contribution)")
+    latent_weight: float = _f(0.5, "latent term: theta0's mean distance to its 5 nearest among the entity's "
+                                   "normal windows over its median on the calibration rows, times this (0 = off)")
+    use_local: bool = _f(True, "apply the entity's local prototypes when adapted")
+    min_calib_rows: int = _f(200, "an entity adapted from fewer rows than this is calibrated on the history's "
+                                  "calibration rows stored in the checkpoint (docs/meta.md)")
+    score_batch: int = _f(1024, "windows per scoring batch")
+    score_mode: str = _f("point", "point: the window ending at each point | block: non-overlapping windows, each "
+                                  "scores all its points (~seq_len x fewer passes, lower quality)")
+    threshold: str = _f("spot", "spot; detect_live.py also takes a number, a fixed threshold")
+    spot_q: float = _f(1e-2, "SPOT risk level where the step is unknown (timestamps that are row numbers)")
+    spot_level: float = _f(0.98, "initial quantile of the peaks-over-threshold fit")
+    drift_window: int = _f(1000, "drift guard: the threshold rises by as much as the median of the last N scores "
+                                 "stands above the calibration median (0 = fixed threshold)")
+    # outputs
+    loss_csv: str = _f("loss_metrics.csv", "training's per-epoch losses (plot_loss.py draws them)")
+    plots: bool = _f(True, "write the PNG plots")
+    # live detection (detect_live.py)
+    prometheus: str = _f("http://localhost:9090", "Prometheus base URL (env PROMETHEUS_URL when left default)")
+    metrics_file: str = _f("labshop/metrics-lab.yaml", "metric set YAML (export_metrics.py format)")
+    rate_window: str = _f("", "override the metric set's $rate_window ('' = keep)")
+    live_step: int = _f(15, "seconds between polls = the grid step of a window (the checkpoint's step wins)")
+    port: int = _f(9109, "/metrics of the detector")
+    listen: str = _f("127.0.0.1", "address the detector listens on")
+    live_log: str = _f("live_events.jsonl", "one JSON line per state change")
+    webhook: str = _f("", "Alertmanager-compatible URL (.../api/v2/alerts); '' = off")
+    stale_steps: int = _f(3, "puad_stale = 1 when the last good query is older than this many steps")
+    max_backoff: float = _f(60.0, "seconds, cap of the retry delay while Prometheus fails")
+    query_timeout: float = _f(5.0, "seconds per Prometheus request")
+    max_polls: int = _f(0, "stop after N polls (0 = run until SIGTERM/SIGINT)")
+    shard: str = _f("", "I/N: only the entities whose name hashes to I modulo N (Prometheus hashmod); '' = all")
 
     def validate(self) -> "Config":
         """Raise ConfigError naming the first field out of its range (see CHECKS at the end)."""
         validate_config(self)
         return self
+
+
+# the groups --help lists, in order: (title, the fields)
+GROUPS: dict[str, tuple[str, ...]] = {
+    "common": ("data", "entities", "entity", "ckpt", "out_dir", "epochs", "smooth", "alarm_budget", "device",
+               "num_threads", "seed"),
+    "data": ("seq_len", "val_frac", "val_blocks"),
+    "model": ("d_model", "n_heads", "n_layers", "d_ff", "d_h1", "d_theta", "n_global", "n_local", "sinkhorn_eps",
+              "sinkhorn_iters", "ot_momentum", "dropout", "min_std"),
+    "training": ("stage", "local_epochs", "adapt_windows", "batch_size", "lr", "local_lr", "rho1", "rho2", "rho3",
+                 "warmup_epochs", "grad_clip", "max_train_windows", "resume", "loss_csv"),
+    "scoring and thresholds": ("score_floor", "name_q", "repair_weight", "latent_weight", "use_local",
+                               "min_calib_rows", "score_batch", "score_mode", "threshold", "spot_q", "spot_level",
+                               "drift_window", "plots"),
+    "live detection": ("prometheus", "metrics_file", "rate_window", "live_step", "port", "listen", "live_log",
+                       "webhook", "stale_steps", "max_backoff", "query_timeout", "max_polls", "shard"),
+}
+# what each kind of script reads (cli(reads=...)): its --help lists those, and only those are taken
+TRAINS = GROUPS["common"] + GROUPS["data"] + GROUPS["model"] + GROUPS["training"] + ("score_batch", "score_mode")
+SCORES = ("data", "entities", "entity", "ckpt", "out_dir", "smooth", "alarm_budget", "device", "num_threads", "seed",
+          "val_frac", "val_blocks") + GROUPS["scoring and thresholds"]
 
 
 PRESETS: dict[str, dict] = {
@@ -129,7 +147,7 @@ PRESETS: dict[str, dict] = {
                   local_epochs=10, local_lr=1e-3),
     # tiny model for tests
     "test": dict(d_model=16, n_heads=2, n_layers=1, d_ff=32, d_h1=16, d_theta=8, epochs=2,
-                 local_epochs=1, warmup_epochs=1, batch_size=64, progress=False, plots=False),
+                 local_epochs=1, warmup_epochs=1, batch_size=64, plots=False),
 }
 
 
@@ -138,44 +156,8 @@ class ConfigError(ValueError):
 
 
 # ---- the command line: an argparse parser built from Config (its fields, types, defaults and the
-# comments above), so every script answers --help and takes --field=value, --field value,
-# --flag / --no-flag and --flag=True|False.
-
-@functools.lru_cache(maxsize=None)
-def _field_docs() -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
-    """From this file's source: {field: its comment}, {field: its group}, {group: group comment}.
-
-    A field's comment is the `#` text on its line plus comment-only lines indented further below
-    it; a comment-only line at the fields' indent starts a group (`# data`, `# model ...`)."""
-    try:
-        src = inspect.getsource(sys.modules[__name__])
-    except (OSError, TypeError):  # no source (frozen): options still work, without comments
-        return {}, {}, {}
-    tree = ast.parse(src)
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
-    comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
-                for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
-    field_at = {n.lineno: n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
-    indent = cls.body[0].col_offset
-    lines = src.splitlines()
-    docs, groups, group_docs = {}, {}, {}
-    group, last = "other", None
-    for ln in range(cls.lineno + 1, cls.end_lineno + 1):
-        if ln in field_at:
-            last = field_at[ln]
-            docs[last], groups[last] = comments.get(ln, (0, ""))[1], group
-        elif ln in comments and lines[ln - 1].strip().startswith("#"):
-            col, text = comments[ln]
-            if last is not None and col > indent:
-                docs[last] = f"{docs[last]} {text}".strip()
-            else:
-                group, last = text.split(" (")[0], None
-                if text != group:
-                    group_docs[group] = text[len(group):].strip(" ()")
-        else:
-            last = None
-    return docs, groups, group_docs
-
+# help declared with each field), so every script answers --help with the options it reads and
+# takes --field=value, --field value, --flag / --no-flag and --flag=True|False.
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # a ConfigError; cli() prints it as one line, exit code 2
@@ -200,39 +182,43 @@ def _type_name(default) -> str:
 
 
 def build_parser(prog: str | None = None, description: str | None = None, defaults: dict | None = None,
-                 extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
-    """The parser of a Config script: --preset, --config, one option per field grouped as in
-    Config, then the script's own options (extra(parser) adds them)."""
-    docs, groups, group_docs = _field_docs()
+                 extra: Callable[[argparse.ArgumentParser], None] | None = None,
+                 reads: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The parser of a Config script: --preset and --config (when it reads a model field, or
+    all), one option per field it reads (`reads`; None = every field), in GROUPS' order, then the
+    script's own options (extra(parser) adds them)."""
+    wanted = set(f.name for f in fields(Config)) if reads is None else set(reads)
     shown = dict(PRESETS["cpu"], **(defaults or {}))
+    by_name = {f.name: f for f in fields(Config)}
+    presets = bool(wanted & set(GROUPS["model"]))
     parser = _Parser(prog=prog, description=description, allow_abbrev=False,
-                     usage="%(prog)s [-h] [--preset=NAME] [--config=FILE.py] [--field=value ...]",
+                     usage="%(prog)s [-h]" + (" [--preset=NAME] [--config=FILE.py]" if presets else "") + " [--field=value ...]",
                      formatter_class=argparse.RawDescriptionHelpFormatter,
                      epilog="Precedence, lowest to highest: the defaults, --preset, --config, --field. "
                             "Values are Python literals (a bare word is a string); the range checks at "
                             "the end of config.py apply.")
-    base = parser.add_argument_group("run")
-    base.add_argument("--preset", default=argparse.SUPPRESS, metavar="NAME",
-                      help=f"one of {', '.join(PRESETS)} (default: cpu)")
-    base.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.py",
-                      help="a Python file assigning Config field names (as in nanoGPT)")
-    sections: dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(Config):
-        group = groups.get(f.name, "other")
-        if group not in sections:
-            sections[group] = parser.add_argument_group(group, group_docs.get(group))
-        default = shown.get(f.name, f.default)
-        kind = "bool: --{0} / --no-{0}".format(f.name) if isinstance(f.default, bool) else _type_name(f.default)
-        help_text = f"{docs.get(f.name, '')} [{kind}, default {default!r}]".strip()
-        help_text = help_text.replace("%", "%%")
-        if isinstance(f.default, bool):
-            sections[group].add_argument(f"--{f.name}", nargs="?", const=True, default=argparse.SUPPRESS,
-                                         metavar="BOOL", help=help_text)
-            sections[group].add_argument(f"--no-{f.name}", dest=f.name, action="store_const", const=False,
-                                         default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-        else:
-            sections[group].add_argument(f"--{f.name}", default=argparse.SUPPRESS,
-                                         metavar=_type_name(f.default).upper(), help=help_text)
+    if presets:  # a script that builds a model takes presets and config files
+        base = parser.add_argument_group("run")
+        base.add_argument("--preset", default=argparse.SUPPRESS, metavar="NAME",
+                          help=f"one of {', '.join(PRESETS)} (default: cpu)")
+        base.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE.py",
+                          help="a Python file assigning Config field names (as in nanoGPT)")
+    for group, names in GROUPS.items():
+        names = [n for n in names if n in wanted]
+        section = parser.add_argument_group(group) if names else None
+        for name in names:
+            f = by_name[name]
+            default = shown.get(name, f.default)
+            kind = "bool: --{0} / --no-{0}".format(name) if isinstance(f.default, bool) else _type_name(f.default)
+            help_text = f"{f.metadata.get('help', '')} [{kind}, default {default!r}]".strip().replace("%", "%%")
+            if isinstance(f.default, bool):
+                section.add_argument(f"--{name}", nargs="?", const=True, default=argparse.SUPPRESS,
+                                     metavar="BOOL", help=help_text)
+                section.add_argument(f"--no-{name}", dest=name, action="store_const", const=False,
+                                     default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+            else:
+                section.add_argument(f"--{name}", default=argparse.SUPPRESS,
+                                     metavar=_type_name(f.default).upper(), help=help_text)
     if extra is not None:
         extra(parser)
     return parser
@@ -284,16 +270,21 @@ class CLI:
 
 def parse_cli(argv: list[str] | None = None, defaults: dict | None = None, check: bool = True,
               prog: str | None = None, description: str | None = None,
-              extra: Callable[[argparse.ArgumentParser], None] | None = None) -> CLI:
+              extra: Callable[[argparse.ArgumentParser], None] | None = None,
+              reads: tuple[str, ...] | None = None) -> CLI:
     """Parse a command line (see the module docstring); raises ConfigError. `defaults`: the
-    script's own defaults, below --preset; check=False skips the range checks."""
+    script's own defaults, below --preset; `reads`: the fields the script takes (None = all);
+    check=False skips the range checks."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(prog, description, defaults, extra)
+    parser = build_parser(prog, description, defaults, extra, reads)
     ns, unknown = parser.parse_known_args(argv)
     if unknown:
         arg = unknown[0]
         if arg.startswith("--"):
-            raise ConfigError(f"unknown option {arg.split('=', 1)[0]} (not a Config field)")
+            name = arg.split("=", 1)[0]
+            known = name[2:].removeprefix("no-") in {f.name for f in fields(Config)}
+            raise ConfigError(f"unknown option {name}" + (f" ({prog or 'this script'} does not read it)" if known
+                                                          else " (not a Config field)"))
         raise ConfigError(f"unexpected argument {arg!r}")
     ns = vars(ns)
     names = {f.name: f.default for f in fields(Config)}
@@ -352,12 +343,13 @@ def print_config(cfg: Config) -> None:
 
 
 def cli(argv: list[str] | None = None, defaults: dict | None = None, description: str | None = None,
-        extra: Callable[[argparse.ArgumentParser], None] | None = None, show: bool = True) -> CLI:
-    """parse_cli for scripts: --help prints every option and exits 0; a bad option is a one-line
-    error and exit code 2; show=True prints the effective config (print_config)."""
+        extra: Callable[[argparse.ArgumentParser], None] | None = None, show: bool = True,
+        reads: tuple[str, ...] | None = None) -> CLI:
+    """parse_cli for scripts: --help prints the options the script reads (`reads`) and exits 0; a
+    bad option is a one-line error and exit code 2; show=True prints the effective config."""
     prog = Path(sys.argv[0]).name
     try:
-        parsed = parse_cli(argv, defaults, prog=prog, description=description, extra=extra)
+        parsed = parse_cli(argv, defaults, prog=prog, description=description, extra=extra, reads=reads)
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2)
@@ -367,9 +359,9 @@ def cli(argv: list[str] | None = None, defaults: dict | None = None, description
 
 
 def cli_config(argv: list[str] | None = None, defaults: dict | None = None,
-               description: str | None = None) -> Config:
+               description: str | None = None, reads: tuple[str, ...] | None = None) -> Config:
     """cli() for a script with no options of its own: the Config."""
-    return cli(argv, defaults, description).cfg
+    return cli(argv, defaults, description, reads=reads).cfg
 
 
 def cli_error(message: str) -> NoReturn:
@@ -394,7 +386,7 @@ def _number_or(*allowed: str):
     return ok, "a number or one of " + " | ".join(allowed)
 
 
-THRESHOLD_METHODS = ("spot", "pot", "percentile", "pct", "quantile")  # --threshold's names (scoring.py)
+THRESHOLD_METHODS = ("spot",)  # --threshold's method names (detect_live.py also takes a number)
 _pos = (lambda v: v >= 1), ">= 1"
 _nonneg = (lambda v: v >= 0), ">= 0"
 _positive = (lambda v: v > 0), "> 0"
@@ -403,7 +395,7 @@ _url = (lambda v: re.match(r"https?://[^/\s]", v) is not None), "an http:// or h
 
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data": _nonempty, "entities": _nonempty,
-    "seq_len": _pos, "stride": _pos,
+    "seq_len": _pos,
     "val_frac": ((lambda v: 0 <= v < 1), "in [0, 1)"), "val_blocks": _pos,
     "d_model": _pos, "n_heads": _pos, "n_layers": _pos, "d_ff": _pos, "d_h1": _pos, "d_theta": _pos,
     "n_global": _pos, "n_local": _pos,
@@ -416,16 +408,16 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "min_calib_rows": _nonneg,
     "batch_size": _pos, "lr": _positive, "local_lr": _positive,
     "rho1": _nonneg, "rho2": _nonneg, "rho3": _nonneg, "warmup_epochs": _nonneg,
-    "grad_clip": _positive, "max_bad_steps": _pos, "max_train_windows": _nonneg,
+    "grad_clip": _positive, "max_train_windows": _nonneg,
     "score_batch": _pos,
     "score_mode": _choice("point", "block"),
-    "score_floor": _positive, "const_floor": _positive,
+    "score_floor": _positive,
     "smooth": _pos, "latent_weight": _nonneg, "repair_weight": _nonneg, "name_q": ((lambda v: 0 <= v < 1), "in [0, 1)"),
     # a number only in detect_live.py (a fixed threshold); test.py refuses it
     "threshold": _number_or(*THRESHOLD_METHODS),
     "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"), "alarm_budget": _nonneg,
     "spot_level": ((lambda v: 0 < v < 1), "in (0, 1)"),
-    "percentile": ((lambda v: 0 <= v <= 100), "in [0, 100]"), "drift_window": _nonneg,
+    "drift_window": _nonneg,
     "ckpt": _nonempty, "loss_csv": _nonempty, "out_dir": _nonempty,
     "device": ((lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None), "auto | cpu | cuda | cuda:N"),
     "num_threads": _nonneg,

@@ -29,7 +29,7 @@ import metrics  # noqa: E402
 import scoring  # noqa: E402
 import test as evaluate  # noqa: E402
 import train_safe  # noqa: E402
-from config import Config, cli_config  # noqa: E402
+from config import SCORES, TRAINS, Config, cli_config  # noqa: E402
 from utils import Scaler, atomic_write, load_dataset, set_threads, write_csv_atomic  # noqa: E402
 
 HISTORY = [f"omi-{i}" for i in range(1, 10)]
@@ -46,9 +46,9 @@ def epochs_for(steps: int, n_windows: int, batch: int) -> int:
 
 def with_paths(cfg: Config, ckpt: Path, **changes) -> Config:
     """A train or test run of this study: the user's Config with this run's checkpoint and loss
-    file, no plots or progress bars, then the run's own changes."""
+    file, no plots, then the run's own changes."""
     values = dict(ckpt=str(ckpt), loss_csv=str(ckpt.parent / "loss_metrics.csv"), plots=False,
-                  progress=False, resume=False, entity="", adapt_windows=0)
+                  resume=False, entity="", adapt_windows=0)
     values.update(changes)
     return dataclasses.replace(cfg, **values)
 
@@ -73,7 +73,8 @@ def pca_few_shot(cfg: Config, entity: str, n: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
-    cfg = cli_config(argv, defaults=dict(data="../shared/datasets/ASD"), description=__doc__)
+    cfg = cli_config(argv, defaults=dict(data="../shared/datasets/ASD"), description=__doc__,
+                     reads=tuple(dict.fromkeys(TRAINS + SCORES)))
     set_threads(cfg.num_threads)
     out = Path(cfg.out_dir)
     work = out / "meta"

@@ -57,7 +57,7 @@ def plot_loss(loss_csv: str | Path, out_png: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    cfg = cli_config(argv, description=__doc__)
+    cfg = cli_config(argv, description=__doc__, reads=("loss_csv", "out_dir"))
     try:
         out = plot_loss(cfg.loss_csv, Path(cfg.out_dir) / "loss_curve.png")
     except OSError as e:

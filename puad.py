@@ -507,7 +507,7 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
         point = mode == "point"  # each window's last point (reconstructed alone), the first window's every point
         out = model.reconstruct(torch.as_tensor(np.require(batch, requirements=["C", "W"]), device=device), use_local,
                                 last=point)
-        first = model.reconstruct(torch.as_tensor(np.ascontiguousarray(batch[:1]), device=device), use_local) \
+        first = model.reconstruct(torch.as_tensor(np.require(batch[:1], requirements=["C", "W"]), device=device), use_local) \
             if point and i == 0 else None
         for k in per_point:
             a = out["x_mu" if k == "mu" else k]

@@ -11,7 +11,7 @@ PUAD's theta0 of that window, or a scalar model's raw score (kNN, IsolationFores
     z_tv = (r_tv - median_v) / max(IQR_v / 1.349, floor) normalised by that feature's residuals on
                                                          the calibration rows (normal data the
                                                          model did not train on); the floor is
-                                                         `const_floor` for a feature that was
+                                                         0.01 for a feature that was
                                                          constant over the train series
     c_tv = z_tv ** 2                                     feature v's contribution
     d_t  = mean distance of theta0_t (the window's encoding, PUAD only) to its 5 nearest among
@@ -36,7 +36,7 @@ error count at 0) has a small floor, so a stopped service scores far above the t
 
 The threshold is fitted on the calibration rows' scores, never on labels: SPOT at the risk that
 spreads `alarm_budget` false alarm events a day over the day's points when the timestamps give
-the step (spot_risk), or a percentile (metrics.select_threshold). It then follows the score's
+the step (spot_risk; metrics.spot_threshold). It then follows the score's
 level (`drift_window`, the drift guard): at each point it stands as far above the median of the
 previous `drift_window` scores as it stood above the calibration median, never lower than
 fitted. A level shift that persists stops alarming once it is most of the recent window; a fault
@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from metrics import select_threshold
+from metrics import spot_threshold
 from utils import create_sequences
 
 # a model's reconstruction of scaled windows (B, T, V) -> its mean (B, T, V): what explain()
@@ -65,6 +65,8 @@ LATENT_FLOOR = 1e-3  # the smallest median memory distance the latent term is sc
 LATENT_K = 5  # the latent term's nearest normal windows (1 to 20: within 0.005 AUC-PR, docs/decisions.md)
 REPAIRED = 8  # explain repairs at most the 8 features a point names most (docs/decisions.md, "Naming by repair")
 NAMED_PER_SEGMENT = 10  # test.py and baselines.py name at most 10 points of a flagged run or an interpretation segment
+CONST_FLOOR = 0.01  # the residual scale floor of a feature constant over the train series (0.1 for all: the lab's
+                    # AUC-PR 0.891 -> 0.818, python ablation.py; docs/decisions.md)
 USUAL_FLOOR = 1e-3  # the smallest usual level a named contribution is divided by (a feature quiet on the calibration rows)
 
 
@@ -189,13 +191,12 @@ class Scorer:
     drift guard starts from, and n_rows_.
     """
 
-    def __init__(self, smooth: int = 5, score_floor: float = 0.1, const_floor: float = 0.01,
-                 latent_weight: float = 0.5, name_q: float = 0.9, repair_weight: float = 1.0,
-                 threshold: str = "spot", spot_q: float = 1e-2, spot_level: float = 0.98,
-                 percentile: float = 99.0, alarm_budget: float = 1.0, drift_window: int = 1000):
-        self.smooth, self.score_floor, self.const_floor = int(smooth), score_floor, const_floor
+    def __init__(self, smooth: int = 5, score_floor: float = 0.1, latent_weight: float = 0.5, name_q: float = 0.9,
+                 repair_weight: float = 1.0, spot_q: float = 1e-2, spot_level: float = 0.98,
+                 alarm_budget: float = 1.0, drift_window: int = 1000):
+        self.smooth, self.score_floor = int(smooth), score_floor
         self.latent_weight, self.name_q, self.repair_weight = latent_weight, name_q, repair_weight
-        self.threshold, self.spot_q, self.spot_level, self.percentile = threshold, spot_q, spot_level, percentile
+        self.spot_q, self.spot_level = spot_q, spot_level
         self.alarm_budget, self.drift_window = alarm_budget, int(drift_window)
         self.center_: np.ndarray | None = None
         self.scale_: np.ndarray | None = None
@@ -211,9 +212,8 @@ class Scorer:
 
     @classmethod
     def from_config(cls, cfg) -> "Scorer":
-        return cls(smooth=cfg.smooth, score_floor=cfg.score_floor, const_floor=cfg.const_floor,
-                   latent_weight=cfg.latent_weight, name_q=cfg.name_q, repair_weight=cfg.repair_weight,
-                   threshold=cfg.threshold, spot_q=cfg.spot_q, spot_level=cfg.spot_level, percentile=cfg.percentile,
+        return cls(smooth=cfg.smooth, score_floor=cfg.score_floor, latent_weight=cfg.latent_weight,
+                   name_q=cfg.name_q, repair_weight=cfg.repair_weight, spot_q=cfg.spot_q, spot_level=cfg.spot_level,
                    alarm_budget=cfg.alarm_budget, drift_window=cfg.drift_window)
 
     # ---- fit
@@ -228,7 +228,7 @@ class Scorer:
             const = np.broadcast_to(np.asarray(False if constant is None else constant, bool), calib.x.shape[1:])
             self.pinned_ = np.where(const, np.asarray(calib.x, np.float64)[0], np.nan)
             self.center_, self.scale_ = fit_normaliser(np.asarray(calib.x, np.float64) - calib.mu,
-                                                       np.where(const, self.const_floor, self.score_floor))
+                                                       np.where(const, CONST_FLOOR, self.score_floor))
             if self.latent_weight > 0 and memory is not None and len(memory) and len(calib) and calib.theta0 is not None:
                 self.memory_ = Memory(memory)
                 dist = self.memory_.distance(calib.theta0, LATENT_K)
@@ -238,8 +238,8 @@ class Scorer:
         raw = self.raw_scores(calib)
         self.cap_ = float(raw.max()) if len(raw) else np.inf
         s = smooth_scores(raw, self.smooth, self.cap_)
-        self.threshold_ = float(select_threshold(s, self.threshold, q=spot_risk(self.alarm_budget, self.spot_q, step_s),
-                                                 level=self.spot_level, pct=self.percentile))
+        self.threshold_ = float(spot_threshold(s, spot_risk(self.alarm_budget, self.spot_q, step_s), self.spot_level)
+                                if len(s) else np.inf)
         self.median_ = float(np.median(s)) if len(s) else 0.0
         self.recent_ = s[-self.drift_window:].copy() if self.drift_window > 0 else np.zeros(0)
         return self

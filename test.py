@@ -5,7 +5,7 @@
 
 For each entity: score the held-out validation tail of its train series and its test series
 (point t is scored by the window that ends at t; the first seq_len-1 points by the first
-window), fix the threshold from the validation scores alone (SPOT, or a percentile), then
+window), fix the threshold from the validation scores alone (SPOT at the alarm budget), then
 compare with the labels. Labels are read only
 to compute metrics. Writes to --out_dir (res_hr/): metrics.json, scores_<entity>.csv,
 evaluation_metrics.png, anomaly_scores_<entity>.png, transport_plan.png. One run per --out_dir
@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from config import THRESHOLD_METHODS, Config, cli, print_config  # noqa: E402
+from config import SCORES, Config, cli, print_config  # noqa: E402
 from metrics import evaluate, interpretation_metrics, sample_weights, segments, summarize  # noqa: E402
 import scoring  # noqa: E402
 from puad import build_model, fit_scorer, read_checkpoint, reconstruct_entity, run_config, window_reconstructor  # noqa: E402
@@ -36,6 +36,7 @@ from utils import (DataError, Entity, LockError, align_features, atomic_write, g
                    interpretation_segments, load_dataset, log, output_lock, run_outputs, set_threads, time_step,
                    write_csv_atomic, write_json_atomic)
 
+READS = tuple(f for f in SCORES if f != "threshold")  # the Config fields test.py takes
 SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
                  "f1_pa", "best_f1_pa_oracle"]
 
@@ -209,7 +210,7 @@ def save_figure(fig, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parsed = cli(argv, description=__doc__, show=False)
+    parsed = cli(argv, description=__doc__, show=False, reads=READS)
     return evaluate_checkpoint(parsed.cfg, parsed.given)
 
 
@@ -222,9 +223,6 @@ def evaluate_checkpoint(cfg: Config, given: set[str] = frozenset()) -> dict:
     cfg = run_config(cfg, ckpt, given)
     print_config(cfg)
     set_threads(cfg.num_threads)
-    if cfg.threshold.lower() not in THRESHOLD_METHODS:
-        raise SystemExit(f"test.py: error: --threshold={cfg.threshold}: a fixed number is for detect_live.py; "
-                         f"test.py takes spot or percentile")
     model, _ = build_model(ckpt, get_device(cfg.device))
     try:  # one run per --out_dir: two would mix their files; its outputs replace the last run's together
         with output_lock(Path(cfg.out_dir) / ".test.lock"), run_outputs(cfg.out_dir, ".test") as staged:
@@ -257,7 +255,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float, out: Path | None = N
         # the threshold is fixed; only now are the labels looked at
         m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults, step_s=time_step([ent]))
         m.update(threshold=r["scorer"].threshold_,  # the fitted one; threshold_max: the drift guard's highest
-                 threshold_method=cfg.threshold, local_prototypes=r["use_local"],
+                 threshold_method="spot", local_prototypes=r["use_local"],
                  smooth=cfg.smooth, calibration_rows=r["scorer"].n_rows_)
         local_used = r["rec"].local_used
         if r["use_local"]:  # which points the local prototypes reconstruct (where closer)
@@ -296,7 +294,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float, out: Path | None = N
     if not per_entity:
         raise SystemExit(f"test.py: error: {cfg.data}: no entity with a test.csv")
     results = summarize(per_entity)
-    results.update(checkpoint=str(cfg.ckpt), data=str(cfg.data), threshold_method=cfg.threshold, score_mode=cfg.score_mode,
+    results.update(checkpoint=str(cfg.ckpt), data=str(cfg.data), threshold_method="spot", score_mode=cfg.score_mode,
                    spot_q=cfg.spot_q, spot_level=cfg.spot_level, seconds=round(time.time() - t0, 2),
                    config=dataclasses.asdict(cfg))
     if all(per_entity[e].get("note") for e in per_entity):

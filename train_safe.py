@@ -32,13 +32,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import Config, cli
+from config import TRAINS, Config, cli
 from puad import (PUAD, build_model, checkpoint_args, fail, history_calibration, local_mismatch, local_path, model_args,
                   model_id, read_checkpoint, run_config, save_checkpoint)
 from utils import (DataError, Entity, LockError, Scaler, Windows, align_features, get_device, load_dataset, log,
                    output_lock, set_seed, set_threads, split_train_val, time_step, write_csv_atomic)
 from vae_loss import total_loss
 
+MAX_BAD_STEPS = 20  # non-finite losses in a row that stop a run (a divergence, not a bad batch)
 LOSS_COLUMNS = ["stage", "entity", "epoch", "total", "recon", "kl0", "kl1", "ot", "val_total",
                 "rho1", "rho2", "rho3", "lr", "seconds", "skipped"]
 
@@ -152,7 +153,7 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
         t0, sums, n, skipped = time.time(), dict(total=0.0, recon=0.0, kl0=0.0, kl1=0.0, ot=0.0), 0, 0
         bar = tqdm(train_w.batches(cfg.batch_size, gen, cfg.max_train_windows, split=(rank, world)),
                    total=steps_per_epoch, desc=f"{stage} {entity} epoch {epoch}/{epochs}",
-                   disable=None if cfg.progress and rank == 0 else True, leave=False)
+                   disable=None if rank == 0 else True, leave=False)  # None: a bar on a terminal only
         for step, xb in enumerate(bar):
             rho = rho_at(cfg, epoch - 1 + step / steps_per_epoch, not use_local)
             out = step_fn(xb, rho, use_local)
@@ -166,7 +167,7 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
             if not finite:
                 skipped, bad_run = skipped + 1, bad_run + 1
                 log.warning("%s epoch %d step %d: non-finite loss, step skipped", stage, epoch, step)
-                if bad_run >= cfg.max_bad_steps:
+                if bad_run >= MAX_BAD_STEPS:
                     raise SystemExit(f"train_safe.py: error: {bad_run} non-finite losses in a row "
                                      f"({stage} stage, epoch {epoch}); stopped without saving. "
                                      f"Lower --lr or check the data.")
@@ -186,7 +187,7 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
         if world > 1:  # the epoch's loss over every rank's windows
             *vals, n = all_sum([*sums.values(), n], train_w.data.device)
             sums, n = dict(zip(sums, vals)), int(n)
-        if n == 0:  # fewer steps than --max_bad_steps, all of them non-finite: nothing learned
+        if n == 0:  # fewer steps than MAX_BAD_STEPS, all of them non-finite: nothing learned
             raise SystemExit(f"train_safe.py: error: every step of {stage} epoch {epoch} was non-finite "
                              f"(skipped {skipped}); stopped, this epoch not saved. Lower --lr or check "
                              f"the data and --sinkhorn_eps.")
@@ -243,7 +244,7 @@ def flat(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
 def train_global(cfg: Config, device: torch.device) -> Path:
     entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
     trains, vals, scalers = prepare(entities, cfg)
-    train_w = Windows(flat(trains), cfg.seq_len, cfg.stride, device)
+    train_w = Windows(flat(trains), cfg.seq_len, 1, device)
     val_w = Windows(flat(vals), cfg.seq_len, 1, device)
     print(f"global stage: {len(entities)} entities, {len(entities[0].features)} features, "
           f"{len(train_w)} train windows, {len(val_w)} validation windows")
@@ -399,7 +400,7 @@ def _previous_rows(loss_csv: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
         sys.stdout = open(os.devnull, "w")  # under torchrun only rank 0 prints, the config too
-    parsed = cli(argv, description=__doc__)
+    parsed = cli(argv, description=__doc__, reads=TRAINS)
     train(parsed.cfg, parsed.given)
 
 

@@ -101,7 +101,7 @@ def fleet(tmp_path_factory):
     with fleetsim.Fleet(names, tmp, scrape_s=1, extra_jobs=[puad_job], shard_modulus=2) as f:
         metric_set = load_metric_set(ROOT / "labshop" / "metrics-lab.yaml", services=names)
         metric_set["rate_window"] = f"{RATE_WINDOW}s"
-        cfg = Config(**PRESETS["test"], seq_len=SEQ_LEN, live_step=1, threshold="percentile", prometheus=f.prometheus,
+        cfg = Config(**PRESETS["test"], seq_len=SEQ_LEN, live_step=1, prometheus=f.prometheus,
                      port=det_port, live_log=str(tmp / "events.jsonl"), num_threads=1)
         n = cfg.seq_len + cfg.smooth - 1
         time.sleep(max(0.0, f.started + CAL_ROWS + n + 2 * RATE_WINDOW + 4 - time.time()))

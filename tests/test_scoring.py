@@ -44,7 +44,7 @@ def test_norm_score_measures_each_feature_against_its_own_normal_error():
     cal = _fit(cfg, x, mu, np.array([False, False, True]))
     assert cal.scale_[0] == pytest.approx(0.2, rel=0.1)
     assert cal.scale_[1] == pytest.approx(cfg.score_floor)  # the floor, not 0.02
-    assert cal.scale_[2] == pytest.approx(cfg.const_floor)  # constant over train: the smaller floor
+    assert cal.scale_[2] == pytest.approx(scoring.CONST_FLOOR)  # constant over train: the smaller floor
     test = np.zeros((4, 3))
     test[1, 0] = 0.6     # 3 sigma of the noisy feature: normal
     test[2, 1] = 2.0     # far outside the quiet feature's floor
@@ -79,11 +79,11 @@ def test_a_feature_is_named_for_leaving_its_own_normal_not_for_being_large():
 
 def test_scalar_scores_get_the_same_smoothing_and_threshold_rule():
     rng = np.random.default_rng(1)
-    cfg = _cfg("--smooth=4", "--threshold=percentile", "--percentile=99")
+    cfg = _cfg("--smooth=4")
     val = rng.random(1000)
     cal = _fit(cfg, scores=val)
     capped = scoring.smooth_scores(val, 4, val.max())
-    assert cal.threshold_ == pytest.approx(np.percentile(capped, 99))
+    assert cal.threshold_ == pytest.approx(scoring.spot_threshold(capped, cfg.spot_q, cfg.spot_level))
     s, contrib = _apply(cal, scores=val)
     assert contrib is None
     np.testing.assert_allclose(s, capped)
@@ -99,7 +99,7 @@ def test_a_constant_feature_that_did_not_move_is_never_named():
     mu = np.array([[0.0, 0.6], [0.0, 0.6], [0.0, 0.5]])  # the model's reconstruction of it wobbles
     s, contrib = _apply(cal, test, mu)
     assert s[0] > 1 and contrib[0, 1] == 0 and contrib[0, 0] > 0  # scored, but not named
-    assert s[0] == pytest.approx((((0.8 - cal.center_[0]) / cal.scale_[0]) ** 2 + (0.1 / cfg.const_floor) ** 2) / 2)
+    assert s[0] == pytest.approx((((0.8 - cal.center_[0]) / cal.scale_[0]) ** 2 + (0.1 / scoring.CONST_FLOOR) ** 2) / 2)
     assert scoring.top_features(contrib[2], ["a", "b"], 1)[0][0] == "b"  # it left its value: named
     # the fleet's batched path names the same features
     s2, c2 = scoring.score_many([cal, cal], np.stack([test, test]), np.stack([mu, mu]), None)

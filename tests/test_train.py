@@ -84,7 +84,8 @@ def test_repeated_nan_losses_stop_without_saving(tmp_path, asd, monkeypatch):
         return out
     monkeypatch.setattr(PUAD, "loss", nan_loss)
     with pytest.raises(SystemExit, match="non-finite losses in a row"):
-        train_safe.main(args(tmp_path, asd, "--entities=omi-1", "--stage=global", "--max_bad_steps=3"))
+        monkeypatch.setattr(train_safe, "MAX_BAD_STEPS", 3)
+        train_safe.main(args(tmp_path, asd, "--entities=omi-1", "--stage=global"))
     assert not (tmp_path / "puad.ckpt").exists()
 
 
