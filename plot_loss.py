@@ -38,22 +38,39 @@ def plot_loss(loss_csv: str | Path, out_png: str | Path) -> Path:
                              f"{df[part].iloc[int(bad.idxmax())]!r} is not a number")
         df[part] = values
     runs = [(stage, ent, g) for (stage, ent), g in df.groupby(["stage", "entity"], sort=False)]
+    kept = {(stage, ent): kept_epoch(g) for stage, ent, g in runs}
     fig, axes = plt.subplots(2, 3, figsize=(15, 7))
     for ax, part in zip(axes.flat, PARTS):
         step = 0
         for stage, ent, g in runs:
             x = range(step, step + len(g))  # stages one after another on a shared epoch axis
-            ax.plot(x, g[part], marker="o", ms=3, label=f"{stage} ({ent})" if stage == "local" else "global")
+            line, = ax.plot(x, g[part], marker="o", ms=3, label=f"{stage} ({ent})" if stage == "local" else "global")
+            k = kept[(stage, ent)]
+            if k is not None:  # the epoch train_safe.py kept: the lowest validation loss
+                ax.plot(step + k, g[part].iloc[k], marker="*", ms=14, color=line.get_color(), mec="k")
             step += len(g)
         ax.set_title(part + (" (-log p(x | theta1))" if part == "recon" else ""))
         ax.set_xlabel("epoch (global, then local)")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"training losses from {path.name}")
+    glob = [(g, kept[(s, e)]) for s, e, g in runs if s == "global" and kept[(s, e)] is not None]
+    note = "; star: the epoch kept (lowest validation loss)"
+    if glob:
+        g, k = glob[-1]
+        note += f", global epoch {int(g['epoch'].iloc[k])} of {len(g)}"
+    fig.suptitle(f"training losses from {path.name}{note}")
     fig.tight_layout()
     out_png = Path(out_png)
     atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return out_png
+
+
+def kept_epoch(run: pd.DataFrame) -> int | None:
+    """The row of a stage's run whose model train_safe.py kept: the first lowest finite validation
+    loss (None when there is none)."""
+    val = run["val_total"].to_numpy(dtype=float)
+    finite = [i for i, v in enumerate(val) if v == v and abs(v) != float("inf")]
+    return min(finite, key=lambda i: val[i]) if finite else None
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -305,7 +305,8 @@ def train_global(cfg: Config, device: torch.device) -> Path:
             best = read_checkpoint(ckpt_path, device)
             model.load_state_dict(best["model"])
             save_checkpoint(ckpt_path, dict(best, history_calib=history_calibration(model, vals, trains, cfg)))
-        print(f"saved {ckpt_path} ({ckpt_path.stat().st_size / 1e6:.2f} MB)" if saved else
+        print(f"saved {ckpt_path} ({ckpt_path.stat().st_size / 1e6:.2f} MB): epoch {saved[-1]} of {cfg.epochs}, the "
+              f"lowest validation loss; {last_path.name} holds epoch {cfg.epochs} for --resume" if saved else
               f"kept {ckpt_path}: no better epoch after resuming")
         locals_ = sorted(ckpt_path.parent.glob(f"{ckpt_path.stem}.local-*.pt")) if cfg.stage == "global" else []
         shared = read_checkpoint(ckpt_path) if locals_ else None

@@ -94,6 +94,11 @@ def test_plot_loss_draws_both_stages_and_refuses_bad_files(trained, tmp_path):
     src, _ = trained
     png = plot_loss.plot_loss(src / "loss.csv", tmp_path / "loss_curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the kept epoch is the one train_safe.py saved: the first lowest finite validation loss
+    run = pd.DataFrame({"val_total": [3.0, 1.0, 2.0, 1.0, float("nan")]})
+    assert plot_loss.kept_epoch(run) == 1 and plot_loss.kept_epoch(run.iloc[4:]) is None
+    loss = pd.read_csv(src / "loss.csv").query("stage == 'global'")
+    assert int(loss.epoch.iloc[plot_loss.kept_epoch(loss)]) == read_checkpoint(src / "puad.ckpt")["epoch"]
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     with pytest.raises(SystemExit, match="bad.csv: not a loss_metrics.csv"):
         plot_loss.plot_loss(tmp_path / "bad.csv", tmp_path / "x.png")
