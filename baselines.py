@@ -190,7 +190,7 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, An
         segs = interpretation_segments(ent, ent.features)
         named = scoring.named_rows(np.zeros(len(test), bool), ent.interpretation, scoring.NAMED_PER_SEGMENT)
         res.update(metrics.interpretation_metrics(scorer.explain(rec, recon, named, cfg.seq_len), segs,
-                                                  weights=metrics.sample_weights(len(test), segs, named)))
+                                                  weights=metrics.sample_weights(len(test), segs, scoring.NAMED_PER_SEGMENT)))
     res["n_val"] = int(scorer.n_rows_)
     res["time_s"] = round(time.perf_counter() - t0, 3)
     return res

@@ -31,7 +31,7 @@ __all__ = [
     "best_f1_oracle", "best_f1_pa_oracle", "soft_range_labels", "range_pr_auc",
     "vus_pr", "spot_threshold", "percentile_threshold", "select_threshold",
     "evaluate", "summarize", "hitrate", "hitrate_random", "interpretation_metrics",
-    "alert_metrics", "held_alarms", "alert_totals", "sample_weights",
+    "alert_metrics", "held_alarms", "alert_totals", "sample_weights", "segment_sample",
 ]
 
 DAY_S = 86400.0
@@ -388,19 +388,28 @@ def hitrate(contrib: Any, segments: Any, p: float, weights: Any | None = None) -
     return float(np.average(hits / n_truth, weights=w))
 
 
-def sample_weights(n: int, segments: Any, sampled: Any) -> np.ndarray:
+def sample_weights(n: int, segments: Any, per_segment: int) -> np.ndarray:
     """(n,) weights that let a sample of each interpretation segment's points stand for the whole
-    segment in hitrate(): a sampled point of a segment of L points with m of them sampled weighs
-    L / m (its first covering segment's), an unsampled point 0."""
+    segment in hitrate(): per_segment evenly spaced points of a segment of L points (all when
+    L <= per_segment; first and last among them) weigh L / m each, every other point 0. Only the
+    segment's own sample counts: rows named for other reasons (a flagged run) would weigh the
+    segment towards where the detector flags."""
     w = np.zeros(n)
-    chosen = np.zeros(n, bool)
-    chosen[np.asarray(sampled, np.int64)] = True
     for start, end, *_ in segments:
-        rows = np.arange(int(start), int(end) + 1)
-        picked = rows[chosen[rows] & (w[rows] == 0)]
-        if len(picked):
-            w[picked] = len(rows) / len(picked)
+        rows = segment_sample(int(start), int(end), per_segment)
+        free = rows[w[rows] == 0]  # a row of an earlier (overlapping) segment keeps that one's weight
+        w[free] = (int(end) - int(start) + 1) / len(rows)
     return w
+
+
+def segment_sample(start: int, end: int, per_segment: int = 0) -> np.ndarray:
+    """The rows of a run start..end (inclusive) that stand for it: all, or at most per_segment
+    evenly spaced (the first and the last among them). The one rule of which points are named
+    (scoring.named_rows) and weighed (sample_weights)."""
+    n = end - start + 1
+    if per_segment <= 0 or n <= per_segment:
+        return np.arange(start, end + 1)
+    return start + np.unique(np.linspace(0, n - 1, per_segment).round().astype(np.int64))
 
 
 def hitrate_random(segments: Any, n_features: int, p: float) -> float:

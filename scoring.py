@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from metrics import spot_threshold
+from metrics import segment_sample, spot_threshold
 from utils import create_sequences
 
 # a model's reconstruction of scaled windows (B, T, V) -> its mean (B, T, V): what explain()
@@ -339,7 +339,9 @@ class Scorer:
         # the features worth a repair: among each asked point's top REPAIRED by named contribution
         # (a feature far below them is not what an alarm names), and named at all
         top = np.argsort(-named[points], axis=1, kind="stable")[:, :REPAIRED]
-        features = np.intersect1d(np.unique(top), np.flatnonzero((named[points] > 0).any(0)))
+        ranked = np.zeros((len(points), V), bool)  # each point's own top REPAIRED: its value never depends
+        np.put_along_axis(ranked, top, True, axis=1)  # on which other points are asked
+        features = np.flatnonzero((ranked & (named[points] > 0)).any(0))
         gain = np.zeros((n, V))
         for i in range(0, len(need), batch):
             rows = slice(i, i + batch)
@@ -353,7 +355,7 @@ class Scorer:
                 fall = before - self._log_named(xb[at], recon(repaired)[at])
                 gain[need[rows], v] = fall.sum(1) - fall[:, v]  # what repairing v lowers in the others
         gain = np.maximum(smooth(gain, k)[points], 0.0)
-        out[points] += self.repair_weight * gain * (named[points] > 0)
+        out[points] += self.repair_weight * gain * (named[points] > 0) * ranked
         return out
 
     def _log_named(self, x: np.ndarray, mu: np.ndarray) -> np.ndarray:
@@ -404,20 +406,11 @@ def named_rows(flagged: np.ndarray, interpretation: list | None = None, per_segm
     """The rows whose features test.py and baselines.py name (Scorer.explain): those of the
     flagged runs (segment tables, heatmaps) and of the interpretation segments ((start, end
     inclusive, ...) each; HitRate); per_segment > 0 keeps at most that many evenly spaced rows of
-    each run and segment (naming_sample). A row's ranking does not depend on which rows are named,
+    each run and segment (metrics.segment_sample). A row's ranking does not depend on which rows are named,
     so labels only choose where it is computed, never what it is."""
     runs = [(a, b - 1) for a, b in _runs(flagged)] + [(s, e) for s, e, *_ in interpretation or []]
-    rows = [naming_sample(s, e, per_segment) for s, e in runs]
+    rows = [segment_sample(s, e, per_segment) for s, e in runs]
     return np.unique(np.concatenate(rows)).astype(np.int64) if rows else np.zeros(0, np.int64)
-
-
-def naming_sample(start: int, end: int, per_segment: int = 0) -> np.ndarray:
-    """The rows of a run start..end (inclusive) that are named: all, or at most per_segment
-    evenly spaced (the first and the last among them)."""
-    n = end - start + 1
-    if per_segment <= 0 or n <= per_segment:
-        return np.arange(start, end + 1)
-    return start + np.unique(np.linspace(0, n - 1, per_segment).round().astype(np.int64))
 
 
 def _runs(flagged: np.ndarray) -> list[tuple[int, int]]:

@@ -265,7 +265,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float, out: Path | None = N
                          local_share_normal=float(local_used[~ent.labels.astype(bool)].mean()))
         if ent.interpretation is not None:  # which metrics: HitRate of what names features
             segs = interpretation_segments(ent, ent.features)
-            m.update(interpretation_metrics(r["naming"], segs, weights=sample_weights(len(r["test_scores"]), segs, r["named"])))
+            m.update(interpretation_metrics(r["naming"], segs, weights=sample_weights(len(r["test_scores"]), segs, scoring.NAMED_PER_SEGMENT)))
         per_entity[ent.name] = m
         pred = (r["test_scores"] > r["threshold"]).astype(int)
         write_csv_atomic(out / f"scores_{ent.name}.csv", pd.DataFrame({

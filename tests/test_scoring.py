@@ -306,3 +306,34 @@ def test_alarm_budget_sets_spot_risk_from_the_step():
     scores = rng.exponential(size=2000)
     per_day = _fit(Config(smooth=1), scores=scores, step_s=60.0).threshold_
     assert per_day > _fit(Config(smooth=1), scores=scores).threshold_  # q 7e-4 is stricter than 1e-2
+
+
+def test_explain_of_a_point_does_not_depend_on_the_other_points_asked():
+    """Naming repairs at most each point's own REPAIRED most named features, so a point's weights
+    are the same whether it is named alone or among many (test.py names a sample of each run)."""
+    rng = np.random.default_rng(8)
+    V, T = 12, 4
+    x = rng.normal(0, 0.05, size=(400, V))
+    cal = _fit(_cfg("--smooth=3"), x, _follows_feature_0(x))
+    test = rng.normal(0, 0.05, size=(40, V))
+    test[20:, :] += rng.normal(0, 1.0, size=(20, V))  # many features move, differently at each point
+    rec = scoring.Reconstruction(test, _follows_feature_0(test))
+    every = cal.explain(rec, _follows_feature_0, np.arange(20, 40), T)
+    alone = cal.explain(rec, _follows_feature_0, np.array([30]), T)
+    np.testing.assert_allclose(alone[30], every[30], atol=1e-9)
+    assert (every[30] > np.log1p(cal.name(rec)[30]) + 1e-9).sum() <= scoring.REPAIRED
+
+
+def test_hitrate_sample_weights_count_only_each_segments_own_sample():
+    import metrics
+    segs = [(10, 109, [0])]  # 100 points, 10 sampled
+    w = metrics.sample_weights(200, segs, 10)
+    rows = metrics.segment_sample(10, 109, 10)
+    assert len(rows) == 10 and rows[0] == 10 and rows[-1] == 109
+    assert np.count_nonzero(w) == 10 and np.allclose(w[rows], 10.0)
+    contrib = np.zeros((200, 2))
+    contrib[:, 0] = np.where(np.arange(200) < 60, 1.0, 0.0)  # feature 0 named in the segment's first half only
+    contrib[:, 1] = 0.5
+    full = metrics.hitrate(contrib, segs, 100)
+    assert metrics.hitrate(contrib, segs, 100, w) == pytest.approx(full, abs=0.1)  # the sample stands for all
+    assert np.count_nonzero(metrics.sample_weights(200, segs, 0)) == 100  # 0: every point
