@@ -9,6 +9,21 @@ DATASETS = SHARED / "datasets"
 sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture(autouse=True)
+def _loggers_as_found():
+    """A script's main() run in-process (detect_live.main) gives its logger a handler bound to that test's
+    captured stderr and stops propagation; restore both so a later test's caplog sees the logger again."""
+    import logging
+
+    saved = {n: (list(lg.handlers), lg.propagate, lg.level)
+             for n in ("puad", "puad.live") for lg in [logging.getLogger(n)]}
+    yield
+    for n, (handlers, propagate, level) in saved.items():
+        lg = logging.getLogger(n)
+        lg.handlers[:] = handlers
+        lg.propagate, lg.level = propagate, level
+
+
 @pytest.fixture
 def asd():
     """The real ASD dataset in ../shared; skips only when that folder is absent."""
