@@ -63,8 +63,8 @@ Reconstruct = Callable[[np.ndarray], np.ndarray]
 MAX_CONTRIBUTION = 1e12  # bounds one feature's share so that a sum over features stays finite
 LATENT_FLOOR = 1e-3  # the smallest median memory distance the latent term is scaled by (theta0 units)
 LATENT_K = 5  # the latent term's nearest normal windows (1 to 20: within 0.005 AUC-PR, docs/decisions.md)
-REPAIRED = 8  # explain repairs at most the 8 features a point names most (docs/decisions.md, "Naming by repair")
-NAMED_PER_SEGMENT = 10  # test.py and baselines.py name at most 10 points of a flagged run or an interpretation segment
+NAMED_PER_SEGMENT = 20  # test.py and baselines.py repair at most 20 points of a flagged run or an interpretation segment
+RUNS_NAMED = 50  # ... and of the 50 flagged runs of an entity that peak highest (the rest: contributions only)
 CONST_FLOOR = 0.01  # the residual scale floor of a feature constant over the train series (0.1 for all: the lab's
                     # AUC-PR 0.891 -> 0.818, python ablation.py; docs/decisions.md)
 USUAL_FLOOR = 1e-3  # the smallest usual level a named contribution is divided by (a feature quiet on the calibration rows)
@@ -312,7 +312,7 @@ class Scorer:
         repair_weight, each feature's repair gain: how much the other features' named
         contributions fall, in the same log units, when this feature's values in the window are
         replaced by the model's reconstruction of them and the window is reconstructed again
-        (mean over the last `smooth` points, as named). A feature that pulls the reconstruction
+        (at the point itself: the gain is not smoothed). A feature that pulls the reconstruction
         of the others away gets the share of the anomaly it causes, which residuals alone give
         to the features it disturbs (docs/decisions.md, "Naming by repair"). A feature that no
         asked point names (still at its constant training value) is not repaired. Rows not in
@@ -321,8 +321,8 @@ class Scorer:
 
         rec: the series' reconstruction (its x, and the named contributions); recon: the model's
         reconstruction of windows. Point t is named by the window ending at
-        it (the first seq_len - 1 points by the first window). Costs one reconstruction per
-        feature that can be named, per point asked for and per point the smoothing reads before it.
+        it (the first seq_len - 1 points by the first window). Costs one window reconstruction per
+        feature that a point names, per point asked for.
         """
         named = self.name(rec)
         out = np.log1p(np.maximum(named, 0.0))
@@ -331,19 +331,13 @@ class Scorer:
             return out
         x = np.asarray(rec.x, np.float32)
         n, V = x.shape
-        k = max(self.smooth, 1)
-        need = np.unique((points[:, None] - np.arange(k)[None]).clip(0))  # the rows the smoothing reads
         windows = create_sequences(x, seq_len)
-        start = np.maximum(need - (seq_len - 1), 0)
-        pos = need - start
-        # the features worth a repair: among each asked point's top REPAIRED by named contribution
-        # (a feature far below them is not what an alarm names), and named at all
-        top = np.argsort(-named[points], axis=1, kind="stable")[:, :REPAIRED]
-        ranked = np.zeros((len(points), V), bool)  # each point's own top REPAIRED: its value never depends
-        np.put_along_axis(ranked, top, True, axis=1)  # on which other points are asked
-        features = np.flatnonzero((ranked & (named[points] > 0)).any(0))
-        gain = np.zeros((n, V))
-        for i in range(0, len(need), batch):
+        start = np.maximum(points - (seq_len - 1), 0)
+        pos = points - start
+        can = named[points] > 0  # a feature a point does not name is not repaired for it
+        features = np.flatnonzero(can.any(0))
+        gain = np.zeros((len(points), V))
+        for i in range(0, len(points), batch):
             rows = slice(i, i + batch)
             xb = np.ascontiguousarray(windows[start[rows]])
             at = (np.arange(len(xb)), pos[rows])  # each window's named point
@@ -353,9 +347,8 @@ class Scorer:
                 repaired = xb.copy()
                 repaired[:, :, v] = mu[:, :, v]
                 fall = before - self._log_named(xb[at], recon(repaired)[at])
-                gain[need[rows], v] = fall.sum(1) - fall[:, v]  # what repairing v lowers in the others
-        gain = np.maximum(smooth(gain, k)[points], 0.0)
-        out[points] += self.repair_weight * gain * (named[points] > 0) * ranked
+                gain[rows, v] = fall.sum(1) - fall[:, v]  # what repairing v lowers in the others
+        out[points] += self.repair_weight * np.maximum(gain, 0.0) * can
         return out
 
     def _log_named(self, x: np.ndarray, mu: np.ndarray) -> np.ndarray:
@@ -402,13 +395,19 @@ def top_features(weights: np.ndarray, features: list[str], k: int = 3) -> list[t
     return [(features[i], float(c[i] / total) if total > 0 else 0.0) for i in order]
 
 
-def named_rows(flagged: np.ndarray, interpretation: list | None = None, per_segment: int = 0) -> np.ndarray:
-    """The rows whose features test.py and baselines.py name (Scorer.explain): those of the
-    flagged runs (segment tables, heatmaps) and of the interpretation segments ((start, end
-    inclusive, ...) each; HitRate); per_segment > 0 keeps at most that many evenly spaced rows of
-    each run and segment (metrics.segment_sample). A row's ranking does not depend on which rows are named,
-    so labels only choose where it is computed, never what it is."""
-    runs = [(a, b - 1) for a, b in _runs(flagged)] + [(s, e) for s, e, *_ in interpretation or []]
+def named_rows(flagged: np.ndarray, interpretation: list | None = None, per_segment: int = 0,
+               scores: np.ndarray | None = None, max_runs: int = RUNS_NAMED) -> np.ndarray:
+    """The rows test.py and baselines.py name by repair (Scorer.explain): those of the flagged
+    runs (segment tables, heatmaps; with scores, only the max_runs runs that peak highest) and of
+    the interpretation segments ((start, end inclusive, ...) each; HitRate); per_segment > 0 keeps
+    at most that many evenly spaced rows of each run and segment (metrics.segment_sample). Other
+    rows are named by their contributions alone. A row's ranking does not depend on which rows are
+    named, so labels only choose where it is computed, never what it is."""
+    flagged_runs = _runs(flagged)
+    if scores is not None and len(flagged_runs) > max_runs:
+        peak = [float(np.max(scores[a:b])) for a, b in flagged_runs]
+        flagged_runs = [flagged_runs[i] for i in sorted(np.argsort(peak, kind="stable")[::-1][:max_runs])]
+    runs = [(a, b - 1) for a, b in flagged_runs] + [(s, e) for s, e, *_ in interpretation or []]
     rows = [segment_sample(s, e, per_segment) for s, e in runs]
     return np.unique(np.concatenate(rows)).astype(np.int64) if rows else np.zeros(0, np.int64)
 

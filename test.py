@@ -44,13 +44,13 @@ SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "be
 def score_entity(model, ckpt: dict, cfg: Config, ent: Entity) -> dict:
     """Calibrate on the held-out rows (or, for an entity adapted from N windows, those N
     windows) of one entity, then score its test series with that calibration and name the
-    features behind its flagged runs and interpretation segments (at most NAMED_PER_SEGMENT
-    points of each: naming costs a reconstruction per feature)."""
+    features behind its flagged runs and interpretation segments (scoring.named_rows: naming by
+    repair costs a reconstruction per feature and point)."""
     r = reconstruct_entity(model, ckpt, cfg, ent)
     scorer = fit_scorer(cfg, r.calib, time_step([ent]))
     scores = scorer.score(r.test)
     threshold = scorer.thresholds(scores)
-    named = scoring.named_rows(scores > threshold, ent.interpretation, scoring.NAMED_PER_SEGMENT)
+    named = scoring.named_rows(scores > threshold, ent.interpretation, scoring.NAMED_PER_SEGMENT, scores)
     naming = scorer.explain(r.test, window_reconstructor(model, r.use_local), named, cfg.seq_len)
     return dict(test_scores=scores, contrib=scorer.name(r.test), naming=naming, named=named, rec=r.test,
                 threshold=threshold, scorer=scorer, use_local=r.use_local)

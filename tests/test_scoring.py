@@ -309,8 +309,9 @@ def test_alarm_budget_sets_spot_risk_from_the_step():
 
 
 def test_explain_of_a_point_does_not_depend_on_the_other_points_asked():
-    """Naming repairs at most each point's own REPAIRED most named features, so a point's weights
-    are the same whether it is named alone or among many (test.py names a sample of each run)."""
+    """A point's repair gain is computed at that point alone, so its weights are the same whether it
+    is named alone or among many (test.py names a sample of each run); points not asked for keep
+    their contributions."""
     rng = np.random.default_rng(8)
     V, T = 12, 4
     x = rng.normal(0, 0.05, size=(400, V))
@@ -321,7 +322,18 @@ def test_explain_of_a_point_does_not_depend_on_the_other_points_asked():
     every = cal.explain(rec, _follows_feature_0, np.arange(20, 40), T)
     alone = cal.explain(rec, _follows_feature_0, np.array([30]), T)
     np.testing.assert_allclose(alone[30], every[30], atol=1e-9)
-    assert (every[30] > np.log1p(cal.name(rec)[30]) + 1e-9).sum() <= scoring.REPAIRED
+    np.testing.assert_allclose(alone[31], np.log1p(cal.name(rec)[31]))  # not asked: contributions only
+
+
+def test_named_rows_keeps_the_highest_flagged_runs_and_every_interpretation_segment():
+    flagged = np.zeros(100, bool)
+    flagged[[10, 20, 30, 40]] = True
+    scores = np.zeros(100)
+    scores[[10, 20, 30, 40]] = [5.0, 1.0, 9.0, 2.0]
+    rows = scoring.named_rows(flagged, [(60, 99, [0])], 5, scores, max_runs=2)
+    assert set(rows) & {10, 20, 30, 40} == {10, 30}  # the two runs that peak highest
+    assert len(set(rows) & set(range(60, 100))) == 5  # 5 evenly spaced rows of the segment
+    assert set(scoring.named_rows(flagged)) == {10, 20, 30, 40}  # no scores: every run
 
 
 def test_hitrate_sample_weights_count_only_each_segments_own_sample():
