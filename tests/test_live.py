@@ -39,6 +39,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from fleetsim import ALERTMANAGER, active_alerts, alerts_received, start_alertmanager  # noqa: E402
 MISSING = [b for b in ("prometheus", "stress-ng") if shutil.which(b) is None]
 needs_binaries = pytest.mark.skipif(bool(MISSING), reason=f"needs {', '.join(MISSING)} "
                                     "(apt-get install prometheus stress-ng)")
@@ -544,27 +545,6 @@ def test_kubernetes_container_command(live_lab, tmp_path):
                 p.wait(timeout=10)
 
 
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-
-
-def start_alertmanager(procs, tmp: Path) -> str:
-    """A real Alertmanager on a free loopback port (no cluster, a receiver that sends nothing) -> its URL."""
-    import lab
-    port = free_port()
-    (tmp / "alertmanager.yml").write_text(yaml.safe_dump({"route": {"receiver": "null", "group_wait": "1s"},
-                                                          "receivers": [{"name": "null"}]}))
-    procs.spawn([ALERTMANAGER, f"--config.file={tmp / 'alertmanager.yml'}", f"--storage.path={tmp / 'alertmanager'}",
-                 f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="], "alertmanager")
-    url = f"http://127.0.0.1:{port}"
-    lab.wait_http(f"{url}/-/ready", 30, "alertmanager", procs)
-    return url
-
-
-def active_alerts(alertmanager: str) -> dict[str, dict]:
-    alerts = requests.get(f"{alertmanager}/api/v2/alerts", timeout=5).json()
-    return {a["labels"]["entity"]: a for a in alerts if a["labels"].get("alertname") == "PUADAnomaly"}
-
-
 @needs_binaries
 @pytest.mark.skipif(ALERTMANAGER is None, reason="needs prometheus-alertmanager (apt-get install prometheus-alertmanager)")
 def test_alerts_resolved_when_detector_stops(live_lab, tmp_path):
@@ -598,10 +578,7 @@ def test_alerts_resolved_when_detector_stops(live_lab, tmp_path):
             for e in ENTITIES:
                 states = [(x["state"], x.get("reason")) for x in lines if x["entity"] == e]
                 assert states == [("anomalous", None), ("normal", "detector stopped")], (stop, e, states)
-        received = {"firing": 0.0, "resolved": 0.0}
-        for line in requests.get(f"{alertmanager}/metrics", timeout=5).text.splitlines():
-            if line.startswith("alertmanager_alerts_received_total{"):
-                received[line.split('status="')[1].split('"')[0]] += float(line.rsplit(" ", 1)[1])
+        received = alerts_received(alertmanager)
         assert received == {"firing": 2 * len(ENTITIES), "resolved": 2 * len(ENTITIES)}, received
     finally:
         procs.stop_all()
