@@ -45,9 +45,9 @@ from utils import (DataError, Entity, Scaler, create_sequences, interpretation_s
                    set_seed, set_threads, split_train_val, time_step, window_to_point_scores, write_json_atomic)
 
 # the Config fields baselines.py takes: the data, its split and window, the scorer, the AE's batch
-READS = ("data", "entities", "out_dir", "smooth", "alarm_budget", "num_threads", "seed", "seq_len", "val_frac",
-         "val_blocks", "score_floor", "name_q", "repair_weight", "spot_q", "spot_level", "drift_window", "batch_size",
-         "score_batch")
+READS = ("data", "entities", "out_dir", "smooth", "alarm_budget", "alarm_hold", "num_threads", "seed", "seq_len",
+         "val_frac", "val_blocks", "score_floor", "name_q", "repair_weight", "spot_q", "spot_level", "drift_window",
+         "batch_size", "score_batch")
 METHODS = ("random", "pca", "iforest", "knn", "ae", "tranad")
 DEFAULT_METHODS = METHODS[:5]  # tranad only when asked: its training takes minutes per entity
 EXTRA_DEFAULTS: dict[str, Any] = {"methods": ",".join(DEFAULT_METHODS), "knn_k": 5,
@@ -184,7 +184,8 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, An
     test = scaler.transform(ent.test)
     rec = point_output(model(_flat(test, cfg.seq_len)), test, cfg.seq_len)
     test_scores = scorer.score(rec)
-    res = metrics.evaluate(test_scores, scorer.thresholds(test_scores), ent.labels, ent.faults, step_s=time_step([ent]))
+    res = metrics.evaluate(test_scores, scorer.thresholds(test_scores), ent.labels, ent.faults, step_s=time_step([ent]),
+                           hold=cfg.alarm_hold)
     if ent.interpretation is not None and rec.mu is not None:  # named as PUAD's (Scorer.explain)
         recon = lambda w: model(np.ascontiguousarray(w.reshape(len(w), -1), dtype=np.float32))["mu"]  # noqa: E731
         segs = interpretation_segments(ent, ent.features)

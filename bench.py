@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
-import dataclasses
 import json
 import math
 import os
@@ -403,8 +402,8 @@ def bench_fleet(n: int, opts: dict) -> dict:
 
     names = fleetsim.service_names(n)
     faults = {name: ("cpu", "latency")[i % 2] for i, name in enumerate(names[::100])}
-    cfg = Config(**{k: v for k, v in PRESETS["cpu"].items()}, live_step=1,
-                 num_threads=opts["threads"], score_batch=opts["score_batch"])
+    cfg = Config(**{k: v for k, v in PRESETS["cpu"].items()}, num_threads=opts["threads"],
+                 score_batch=opts["score_batch"])
     metric_set = load_metric_set(Path(__file__).parent / "labshop" / "metrics-lab.yaml", services=names)
     metric_set["rate_window"] = "5s"
     features = [m["column"] for m in metric_set["metrics"]]
@@ -416,7 +415,8 @@ def bench_fleet(n: int, opts: dict) -> dict:
         fill = rows + 2 * parse_step(metric_set["rate_window"]) + 5  # the window, its rate-window rows and their rates
         time.sleep(max(0.0, fleet.started + fill - time.time()))
         # the first poll reads whole windows of every service: far longer than a warm one
-        cfg = dataclasses.replace(cfg, prometheus=fleet.prometheus, live_log=f"{tmp}/events.jsonl", query_timeout=60.0)
+        live = detect_live.LiveOptions(prometheus=fleet.prometheus, live_step=1, live_log=f"{tmp}/events.jsonl",
+                                       query_timeout=60.0)
         session = detect_live.make_session()
         # a scaler and calibration shared by every service: fitted on 20 normal services' first window
         end = int(time.time()) - 1
@@ -428,9 +428,8 @@ def bench_fleet(n: int, opts: dict) -> dict:
         calib = score_series(model, scaler.transform(x), cfg.seq_len)
         memory = latent_memory(model, [scaler.transform(x)], cfg)  # one memory, the latent term's cost per entity
         cal = scoring.Scorer.from_config(cfg).fit(calib, scoring.constant_features(x), memory)
-        det = detect_live.Detector(cfg, {"features": features}, model, names, metric_set, metric_set["metrics"],
-                                   {s: {"local": None, "scaler": scaler, "use_local": False} for s in names},
-                                   {s: cal for s in names})
+        det = detect_live.Detector(cfg, live, {"features": features}, model, names, metric_set, metric_set["metrics"],
+                                   {s: detect_live.EntityState(scaler) for s in names}, {s: cal for s in names})
         # each poll advances the window by one step, as in a detector that keeps up (detect_live's
         # run loop polls 0.25 x step after a grid point); a poll longer than the step delays the next
         timings = []
@@ -440,8 +439,8 @@ def bench_fleet(n: int, opts: dict) -> dict:
             det.poll(end)
             timings.append(det.timing)
             end += 1
-        alarms = sum(det.anomalous.values())
-        caught = sum(det.anomalous[s] for s in faults)
+        alarms = sum(det.alerts.on(s) for s in names)
+        caught = sum(det.alerts.on(s) for s in faults)
     warm = timings[1:]
     med = lambda key: float(np.median([t[key] for t in warm])) * 1e3  # noqa: E731
     return dict(load_average=os.getloadavg()[0], entities=n, step_ms=med("step_s"), query_ms=med("query_s"), score_ms=med("score_s"),

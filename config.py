@@ -39,6 +39,8 @@ class Config:
                         "calibration's largest (1 = off)")
     alarm_budget: float = _f(1.0, "false alarm events per entity per day the threshold aims at: SPOT's risk is "
                                   "budget x step / 1 day when the timestamps give the step (0 = --spot_q always)")
+    alarm_hold: int = _f(2, "an alarm is raised once the score has been above the threshold for N points in a row "
+                            "(Prometheus' for:): test.py's alarm events, detect_live.py's alerts")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     num_threads: int = _f(0, "torch CPU threads (0 = torch default)")
     seed: int = _f(0, "seed of training, sampling and the baselines")
@@ -88,7 +90,6 @@ class Config:
     score_batch: int = _f(1024, "windows per scoring batch")
     score_mode: str = _f("point", "point: the window ending at each point | block: non-overlapping windows, each "
                                   "scores all its points (~seq_len x fewer passes, lower quality)")
-    threshold: str = _f("spot", "spot; detect_live.py also takes a number, a fixed threshold")
     spot_q: float = _f(1e-2, "SPOT risk level where the step is unknown (timestamps that are row numbers)")
     spot_level: float = _f(0.98, "initial quantile of the peaks-over-threshold fit")
     drift_window: int = _f(1000, "drift guard: the threshold rises by as much as the median of the last N scores "
@@ -96,20 +97,6 @@ class Config:
     # outputs
     loss_csv: str = _f("loss_metrics.csv", "training's per-epoch losses (plot_loss.py draws them)")
     plots: bool = _f(True, "write the PNG plots")
-    # live detection (detect_live.py)
-    prometheus: str = _f("http://localhost:9090", "Prometheus base URL (env PROMETHEUS_URL when left default)")
-    metrics_file: str = _f("labshop/metrics-lab.yaml", "metric set YAML (export_metrics.py format)")
-    rate_window: str = _f("", "override the metric set's $rate_window ('' = keep)")
-    live_step: int = _f(15, "seconds between polls = the grid step of a window (the checkpoint's step wins)")
-    port: int = _f(9109, "/metrics of the detector")
-    listen: str = _f("127.0.0.1", "address the detector listens on")
-    live_log: str = _f("live_events.jsonl", "one JSON line per state change")
-    webhook: str = _f("", "Alertmanager-compatible URL (.../api/v2/alerts); '' = off")
-    stale_steps: int = _f(3, "puad_stale = 1 when the last good query is older than this many steps")
-    max_backoff: float = _f(60.0, "seconds, cap of the retry delay while Prometheus fails")
-    query_timeout: float = _f(5.0, "seconds per Prometheus request")
-    max_polls: int = _f(0, "stop after N polls (0 = run until SIGTERM/SIGINT)")
-    shard: str = _f("", "I/N: only the entities whose name hashes to I modulo N (Prometheus hashmod); '' = all")
 
     def validate(self) -> "Config":
         """Raise ConfigError naming the first field out of its range (see CHECKS at the end)."""
@@ -119,23 +106,21 @@ class Config:
 
 # the groups --help lists, in order: (title, the fields)
 GROUPS: dict[str, tuple[str, ...]] = {
-    "common": ("data", "entities", "entity", "ckpt", "out_dir", "epochs", "smooth", "alarm_budget", "device",
-               "num_threads", "seed"),
+    "common": ("data", "entities", "entity", "ckpt", "out_dir", "epochs", "smooth", "alarm_budget", "alarm_hold",
+               "device", "num_threads", "seed"),
     "data": ("seq_len", "val_frac", "val_blocks"),
     "model": ("d_model", "n_heads", "n_layers", "d_ff", "d_h1", "d_theta", "n_global", "n_local", "sinkhorn_eps",
               "sinkhorn_iters", "ot_momentum", "dropout", "min_std"),
     "training": ("stage", "local_epochs", "adapt_windows", "batch_size", "lr", "local_lr", "rho1", "rho2", "rho3",
                  "warmup_epochs", "grad_clip", "max_train_windows", "resume", "loss_csv"),
     "scoring and thresholds": ("score_floor", "name_q", "repair_weight", "latent_weight", "use_local",
-                               "min_calib_rows", "score_batch", "score_mode", "threshold", "spot_q", "spot_level",
+                               "min_calib_rows", "score_batch", "score_mode", "spot_q", "spot_level",
                                "drift_window", "plots"),
-    "live detection": ("prometheus", "metrics_file", "rate_window", "live_step", "port", "listen", "live_log",
-                       "webhook", "stale_steps", "max_backoff", "query_timeout", "max_polls", "shard"),
 }
 # what each kind of script reads (cli(reads=...)): its --help lists those, and only those are taken
 TRAINS = GROUPS["common"] + GROUPS["data"] + GROUPS["model"] + GROUPS["training"] + ("score_batch", "score_mode")
-SCORES = ("data", "entities", "entity", "ckpt", "out_dir", "smooth", "alarm_budget", "device", "num_threads", "seed",
-          "val_frac", "val_blocks") + GROUPS["scoring and thresholds"]
+SCORES = ("data", "entities", "entity", "ckpt", "out_dir", "smooth", "alarm_budget", "alarm_hold", "device",
+          "num_threads", "seed", "val_frac", "val_blocks") + GROUPS["scoring and thresholds"]
 
 
 PRESETS: dict[str, dict] = {
@@ -333,11 +318,12 @@ def changed_fields(cfg: Config) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if getattr(default, k) != v}
 
 
-def print_config(cfg: Config) -> None:
+def print_config(cfg: Config, extra: dict[str, Any] | None = None) -> None:
     """The effective config as the fields that differ from the defaults (the whole config goes
-    into the checkpoint and metrics.json), credentials in URLs redacted (prometheus.redact_url)."""
+    into the checkpoint and metrics.json), then a script's own options that differ from theirs
+    (`extra`: detect_live.py's), credentials in URLs redacted (prometheus.redact_url)."""
     from prometheus import redact_url  # the one rule for a URL in a log (prometheus.py imports requests)
-    changed = changed_fields(cfg)
+    changed = {**changed_fields(cfg), **(extra or {})}
     print("config:", ", ".join(f"{k}={redact_url(repr(v))}" for k, v in changed.items()) if changed else "the defaults",
           flush=True)
 
@@ -377,21 +363,10 @@ def _choice(*allowed: str):
     return (lambda v: v in allowed), "one of " + " | ".join(allowed)
 
 
-def _number_or(*allowed: str):
-    def ok(v: str) -> bool:
-        try:
-            return math.isfinite(float(v))
-        except ValueError:
-            return v.lower() in allowed
-    return ok, "a number or one of " + " | ".join(allowed)
-
-
-THRESHOLD_METHODS = ("spot",)  # --threshold's method names (detect_live.py also takes a number)
 _pos = (lambda v: v >= 1), ">= 1"
 _nonneg = (lambda v: v >= 0), ">= 0"
 _positive = (lambda v: v > 0), "> 0"
 _nonempty = (lambda v: v.strip() != ""), "a non-empty string"
-_url = (lambda v: re.match(r"https?://[^/\s]", v) is not None), "an http:// or https:// URL"
 
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data": _nonempty, "entities": _nonempty,
@@ -413,35 +388,29 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "score_mode": _choice("point", "block"),
     "score_floor": _positive,
     "smooth": _pos, "latent_weight": _nonneg, "repair_weight": _nonneg, "name_q": ((lambda v: 0 <= v < 1), "in [0, 1)"),
-    # a number only in detect_live.py (a fixed threshold); test.py refuses it
-    "threshold": _number_or(*THRESHOLD_METHODS),
-    "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"), "alarm_budget": _nonneg,
+    "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"), "alarm_budget": _nonneg, "alarm_hold": _pos,
     "spot_level": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "drift_window": _nonneg,
     "ckpt": _nonempty, "loss_csv": _nonempty, "out_dir": _nonempty,
     "device": ((lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None), "auto | cpu | cuda | cuda:N"),
     "num_threads": _nonneg,
-    "prometheus": _url, "metrics_file": _nonempty,
-    "rate_window": ((lambda v: v == "" or re.fullmatch(r"(\d+(ms|s|m|h|d|w|y))+", v) is not None),
-                    "'' or a Prometheus duration like 30s or 1m"),
-    "live_step": _pos,
-    "port": ((lambda v: 0 <= v <= 65535), "in [0, 65535]"),
-    "listen": _nonempty,
-    "webhook": ((lambda v: v == "" or _url[0](v)), "'' or an http:// or https:// URL"),
-    "stale_steps": _pos, "max_backoff": _positive, "query_timeout": _positive, "max_polls": _nonneg,
-    "shard": ((lambda v: v == "" or (re.fullmatch(r"(\d+)/(\d+)", v) is not None
-                                     and int(v.split("/")[0]) < int(v.split("/")[1]))), "'' or I/N with 0 <= I < N"),
 }
 
 
-def validate_config(cfg: Config) -> None:
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
+def check_fields(obj: Any, checks: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """Raise ConfigError naming the first field of a dataclass (a Config, detect_live.py's
+    options) out of its range: every float finite, each field in `checks` ok."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"--{f.name}={value!r}: must be a finite number")
-        if f.name in CHECKS:
-            ok, allowed = CHECKS[f.name]
+        if f.name in checks:
+            ok, allowed = checks[f.name]
             if not ok(value):
                 raise ConfigError(f"--{f.name}={value!r}: must be {allowed}")
+
+
+def validate_config(cfg: Config) -> None:
+    check_fields(cfg, CHECKS)
     if cfg.d_model % cfg.n_heads:
         raise ConfigError(f"--d_model={cfg.d_model}: must be divisible by --n_heads={cfg.n_heads}")

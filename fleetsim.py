@@ -14,11 +14,14 @@ Normal load: each service has its own request rate, latency, CPU and memory leve
 """
 from __future__ import annotations
 
-import math
 import argparse
+import json
+import math
 import shutil
-import sys
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -219,15 +222,209 @@ class Fleet:
         self.close()
 
 
+# ---- the quiet fleet (issue 33): a user's own services, end to end, with a real Alertmanager
+
+ROOT = Path(__file__).resolve().parent
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+RATE_WINDOW_S = 5  # the metric set's rate window at 1 s scrapes (>= 4 scrape intervals)
+EXPECTED = {"cpu": ("cpu_rate", "process_cpu_rate"), "latency": ("latency_p50", "latency_p99")}  # named first
+
+
+def start_alertmanager(procs, tmp: Path) -> str:
+    """A real Alertmanager on a free loopback port (no cluster, a receiver that sends nothing) -> its URL."""
+    import lab
+    if ALERTMANAGER is None:
+        raise RuntimeError("needs prometheus-alertmanager (apt-get install prometheus-alertmanager)")
+    port = free_port()
+    (tmp / "alertmanager.yml").write_text(yaml.safe_dump({"route": {"receiver": "null", "group_wait": "1s"},
+                                                          "receivers": [{"name": "null"}]}))
+    procs.spawn([ALERTMANAGER, f"--config.file={tmp / 'alertmanager.yml'}", f"--storage.path={tmp / 'alertmanager'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="], "alertmanager")
+    url = f"http://127.0.0.1:{port}"
+    lab.wait_http(f"{url}/-/ready", 30, "alertmanager", procs)
+    return url
+
+
+def active_alerts(alertmanager: str) -> dict[str, dict]:
+    """The PUADAnomaly alerts Alertmanager holds as active, by entity."""
+    import requests
+    alerts = requests.get(f"{alertmanager}/api/v2/alerts", timeout=5).json()
+    return {a["labels"]["entity"]: a for a in alerts if a["labels"].get("alertname") == "PUADAnomaly"}
+
+
+def alerts_received(alertmanager: str) -> dict[str, float]:
+    """The alert posts Alertmanager received so far: {"firing": n, "resolved": n}."""
+    import requests
+    got = {"firing": 0.0, "resolved": 0.0}
+    for line in requests.get(f"{alertmanager}/metrics", timeout=5).text.splitlines():
+        if line.startswith("alertmanager_alerts_received_total{"):
+            got[line.split('status="')[1].split('"')[0]] += float(line.rsplit(" ", 1)[1])
+    return got
+
+
+def run_step(command: list[str], log: Path) -> None:
+    """Run one documented command (export, training, test.py) to its end; its output in `log`."""
+    with open(log, "w") as f:
+        r = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(command[:2])} failed (exit {r.returncode}); see {log}")
+
+
+def export(prometheus: str, metrics: Path, start: float, end: float, out: Path) -> None:
+    """export_metrics.py of [start, end] at 1 s steps into out (all rows normal: train.csv)."""
+    run_step([sys.executable, "export_metrics.py", f"--prometheus={prometheus}", f"--metrics={metrics}",
+              f"--start={int(start)}", f"--end={int(end)}", "--step=1s", f"--out={out}", "--no_progress",
+              "--overwrite"], out.parent / f"export-{out.name}.log")
+
+
+def scrape_detector(port: int) -> dict[str, float]:
+    import requests
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")}
+
+
+def wait_metric(port: int, ok, timeout: float, what: str, process) -> dict[str, float]:
+    """Poll the detector's /metrics until ok(metrics) (RuntimeError after timeout or if it exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"detect_live.py exited with {process.returncode} waiting for {what}")
+        try:
+            m = scrape_detector(port)
+            if ok(m):
+                return m
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def events(live_log: Path) -> list[dict]:
+    return [json.loads(line) for line in live_log.read_text().splitlines()] if live_log.is_file() else []
+
+
+def inject(fleet: "Fleet", kind: str, target: str, fault_s: float, port: int, process, alertmanager: str,
+           live_log: Path) -> dict:
+    """One fault on one service for fault_s seconds, then until its alert resolves -> when it was
+    caught (steps from the fault's first grid point to the first anomalous event's window), the
+    metric named first, and the alert posts Alertmanager received meanwhile."""
+    before, seen = alerts_received(alertmanager), len(events(live_log))
+    start = time.time()
+    fleet.exporter.faults[target] = kind
+    time.sleep(fault_s)
+    fleet.exporter.faults.pop(target)
+    end = time.time()
+    wait_metric(port, lambda m: m[f'puad_alert{{entity="{target}"}}'] == 0, 120, f"{target}'s alert to resolve", process)
+    time.sleep(2)  # the resolved post reaches Alertmanager
+    new = events(live_log)[seen:]
+    raised = [e for e in new if e["entity"] == target and e["state"] == "anomalous"]
+    after = alerts_received(alertmanager)
+    first = raised[0] if raised else None
+    return {"kind": kind, "target": target, "start": start, "end": end, "caught": first is not None,
+            "delay_steps": first["window_end_unix"] - math.ceil(start) if first else None,
+            "named_first": first["top_features"][0] if first else None,
+            "named_right": bool(first) and first["top_features"][0] in EXPECTED[kind],
+            "raised": len(raised), "others_raised": sum(e["state"] == "anomalous" and e["entity"] != target for e in new),
+            "firing_posts": after["firing"] - before["firing"], "resolved_posts": after["resolved"] - before["resolved"]}
+
+
+def quiet_fleet(out: Path, record_s: float = 1800, run_s: float = 1800, fault_s: float = 30, n: int = 3,
+                train_args: tuple[str, ...] = (), holds: tuple[int, ...] = (1, 2, 3)) -> dict:
+    """The quiet fleet: n synthetic services scraped every second by a real Prometheus; record_s
+    seconds of normal data exported and trained on (train_safe.py); detect_live.py run for run_s
+    seconds of normal running with --webhook to a real Alertmanager; then a CPU fault and a
+    latency fault (fault_s each); then SIGTERM. Its report (out/quiet.json): false alarms of
+    the normal run, each fault's detection delay and first-named metric, the posts Alertmanager
+    received per fault and the alerts it still holds after the detector stopped, and the preview:
+    test.py on the normal run under each alarm hold (the alarm events it would have predicted)."""
+    import lab
+    out.mkdir(parents=True, exist_ok=True)
+    names = service_names(n)
+    with Fleet(names, out, scrape_s=1) as fleet:
+        alertmanager = start_alertmanager(fleet.procs, out)
+        metric_set = yaml.safe_load((ROOT / "labshop" / "metrics-lab.yaml").read_text())
+        metric_set.update(services=names, rate_window=f"{RATE_WINDOW_S}s")
+        (out / "metrics.yaml").write_text(yaml.safe_dump(metric_set, sort_keys=False))
+        t_rec = fleet.started + 2 * RATE_WINDOW_S + 5  # rates settled
+        lab.sleep_until(t_rec + record_s + 2, fleet.procs)
+        export(fleet.prometheus, out / "metrics.yaml", t_rec, t_rec + record_s, out / "data")
+        run_step([sys.executable, "train_safe.py", f"--data={out / 'data'}", f"--ckpt={out / 'puad.ckpt'}",
+                  f"--loss_csv={out / 'loss.csv'}", "--num_threads=1", *train_args], out / "train.log")
+        report = detect(fleet, out, names, alertmanager, run_s, fault_s)
+        if holds:
+            report["preview"] = preview(fleet.prometheus, out, report["normal_start"], report["normal_end"], holds)
+    (out / "quiet.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def detect(fleet: "Fleet", out: Path, names: list[str], alertmanager: str, run_s: float, fault_s: float) -> dict:
+    """detect_live.py on the fleet (as a user runs it): run_s seconds of normal running, a CPU fault
+    on the first service and a latency fault on the second, then SIGTERM -> the report."""
+    port, live_log = free_port(), out / "live_events.jsonl"
+    live_log.unlink(missing_ok=True)
+    process = fleet.procs.spawn([sys.executable, "detect_live.py", f"--ckpt={out / 'puad.ckpt'}",
+                                 f"--data={out / 'data'}", f"--metrics_file={out / 'metrics.yaml'}",
+                                 f"--prometheus={fleet.prometheus}", f"--port={port}", f"--live_log={live_log}",
+                                 f"--webhook={alertmanager}/api/v2/alerts", "--num_threads=1"], "detect_live")
+    wait_metric(port, lambda m: all(m.get(f'puad_windows_scored_total{{entity="{s}"}}', 0) >= 1 for s in names),
+                600, "a scored window of every service", process)
+    start = time.time()
+    time.sleep(run_s)
+    end = time.time()
+    normal = [e for e in events(live_log) if start <= e["window_end_unix"] < end]
+    faults = [inject(fleet, kind, target, fault_s, port, process, alertmanager, live_log)
+              for kind, target in (("cpu", names[0]), ("latency", names[1 % len(names)]))]
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(timeout=60)
+    time.sleep(1)
+    return {"services": names, "normal_start": start, "normal_end": end, "normal_minutes": (end - start) / 60,
+            "false_alarms": sum(e["state"] == "anomalous" for e in normal),
+            "state_changes": len(normal), "faults": faults, "detector_exit": code,
+            "active_after_stop": sorted(active_alerts(alertmanager)), "received_total": alerts_received(alertmanager)}
+
+
+def preview(prometheus: str, out: Path, start: float, end: float, holds: tuple[int, ...]) -> dict:
+    """test.py's preview of the normal run: the recording's train.csv beside the normal run as an
+    unlabelled test.csv (the detector's calibration), under each alarm hold -> the alarm events
+    per entity-day test.py predicts, to set beside the detector's."""
+    export(prometheus, out / "metrics.yaml", start, end, out / "run-export")
+    for folder in sorted((out / "run-export").iterdir()):
+        (out / "run" / folder.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(out / "data" / folder.name / "train.csv", out / "run" / folder.name / "train.csv")
+        shutil.copy(folder / "train.csv", out / "run" / folder.name / "test.csv")
+    got = {}
+    for hold in holds:
+        res = out / f"preview-hold{hold}"
+        run_step([sys.executable, "test.py", f"--ckpt={out / 'puad.ckpt'}", f"--data={out / 'run'}",
+                  f"--out_dir={res}", "--plots=False", "--num_threads=1", f"--alarm_hold={hold}"],
+                 out / f"preview-hold{hold}.log")
+        total = json.loads((res / "metrics.json").read_text())["total"]
+        got[hold] = {"alarm_events": total["alarm_events"], "per_entity_day": total["alarms_per_day"]}
+    return got
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Serve a fleet's metrics until killed (Fleet(external=True) starts this)."""
+    """Serve a fleet's metrics until killed (Fleet(external=True) starts this), or --quiet: run the
+    quiet fleet and print its report."""
     parser = argparse.ArgumentParser(prog="fleetsim.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--services", required=True, help="file of service names, one a line")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--services", help="file of service names, one a line (the exporter)")
+    parser.add_argument("--port", type=int, help="the exporter's port")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--faults", default="", help="service=kind,... (kind: cpu, latency, down)")
+    quiet = parser.add_argument_group("the quiet fleet (--quiet; docs/live.md)")
+    quiet.add_argument("--quiet", action="store_true", help="run the quiet fleet end to end and report")
+    quiet.add_argument("--out", default="res_hr/quiet", help="its folder (default res_hr/quiet)")
+    quiet.add_argument("--record_min", type=float, default=30, help="minutes of normal data to train on (default 30)")
+    quiet.add_argument("--run_min", type=float, default=30, help="minutes of normal running (default 30)")
+    quiet.add_argument("--fault_s", type=float, default=30, help="seconds of each fault (default 30)")
     args = parser.parse_args(argv)
+    if args.quiet:
+        report = quiet_fleet(Path(args.out), 60 * args.record_min, 60 * args.run_min, args.fault_s)
+        print(json.dumps(report, indent=2))
+        return
+    if not args.services or args.port is None:
+        parser.error("the exporter needs --services and --port (or give --quiet)")
     exporter = Exporter(Path(args.services).read_text().split(), args.seed)
     exporter.faults.update(dict(item.split("=", 1) for item in args.faults.split(",") if item))
     exporter.start(args.port)

@@ -620,7 +620,10 @@ def alert_totals(per_entity: list[Mapping[str, Any]]) -> dict[str, Any]:
                            for k in count if any(k in e for e in per_entity)}
     if not tot:
         return {}
-    tot["false_alarms_per_day"] = tot["false_alarm_events"] / tot["days"] if tot.get("days") else NAN
+    if "alarm_events" in tot:  # unlabelled entities' alarms per entity-day (evaluate without labels)
+        tot["alarms_per_day"] = tot["alarm_events"] / tot["days"] if tot.get("days") else NAN
+    if "false_alarm_events" in tot:
+        tot["false_alarms_per_day"] = tot["false_alarm_events"] / tot["days"] if tot.get("days") else NAN
     tot["faults_caught_share"] = tot["faults_caught"] / tot["fault_events"] if tot.get("fault_events") else NAN
     kinds: dict[str, dict[str, float]] = {}
     for e in per_entity:

@@ -437,6 +437,30 @@ def fit_scorer(cfg: Config, calib: CalibrationData, step_s: float | None = None)
     return scoring.Scorer.from_config(cfg).fit(calib.rows, calib.constant, calib.memory, step_s)
 
 
+def history_warning(scorer: scoring.Scorer, step_s: float | None, val_frac: float) -> str | None:
+    """Why a fitted threshold may miss its alarm budget, or None: SPOT's risk q (scoring.spot_risk,
+    the budget spread over a day's points) asks for a score exceeded once in 1/q points, and the
+    calibration rows are fewer, so SPOT extrapolates its tail fit that far beyond them. Says how
+    far, and how much normal history holds 1/q calibration rows (they are its last val_frac)."""
+    q = scoring.spot_risk(scorer.alarm_budget, scorer.spot_q, step_s)
+    n = max(scorer.n_rows_, 1)
+    if n * q >= 1:
+        return None
+    rows = 1 / q / max(val_frac, 1e-9)
+    span = f"{rows:,.0f} rows" + (f" ({_duration(rows * step_s)} at {step_s:g} s)" if step_s else "")
+    return (f"the threshold is fitted on {n} calibration rows, but SPOT's risk q = {q:.2g} asks for a score "
+            f"exceeded once in {1 / q:,.0f} points: SPOT extrapolates {1 / (q * n):,.0f}x beyond them, so the "
+            f"alarms per day can be far from the budget; record {span} of normal history for 1/q calibration rows "
+            f"(--val_frac={val_frac:g} of it)")
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
 def clip_inputs(x: np.ndarray, clip: float = INPUT_CLIP) -> np.ndarray:
     """Scaled inputs as the model sees them: NaN -> 0, everything clipped to [-clip, clip], float32."""
     return np.clip(np.nan_to_num(np.asarray(x, np.float64), nan=0.0, posinf=clip, neginf=-clip),

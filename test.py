@@ -29,14 +29,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from config import SCORES, Config, cli, print_config  # noqa: E402
-from metrics import evaluate, interpretation_metrics, sample_weights, segments, summarize  # noqa: E402
+from metrics import evaluate, held_alarms, interpretation_metrics, sample_weights, segments, summarize  # noqa: E402
 import scoring  # noqa: E402
-from puad import build_model, fit_scorer, read_checkpoint, reconstruct_entity, run_config, window_reconstructor  # noqa: E402
-from utils import (DataError, Entity, LockError, align_features, atomic_write, get_device,  # noqa: E402
+from puad import (build_model, fit_scorer, history_warning, read_checkpoint, reconstruct_entity, run_config,  # noqa: E402
+                  window_reconstructor)
+from utils import (EPOCH_S, DataError, Entity, LockError, align_features, atomic_write, get_device,  # noqa: E402
                    interpretation_segments, load_dataset, log, output_lock, run_outputs, set_threads, time_step,
                    write_csv_atomic, write_json_atomic)
 
-READS = tuple(f for f in SCORES if f != "threshold")  # the Config fields test.py takes
+READS = SCORES  # the Config fields test.py takes
 SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
                  "f1_pa", "best_f1_pa_oracle"]
 
@@ -62,6 +63,35 @@ def alerts_text(m: dict) -> str:
         else f"{1000 * m['false_alarm_events'] / max(m.get('n_points', 0), 1):.2f} per 1k points"
     return (f"false alarms {m['false_alarm_events']:.0f} ({per}), faults caught "
             f"{m['faults_caught']:.0f}/{m['fault_events']:.0f}")
+
+
+def when(t) -> str:
+    """A test timestamp for people: Unix seconds or milliseconds and dates as UTC, else a row number."""
+    if isinstance(t, (np.datetime64, pd.Timestamp)):
+        return str(pd.Timestamp(t))[:19]
+    for scale in (1.0, 1e-3):
+        if EPOCH_S[0] <= float(t) * scale < EPOCH_S[1]:
+            return pd.Timestamp(float(t) * scale, unit="s").strftime("%Y-%m-%d %H:%M:%SZ")
+    return f"row {float(t):g}"
+
+
+def preview_lines(ent: Entity, pred: np.ndarray, segs: pd.DataFrame | None, hold: int, step_s: float | None,
+                  shown: int = 10) -> list[str]:
+    """What an entity without labelled anomalies (recent normal data) would page: its alarm
+    events (flags held `hold` points, metrics.held_alarms) per day, when each starts and ends, and
+    the 3 metrics naming it (its flagged run's row of segments_<entity>.csv); the first `shown`."""
+    events = segments(held_alarms(pred, hold))
+    days = len(pred) * step_s / 86400 if step_s else None
+    rate = f"{len(events) / days:.1f} per day over {days * 24:.1f} h" if days else \
+        f"{1000 * len(events) / max(len(pred), 1):.2f} per 1k points (no time step)"
+    lines = [f"{ent.name}: {len(events)} alarm event{'' if len(events) == 1 else 's'} ({rate}; alarms held {hold} points)"]
+    for a, b in events[:shown]:
+        run = segs[(segs["start"] <= a) & (segs["end"] >= a)] if segs is not None else segs
+        names = run["top_features"].iloc[0].replace(";", ", ") if run is not None and len(run) else "n/a"
+        lines.append(f"  {when(ent.test_ts[a])} -> {when(ent.test_ts[b - 1])}  {names}")
+    if len(events) > shown:
+        lines.append(f"  ... {len(events) - shown} more (their flagged runs: segments_{ent.name}.csv)")
+    return lines
 
 
 def plot_scores(path: Path, ent: Entity, scaled_test: np.ndarray, scores: np.ndarray, thresholds: np.ndarray) -> None:
@@ -233,9 +263,56 @@ def evaluate_checkpoint(cfg: Config, given: set[str] = frozenset()) -> dict:
         raise SystemExit(f"test.py: error: cannot write the outputs in {cfg.out_dir} ({e.strerror or e})") from None
 
 
+def evaluate_entity(cfg: Config, ckpt: dict, model, ent: Entity, out: Path) -> tuple[dict, dict]:
+    """One entity: scores, threshold, metrics (labels read only now), its outputs in `out`, its
+    result line; for an entity without labelled anomalies, the preview of the alarms it would
+    raise (preview_lines); a warning when the threshold is extrapolated (puad.history_warning)
+    -> (its metrics, score_entity's result)."""
+    r = score_entity(model, ckpt, cfg, ent)
+    step = time_step([ent])
+    m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults, step_s=step, hold=cfg.alarm_hold)
+    m.update(threshold=r["scorer"].threshold_,  # the fitted one; threshold_max: the drift guard's highest
+             threshold_method="spot", local_prototypes=r["use_local"], smooth=cfg.smooth, alarm_hold=cfg.alarm_hold,
+             calibration_rows=r["scorer"].n_rows_)
+    local_used = r["rec"].local_used
+    if r["use_local"]:  # which points the local prototypes reconstruct (where closer)
+        m.update(local_share=float(local_used.mean()))
+        if ent.labels is not None and ent.labels.any():
+            m.update(local_share_anomalous=float(local_used[ent.labels.astype(bool)].mean()),
+                     local_share_normal=float(local_used[~ent.labels.astype(bool)].mean()))
+    if ent.interpretation is not None:  # which metrics: HitRate of what names features
+        segs = interpretation_segments(ent, ent.features)
+        m.update(interpretation_metrics(r["naming"], segs, weights=sample_weights(len(r["test_scores"]), segs, scoring.NAMED_PER_SEGMENT)))
+    pred = (r["test_scores"] > r["threshold"]).astype(int)
+    write_csv_atomic(out / f"scores_{ent.name}.csv", pd.DataFrame({
+        "timestamp": ent.test_ts, "score": r["test_scores"], "threshold": r["threshold"],
+        "prediction": pred, "label": ent.labels if ent.labels is not None else np.full(len(pred), -1)}))
+    segs = predicted_segments(ent, r["test_scores"], pred, r["naming"], r["named"])
+    if segs is not None:
+        write_csv_atomic(out / f"segments_{ent.name}.csv", segs)
+    if cfg.plots:
+        scaled = (ent.test - ent.test.min(0)) / np.maximum(np.ptp(ent.test, 0), 1e-12)  # display only
+        plot_scores(out / f"anomaly_scores_{ent.name}.png", ent, scaled, r["test_scores"], r["threshold"])
+        if segs is not None and len(segs):
+            plot_contributions(out / f"contributions_{ent.name}.png", ent, r["test_scores"], r["threshold"],
+                               r["contrib"], r["naming"], segs)
+    line = f"{ent.name}: threshold {m['threshold']:.4g}, {m['n_predicted']} of {m['n_points']} points flagged"
+    if "f1" in m:
+        line += (f" | AUC-ROC {m['auc_roc']:.3f} AUC-PR {m['auc_pr']:.3f} F1 {m['f1']:.3f} "
+                 f"best-F1(oracle) {m['best_f1_oracle']:.3f} | F1-PA {m['f1_pa']:.3f} | {alerts_text(m)}")
+    print(line, flush=True)
+    warning = history_warning(r["scorer"], step, cfg.val_frac)
+    if warning:
+        print(f"WARNING: {ent.name}: {warning}", flush=True)
+    if ent.labels is None or not ent.labels.any():  # recent normal data: what it would page
+        print("\n".join(preview_lines(ent, pred, segs, cfg.alarm_hold, step)), flush=True)
+    return m, r
+
+
 def evaluate_all(cfg: Config, ckpt: dict, model, t0: float, out: Path | None = None) -> dict:
-    """Score, threshold and evaluate every entity; write the outputs to `out` (default cfg.out_dir;
-    evaluate_checkpoint gives utils.run_outputs' staging folder, moved to cfg.out_dir at the end)."""
+    """Score, threshold and evaluate every entity (evaluate_entity); write the outputs to `out`
+    (default cfg.out_dir; evaluate_checkpoint gives utils.run_outputs' staging folder, moved to
+    cfg.out_dir at the end)."""
     names = [cfg.entity] if cfg.entity else cfg.entities
     try:
         entities = load_dataset(cfg.data, names if names != "all" else "all", min_rows=cfg.seq_len)
@@ -251,46 +328,12 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float, out: Path | None = N
             ent = align_features(ent, ckpt["features"], f"{cfg.data}/{ent.name}")
         except DataError as e:
             raise SystemExit(f"test.py: error: {e}") from None
-        r = score_entity(model, ckpt, cfg, ent)
-        # the threshold is fixed; only now are the labels looked at
-        m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults, step_s=time_step([ent]))
-        m.update(threshold=r["scorer"].threshold_,  # the fitted one; threshold_max: the drift guard's highest
-                 threshold_method="spot", local_prototypes=r["use_local"],
-                 smooth=cfg.smooth, calibration_rows=r["scorer"].n_rows_)
-        local_used = r["rec"].local_used
-        if r["use_local"]:  # which points the local prototypes reconstruct (where closer)
-            m.update(local_share=float(local_used.mean()))
-            if ent.labels is not None and ent.labels.any():
-                m.update(local_share_anomalous=float(local_used[ent.labels.astype(bool)].mean()),
-                         local_share_normal=float(local_used[~ent.labels.astype(bool)].mean()))
-        if ent.interpretation is not None:  # which metrics: HitRate of what names features
-            segs = interpretation_segments(ent, ent.features)
-            m.update(interpretation_metrics(r["naming"], segs, weights=sample_weights(len(r["test_scores"]), segs, scoring.NAMED_PER_SEGMENT)))
-        per_entity[ent.name] = m
-        pred = (r["test_scores"] > r["threshold"]).astype(int)
-        write_csv_atomic(out / f"scores_{ent.name}.csv", pd.DataFrame({
-            "timestamp": ent.test_ts, "score": r["test_scores"], "threshold": r["threshold"],
-            "prediction": pred, "label": ent.labels if ent.labels is not None else np.full(len(pred), -1)}))
+        per_entity[ent.name], r = evaluate_entity(cfg, ckpt, model, ent, out)
         plans.append(r["rec"].plan)
         plan_labels.append(ent.labels)
         # the plan before adaptation: None for an adapted entity under --local_score=always
         plans_before.append(r["rec"].plan_global if r["use_local"] else r["rec"].plan)
-        local_used_all.append(local_used)
-        segs = predicted_segments(ent, r["test_scores"], pred, r["naming"], r["named"])
-        if segs is not None:
-            write_csv_atomic(out / f"segments_{ent.name}.csv", segs)
-        if cfg.plots:
-            scaled = (ent.test - ent.test.min(0)) / np.maximum(np.ptp(ent.test, 0), 1e-12)  # display only
-            plot_scores(out / f"anomaly_scores_{ent.name}.png", ent, scaled, r["test_scores"], r["threshold"])
-            if segs is not None and len(segs):
-                plot_contributions(out / f"contributions_{ent.name}.png", ent, r["test_scores"], r["threshold"],
-                                   r["contrib"], r["naming"], segs)
-        line = f"{ent.name}: threshold {m['threshold']:.4g}, {m['n_predicted']} of {m['n_points']} points flagged"
-        if "f1" in m:
-            line += (f" | AUC-ROC {m['auc_roc']:.3f} AUC-PR {m['auc_pr']:.3f} F1 {m['f1']:.3f} "
-                     f"best-F1(oracle) {m['best_f1_oracle']:.3f} | F1-PA {m['f1_pa']:.3f} | "
-                     f"{alerts_text(m)}")
-        print(line, flush=True)
+        local_used_all.append(r["rec"].local_used)
     if not per_entity:
         raise SystemExit(f"test.py: error: {cfg.data}: no entity with a test.csv")
     results = summarize(per_entity)

@@ -22,7 +22,8 @@ SCRIPTS = {
     "baselines.py": ["--methods", "--knn_k", "--seq_len"],
     "bench.py": ["--presets", "--quick", "--threads"],
     "meta_eval.py": ["--adapt_windows", "--epochs"],
-    "detect_live.py": ["--prometheus", "--live_step", "--threshold", "live detection"],
+    "detect_live.py": ["--prometheus", "--live_step", "--fixed_threshold", "--alarm_hold", "--clear_steps",
+                       "live detection"],
     "export_metrics.py": ["--start", "--fault_log", "--out"],
     "lab.py": ["--minutes", "--ci", "--out"],
     "ablation.py": ["--ckpt", "--smooth"],
@@ -76,7 +77,7 @@ def test_help_is_the_options_a_script_reads_each_with_its_declared_help():
 
 
 def test_a_script_refuses_an_option_it_does_not_read():
-    for script, option in (("plot_loss.py", "--lr=0.1"), ("test.py", "--epochs=3"), ("train_safe.py", "--webhook=x")):
+    for script, option in (("plot_loss.py", "--lr=0.1"), ("test.py", "--epochs=3"), ("train_safe.py", "--drift_window=5")):
         r = subprocess.run([sys.executable, script, option], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and "does not read it" in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
 

@@ -1,5 +1,6 @@
 """test.py end to end on a checkpoint trained in this session."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -186,3 +187,41 @@ def test_latent_memory_is_the_train_rows_before_the_calibration_rows(trained):
     assert len(whole) == len(before) - T + 1  # every window before the tail, none of the tail's
     # a window of the tail is not in the memory: its distance to it is not 0
     assert scoring.Memory(whole).distance(calib.rows.theta0[T:T + 1], 1)[0] > 0
+
+
+def test_preview_on_unlabelled_data_prints_alarm_events_per_day(tmp_path, capsys):
+    """Recent normal data with no test_label.csv (issue 33's preview): test.py prints each entity's
+    alarm events per day (alarms held --alarm_hold points), when each starts and ends, the metrics
+    naming it, and warns when the threshold is extrapolated far beyond its calibration rows."""
+    import train_safe
+    rng = np.random.default_rng(0)
+    t0, step, n = 1_800_000_000, 60, 600
+    for name in ("e1", "e2"):
+        t = np.arange(2 * n)
+        x = np.stack([np.sin(t / (7 + j)) + 0.05 * rng.standard_normal(2 * n) for j in range(3)], 1)
+        x[n + 300:n + 320, 1] += 4.0  # an unlabelled incident on b, rows 300-319 of the test split
+        frame = pd.DataFrame(x, columns=["a", "b", "c"])
+        frame.insert(0, "timestamp", t0 + step * t)
+        (tmp_path / "data" / name).mkdir(parents=True)
+        frame[:n].to_csv(tmp_path / "data" / name / "train.csv", index=False)
+        frame[n:].to_csv(tmp_path / "data" / name / "test.csv", index=False)
+    train_safe.main([f"--data={tmp_path / 'data'}", "--preset=test", f"--ckpt={tmp_path}/puad.ckpt",
+                     f"--loss_csv={tmp_path}/loss.csv", "--seq_len=10", "--epochs=3", "--stage=global",
+                     "--num_threads=1"])
+    capsys.readouterr()
+    m = evaluate_script.main([f"--ckpt={tmp_path}/puad.ckpt", f"--out_dir={tmp_path}/res", "--plots=False",
+                              "--num_threads=1", "--alarm_hold=2"])
+    out = capsys.readouterr().out
+    for name in ("e1", "e2"):
+        e = m["entities"][name]
+        head = re.search(rf"^{name}: (\d+) alarm events? \((\d+\.\d) per day over 10\.0 h; alarms held 2 points\)$",
+                         out, re.M)
+        assert head, out
+        assert int(head.group(1)) == e["alarm_events"] and float(head.group(2)) == pytest.approx(e["alarms_per_day"], abs=0.05)
+        assert f"WARNING: {name}: the threshold is fitted on {e['calibration_rows']} calibration rows" in out
+        assert "SPOT extrapolates" in out
+    # the incident is an alarm event of e1 and of e2, listed with its time and the metric it moved
+    events = re.findall(r"^  (\S+ \S+Z) -> \S+ \S+Z  (.*)$", out, re.M)
+    at = [(pd.Timestamp(start[:-1]).timestamp() - t0) / step - n for start, _ in events]
+    caught = [names for (_, names), row in zip(events, at) if 300 <= row < 320]
+    assert len(caught) == 2 and all("b" in names.split(", ") for names in caught), out

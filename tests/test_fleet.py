@@ -69,11 +69,13 @@ def test_grouped_query_rewrite():
     for bad in ("3/3", "x", "1/0"):
         with pytest.raises(ExportError):
             parse_shard(bad)
-    from config import ConfigError, parse_config
-    assert parse_config(["--shard=1/4"]).shard == "1/4"
+    import detect_live
+    from config import check_fields
+    assert detect_live.LiveOptions(shard="1/4").shard == "1/4"
+    check_fields(detect_live.LiveOptions(shard="1/4"), detect_live.LIVE_CHECKS)
     for bad in ("4/4", "1", "a/b"):
-        with pytest.raises(ConfigError, match="--shard"):
-            parse_config([f"--shard={bad}"])
+        with pytest.raises(Exception, match="--shard"):
+            check_fields(detect_live.LiveOptions(shard=bad), detect_live.LIVE_CHECKS)
     names = [f"s{i}" for i in range(100)]
     parts = [shard_services(names, (i, 3)) for i in range(3)]
     assert sorted(sum(parts, [])) == sorted(names) and all(parts)
@@ -101,8 +103,9 @@ def fleet(tmp_path_factory):
     with fleetsim.Fleet(names, tmp, scrape_s=1, extra_jobs=[puad_job], shard_modulus=2) as f:
         metric_set = load_metric_set(ROOT / "labshop" / "metrics-lab.yaml", services=names)
         metric_set["rate_window"] = f"{RATE_WINDOW}s"
-        cfg = Config(**PRESETS["test"], seq_len=SEQ_LEN, live_step=1, prometheus=f.prometheus,
-                     port=det_port, live_log=str(tmp / "events.jsonl"), num_threads=1)
+        cfg = Config(**PRESETS["test"], seq_len=SEQ_LEN, num_threads=1)
+        opts = detect_live.LiveOptions(live_step=1, prometheus=f.prometheus, port=det_port,
+                                       live_log=str(tmp / "events.jsonl"))
         n = cfg.seq_len + cfg.smooth - 1
         time.sleep(max(0.0, f.started + CAL_ROWS + n + 2 * RATE_WINDOW + 4 - time.time()))
         torch.manual_seed(0)
@@ -116,24 +119,24 @@ def fleet(tmp_path_factory):
             x = x[~np.isnan(x).any(1)]
             assert len(x) >= CAL_ROWS, f"{s}: {len(x)} complete rows in the first window"
             scaler = Scaler("minmax").fit(x)
-            states[s] = {"local": None, "scaler": scaler, "use_local": False}
+            states[s] = detect_live.EntityState(scaler)
             out = score_series(model, scaler.transform(x), cfg.seq_len)
             cals[s] = scoring.Scorer.from_config(cfg).fit(out, scoring.constant_features(x))
-        yield dict(fleet=f, names=names, cfg=cfg, model=model, metric_set=metric_set, states=states, cals=cals,
+        yield dict(fleet=f, names=names, cfg=cfg, opts=opts, model=model, metric_set=metric_set, states=states, cals=cals,
                    session=session, n=n, tmp=tmp)
 
 
 def make_detector(fleet, names):
     import detect_live
-    return detect_live.Detector(fleet["cfg"], {"features": [m["column"] for m in fleet["metric_set"]["metrics"]]},
-                                fleet["model"], names, fleet["metric_set"], fleet["metric_set"]["metrics"],
+    return detect_live.Detector(fleet["cfg"], fleet["opts"],
+                                {"features": [m["column"] for m in fleet["metric_set"]["metrics"]]}, fleet["model"], names, fleet["metric_set"], fleet["metric_set"]["metrics"],
                                 {s: fleet["states"][s] for s in names}, {s: fleet["cals"][s] for s in names})
 
 
 def reference_score(fleet, service, x):
     """One service at a time: the scorer as before batching (puad.score_series + Scorer.score)."""
     from puad import score_series
-    out = score_series(fleet["model"], fleet["states"][service]["scaler"].transform(x), SEQ_LEN)
+    out = score_series(fleet["model"], fleet["states"][service].scaler.transform(x), SEQ_LEN)
     return float(fleet["cals"][service].score(out)[-1])
 
 
@@ -162,9 +165,9 @@ def test_grouped_equals_per_service_and_batched_scores(fleet):
     assert det.timing["scored"] == len(names) and det.timing["model_windows"] < len(names) * fleet["cfg"].smooth
     for s in names:
         want = reference_score(fleet, s, per[s][0])
-        assert det.g_score.labels(s)._value.get() == pytest.approx(want, rel=1e-5, abs=1e-6), s
-    assert det.score_window(names[3], per[names[3]][0]) == pytest.approx(reference_score(fleet, names[3], per[names[3]][0]),
-                                                                        rel=1e-5, abs=1e-6)
+        assert det.gauges.score.labels(s)._value.get() == pytest.approx(want, rel=1e-5, abs=1e-6), s
+    one = det.scoring.score({names[3]: per[names[3]][0]})[names[3]]
+    assert one == pytest.approx(reference_score(fleet, names[3], per[names[3]][0]), rel=1e-5, abs=1e-6)
 
 
 def test_fault_alarms_only_its_service_and_dashboard(fleet):
@@ -183,25 +186,25 @@ def test_fault_alarms_only_its_service_and_dashboard(fleet):
         for _ in range(12):
             time.sleep(1)
             det.poll(int(time.time()) - 1)
-            normal = {s: max(normal[s], det.g_score.labels(s)._value.get()) for s in names}
+            normal = {s: max(normal[s], det.gauges.score.labels(s)._value.get()) for s in names}
         threshold = 2.5 * max(normal.values())
         for s in names:
-            det.set_threshold(s, threshold)
+            det.scoring.set_threshold(s, threshold)
         f.exporter.faults[FAULTY] = "cpu"
         try:
             for i in range(20):
                 time.sleep(1)
                 det.poll(int(time.time()) - 1)
-                if i >= RATE_WINDOW and det.anomalous[FAULTY]:
+                if i >= RATE_WINDOW and det.alerts.on(FAULTY):
                     break
         finally:
             f.exporter.faults.clear()
-        scores = {s: det.g_score.labels(s)._value.get() for s in names}
-        alarmed = sorted(s for s in names if det.anomalous[s])
+        scores = {s: det.gauges.score.labels(s)._value.get() for s in names}
+        alarmed = sorted(s for s in names if det.alerts.on(s))
         print(f"\nnormal max {max(normal.values()):.3g}; threshold {threshold:.3g}; fault {scores[FAULTY]:.3g}; "
               f"others max {max(v for s, v in scores.items() if s != FAULTY):.3g}; poll {det.timing}")
         assert alarmed == [FAULTY], alarmed
-        event = [json.loads(line) for line in Path(fleet["cfg"].live_log).read_text().splitlines()
+        event = [json.loads(line) for line in Path(fleet["opts"].live_log).read_text().splitlines()
                  if f'"{FAULTY}"' in line][-1]
         assert event["state"] == "anomalous", event
         assert {"cpu_rate", "process_cpu_rate"} & set(event["top_features"]), event
@@ -243,8 +246,8 @@ def test_two_shards_cover_every_service_once(fleet):
     for part in shards:
         det = make_detector(fleet, part)
         det.poll(end)
-        scored += [s for s in part if det.g_score.labels(s)._value.get() == det.g_score.labels(s)._value.get()]
-        text = generate_latest(det.registry).decode()
+        scored += [s for s in part if det.gauges.score.labels(s)._value.get() == det.gauges.score.labels(s)._value.get()]
+        text = generate_latest(det.gauges.registry).decode()
         exposed = {line.split('entity="')[1].split('"')[0] for line in text.splitlines() if 'entity="' in line}
         assert exposed == set(part)  # each replica's /metrics carries only its services
     assert sorted(scored) == names
@@ -290,10 +293,10 @@ def test_kubernetes_manifests_and_rules():
     pod = sts["spec"]["template"]["spec"]
     assert not any("configMap" in v for v in pod["volumes"])  # the checkpoint comes from the init container
     args = pod["containers"][0]["args"][0]
-    import detect_live  # noqa: F401  (every flag of the manifest is a Config field)
-    from config import Config
+    import detect_live  # every flag of the manifest is an option detect_live.py reads
+    known = set(detect_live.READS) | set(detect_live.LiveOptions.__dataclass_fields__)
     flags = {a.split("=")[0][2:] for a in args.split() if a.startswith("--")}
-    assert flags <= set(Config.__dataclass_fields__), flags - set(Config.__dataclass_fields__)
+    assert flags <= known, flags - known
     assert "--shard=${HOSTNAME##*-}/${SHARDS}" in args
     for doc in ("README.md", "docs/fleet.md", "docs/live.md", "chaos/README.md"):
         assert "configmap puad-checkpoint" not in (ROOT / doc).read_text().lower(), doc
@@ -322,27 +325,72 @@ def test_batched_scoring_with_local_and_global_entities():
             local = None
             if s.startswith("l"):
                 local = {"beta_l": torch.randn_like(model.pot.beta_l), "g_local": torch.randn_like(model.pot.g_local)}
-            states[s] = {"local": local, "scaler": Scaler("zscore").fit(x[:30]), "use_local": local is not None}
+            states[s] = detect_live.EntityState(Scaler("zscore").fit(x[:30]), local, local is not None)
             if local is not None:
                 apply_local_state(model, local)
-            out = score_series(model, states[s]["scaler"].transform(x[:30]), SEQ_LEN, local is not None)
-            memory = latent_memory(model, [states[s]["scaler"].transform(x[:30] + rng.normal(size=(30, 4)))], cfg)
+            out = score_series(model, states[s].scaler.transform(x[:30]), SEQ_LEN, local is not None)
+            memory = latent_memory(model, [states[s].scaler.transform(x[:30] + rng.normal(size=(30, 4)))], cfg)
             cals[s] = scoring.Scorer.from_config(cfg).fit(out, scoring.constant_features(x[:30]), memory)
             assert cals[s].latent_ > 0  # each with its own memory: the latent term goes through the batch too
             series[s] = x
-        det = detect_live.Detector(cfg, {"features": list("abcd")}, model, names, {"rate_window": "1s"}, [], states, cals)
+        det = detect_live.Detector(cfg, detect_live.LiveOptions(), {"features": list("abcd")}, model, names,
+                                   {"rate_window": "1s"}, [], states, cals)
         n = cfg.seq_len + cfg.smooth - 1
 
         def reference(s, raw, use_local):
-            if states[s]["local"] is not None:
-                apply_local_state(model, states[s]["local"])
-            out = score_series(model, states[s]["scaler"].transform(raw), SEQ_LEN, use_local)
+            if states[s].local is not None:
+                apply_local_state(model, states[s].local)
+            out = score_series(model, states[s].scaler.transform(raw), SEQ_LEN, use_local)
             return float(cals[s].score(out)[-1])
 
         for end in (30, 31):
             raws = {s: series[s][end - n:end] for s in names}
-            got = det.score_windows(raws)
-            assert det.model_windows == (len(names) * cfg.smooth if end == 30 else len(names))
+            got = det.scoring.score(raws)
+            assert det.scoring.model_windows == (len(names) * cfg.smooth if end == 30 else len(names))
             for s in names:
-                assert got[s] == pytest.approx(reference(s, raws[s], states[s]["use_local"]), rel=1e-5, abs=1e-6), \
+                assert got[s] == pytest.approx(reference(s, raws[s], states[s].use_local), rel=1e-5, abs=1e-6), \
                     (s, end)
+
+
+def test_kubernetes_metric_set_template_is_valid_promql(fleet):
+    """deploy/metrics-kubernetes.yaml (docs/byo.md's template: cAdvisor CPU, memory, network,
+    threads; kube-state-metrics restarts and readiness; Istio's request rate, errors, latency)
+    loads as a metric set, and every query, per service and grouped, is PromQL this Prometheus
+    accepts (no cluster here: empty answers)."""
+    from prometheus import grouped_query, load_metric_set, render_query
+    ms = load_metric_set(ROOT / "deploy" / "metrics-kubernetes.yaml")
+    columns = [m["column"] for m in ms["metrics"]]
+    for column in ("cpu_rate", "memory_working_set", "net_rx_rate", "restarts", "pods_ready", "request_rate",
+                   "error_rate", "latency_p99"):
+        assert column in columns, column
+    assert set(sum(ms["interpretation"].values(), [])) <= set(columns)
+    for m in ms["metrics"]:
+        grouped = grouped_query(m, ms, ms["services"])
+        assert grouped is not None, m["column"]  # every column is the service's own
+        for query in (render_query(m, ms, ms["services"][0]), grouped[0]):
+            r = requests.get(f"{fleet['fleet'].prometheus}/api/v1/query", params={"query": query}, timeout=10).json()
+            assert r["status"] == "success", (m["column"], query, r)
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("prometheus-alertmanager") is None,
+                    reason="needs prometheus and prometheus-alertmanager (apt-get install ...)")
+def test_quiet_fleet_end_to_end(tmp_path):
+    """fleetsim.quiet_fleet, shortened (docs/live.md runs it for 30 + 30 minutes): 3 synthetic
+    services at 1 s steps behind a real Prometheus, 90 s of normal data exported and trained on,
+    detect_live.py posting to a real Alertmanager: the normal run raises at most 1 alarm; a CPU
+    and a latency fault are each caught within 3 polls of the debounce (--alarm_hold) with the
+    right metric named first; Alertmanager receives one firing and one resolved post per fault
+    and holds no active alert once the detector has stopped (exit 0); test.py's preview of the
+    normal run ran under the same hold. About 4 minutes."""
+    import fleetsim
+    from config import Config
+    report = fleetsim.quiet_fleet(tmp_path, record_s=90, run_s=30, fault_s=12, holds=(Config.alarm_hold,),
+                                  train_args=("--preset=test", "--epochs=4", "--seq_len=10", "--lr=3e-3", "--val_frac=0.3"))
+    print("\n" + json.dumps(report, indent=1))
+    assert report["false_alarms"] <= 1, report
+    for fault in report["faults"]:
+        assert fault["caught"] and fault["delay_steps"] <= Config.alarm_hold + 3, fault
+        assert fault["named_right"], fault
+        assert fault["firing_posts"] == 1 and fault["resolved_posts"] == 1, fault
+    assert report["detector_exit"] == 0 and report["active_after_stop"] == []
+    assert report["preview"][Config.alarm_hold]["alarm_events"] <= 1

@@ -39,6 +39,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from fleetsim import ALERTMANAGER, active_alerts, alerts_received, start_alertmanager  # noqa: E402
 MISSING = [b for b in ("prometheus", "stress-ng") if shutil.which(b) is None]
 needs_binaries = pytest.mark.skipif(bool(MISSING), reason=f"needs {', '.join(MISSING)} "
                                     "(apt-get install prometheus stress-ng)")
@@ -134,7 +135,7 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     torch.save({"config": dataclasses.asdict(Config(**PRESETS["test"])), "features": ["up", "cpu_rate", "mystery"],
                 "n_features": 3, "scalers": {}, "entities": ["catalogue"]}, ckpt)
     result = subprocess.run([sys.executable, str(ROOT / "detect_live.py"), f"--ckpt={ckpt}",
-                             f"--metrics_file={ROOT / 'labshop' / 'metrics-lab.yaml'}", "--threshold=1.0",
+                             f"--metrics_file={ROOT / 'labshop' / 'metrics-lab.yaml'}", "--fixed_threshold=1.0",
                              f"--port={free_port()}", "--num_threads=1"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
@@ -151,27 +152,30 @@ RULES = ROOT / "chaos" / "alert-rules.yaml"
 def test_alert_rules(tmp_path):
     check = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
-    # the rules' behaviour: an anomaly held for 3 minutes fires PUADAnomaly; a stale detector fires
-    # PUADDetectorStale and mutes PUADAnomaly (an old 1 is not a fresh alarm)
+    # the rules' behaviour: the detector's alert (puad_alert, already held --alarm_hold polls) fires
+    # PUADAnomaly at once (for: 0s) and resolves with it; a stale detector fires PUADDetectorStale
+    # and mutes PUADAnomaly (an old 1 is not a fresh alarm)
     tests = {"rule_files": [str(RULES)], "evaluation_interval": "15s", "tests": [{
         "interval": "15s",
         "input_series": [
-            {"series": 'puad_anomaly{entity="catalogue",instance="d:9109",job="puad"}', "values": "0x3 1x16"},
+            {"series": 'puad_alert{entity="catalogue",instance="d:9109",job="puad"}', "values": "0x3 1x8 0x7"},
             {"series": 'puad_anomaly_score{entity="catalogue",instance="d:9109",job="puad"}', "values": "1x3 50x16"},
             {"series": 'puad_stale{entity="catalogue",instance="d:9109",job="puad"}', "values": "0x19"},
-            {"series": 'puad_anomaly{entity="payment",instance="d:9109",job="puad"}', "values": "1x19"},
+            {"series": 'puad_alert{entity="payment",instance="d:9109",job="puad"}', "values": "1x19"},
             {"series": 'puad_stale{entity="payment",instance="d:9109",job="puad"}', "values": "1x19"},
             {"series": 'up{job="puad",instance="d:9109"}', "values": "1x19"},
         ],
         "alert_rule_test": [
-            {"eval_time": "1m", "alertname": "PUADAnomaly", "exp_alerts": []},
-            {"eval_time": "4m", "alertname": "PUADAnomaly", "exp_alerts": [{
+            {"eval_time": "30s", "alertname": "PUADAnomaly", "exp_alerts": []},
+            {"eval_time": "1m", "alertname": "PUADAnomaly", "exp_alerts": [{
                 "exp_labels": {"severity": "warning", "entity": "catalogue", "instance": "d:9109", "job": "puad"},
                 "exp_annotations": {
                     "summary": "PUAD: anomalous metrics on catalogue",
-                    "description": "The PUAD score of catalogue has been above its threshold for about 2 minutes "
-                                   "(last score 50). Check the service's dashboards and recent deploys; the "
-                                   "detector's event log has the exact windows."}}]},
+                    "description": "The PUAD score of catalogue has been above its threshold for --alarm_hold "
+                                   "polls in a row (last score 50). Check the service's dashboards and recent "
+                                   "deploys; the detector's event log has the exact windows and the metrics "
+                                   "behind them."}}]},
+            {"eval_time": "4m", "alertname": "PUADAnomaly", "exp_alerts": []},
             {"eval_time": "4m", "alertname": "PUADDetectorStale", "exp_alerts": [{
                 "exp_labels": {"severity": "warning", "entity": "payment", "instance": "d:9109"},
                 "exp_annotations": {
@@ -270,8 +274,8 @@ def test_threshold_is_test_py_s(live_lab):
     for ent in load_dataset(tmp / "data"):
         ent.test = ent.train  # score_entity also scores a test split
         r = evaluate_script.score_entity(model, ckpt, cfg, ent)
-        assert det.thresholds[ent.name] == pytest.approx(r["scorer"].threshold_, rel=1e-6)
-        cal = det.scorers[ent.name]  # one calibration: normaliser, threshold and drift guard alike
+        assert det.scoring.thresholds[ent.name] == pytest.approx(r["scorer"].threshold_, rel=1e-6)
+        cal = det.scoring.scorers[ent.name]  # one calibration: normaliser, threshold and drift guard alike
         np.testing.assert_allclose(cal.recent_, r["scorer"].recent_, rtol=1e-6)
         assert cal.median_ == pytest.approx(r["scorer"].median_, rel=1e-6)
         np.testing.assert_allclose(cal.center_, r["scorer"].center_, rtol=1e-6)
@@ -279,8 +283,9 @@ def test_threshold_is_test_py_s(live_lab):
         # a live window's score is the offline (smoothed) score of its last point
         x = ent.train[:, [ent.features.index(f) for f in ckpt["features"]]]
         for i in (k - 1, len(x) - 1):
-            assert det.score_window(ent.name, x[i - k + 1:i + 1]) == pytest.approx(r["test_scores"][i], rel=1e-4, abs=1e-4)
-    live_lab["spot"] = det.thresholds
+            got = det.scoring.score({ent.name: x[i - k + 1:i + 1]})[ent.name]
+            assert got == pytest.approx(r["test_scores"][i], rel=1e-4, abs=1e-4)
+    live_lab["spot"] = det.scoring.thresholds
 
 
 @needs_binaries
@@ -295,12 +300,12 @@ def test_live_detection_fault_outage_and_sigterm(live_lab):
     if "spot" not in live_lab:
         det = detect_live.setup([f"--ckpt={live_lab['ckpt']}", f"--metrics_file={live_lab['metrics_file']}",
                                  f"--data={tmp / 'data'}", "--entities=catalogue", f"--live_log={tmp / 'x.jsonl'}"])
-        live_lab["spot"] = det.thresholds
+        live_lab["spot"] = det.scoring.thresholds
     threshold = MARGIN * live_lab["spot"]["catalogue"]
     port = free_port()
     events = tmp / "events.jsonl"
     command = [sys.executable, str(ROOT / "detect_live.py"), f"--ckpt={live_lab['ckpt']}",
-               f"--entities={','.join(ENTITIES)}", f"--threshold={threshold}",
+               f"--entities={','.join(ENTITIES)}", f"--fixed_threshold={threshold}",
                f"--prometheus={live_lab['prometheus']}", f"--metrics_file={live_lab['metrics_file']}",
                "--live_step=1", f"--port={port}", f"--live_log={events}",
                "--stale_steps=3", "--max_backoff=2", "--query_timeout=2", "--num_threads=1"]
@@ -343,8 +348,9 @@ def test_live_detection_fault_outage_and_sigterm(live_lab):
         t_end = time.time()
         first = next((i for i, (a, _) in enumerate(during) if a == 1), None)
         assert first is not None and first <= 10, f"no alarm within 10 steps of the CPU fault: {during}"
-        after = wait_for(lambda m: m['puad_anomaly{entity="catalogue"}'] == 0, 20, "the alarm to clear",
+        after = wait_for(lambda m: m['puad_alert{entity="catalogue"}'] == 0, 30, "the alert to resolve (--clear_steps)",
                          port, detector)
+        assert after['puad_anomaly{entity="catalogue"}'] == 0
         lines = [json.loads(line) for line in events.read_text().splitlines() if '"catalogue"' in line]
         assert [e["state"] for e in lines][:2] == ["anomalous", "normal"], lines
         # which metrics: the CPU fault's alarm names a CPU column among its top 3 features
@@ -439,7 +445,7 @@ def test_step_from_checkpoint_and_old_checkpoint(live_lab, tmp_path, caplog):
     ckpt = read_checkpoint(live_lab["ckpt"])
     assert ckpt["step_s"] == 1.0
     common = [f"--metrics_file={live_lab['metrics_file']}", f"--data={live_lab['tmp'] / 'data'}",
-              "--entities=payment", f"--live_log={tmp_path / 'x.jsonl'}", "--threshold=1.0"]
+              "--entities=payment", f"--live_log={tmp_path / 'x.jsonl'}", "--fixed_threshold=1.0"]
     assert detect_live.setup([f"--ckpt={live_lab['ckpt']}", *common]).step == 1
     old = tmp_path / "old.ckpt"
     torch.save({k: v for k, v in ckpt.items() if k != "step_s"}, old)
@@ -539,27 +545,6 @@ def test_kubernetes_container_command(live_lab, tmp_path):
                 p.wait(timeout=10)
 
 
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
-
-
-def start_alertmanager(procs, tmp: Path) -> str:
-    """A real Alertmanager on a free loopback port (no cluster, a receiver that sends nothing) -> its URL."""
-    import lab
-    port = free_port()
-    (tmp / "alertmanager.yml").write_text(yaml.safe_dump({"route": {"receiver": "null", "group_wait": "1s"},
-                                                          "receivers": [{"name": "null"}]}))
-    procs.spawn([ALERTMANAGER, f"--config.file={tmp / 'alertmanager.yml'}", f"--storage.path={tmp / 'alertmanager'}",
-                 f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="], "alertmanager")
-    url = f"http://127.0.0.1:{port}"
-    lab.wait_http(f"{url}/-/ready", 30, "alertmanager", procs)
-    return url
-
-
-def active_alerts(alertmanager: str) -> dict[str, dict]:
-    alerts = requests.get(f"{alertmanager}/api/v2/alerts", timeout=5).json()
-    return {a["labels"]["entity"]: a for a in alerts if a["labels"].get("alertname") == "PUADAnomaly"}
-
-
 @needs_binaries
 @pytest.mark.skipif(ALERTMANAGER is None, reason="needs prometheus-alertmanager (apt-get install prometheus-alertmanager)")
 def test_alerts_resolved_when_detector_stops(live_lab, tmp_path):
@@ -575,7 +560,7 @@ def test_alerts_resolved_when_detector_stops(live_lab, tmp_path):
         for stop in ("sigterm", "max_polls"):
             port, events = free_port(), tmp_path / f"events-{stop}.jsonl"
             command = [sys.executable, str(ROOT / "detect_live.py"), f"--ckpt={live_lab['ckpt']}",
-                       f"--entities={','.join(ENTITIES)}", "--threshold=-1", f"--prometheus={live_lab['prometheus']}",
+                       f"--entities={','.join(ENTITIES)}", "--fixed_threshold=-1", f"--prometheus={live_lab['prometheus']}",
                        f"--metrics_file={live_lab['metrics_file']}", f"--port={port}", f"--live_log={events}",
                        f"--webhook={alertmanager}/api/v2/alerts", "--live_step=1", "--num_threads=1"]
             if stop == "max_polls":
@@ -593,10 +578,80 @@ def test_alerts_resolved_when_detector_stops(live_lab, tmp_path):
             for e in ENTITIES:
                 states = [(x["state"], x.get("reason")) for x in lines if x["entity"] == e]
                 assert states == [("anomalous", None), ("normal", "detector stopped")], (stop, e, states)
-        received = {"firing": 0.0, "resolved": 0.0}
-        for line in requests.get(f"{alertmanager}/metrics", timeout=5).text.splitlines():
-            if line.startswith("alertmanager_alerts_received_total{"):
-                received[line.split('status="')[1].split('"')[0]] += float(line.rsplit(" ", 1)[1])
+        received = alerts_received(alertmanager)
         assert received == {"firing": 2 * len(ENTITIES), "resolved": 2 * len(ENTITIES)}, received
     finally:
         procs.stop_all()
+
+
+def test_alert_state_is_the_offline_hold_and_clears_after_clear_steps():
+    """detect_live's alert state machine: with clear_steps=1 it is exactly metrics.held_alarms (the
+    alarm events test.py, baselines.py and ablation.py count under --alarm_hold); with clear_steps=C
+    an alert resolves only after C unflagged polls in a row, so flapping keeps one alert and one
+    entity changes state at most twice per hold + C polls."""
+    import detect_live
+    from metrics import held_alarms, segments
+    rng = np.random.default_rng(0)
+    flags = rng.random(3000) < 0.35
+    def states(hold: int, clear: int, seq) -> np.ndarray:
+        state, on = detect_live.AlertState(hold, clear), []
+        for f in seq:
+            state.update(bool(f))
+            on.append(state.on)
+        return np.array(on)
+    for hold in (1, 2, 3):
+        assert np.array_equal(states(hold, 1, flags), held_alarms(flags, hold)), hold
+    state = detect_live.AlertState(2, 5)
+    flapping = [1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1]
+    changes = [i for i, f in enumerate(flapping) if state.update(bool(f))]
+    assert changes == [1, 12]  # raised at the 2nd flag in a row, resolved at the 5th clear poll in a row
+    runs = segments(states(2, 5, flags))
+    assert all(b - a >= 5 for a, b in runs) and len(runs) < len(segments(held_alarms(flags, 2)))
+
+
+@needs_binaries
+def test_new_service_is_calibrating_then_scored(live_lab, tmp_path):
+    """front-end is in Prometheus but the checkpoint was trained on catalogue and payment only and
+    it has no local file: the detector scores it with the shared model and the history's pooled
+    scaler once Prometheus holds --min_calib_rows complete rows of it, calibrated on those rows with
+    the history's latent memory (docs/meta.md's new server); until then puad_calibrating is 1, it
+    is stale and unscored, and /metrics is served. Polled at chosen grid times: a window reaching
+    back before Prometheus' first scrape is incomplete, a later one complete. A checkpoint without
+    the history's scaler refuses the new service in one line."""
+    import torch
+
+    import detect_live
+    from puad import history_memory, read_checkpoint
+    prom, ckpt_path = live_lab["prometheus"], live_lab["ckpt"]
+    first = requests.get(f"{prom}/api/v1/query", params={"query": 'min(min_over_time(timestamp(up{service="front-end"})[30m:1s]))'},
+                         timeout=10).json()["data"]["result"]
+    first = int(float(first[0]["value"][1]))
+    args = [f"--metrics_file={live_lab['metrics_file']}", f"--data={live_lab['tmp'] / 'data'}", "--live_step=1",
+            "--entities=catalogue,front-end", "--min_calib_rows=20", f"--prometheus={prom}", "--port=0",
+            f"--live_log={tmp_path / 'events.jsonl'}", "--num_threads=1"]
+    det = detect_live.setup([f"--ckpt={ckpt_path}", *args])
+    assert det.pending == ["front-end"] and det.scoring.states["front-end"].new
+    det.serve()
+    port = det.gauges.server.server_port
+    try:
+        det.poll(first + 10)  # its last 20 rows reach back before its first scrape
+        m = scrape(port)
+        assert m['puad_calibrating{entity="front-end"}'] == 1 and m['puad_calibrating{entity="catalogue"}'] == 0
+        assert m['puad_windows_scored_total{entity="front-end"}'] == 0 and m['puad_stale{entity="front-end"}'] == 1
+        assert m['puad_skipped_windows_total{entity="catalogue",reason="missing_points"}'] == 1  # before the first scrape too
+        det.poll(int(time.time()) - 3)  # complete: calibrated and scored
+        m = scrape(port)
+        assert m['puad_calibrating{entity="front-end"}'] == 0 and det.pending == []
+        assert m['puad_windows_scored_total{entity="front-end"}'] == 1 and m['puad_stale{entity="front-end"}'] == 0
+        assert math.isfinite(m['puad_anomaly_score{entity="front-end"}'])
+        assert math.isfinite(m['puad_threshold{entity="front-end"}'])
+    finally:
+        det.close()
+    ckpt = read_checkpoint(ckpt_path)
+    scorer, state = det.scoring.scorers["front-end"], det.scoring.states["front-end"]
+    assert scorer.n_rows_ == 20 and len(scorer.memory_) == len(history_memory(ckpt))
+    np.testing.assert_array_equal(state.scaler.shift, ckpt["history_scaler"]["shift"].numpy())
+    old = tmp_path / "old.ckpt"
+    torch.save({k: v for k, v in ckpt.items() if k != "history_scaler"}, old)
+    with pytest.raises(detect_live.LiveError, match="'front-end': no scaler .* no history_scaler"):
+        detect_live.setup([f"--ckpt={old}", *args])

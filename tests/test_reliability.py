@@ -52,8 +52,8 @@ def data(tmp_path):
     ("--grad_clip=-1", "grad_clip"), ("--batch_size=-1", "batch_size"), ("--val_frac=-0.1", "val_frac"),
     ("--seq_len=0", "seq_len"), ("--lr=-1", "lr"), ("--n_global=0", "n_global"),
     ("--n_heads=3", "d_model"), ("--dropout=2", "dropout"),
-    ("--spot_q=2", "spot_q"), ("--score_mode=fast", "score_mode"), ("--threshold=auto", "threshold"),
-    ("--port=70000", "port"), ("--device=gpu", "device"), ("--stage=all", "stage"),
+    ("--spot_q=2", "spot_q"), ("--score_mode=fast", "score_mode"), ("--alarm_hold=0", "alarm_hold"),
+    ("--device=gpu", "device"), ("--stage=all", "stage"),
     ("--val_blocks=0", "val_blocks"), ("--alarm_budget=-1", "alarm_budget"), ("--smooth=0", "smooth"),
     ("--sinkhorn_eps=0", "sinkhorn_eps"), ("--lr=1e999", "lr")])
 def test_config_field_out_of_range_is_refused(arg, field):
@@ -64,8 +64,7 @@ def test_config_field_out_of_range_is_refused(arg, field):
 def test_config_choices_are_listed_and_good_values_pass(capsys):
     with pytest.raises(ConfigError, match="point | block"):
         parse_config(["--score_mode=fast"])
-    assert parse_config(["--threshold=12.5"]).threshold == "12.5"  # detect_live's fixed threshold
-    assert parse_config(["--threshold=spot", "--device=cuda:1", "--port=0"]).port == 0
+    assert parse_config(["--device=cuda:1", "--alarm_hold=3"]).alarm_hold == 3
     with pytest.raises(SystemExit) as e:
         train_safe.main(["--batch_size=-1"])
     assert e.value.code == 2
@@ -75,9 +74,14 @@ def test_config_choices_are_listed_and_good_values_pass(capsys):
 def test_detect_live_bad_port_is_one_line(tmp_path, data, capsys):
     import detect_live
     train_safe.main(targs(tmp_path, data, "--stage=global"))
-    with pytest.raises(SystemExit) as e:
-        detect_live.main([f"--ckpt={tmp_path}/puad.ckpt", "--port=70000"])
-    assert e.value.code == 2 and "--port=70000: must be in [0, 65535]" in capsys.readouterr().err
+    for option, message in (("--port=70000", "--port=70000: must be in [0, 65535]"),
+                            ("--fixed_threshold=nan", "--fixed_threshold=nan: must be a finite number"),
+                            ("--clear_steps=0", "--clear_steps=0: must be >= 1"),
+                            ("--threshold=3", "unknown option --threshold")):
+        with pytest.raises(SystemExit) as e:
+            detect_live.main([f"--ckpt={tmp_path}/puad.ckpt", option])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and err.strip().count("\n") == 0, err
 
 
 # ---- item 2: a run that learned nothing fails and never says "saved"
@@ -166,9 +170,10 @@ def test_resume_with_other_features_or_sizes_is_one_line(tmp_path, data):
 
 def test_threshold_number_is_refused_by_test_py(tmp_path, data):
     train_safe.main(targs(tmp_path, data, "--stage=global"))
-    with pytest.raises(SystemExit) as e:  # a fixed threshold is detect_live.py's option
-        evaluate_script.main(eval_args(tmp_path, data, "--threshold=3.5"))
-    assert e.value.code == 2
+    for option in ("--threshold=3.5", "--fixed_threshold=3.5"):  # a fixed threshold is detect_live.py's option
+        with pytest.raises(SystemExit) as e:
+            evaluate_script.main(eval_args(tmp_path, data, option))
+        assert e.value.code == 2
 
 
 # ---- item 6: one run per output

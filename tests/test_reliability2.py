@@ -219,7 +219,7 @@ def detector(live, tmp_path, prometheus: str, *extra: str):
 
 
 def scrape(det) -> dict:
-    text = requests.get(f"http://127.0.0.1:{det.server.server_port}/metrics", timeout=5).text
+    text = requests.get(f"http://127.0.0.1:{det.gauges.server.server_port}/metrics", timeout=5).text
     return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")}
 
 
@@ -286,22 +286,24 @@ def test_parse_matrix_keeps_nan_and_inf_and_refuses_the_rest():
 # ================================================================ a URL printed in a log
 
 def test_config_line_redacts_credentials(capsys):
-    from config import parse_config, print_config
-    print_config(parse_config([f"--prometheus=http://u:{SECRET}@127.0.0.1:9090",
-                               f"--webhook=https://bot:{SECRET}@hooks.example/alerts?token={SECRET}"]))
+    import detect_live
+    from config import Config, print_config
+    opts = detect_live.LiveOptions(prometheus=f"http://u:{SECRET}@127.0.0.1:9090",
+                                   webhook=f"https://bot:{SECRET}@hooks.example/alerts?token={SECRET}")
+    print_config(Config(), detect_live.changed_options(opts))
     out = capsys.readouterr().out
     assert SECRET not in out and "http://***@127.0.0.1:9090" in out and "https://***@hooks.example" in out
 
 
 def test_failed_poll_and_webhook_warnings_redact_credentials(live, tmp_path, caplog):
     """Case 8: the password appeared in every failed-poll and webhook warning."""
+    import detect_live
     dead = free_port()
     det = detector(live, tmp_path, f"http://u:{SECRET}@127.0.0.1:{dead}", "--max_polls=1",
                    f"--webhook=http://hook:{SECRET}@127.0.0.1:{dead}/api/v2/alerts")
     with caplog.at_level(logging.WARNING, logger="puad.live"):
         det.run()
-        det.thresholds["e1"] = 1.0
-        det.post_alert("e1", True, 2.0, 0, time.time(), time.time())
+        det.alerts.post([det.alerts.alert("e1", True, detect_live.Reading(2.0, 1.0, 0, []), time.time(), time.time())])
     assert "poll of" in caplog.text and "webhook http://***@127.0.0.1" in caplog.text
     assert SECRET not in caplog.text
 
@@ -330,13 +332,15 @@ def test_live_log_that_is_a_folder_is_refused_at_start(live, tmp_path):
 
 def test_live_log_failing_later_is_counted_not_fatal(live, tmp_path, caplog):
     """A full disk or read-only file system after start: the event goes to the warning, counted."""
+    import detect_live
     det = detector(live, tmp_path, "http://127.0.0.1:1")
     (tmp_path / "events.jsonl").unlink(missing_ok=True)
     (tmp_path / "events.jsonl").mkdir()  # the log can no longer be appended to
     det.serve()
     try:
         with caplog.at_level(logging.WARNING, logger="puad.live"):
-            det.state_change("e1", True, 9.0, 1_700_000_000)
+            det.alerts.states["e1"].on = True
+            det.alerts.change("e1", detect_live.Reading(9.0, 1.0, 1_700_000_000, ["a"]))
         assert scrape(det)["puad_live_log_errors_total"] == 1
     finally:
         det.close()

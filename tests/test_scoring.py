@@ -244,7 +244,8 @@ def test_live_detector_never_reads_a_non_finite_score_as_normal(tmp_path, monkey
     from puad import model_id
     from utils import Scaler
     torch.manual_seed(0)
-    cfg = _cfg(f"--live_log={tmp_path / 'events.jsonl'}", "--smooth=2")
+    cfg = _cfg("--smooth=2", "--alarm_hold=1")
+    opts = detect_live.LiveOptions(live_log=str(tmp_path / "events.jsonl"))
     V = 3
     model = PUAD(cfg, V).eval()
     ckpt = {"features": ["a", "b", "c"], "config": {}, "model": model.state_dict()}
@@ -252,12 +253,12 @@ def test_live_detector_never_reads_a_non_finite_score_as_normal(tmp_path, monkey
     rng = np.random.default_rng(0)
     scaler = Scaler().fit(rng.random((100, V)))
     cal = scoring.Scorer.from_config(cfg).fit(score_series(model, scaler.transform(rng.random((200, V))), cfg.seq_len))
-    states = {"svc": {"local": None, "scaler": scaler, "use_local": False}}
-    det = detect_live.Detector(cfg, ckpt, model, ["svc"], {"rate_window": "1s"}, [], states, {"svc": cal})
+    states = {"svc": detect_live.EntityState(scaler)}
+    det = detect_live.Detector(cfg, opts, ckpt, model, ["svc"], {"rate_window": "1s"}, [], states, {"svc": cal})
     n = cfg.seq_len + cfg.smooth - 1
     window = rng.random((n + 1, V))  # the window and the rate window's point before it
     window[-1, 0] = 1e30
-    step = cfg.live_step
+    step = opts.live_step
 
     def rows(session, prom, metric_set, metrics, entities, first, end, *a, **k):
         ts = range(first, end + step, step)
@@ -266,20 +267,21 @@ def test_live_detector_never_reads_a_non_finite_score_as_normal(tmp_path, monkey
     monkeypatch.setattr(detect_live, "fetch_rows", rows)
     end = (n + 1) * step * 10 + n * step  # the newest point is the window's last row (the 1e30)
     det.poll(end)
-    assert det.c_scored.labels("svc")._value.get() == 1 and np.isfinite(det.g_score.labels("svc")._value.get())
-    assert det.g_anomaly.labels("svc")._value.get() == 1  # the 1e30 is far out of range
+    g = det.gauges
+    assert g.scored.labels("svc")._value.get() == 1 and np.isfinite(g.score.labels("svc")._value.get())
+    assert g.anomaly.labels("svc")._value.get() == 1 and g.alert.labels("svc")._value.get() == 1  # 1e30: far out
     # the alarm names its metrics as test.py names a flagged row (scoring.explain on the same rows)
     from puad import window_reconstructor
-    x = det.last_input["svc"][0].x
+    x = det.scoring.last_input["svc"][0].x
     weights = cal.explain(score_series(model, x, cfg.seq_len), window_reconstructor(model, False), np.array([len(x) - 1]),
                           cfg.seq_len)
     assert det.top["svc"] == [f for f, _ in scoring.top_features(weights[-1], ["a", "b", "c"], 3)]
     assert det.top["svc"][0] == "a"
-    monkeypatch.setattr(det, "score_windows", lambda ready: {e: float("nan") for e in ready})
+    monkeypatch.setattr(det.scoring, "score", lambda ready: {e: float("nan") for e in ready})
     det.poll(end + step)
-    assert det.c_skipped.labels("svc", "non_finite")._value.get() == 1
-    assert det.c_scored.labels("svc")._value.get() == 1
-    assert det.g_anomaly.labels("svc")._value.get() == 1  # kept, neither raised nor cleared by a NaN
+    assert g.skipped.labels("svc", "non_finite")._value.get() == 1
+    assert g.scored.labels("svc")._value.get() == 1
+    assert g.anomaly.labels("svc")._value.get() == 1 and det.alerts.on("svc")  # kept, neither raised nor cleared by a NaN
 
 
 def test_smoothing_cap_keeps_a_short_faults_scores_off_the_points_after_it():
