@@ -70,7 +70,7 @@ import prototype_ot
 from config import Config, OneLineParser, cli_error, parse_bool, parse_config
 import scoring
 import tranad
-from puad import (PUAD, apply_local_state, build_model, calibrate_entity, entity_state, fit_scorer, latent_memory,
+from puad import (LATENT_MEMORY, PUAD, apply_local_state, build_model, calibrate_entity, entity_state, fit_scorer, latent_memory,
                   local_path, read_checkpoint, reconstruct_entity, run_config, score_kwargs, score_series,
                   window_reconstructor)
 from utils import (DataError, Scaler, Windows, align_features, create_sequences, get_device, load_dataset, set_seed, set_threads,
@@ -418,19 +418,11 @@ def bench_fleet(n: int, opts: dict) -> dict:
         # the first poll reads whole windows of every service: far longer than a warm one
         cfg = dataclasses.replace(cfg, prometheus=fleet.prometheus, live_log=f"{tmp}/events.jsonl", query_timeout=60.0)
         session = detect_live.make_session()
-        # a scaler and calibration shared by every service: fitted on 20 normal services' first window
-        end = int(time.time()) - 1
-        sample = [s for s in names if s not in faults][:20]
-        got = detect_live.fetch_fleet(session, fleet.prometheus, metric_set, metric_set["metrics"], sample, end,
-                                      rows, 1, 30.0)
-        x = np.concatenate([np.nan_to_num(v) for v, _ in got.values()])
-        scaler = Scaler("minmax").fit(x)
-        calib = score_series(model, scaler.transform(x), cfg.seq_len)
-        memory = latent_memory(model, [scaler.transform(x)], cfg)  # one memory, the latent term's cost per entity
-        cal = scoring.Scorer.from_config(cfg).fit(calib, scoring.constant_features(x), memory)
+        rss_before = _status("VmRSS")
+        states, scorers, setup_s = fleet_state(names, faults, model, cfg, session, fleet.prometheus, metric_set, rows)
+        rss_state = _status("VmRSS")
         det = detect_live.Detector(cfg, {"features": features}, model, names, metric_set, metric_set["metrics"],
-                                   {s: {"local": None, "scaler": scaler, "use_local": False} for s in names},
-                                   {s: cal for s in names})
+                                   states, scorers)
         # each poll advances the window by one step, as in a detector that keeps up (detect_live's
         # run loop polls 0.25 x step after a grid point); a poll longer than the step delays the next
         timings = []
@@ -442,13 +434,45 @@ def bench_fleet(n: int, opts: dict) -> dict:
             end += 1
         alarms = sum(det.anomalous.values())
         caught = sum(det.anomalous[s] for s in faults)
+        rss = _status("VmRSS")
     warm = timings[1:]
     med = lambda key: float(np.median([t[key] for t in warm])) * 1e3  # noqa: E731
-    return dict(load_average=os.getloadavg()[0], entities=n, step_ms=med("step_s"), query_ms=med("query_s"), score_ms=med("score_s"),
+    return dict(load_average=os.getloadavg()[0], entities=n, rss_bytes=rss, rss_before_bytes=rss_before, rss_state_bytes=rss_state,
+                setup_s=setup_s, memory_windows=len(scorers[names[0]].memory_),
+                step_ms=med("step_s"), query_ms=med("query_s"), score_ms=med("score_s"),
                 update_ms=med("update_s"), first_step_ms=timings[0]["step_s"] * 1e3,
                 first_score_ms=timings[0]["score_s"] * 1e3, scored=warm[-1]["scored"],
                 model_windows=float(np.median([t["model_windows"] for t in warm])),
                 faulty=len(faults), alarms=alarms, alarms_on_faulty=caught, polls=len(warm))
+
+
+def fleet_state(names: list[str], faults: dict, model: PUAD, cfg, session, prometheus: str, metric_set: dict,
+                rows: int) -> tuple[dict, dict, float]:
+    """Every service's own state, as a real fleet holds it: a scaler, and a Scorer fitted on its
+    own with a latent memory of its own of puad.LATENT_MEMORY windows x d_theta (float32). The
+    values come from 20 normal services' first window (the scaler fitted on their rows, the
+    calibration their reconstruction, the memories their windows' theta0s resampled with a
+    little noise per service): the synthetic fleet has no train series, and the cost of a poll
+    depends on the sizes, not on the values. -> (states, scorers, seconds it took)."""
+    import detect_live
+    t0 = time.perf_counter()
+    end = int(time.time()) - 1
+    sample = [s for s in names if s not in faults][:20]
+    got = detect_live.fetch_fleet(session, prometheus, metric_set, metric_set["metrics"], sample, end, rows, 1, 30.0)
+    x = np.concatenate([np.nan_to_num(v) for v, _ in got.values()])
+    scaler = Scaler("minmax").fit(x)
+    calib = score_series(model, scaler.transform(x), cfg.seq_len)
+    base = latent_memory(model, [scaler.transform(v) for v in (np.nan_to_num(v) for v, _ in got.values())], cfg)
+    const, spread = scoring.constant_features(x), 0.01 * base.std(0)
+    rng = np.random.default_rng(0)
+    states, scorers = {}, {}
+    for name in names:
+        memory = (base[rng.integers(0, len(base), LATENT_MEMORY)] + spread * rng.standard_normal((LATENT_MEMORY, base.shape[1]))
+                  ).astype(np.float32)
+        states[name] = {"local": None, "scaler": Scaler(scaler.kind, scaler.shift.copy(), scaler.scale.copy()),
+                        "use_local": False}
+        scorers[name] = scoring.Scorer.from_config(cfg).fit(calib, const, memory)
+    return states, scorers, time.perf_counter() - t0
 
 
 # ---- PUAD against TranAD (--vs_tranad): one process, the same entity, alternating runs
@@ -665,6 +689,10 @@ def main(argv: list[str] | None = None) -> dict:
                   f"new); metrics update {r['update_ms']:.0f} ms; {r['scored']} entities scored per poll, "
                   f"{r['model_windows']:.0f} windows through the model; load average {r['load_average']:.1f}; "
                   f"median of {r['polls']} polls", flush=True)
+            print(f"  detector resident memory {fmt_bytes(r['rss_bytes'])} after the polls, {fmt_bytes(r['rss_state_bytes'])} "
+                  f"before them, {fmt_bytes(r['rss_before_bytes'])} before "
+                  f"the services' state: a scaler, a Scorer and a latent memory of {r['memory_windows']} windows "
+                  f"each, built in {r['setup_s']:.0f} s)", flush=True)
         results["load_average_end"] = os.getloadavg()
         if opts["out"] != OPTIONS["out"]:
             write_json_atomic(opts["out"], results)

@@ -110,8 +110,7 @@ from prometheus import (grouped_query, load_metric_set, make_session, parse_shar
                         parse_step, query_range, redact_url, render_query, shard_services, split_by_label)
 from puad import (apply_local_state, build_model, calibrate_entity, clip_inputs, local_path,  # noqa: E402
                   read_checkpoint, run_config, window_reconstructor)
-from utils import (DataError, align_features, create_sequences, load_dataset, set_threads, time_step,  # noqa: E402
-                   window_to_point_scores, window_values_to_points)
+from utils import (DataError, Scaler, align_features, load_dataset, set_threads, time_step)  # noqa: E402
 
 PROG = "detect_live.py"
 QUERY_WORKERS = 4  # queries of a poll in flight at once
@@ -286,7 +285,6 @@ def fetch_rows(session, prometheus: str, metric_set: dict, metrics: list[dict], 
     back to one query per service. A service missing from an answer gets NaN there."""
     grid = np.arange(first, end + step, step, dtype=np.int64)
     x = np.full((len(services), len(grid), len(metrics)), np.nan)
-    index = {s: i for i, s in enumerate(services)}
 
     def column(j: int, m: dict) -> None:
         try:
@@ -309,8 +307,7 @@ def fetch_rows(session, prometheus: str, metric_set: dict, metrics: list[dict], 
                 series = query_range(session, prometheus, query, first, int(end), step, timeout=timeout, retries=0)
             except ExportError as e:
                 raise QueryError(str(e)) from None
-            for service, row in split_by_label(series, label, services, grid, m["agg"]).items():
-                x[index[service], :, j] = row
+            x[:, :, j] = split_by_label(series, label, services, grid, m["agg"])
         if m["fill"] is not None:
             x[:, :, j] = np.where(np.isnan(x[:, :, j]), float(m["fill"]), x[:, :, j])
 
@@ -444,45 +441,47 @@ class Detector:
         by one step, so smooth - 1 of the smooth windows are the last poll's) is not run again
         (posterior means are deterministic)."""
         t0 = time.perf_counter()
-        seq_len = self.cfg.seq_len
-        xs, keys, todo = {}, {}, {False: [], True: []}
-        for entity, raw in raws.items():
-            st = self.states[entity]
-            x = clip_inputs(st["scaler"].transform(raw))
-            xs[entity] = x
-            windows = create_sequences(x, seq_len)
-            keys[entity] = [w.tobytes() for w in windows]
-            old = self.window_cache.get(entity, {})
-            for w, key in zip(windows, keys[entity]):
-                if key not in old:
-                    todo[bool(st["use_local"])].append((entity, key, w))
-        fresh: dict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = {}  # mu, theta0
+        seq_len, entities = self.cfg.seq_len, list(raws)
+        # every entity at once (E, n, V): its own scaler, clipped; windows (E, W, T, V) as a view
+        xs = clip_inputs(Scaler.transform_many([self.states[e]["scaler"] for e in entities],
+                                               np.stack([raws[e] for e in entities])))
+        windows = np.lib.stride_tricks.sliding_window_view(xs, seq_len, axis=1).transpose(0, 1, 3, 2)
+        keys = [[w.tobytes() for w in ws] for ws in windows]
+        todo: dict[bool, list] = {False: [], True: []}
+        for i, e in enumerate(entities):
+            old = self.window_cache.get(e, {})
+            todo[bool(self.states[e]["use_local"])] += [(i, w) for w, key in enumerate(keys[i]) if key not in old]
         self.model_windows = len(todo[False]) + len(todo[True])
         groups = [(False, todo[False])]  # global prototypes only: one batch for every such entity
-        by_entity: dict[str, list] = {}
+        by_entity: dict[int, list] = {}
         for item in todo[True]:
             by_entity.setdefault(item[0], []).append(item)
         groups += [(True, items) for items in by_entity.values()]  # local prototypes: one batch per entity
+        fresh: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}  # (entity, window) -> mu, theta0
         for use_local, items in groups:
             if not items:
                 continue
             if use_local:
-                apply_local_state(self.model, self.states[items[0][0]]["local"])
-            mu, theta0 = self._reconstruct(np.stack([w for *_, w in items]), use_local)
-            for (entity, key, _), m, z in zip(items, mu, theta0):
-                fresh.setdefault(entity, {})[key] = (m, z)
-        entities = list(xs)
-        known = {e: {**self.window_cache.get(e, {}), **fresh.get(e, {})} for e in entities}
-        # per entity, its windows' means to points (E, n, V) and theta0 to points (E, n, d)
-        mu = np.stack([window_to_point_scores(np.stack([known[e][k][0] for k in keys[e]]), seq_len) for e in entities])
-        theta0 = np.stack([window_values_to_points(np.stack([known[e][k][1] for k in keys[e]]), seq_len) for e in entities])
-        scores, named = scoring.score_many([self.scorers[e] for e in entities], np.stack([xs[e] for e in entities]),
-                                           mu, theta0)
+                apply_local_state(self.model, self.states[entities[items[0][0]]]["local"])
+            mu, theta0 = self._reconstruct(np.stack([windows[i, w] for i, w in items]), use_local)
+            fresh.update(zip(items, zip(mu, theta0)))
+        # each window's mean (E, W, T, V) and theta0 (E, W, d), from this poll or the cache
+        known = [[fresh.get((i, w)) or self.window_cache[e][key] for w, key in enumerate(keys[i])]
+                 for i, e in enumerate(entities)]
+        (m0, z0), size = known[0][0], windows.shape[:2]
+        mu_w, z_w = np.empty(size + m0.shape, m0.dtype), np.empty(size + z0.shape, z0.dtype)
+        for i, ks in enumerate(known):
+            for w, (m, z) in enumerate(ks):
+                mu_w[i, w], z_w[i, w] = m, z
+        # to points, as window_to_point_scores and window_values_to_points: (E, n, V) and (E, n, d)
+        mu = np.concatenate([mu_w[:, 0, :-1], mu_w[:, :, -1]], axis=1)
+        theta0 = np.concatenate([np.repeat(z_w[:, :1], seq_len - 1, axis=1), z_w], axis=1)
+        scores, named = scoring.score_many([self.scorers[e] for e in entities], xs, mu, theta0)
         results = {}
         for i, e in enumerate(entities):
-            self.last_input[e] = (scoring.Reconstruction(xs[e], mu[i]), named[i])
+            self.last_input[e] = (scoring.Reconstruction(xs[i], mu[i]), named[i])
             results[e] = float(scores[i, -1])
-            self.window_cache[e] = {k: known[e][k] for k in keys[e]}
+            self.window_cache[e] = dict(zip(keys[i], known[i]))
         per_window = (time.perf_counter() - t0) / max(len(raws), 1)
         for _ in raws:
             self.h_latency.observe(per_window)

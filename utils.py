@@ -455,6 +455,13 @@ class Scaler:
     def transform(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.shift) / self.scale).astype(np.float32)
 
+    @staticmethod
+    def transform_many(scalers: list["Scaler"], x: np.ndarray) -> np.ndarray:
+        """Series x (E, n, V), each scaled with its own scaler: transform of each, at once."""
+        shift = np.stack([s.shift for s in scalers])[:, None]
+        scale = np.stack([s.scale for s in scalers])[:, None]
+        return ((x - shift) / scale).astype(np.float32)
+
     def state_dict(self) -> dict:
         return {"kind": self.kind, "shift": torch.tensor(self.shift), "scale": torch.tensor(self.scale)}
 
