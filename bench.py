@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import dataclasses
 import json
 import math
@@ -73,7 +72,8 @@ import tranad
 from puad import (LATENT_MEMORY, PUAD, apply_local_state, build_model, calibrate_entity, entity_state, fit_scorer, latent_memory,
                   local_path, read_checkpoint, reconstruct_entity, run_config, score_kwargs, score_series,
                   window_reconstructor)
-from utils import (DataError, Scaler, Windows, align_features, create_sequences, get_device, load_dataset, set_seed, set_threads,
+from utils import (DataError, Scaler, Windows, align_features, create_sequences, get_device, load_dataset, release_freed_memory,
+                   set_seed, set_threads,
                    split_train_val, time_step, write_json_atomic)
 
 OPTIONS = dict(presets="cpu,paper", quick=False, out="res_hr/bench.json", data="../shared/datasets/ASD",
@@ -129,6 +129,12 @@ def best_time(fn, device, repeats: int, warmup: int = 1) -> float:
         sync(device)
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc/PID/stat (10 ms ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _status(key: str) -> int | None:
@@ -420,27 +426,34 @@ def bench_fleet(n: int, opts: dict) -> dict:
         session = detect_live.make_session()
         rss_before = _status("VmRSS")
         states, scorers, setup_s = fleet_state(names, faults, model, cfg, session, fleet.prometheus, metric_set, rows)
-        rss_state = _status("VmRSS")
         det = detect_live.Detector(cfg, {"features": features}, model, names, metric_set, metric_set["metrics"],
                                    states, scorers)
         # each poll advances the window by one step, as in a detector that keeps up (detect_live's
         # run loop polls 0.25 x step after a grid point); a poll longer than the step delays the next
+        prom = next(p.pid for name, p in fleet.procs.started if name == "prometheus")
+        c0, t0 = cpu_seconds(prom), time.time()
+        time.sleep(2.0)
+        prom_idle = (cpu_seconds(prom) - c0) / (time.time() - t0)  # scraping and ingesting, no query
         timings = []
         end = int(math.floor(time.time() - 0.25))
         for _ in range(opts["fleet_polls"] + 1):
             time.sleep(max(0.0, end + 0.25 - time.time()))
+            c0, p0 = time.process_time(), cpu_seconds(prom)
             det.poll(end)
-            timings.append(det.timing)
+            timings.append(dict(det.timing, cpu_s=time.process_time() - c0, prometheus_cpu_s=cpu_seconds(prom) - p0))
             end += 1
         alarms = sum(det.anomalous.values())
         caught = sum(det.anomalous[s] for s in faults)
         rss = _status("VmRSS")
+        service = service_bytes(det, names[0])
     warm = timings[1:]
     med = lambda key: float(np.median([t[key] for t in warm])) * 1e3  # noqa: E731
-    return dict(load_average=os.getloadavg()[0], entities=n, rss_bytes=rss, rss_before_bytes=rss_before, rss_state_bytes=rss_state,
+    return dict(load_average=os.getloadavg()[0], entities=n, rss_bytes=rss, rss_before_bytes=rss_before,
+                service_bytes=service, 
                 setup_s=setup_s, memory_windows=len(scorers[names[0]].memory_),
                 step_ms=med("step_s"), query_ms=med("query_s"), score_ms=med("score_s"),
-                update_ms=med("update_s"), first_step_ms=timings[0]["step_s"] * 1e3,
+                update_ms=med("update_s"), cpu_ms=med("cpu_s"), prometheus_cpu_ms=med("prometheus_cpu_s"),
+                prometheus_idle_cpu=prom_idle, first_step_ms=timings[0]["step_s"] * 1e3,
                 first_score_ms=timings[0]["score_s"] * 1e3, scored=warm[-1]["scored"],
                 model_windows=float(np.median([t["model_windows"] for t in warm])),
                 faulty=len(faults), alarms=alarms, alarms_on_faulty=caught, polls=len(warm))
@@ -466,13 +479,32 @@ def fleet_state(names: list[str], faults: dict, model: PUAD, cfg, session, prome
     const, spread = scoring.constant_features(x), 0.01 * base.std(0)
     rng = np.random.default_rng(0)
     states, scorers = {}, {}
-    for name in names:
-        memory = (base[rng.integers(0, len(base), LATENT_MEMORY)] + spread * rng.standard_normal((LATENT_MEMORY, base.shape[1]))
-                  ).astype(np.float32)
+    for i, name in enumerate(names):
+        if i % 100 == 99:  # the fits' freed temporaries back to the system, else the allocator keeps ~1 MB per service
+            release_freed_memory()
+        memory = base[rng.integers(0, len(base), LATENT_MEMORY)] + spread * rng.standard_normal(
+            (LATENT_MEMORY, base.shape[1]), dtype=np.float32)
         states[name] = {"local": None, "scaler": Scaler(scaler.kind, scaler.shift.copy(), scaler.scale.copy()),
                         "use_local": False}
         scorers[name] = scoring.Scorer.from_config(cfg).fit(calib, const, memory)
     return states, scorers, time.perf_counter() - t0
+
+
+def service_bytes(det, name: str) -> dict[str, int]:
+    """What the detector holds for one service after some polls, in bytes, by part: its latent
+    memory (its rows of the stack: states, squared norms, centre), its Scorer's other arrays,
+    its scaler, the drift guard's past scores (a deque of numbers), the window cache (the last
+    `smooth` windows' bytes, mean and theta0) and the last poll's rows (input, mean, named)."""
+    sc, st = det.scorers[name], det.states[name]
+    m = sc.memory_
+    rec, named = det.last_input[name]
+    return dict(
+        latent_memory=sum(t.numel() * t.element_size() for t in (m.states, m.norms, m.center)) if m else 0,
+        scorer=sum(a.nbytes for a in (sc.center_, sc.scale_, sc.pinned_, sc.usual_, sc.recent_) if a is not None),
+        scaler=st["scaler"].shift.nbytes + st["scaler"].scale.nbytes,
+        drift_history=sys.getsizeof(det.history[name]) + sum(sys.getsizeof(v) for v in det.history[name]),
+        window_cache=sum(sys.getsizeof(k) + mu.nbytes + z.nbytes for k, (mu, z) in det.window_cache[name].items()),
+        last_rows=rec.x.nbytes + rec.mu.nbytes + named.nbytes)
 
 
 # ---- PUAD against TranAD (--vs_tranad): one process, the same entity, alternating runs
@@ -594,10 +626,7 @@ def vs_memory_child(spec_json: str) -> None:
         ctx = vs_setup(dict(opts, vs_epochs=0), Path(tmp))  # no TranAD training: its weights are loaded
     ctx["tranad"].load_state_dict(torch.load(spec["tranad"], weights_only=True))
     fn = (lambda: puad_scores(ctx, True)) if spec["which"] == "puad" else (lambda: tranad_scores(ctx, ctx["test"], ctx["tcal"]))
-    try:  # what the setup freed goes back to the system, so that scoring cannot reuse it unseen
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_freed_memory()  # what the setup freed goes back to the system, so that scoring cannot reuse it unseen
     with PeakMemory(torch.device("cpu")) as mem:
         fn()
     print(json.dumps(dict(bytes=mem.bytes, kind=mem.kind)))
@@ -689,10 +718,13 @@ def main(argv: list[str] | None = None) -> dict:
                   f"new); metrics update {r['update_ms']:.0f} ms; {r['scored']} entities scored per poll, "
                   f"{r['model_windows']:.0f} windows through the model; load average {r['load_average']:.1f}; "
                   f"median of {r['polls']} polls", flush=True)
-            print(f"  detector resident memory {fmt_bytes(r['rss_bytes'])} after the polls, {fmt_bytes(r['rss_state_bytes'])} "
-                  f"before them, {fmt_bytes(r['rss_before_bytes'])} before "
+            print(f"  CPU per poll: detector {r['cpu_ms']:.0f} ms (all its threads), Prometheus {r['prometheus_cpu_ms']:.0f} ms "
+                  f"(it uses {1e3 * r['prometheus_idle_cpu']:.0f} ms/s between polls, scraping and ingesting)", flush=True)
+            print(f"  detector resident memory {fmt_bytes(r['rss_bytes'])} after the polls, {fmt_bytes(r['rss_before_bytes'])} before "
                   f"the services' state: a scaler, a Scorer and a latent memory of {r['memory_windows']} windows "
                   f"each, built in {r['setup_s']:.0f} s)", flush=True)
+            print("  one service holds " + ", ".join(f"{k.replace('_', ' ')} {v / 1024:.1f} kB"
+                                                     for k, v in r["service_bytes"].items()), flush=True)
         results["load_average_end"] = os.getloadavg()
         if opts["out"] != OPTIONS["out"]:
             write_json_atomic(opts["out"], results)

@@ -54,7 +54,7 @@ import pandas as pd
 import torch
 
 from metrics import select_threshold
-from utils import create_sequences
+from utils import create_sequences, release_freed_memory
 
 # a model's reconstruction of scaled windows (B, T, V) -> its mean (B, T, V): what explain()
 # repairs a feature with and re-scores (puad.window_reconstructor, baselines' PCA and AE)
@@ -146,6 +146,7 @@ class MemoryBank:
             if m is not None:
                 self.states[i, :n], self.norms[i, :n], self.center[i] = m.states, m.norms, m.center
                 m.states, m.norms, m.center = self.states[i, :n], self.norms[i, :n], self.center[i]
+        release_freed_memory()  # the memories' own copies, freed among the calibrations' temporaries
 
     def distance(self, z: np.ndarray, k: int, block: int = 1 << 22) -> np.ndarray:
         """(E, n) Memory.distance of each entity's rows z (E, n, d) to its own memory, k nearest
