@@ -23,11 +23,14 @@ exporter (fleetsim.py, its own process) of N synthetic services with the lab's m
 (labshop/metrics-lab.yaml, 16 columns; normal load, 1 % of the services with a CPU or latency
 fault); once a window is filled (seq_len + smooth - 1 steps + the 5 s rate window),
 detect_live.Detector polls it at 1 s steps with a `cpu`-preset model (random weights: the cost is
-the same as a trained one's) and prints, per N, `fleet N entities: step X ms (query Y ms, score
-Z ms)`: the median over --fleet_polls polls after the first, each one step after the last (a
-warm poll reads the newest grid points and scores one new window per entity, two where the
-previous poll's last point has changed since; the first poll, which reads and scores whole
-windows, is printed too). A step over 1,000 ms means a 1 s poll interval is too short for that
+the same as a trained one's), every service with its own scaler, Scorer and latent memory of
+puad.LATENT_MEMORY windows (fleet_state), and prints, per N, `fleet N entities: step X ms (query
+Y ms, score Z ms)`: the median over --fleet_polls polls after the first, each one step after the
+last (a warm poll reads the newest grid points and scores one new window per entity, two where
+the previous poll's last point has changed since; the first poll, which reads and scores whole
+windows, is printed too); the CPU time of a poll in the detector (all its threads) and in
+Prometheus; the detector's resident memory (VmRSS) after the polls; what one service holds, by
+part (service_bytes). A step over 1,000 ms means a 1 s poll interval is too short for that
 fleet on this machine: the detector then polls late (--live_step=15 leaves 15 s).
 --vs_tranad (bench_vs_tranad): PUAD against TranAD (tranad.py, written from Tuli et al. 2022)
 on one entity (--vs_data, SMD machine-1-6 by default), in one process, --vs_rounds rounds that
