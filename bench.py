@@ -23,11 +23,14 @@ exporter (fleetsim.py, its own process) of N synthetic services with the lab's m
 (labshop/metrics-lab.yaml, 16 columns; normal load, 1 % of the services with a CPU or latency
 fault); once a window is filled (seq_len + smooth - 1 steps + the 5 s rate window),
 detect_live.Detector polls it at 1 s steps with a `cpu`-preset model (random weights: the cost is
-the same as a trained one's) and prints, per N, `fleet N entities: step X ms (query Y ms, score
-Z ms)`: the median over --fleet_polls polls after the first, each one step after the last (a
-warm poll reads the newest grid points and scores one new window per entity, two where the
-previous poll's last point has changed since; the first poll, which reads and scores whole
-windows, is printed too). A step over 1,000 ms means a 1 s poll interval is too short for that
+the same as a trained one's), every service with its own scaler, Scorer and latent memory of
+puad.LATENT_MEMORY windows (fleet_state), and prints, per N, `fleet N entities: step X ms (query
+Y ms, score Z ms)`: the median over --fleet_polls polls after the first, each one step after the
+last (a warm poll reads the newest grid points and scores one new window per entity, two where
+the previous poll's last point has changed since; the first poll, which reads and scores whole
+windows, is printed too); the CPU time of a poll in the detector (all its threads) and in
+Prometheus; the detector's resident memory (VmRSS) after the polls; what one service holds, by
+part (service_bytes). A step over 1,000 ms means a 1 s poll interval is too short for that
 fleet on this machine: the detector then polls late (--live_step=15 leaves 15 s).
 --vs_tranad (bench_vs_tranad): PUAD against TranAD (tranad.py, written from Tuli et al. 2022)
 on one entity (--vs_data, SMD machine-1-6 by default), in one process, --vs_rounds rounds that
@@ -50,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import json
 import math
 import os
@@ -69,10 +71,11 @@ import prototype_ot
 from config import Config, OneLineParser, cli_error, parse_bool, parse_config
 import scoring
 import tranad
-from puad import (PUAD, apply_local_state, build_model, calibrate_entity, entity_state, fit_scorer, latent_memory,
+from puad import (LATENT_MEMORY, PUAD, apply_local_state, build_model, calibrate_entity, entity_state, fit_scorer, latent_memory,
                   local_path, read_checkpoint, reconstruct_entity, run_config, score_kwargs, score_series,
                   window_reconstructor)
-from utils import (DataError, Scaler, Windows, align_features, create_sequences, get_device, load_dataset, set_seed, set_threads,
+from utils import (DataError, Scaler, Windows, align_features, create_sequences, get_device, load_dataset, release_freed_memory,
+                   set_seed, set_threads,
                    split_train_val, time_step, write_json_atomic)
 
 OPTIONS = dict(presets="cpu,paper", quick=False, out="res_hr/bench.json", data="../shared/datasets/ASD",
@@ -128,6 +131,12 @@ def best_time(fn, device, repeats: int, warmup: int = 1) -> float:
         sync(device)
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc/PID/stat (10 ms ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _status(key: str) -> int | None:
@@ -418,36 +427,87 @@ def bench_fleet(n: int, opts: dict) -> dict:
         live = detect_live.LiveOptions(prometheus=fleet.prometheus, live_step=1, live_log=f"{tmp}/events.jsonl",
                                        query_timeout=60.0)
         session = detect_live.make_session()
-        # a scaler and calibration shared by every service: fitted on 20 normal services' first window
-        end = int(time.time()) - 1
-        sample = [s for s in names if s not in faults][:20]
-        got = detect_live.fetch_fleet(session, fleet.prometheus, metric_set, metric_set["metrics"], sample, end,
-                                      rows, 1, 30.0)
-        x = np.concatenate([np.nan_to_num(v) for v, _ in got.values()])
-        scaler = Scaler("minmax").fit(x)
-        calib = score_series(model, scaler.transform(x), cfg.seq_len)
-        memory = latent_memory(model, [scaler.transform(x)], cfg)  # one memory, the latent term's cost per entity
-        cal = scoring.Scorer.from_config(cfg).fit(calib, scoring.constant_features(x), memory)
+        rss_before = _status("VmRSS")
+        states, scorers, setup_s = fleet_state(names, faults, model, cfg, session, fleet.prometheus, metric_set, rows)
         det = detect_live.Detector(cfg, live, {"features": features}, model, names, metric_set, metric_set["metrics"],
-                                   {s: detect_live.EntityState(scaler) for s in names}, {s: cal for s in names})
+                                   states, scorers)
         # each poll advances the window by one step, as in a detector that keeps up (detect_live's
         # run loop polls 0.25 x step after a grid point); a poll longer than the step delays the next
+        prom = next(p.pid for name, p in fleet.procs.started if name == "prometheus")
+        c0, t0 = cpu_seconds(prom), time.time()
+        time.sleep(2.0)
+        prom_idle = (cpu_seconds(prom) - c0) / (time.time() - t0)  # scraping and ingesting, no query
         timings = []
         end = int(math.floor(time.time() - 0.25))
         for _ in range(opts["fleet_polls"] + 1):
             time.sleep(max(0.0, end + 0.25 - time.time()))
+            c0, p0 = time.process_time(), cpu_seconds(prom)
             det.poll(end)
-            timings.append(det.timing)
+            timings.append(dict(det.timing, cpu_s=time.process_time() - c0, prometheus_cpu_s=cpu_seconds(prom) - p0))
             end += 1
         alarms = sum(det.alerts.on(s) for s in names)
         caught = sum(det.alerts.on(s) for s in faults)
+        rss = _status("VmRSS")
+        service = service_bytes(det, names[0])
     warm = timings[1:]
     med = lambda key: float(np.median([t[key] for t in warm])) * 1e3  # noqa: E731
-    return dict(load_average=os.getloadavg()[0], entities=n, step_ms=med("step_s"), query_ms=med("query_s"), score_ms=med("score_s"),
-                update_ms=med("update_s"), first_step_ms=timings[0]["step_s"] * 1e3,
+    return dict(load_average=os.getloadavg()[0], entities=n, rss_bytes=rss, rss_before_bytes=rss_before,
+                service_bytes=service, 
+                setup_s=setup_s, memory_windows=len(scorers[names[0]].memory_),
+                step_ms=med("step_s"), query_ms=med("query_s"), score_ms=med("score_s"),
+                update_ms=med("update_s"), cpu_ms=med("cpu_s"), prometheus_cpu_ms=med("prometheus_cpu_s"),
+                prometheus_idle_cpu=prom_idle, first_step_ms=timings[0]["step_s"] * 1e3,
                 first_score_ms=timings[0]["score_s"] * 1e3, scored=warm[-1]["scored"],
                 model_windows=float(np.median([t["model_windows"] for t in warm])),
                 faulty=len(faults), alarms=alarms, alarms_on_faulty=caught, polls=len(warm))
+
+
+def fleet_state(names: list[str], faults: dict, model: PUAD, cfg, session, prometheus: str, metric_set: dict,
+                rows: int) -> tuple[dict, dict, float]:
+    """Every service's own state, as a real fleet holds it: a scaler, and a Scorer fitted on its
+    own with a latent memory of its own of puad.LATENT_MEMORY windows x d_theta (float32). The
+    values come from 20 normal services' first window (the scaler fitted on their rows, the
+    calibration their reconstruction, the memories their windows' theta0s resampled with a
+    little noise per service): the synthetic fleet has no train series, and the cost of a poll
+    depends on the sizes, not on the values. -> (states, scorers, seconds it took)."""
+    import detect_live
+    t0 = time.perf_counter()
+    end = int(time.time()) - 1
+    sample = [s for s in names if s not in faults][:20]
+    got = detect_live.fetch_fleet(session, prometheus, metric_set, metric_set["metrics"], sample, end, rows, 1, 30.0)
+    x = np.concatenate([np.nan_to_num(v) for v, _ in got.values()])
+    scaler = Scaler("minmax").fit(x)
+    calib = score_series(model, scaler.transform(x), cfg.seq_len)
+    base = latent_memory(model, [scaler.transform(v) for v in (np.nan_to_num(v) for v, _ in got.values())], cfg)
+    const, spread = scoring.constant_features(x), 0.01 * base.std(0)
+    rng = np.random.default_rng(0)
+    states, scorers = {}, {}
+    for i, name in enumerate(names):
+        if i % 100 == 99:  # the fits' freed temporaries back to the system, else the allocator keeps ~1 MB per service
+            release_freed_memory()
+        memory = base[rng.integers(0, len(base), LATENT_MEMORY)] + spread * rng.standard_normal(
+            (LATENT_MEMORY, base.shape[1]), dtype=np.float32)
+        states[name] = detect_live.EntityState(Scaler(scaler.kind, scaler.shift.copy(), scaler.scale.copy()))
+        scorers[name] = scoring.Scorer.from_config(cfg).fit(calib, const, memory)
+    return states, scorers, time.perf_counter() - t0
+
+
+def service_bytes(det, name: str) -> dict[str, int]:
+    """What the detector holds for one service after some polls, in bytes, by part: its latent
+    memory (its rows of the stack: states, squared norms, centre), its Scorer's other arrays,
+    its scaler, the drift guard's past scores (a deque of numbers), the window cache (the last
+    `smooth` windows' bytes, mean and theta0) and the last poll's rows (input, mean, named)."""
+    live = det.scoring
+    sc, st = live.scorers[name], live.states[name]
+    m = sc.memory_
+    rec, named = live.last_input[name]
+    return dict(
+        latent_memory=sum(t.numel() * t.element_size() for t in (m.states, m.norms, m.center)) if m else 0,
+        scorer=sum(a.nbytes for a in (sc.center_, sc.scale_, sc.pinned_, sc.usual_, sc.recent_) if a is not None),
+        scaler=st.scaler.shift.nbytes + st.scaler.scale.nbytes,
+        drift_history=sys.getsizeof(live.history[name]) + sum(sys.getsizeof(v) for v in live.history[name]),
+        window_cache=sum(sys.getsizeof(k) + mu.nbytes + z.nbytes for k, (mu, z) in live.window_cache[name].items()),
+        last_rows=rec.x.nbytes + rec.mu.nbytes + named.nbytes)
 
 
 # ---- PUAD against TranAD (--vs_tranad): one process, the same entity, alternating runs
@@ -569,10 +629,7 @@ def vs_memory_child(spec_json: str) -> None:
         ctx = vs_setup(dict(opts, vs_epochs=0), Path(tmp))  # no TranAD training: its weights are loaded
     ctx["tranad"].load_state_dict(torch.load(spec["tranad"], weights_only=True))
     fn = (lambda: puad_scores(ctx, True)) if spec["which"] == "puad" else (lambda: tranad_scores(ctx, ctx["test"], ctx["tcal"]))
-    try:  # what the setup freed goes back to the system, so that scoring cannot reuse it unseen
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    release_freed_memory()  # what the setup freed goes back to the system, so that scoring cannot reuse it unseen
     with PeakMemory(torch.device("cpu")) as mem:
         fn()
     print(json.dumps(dict(bytes=mem.bytes, kind=mem.kind)))
@@ -664,6 +721,13 @@ def main(argv: list[str] | None = None) -> dict:
                   f"new); metrics update {r['update_ms']:.0f} ms; {r['scored']} entities scored per poll, "
                   f"{r['model_windows']:.0f} windows through the model; load average {r['load_average']:.1f}; "
                   f"median of {r['polls']} polls", flush=True)
+            print(f"  CPU per poll: detector {r['cpu_ms']:.0f} ms (all its threads), Prometheus {r['prometheus_cpu_ms']:.0f} ms "
+                  f"(it uses {1e3 * r['prometheus_idle_cpu']:.0f} ms/s between polls, scraping and ingesting)", flush=True)
+            print(f"  detector resident memory {fmt_bytes(r['rss_bytes'])} after the polls, {fmt_bytes(r['rss_before_bytes'])} before "
+                  f"the services' state: a scaler, a Scorer and a latent memory of {r['memory_windows']} windows "
+                  f"each, built in {r['setup_s']:.0f} s)", flush=True)
+            print("  one service holds " + ", ".join(f"{k.replace('_', ' ')} {v / 1024:.1f} kB"
+                                                     for k, v in r["service_bytes"].items()), flush=True)
         results["load_average_end"] = os.getloadavg()
         if opts["out"] != OPTIONS["out"]:
             write_json_atomic(opts["out"], results)

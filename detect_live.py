@@ -72,8 +72,7 @@ from prometheus import (DEFAULT_PROMETHEUS, grouped_query, load_metric_set, make
                         split_by_label)
 from puad import (apply_local_state, build_model, calibrate_entity, clip_inputs, local_path,  # noqa: E402
                   read_checkpoint, run_config, window_reconstructor)
-from utils import (DataError, Scaler, align_features, create_sequences, load_dataset, set_threads,  # noqa: E402
-                   time_step, window_to_point_scores, window_values_to_points)
+from utils import DataError, Scaler, align_features, load_dataset, set_threads, time_step  # noqa: E402
 
 PROG = "detect_live.py"
 # the Config fields detect_live.py reads: the checkpoint, its data, the scorer and the alarms
@@ -343,7 +342,6 @@ def fetch_rows(session, prometheus: str, metric_set: dict, metrics: list[dict], 
     missing from an answer gets NaN there."""
     grid = np.arange(first, end + step, step, dtype=np.int64)
     x = np.full((len(services), len(grid), len(metrics)), np.nan)
-    index = {s: i for i, s in enumerate(services)}
 
     def column(j: int, m: dict) -> None:
         try:
@@ -366,8 +364,7 @@ def fetch_rows(session, prometheus: str, metric_set: dict, metrics: list[dict], 
                 series = query_range(session, prometheus, query, first, int(end), step, timeout=timeout, retries=0)
             except ExportError as e:
                 raise QueryError(str(e)) from None
-            for service, row in split_by_label(series, label, services, grid, m["agg"]).items():
-                x[index[service], :, j] = row
+            x[:, :, j] = split_by_label(series, label, services, grid, m["agg"])
 
     # the columns' queries are in flight together (Prometheus works on them while this process
     # parses answers); each writes its own column of x
@@ -510,31 +507,36 @@ class LiveScorer:
 
     def score(self, raws: dict[str, np.ndarray]) -> dict[str, float]:
         """Scores of many entities' windows (raw: seq_len + smooth - 1 rows each), batched: each
-        entity's rows scaled with its own scaler and clipped (puad.clip_inputs, as in
-        score_series), its windows through the model (_run_model; a window the model saw in an
-        earlier poll, same scaled values, is not run again: posterior means are deterministic),
-        then scoring.score_many with each entity's Scorer. The same numbers as score_series and
-        Scorer.score on each entity alone (tested)."""
-        seq_len = self.cfg.seq_len
-        xs, keys, todo = {}, {}, {False: [], True: []}
-        for entity, raw in raws.items():
-            st = self.states[entity]
-            xs[entity] = clip_inputs(st.scaler.transform(raw))
-            windows = create_sequences(xs[entity], seq_len)
-            keys[entity] = [w.tobytes() for w in windows]
-            old = self.window_cache.get(entity, {})
-            todo[st.use_local] += [(entity, k, w) for w, k in zip(windows, keys[entity]) if k not in old]
-        fresh = self._run_model(todo)
-        entities = list(xs)
-        known = {e: {**self.window_cache.get(e, {}), **fresh.get(e, {})} for e in entities}
-        # per entity, its windows' means to points (E, n, V) and theta0 to points (E, n, d)
-        mu = np.stack([window_to_point_scores(np.stack([known[e][k][0] for k in keys[e]]), seq_len) for e in entities])
-        theta0 = np.stack([window_values_to_points(np.stack([known[e][k][1] for k in keys[e]]), seq_len) for e in entities])
-        scores, named = scoring.score_many([self.scorers[e] for e in entities], np.stack([xs[e] for e in entities]),
-                                           mu, theta0)
+        entity's rows scaled with its own scaler and clipped at once (Scaler.transform_many,
+        puad.clip_inputs, as in score_series), its windows through the model (_run_model; a
+        window the model saw in an earlier poll, same scaled values, is not run again: posterior
+        means are deterministic), then scoring.score_many with each entity's Scorer (one latent
+        search for all). The same numbers as score_series and Scorer.score on each entity alone
+        (tested)."""
+        seq_len, entities = self.cfg.seq_len, list(raws)
+        xs = clip_inputs(Scaler.transform_many([self.states[e].scaler for e in entities],
+                                               np.stack([raws[e] for e in entities])))  # (E, n, V)
+        windows = np.lib.stride_tricks.sliding_window_view(xs, seq_len, axis=1).transpose(0, 1, 3, 2)  # (E, W, T, V)
+        keys = [[w.tobytes() for w in ws] for ws in windows]
+        todo: dict[bool, list] = {False: [], True: []}
         for i, e in enumerate(entities):
-            self.last_input[e] = (scoring.Reconstruction(xs[e], mu[i]), named[i])
-            self.window_cache[e] = {k: known[e][k] for k in keys[e]}
+            old = self.window_cache.get(e, {})
+            todo[self.states[e].use_local] += [(e, key, windows[i, w]) for w, key in enumerate(keys[i]) if key not in old]
+        fresh = self._run_model(todo)
+        known = [[fresh.get(e, {}).get(key) or self.window_cache[e][key] for key in keys[i]]
+                 for i, e in enumerate(entities)]
+        (m0, z0), size = known[0][0], windows.shape[:2]
+        mu_w, z_w = np.empty(size + m0.shape, m0.dtype), np.empty(size + z0.shape, z0.dtype)
+        for i, ks in enumerate(known):
+            for w, (m, z) in enumerate(ks):
+                mu_w[i, w], z_w[i, w] = m, z
+        # to points, as window_to_point_scores and window_values_to_points: (E, n, V) and (E, n, d)
+        mu = np.concatenate([mu_w[:, 0, :-1], mu_w[:, :, -1]], axis=1)
+        theta0 = np.concatenate([np.repeat(z_w[:, :1], seq_len - 1, axis=1), z_w], axis=1)
+        scores, named = scoring.score_many([self.scorers[e] for e in entities], xs, mu, theta0)
+        for i, e in enumerate(entities):
+            self.last_input[e] = (scoring.Reconstruction(xs[i], mu[i]), named[i])
+            self.window_cache[e] = dict(zip(keys[i], known[i]))
         return {e: float(scores[i, -1]) for i, e in enumerate(entities)}
 
     def name_alarm(self, entity: str, features: list[str]) -> list[str]:

@@ -362,46 +362,37 @@ def _label_replace_args(label: str, source: str, regex: str) -> str:
     return f', "{label}", "${{{label}}}", "{source}", "{_string_literal(regex)}")'.replace("$", "$$")
 
 
-def split_by_label(series: list[dict], label: str, services: list[str], grid: "Any", agg: str) -> dict:
-    """A grouped answer -> {service: values on `grid` (numpy, NaN where none)}: the finite values
-    of a service's series combined with `agg` at each grid point (as one service's own query
-    would be). Series without the label (e.g. `or vector(0)`) or of other services are ignored."""
+def split_by_label(series: list[dict], label: str, services: list[str], grid: "Any", agg: str) -> np.ndarray:
+    """A grouped answer -> values (len(services), len(grid)) on `grid`, in the order of
+    `services`, NaN where none: the finite values of a service's series combined with `agg` at
+    each grid point (as one service's own query would be). Series without the label (e.g. `or
+    vector(0)`) or of other services are ignored. Vectorised: one scatter for all services."""
     grid = np.asarray(grid, np.int64)
     first, step = int(grid[0]), int(grid[1] - grid[0]) if len(grid) > 1 else 1
-    wanted = set(services)
-    keep = [(s["metric"].get(label), s["values"]) for s in series
-            if s["metric"].get(label) in wanted and len(s["values"])]
+    index = {s: i for i, s in enumerate(services)}
+    out = np.full((len(services), len(grid)), np.nan)
+    keep = [(index[name], s["values"]) for s in series
+            if (name := s["metric"].get(label)) in index and len(s["values"])]
     if not keep:
-        return {}
-    lengths = [len(v) for _, v in keep]
+        return out
     tv = np.concatenate([v for _, v in keep])  # (points, 2): time, value (parse_matrix's arrays)
+    owner = np.repeat(np.array([i for i, _ in keep]), [len(v) for _, v in keep])
     idx = np.rint((tv[:, 0] - first) / step).astype(np.int64)
-    owner = np.repeat(np.arange(len(keep)), lengths)
     ok = (idx >= 0) & (idx < len(grid)) & np.isfinite(tv[:, 1])
-    rows = np.full((len(keep), len(grid)), np.nan)
-    rows[owner[ok], idx[ok]] = tv[ok, 1]
-    parts: dict[str, list] = {}
-    for (name, _), row in zip(keep, rows):
-        parts.setdefault(name, []).append(row)
-    return {name: combine_rows(rs, agg) for name, rs in parts.items()}
-
-
-def combine_rows(rows: list, agg: str):
-    """Rows of one service (NaN = no value) combined per grid point with agg; NaN where none has one."""
-    if len(rows) == 1:
-        return rows[0]
-    a = np.vstack(rows)
-    present = ~np.isnan(a)
-    any_ = present.any(0)
-    if agg == "sum":
-        out = np.where(present, a, 0.0).sum(0)
-    elif agg == "mean":
-        out = np.where(present, a, 0.0).sum(0) / np.maximum(present.sum(0), 1)
-    elif agg == "max":
-        out = np.where(present, a, -math.inf).max(0)
+    at, value = (owner[ok], idx[ok]), tv[ok, 1]
+    if len({i for i, _ in keep}) == len(keep):  # one series per service: the usual answer
+        out[at] = value
+        return out
+    count = np.zeros(out.shape)
+    np.add.at(count, at, 1.0)
+    if agg in ("sum", "mean"):
+        acc = np.zeros(out.shape)
+        np.add.at(acc, at, value)
+        acc = acc / np.maximum(count, 1.0) if agg == "mean" else acc
     else:
-        out = np.where(present, a, math.inf).min(0)
-    return np.where(any_, out, np.nan)
+        acc = np.full(out.shape, -math.inf if agg == "max" else math.inf)
+        (np.maximum if agg == "max" else np.minimum).at(acc, at, value)
+    return np.where(count > 0, acc, np.nan)
 
 
 # ---------------------------------------------------------------- HTTP
@@ -517,7 +508,31 @@ def parse_matrix(body: Any, what: str = "query", query: str = "") -> list[dict]:
     result = [] if result is None else result
     if not isinstance(result, list):
         raise ExportError(f"{what}: 'result' is a {type(result).__name__}, not a list of series")
-    return [_series(s, n, what) for n, s in enumerate(result)]
+    return _all_series(result, what)
+
+
+def _all_series(result: list, what: str) -> list[dict]:
+    """The answer's series with their points converted in one go (each series' values a view of
+    one array: a grouped answer holds thousands of short series). Anything else than
+    [unix time, number] points sends the answer through _series, series by series, whose error
+    names the series."""
+    labels, values = [], []
+    for s in result:
+        lab = s.get("metric", {}) if isinstance(s, dict) else None
+        val = s.get("values") if isinstance(s, dict) else None
+        if not isinstance(lab, dict) or not isinstance(val, list) or not all(isinstance(v, str) for v in lab.values()):
+            return [_series(s, n, what) for n, s in enumerate(result)]
+        labels.append(lab)
+        values.append(val)
+    points = [p for v in values for p in v]
+    try:
+        tv = np.array(points, dtype=np.float64) if points else np.zeros((0, 2))
+    except (ValueError, TypeError, OverflowError):
+        tv = None
+    if tv is None or tv.ndim != 2 or tv.shape[1] != 2 or not (np.abs(tv[:, 0]) <= MAX_UNIX_SECONDS).all():
+        return [_series(s, n, what) for n, s in enumerate(result)]
+    parts = np.split(tv, np.cumsum([len(v) for v in values])[:-1]) if values else []
+    return [{"metric": lab, "values": part} for lab, part in zip(labels, parts)]
 
 
 def _series(s: Any, n: int, what: str) -> dict:

@@ -54,7 +54,7 @@ import pandas as pd
 import torch
 
 from metrics import segment_sample, spot_threshold
-from utils import create_sequences
+from utils import create_sequences, release_freed_memory
 
 # a model's reconstruction of scaled windows (B, T, V) -> its mean (B, T, V): what explain()
 # repairs a feature with and re-scores (puad.window_reconstructor, baselines' PCA and AE)
@@ -126,6 +126,55 @@ class Memory:
             parts.append(d2.topk(k, dim=1, largest=False).values.clamp_min(0.0).sqrt().mean(1))
         out = torch.cat(parts).double().numpy() if parts else np.zeros(0)
         return out[np.cumsum(new) - 1].reshape(shape)
+
+
+class MemoryBank:
+    """The memories of E entities stacked (E, M, d), for one batched search of all their windows
+    (score_many: a live poll of a fleet) instead of one search per entity. A shorter memory is
+    padded with states at infinite distance, never among its k nearest; an entity without one
+    (None) gets distance 0. The states are held once: each Memory's tensors become views into
+    the stack (the same values, so Memory.distance gives the same numbers)."""
+
+    def __init__(self, memories: list[Memory | None]):
+        self.memories = list(memories)
+        present = [m for m in memories if m is not None]
+        E, M, d = len(memories), max((len(m) for m in present), default=0), present[0].states.shape[1] if present else 0
+        # filled entity by entity, each Memory's own tensors freed as it moves in: no second copy at once
+        self.states, self.norms = torch.empty(E, M, d), torch.full((E, M), np.inf)
+        self.center, self.size = torch.zeros(E, d), torch.tensor([0 if m is None else len(m) for m in memories])
+        for i, m in enumerate(memories):
+            n = 0 if m is None else len(m)
+            self.states[i, n:] = 0.0
+            if m is not None:
+                self.states[i, :n], self.norms[i, :n], self.center[i] = m.states, m.norms, m.center
+                m.states, m.norms, m.center = self.states[i, :n], self.norms[i, :n], self.center[i]
+        release_freed_memory()  # the memories' own copies, freed among the calibrations' temporaries
+
+    def distance(self, z: np.ndarray, k: int, block: int = 1 << 22) -> np.ndarray:
+        """(E, n) Memory.distance of each entity's rows z (E, n, d) to its own memory, k nearest
+        (fewer when its memory is smaller), as one baddbmm + top-k per block of about `block`
+        squared distances. A point equal to the one before it in every entity is searched once."""
+        E, n = np.shape(z)[:2]
+        if E == 0 or n == 0 or self.states.shape[1] == 0:
+            return np.zeros((E, n))
+        z = np.asarray(z, np.float32)
+        new = np.r_[True, np.any(z[:, 1:] != z[:, :-1], axis=(0, 2))]
+        q = torch.as_tensor(z[:, new]) - self.center[:, None]  # (E, U, d)
+        kk = min(max(int(k), 1), self.states.shape[1])
+        ke = self.size.clamp(max=kk)  # each entity's k
+        take = torch.arange(kk)[None, None] < ke[:, None, None]  # (E, 1, kk)
+        out = torch.zeros(E, q.shape[1])
+        rows = max(1, min(q.shape[1], block // self.states.shape[1]))
+        ents = max(1, block // (rows * self.states.shape[1]))
+        for e in range(0, E, ents):
+            es = slice(e, e + ents)
+            for r in range(0, q.shape[1], rows):
+                qb = q[es, r:r + rows]
+                d2 = torch.baddbmm((qb * qb).sum(-1, keepdim=True) + self.norms[es, None], qb,
+                                   self.states[es].transpose(1, 2), alpha=-2.0)
+                near = d2.topk(kk, dim=2, largest=False).values.clamp_min(0.0).sqrt()
+                out[es, r:r + rows] = torch.where(take[es], near, 0.0).sum(2) / ke[es, None].clamp(min=1)
+        return out.double().numpy()[:, np.cumsum(new) - 1]
 
 
 def smooth(x: np.ndarray, k: int) -> np.ndarray:
@@ -376,12 +425,29 @@ def score_many(scorers: list[Scorer], x: np.ndarray, mu: np.ndarray | None, thet
     scale = np.stack([s.scale_ for s in scorers])[None]
     xt = t(x).astype(np.float64)
     c = np.minimum(((xt - t(mu) - center) / scale) ** 2, MAX_CONTRIBUTION)
-    latent = np.stack([np.broadcast_to(s.latent_term(None if theta0 is None else theta0[i]), c.shape[:1])
-                       for i, s in enumerate(scorers)], axis=1)  # (n, E)
+    latent = t(latent_many(scorers, theta0, c.shape[0]))  # (n, E)
     pinned = np.stack([s.pinned_ for s in scorers])[None]
     usual = np.stack([np.ones(c.shape[-1]) if s.usual_ is None else s.usual_ for s in scorers])[None]
     named = np.minimum(smooth(attribution(c, xt, pinned), k) / usual, MAX_CONTRIBUTION)
     return (np.swapaxes(smooth_scores(c.mean(-1) + latent, k, cap), 0, 1), np.swapaxes(named, 0, 1))
+
+
+_BANK: list = [None]  # the last MemoryBank latent_many stacked: reused while its entities' memories are the same
+
+
+def latent_many(scorers: list[Scorer], theta0: np.ndarray | None, n: int) -> np.ndarray:
+    """Scorer.latent_term of E series at once (E, n): theta0 (E, n, d), one search of every
+    entity's memory (MemoryBank, built once for a list of memories and kept for the next poll)."""
+    weight = np.array([s.latent_ for s in scorers], np.float64)
+    if not (weight > 0).any():
+        return np.zeros((len(scorers), n))
+    if theta0 is None:
+        raise ValueError("this scorer has a latent term; the reconstruction needs theta0")
+    memories = [s.memory_ if s.latent_ > 0 else None for s in scorers]
+    bank = _BANK[0]
+    if bank is None or len(bank.memories) != len(memories) or any(a is not b for a, b in zip(bank.memories, memories)):
+        bank = _BANK[0] = MemoryBank(memories)
+    return weight[:, None] * bank.distance(theta0, LATENT_K)
 
 
 def top_features(weights: np.ndarray, features: list[str], k: int = 3) -> list[tuple[str, float]]:

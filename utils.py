@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import errno
 import fcntl
 import glob
@@ -455,6 +456,13 @@ class Scaler:
     def transform(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.shift) / self.scale).astype(np.float32)
 
+    @staticmethod
+    def transform_many(scalers: list["Scaler"], x: np.ndarray) -> np.ndarray:
+        """Series x (E, n, V), each scaled with its own scaler: transform of each, at once."""
+        shift = np.stack([s.shift for s in scalers])[:, None]
+        scale = np.stack([s.scale for s in scalers])[:, None]
+        return ((x - shift) / scale).astype(np.float32)
+
     def state_dict(self) -> dict:
         return {"kind": self.kind, "shift": torch.tensor(self.shift), "scale": torch.tensor(self.scale)}
 
@@ -508,6 +516,16 @@ def window_values_to_points(per_window: np.ndarray, seq_len: int) -> np.ndarray:
     assigns them: point t takes the window ending at it, the first seq_len-1 points the first
     window's."""
     return np.concatenate([np.repeat(per_window[:1], seq_len - 1, axis=0), per_window])
+
+
+def release_freed_memory() -> None:
+    """Give the memory this process has freed back to the system (glibc's malloc_trim; nothing
+    elsewhere). Freed blocks between live ones stay resident otherwise: after many small
+    long-lived arrays were built among temporaries (a fleet's latent memories), twice their size."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def set_seed(seed: int) -> None:

@@ -81,6 +81,30 @@ def test_grouped_query_rewrite():
     assert sorted(sum(parts, [])) == sorted(names) and all(parts)
 
 
+def test_grouped_answer_split_by_service():
+    """A grouped answer parsed at once (parse_matrix: one conversion for all its series, each
+    series' values as they would be alone) and split into one row per service in the order
+    asked: several series of one service combined with the column's agg over their finite
+    values, NaN where a service has none, other services and unlabelled series ignored."""
+    from prometheus import _series, parse_matrix, split_by_label
+    result = [{"metric": {"service": "b", "le": "1"}, "values": [[100, "1"], [101, "2"], [102, "NaN"]]},
+              {"metric": {"service": "b", "le": "2"}, "values": [[101, "5"], [102, "+Inf"], [103, "7"]]},
+              {"metric": {"service": "a"}, "values": [[100, "3"], [103.0004, "4"]]},
+              {"metric": {"service": "zz"}, "values": [[100, "9"]]},  # not asked for
+              {"metric": {}, "values": [[100, "0"]]},  # `or vector(0)`: no label
+              {"metric": {"service": "c"}, "values": []}]
+    series = parse_matrix({"status": "success", "data": {"resultType": "matrix", "result": result}})
+    for got, s in zip(series, result):
+        assert got["metric"] == s["metric"]
+        np.testing.assert_array_equal(got["values"], _series(s, 0, "q")["values"])
+    grid, nan = np.arange(100, 104), np.nan
+    want = {"sum": [1, 7, nan, 7], "mean": [1, 3.5, nan, 7], "max": [1, 5, nan, 7], "min": [1, 2, nan, 7]}
+    for agg, b in want.items():
+        rows = split_by_label(series, "service", ["c", "b", "a", "d"], grid, agg)
+        np.testing.assert_array_equal(rows, [[nan] * 4, b, [3, nan, nan, 4], [nan] * 4], err_msg=agg)
+    assert split_by_label(series, "other", ["a"], grid, "sum").shape == (1, 4)
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     if shutil.which("prometheus") is None:

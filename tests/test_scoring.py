@@ -237,6 +237,45 @@ def test_latent_term_scores_a_window_unlike_the_entitys_normal_windows():
     np.testing.assert_allclose(cb[0], contrib)
 
 
+def test_fleet_latent_search_equals_each_entitys_own():
+    """score_many searches every entity's memory at once (MemoryBank: one baddbmm + top-k for
+    all) and gives each entity the latent term, scores and names it has alone: memories of
+    different sizes, one smaller than k, one absent (latent_ 0). The stack is built once for a
+    list of memories and kept; each Memory then reads its rows of it, with the same numbers."""
+    rng = np.random.default_rng(7)
+    n, V, d, T = 300, 3, 6, 40
+    cfg = _cfg("--smooth=3")
+    x, theta0 = rng.normal(0, 0.1, (n, V)), rng.normal(0, 1, (n, d))
+    sizes = [1000, 400, 3, None, 1000]
+    scorers = [_fit(cfg, x, np.zeros((n, V)), theta0=theta0, memory=None if m is None else rng.normal(0.3 * i, 1, (m, d)))
+               for i, m in enumerate(sizes)]
+    assert scorers[3].latent_ == 0 and all(s.latent_ > 0 for i, s in enumerate(scorers) if i != 3)
+    E = len(scorers)
+    tx, tz = rng.normal(0, 0.1, (E, T, V)), rng.normal(0, 2, (E, T, d)).astype(np.float32)
+    tz[:, :20] = tz[:, :1]  # a series' first points share its first window's theta0, as in a live poll
+    tz[1, 31] = tz[1, 30]  # a repeat in one entity only
+    alone = lambda: np.stack([s.latent_term(tz[i]) * np.ones(T) for i, s in enumerate(scorers)])  # noqa: E731
+    want = alone()
+    got = scoring.latent_many(scorers, tz, T)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert (got[3] == 0).all() and (got[2] > 0).all()
+    bank = scoring._BANK[0]
+    np.testing.assert_allclose(alone(), want, rtol=1e-6)  # each Memory, now rows of the stack
+    scores, named = scoring.score_many(scorers, tx, np.zeros((E, T, V)), tz)
+    assert scoring._BANK[0] is bank  # the same memories: the stack is reused
+    for i, s in enumerate(scorers):
+        rec = scoring.Reconstruction(tx[i], np.zeros((T, V)), tz[i])
+        np.testing.assert_allclose(scores[i], s.score(rec), rtol=1e-5)
+        np.testing.assert_allclose(named[i], s.name(rec), rtol=1e-5)
+    # blocks of one entity's row at a time give the same numbers
+    dist = bank.distance(tz, scoring.LATENT_K, block=1000)
+    np.testing.assert_allclose(dist * np.array([s.latent_ for s in scorers])[:, None], want, rtol=1e-5)
+    scoring.score_many(scorers[:2], tx[:2], np.zeros((2, T, V)), tz[:2])
+    assert scoring._BANK[0] is not bank and len(scoring._BANK[0].memories) == 2  # other entities: a new stack
+    with pytest.raises(ValueError, match="theta0"):
+        scoring.score_many(scorers, tx, np.zeros((E, T, V)), None)
+
+
 def test_live_detector_never_reads_a_non_finite_score_as_normal(tmp_path, monkeypatch):
     """A NaN score (impossible with clipped inputs, so forced here) skips the window, counts it as
     reason="non_finite" and leaves puad_anomaly where it was; an extreme input scores finite."""
