@@ -222,8 +222,15 @@ def main(argv: list[str] | None = None) -> dict:
                 for h in HOLDS:
                     held[h][ent.name] = evaluate(scores, thr, ent.labels, ent.faults, step_s=step, hold=h)
         print(f"{ent.name} done ({time.time() - t0:.0f}s)", flush=True)
+    return write_report(cfg, ckpt, list(run_variants), per_variant, held, series, t0)
+
+
+def write_report(cfg: Config, ckpt: dict, names: list[str], per_variant: dict[str, dict], held: dict[int, dict],
+                 series: list, t0: float) -> dict:
+    """The variants' and holds' summaries, the oracle alert ceiling of the default's scores, and
+    the table: printed, and written to <out_dir>/ablation.md and ablation.json -> the results."""
     rows, results = [], {}
-    for name in run_variants:
+    for name in names:
         summary = summarize(per_variant[name])
         results[name] = dict(mean=summary["mean"], total=summary["total"], entities=per_variant[name])
         rows.append(f"| {name} | " + _cells(summary))
@@ -238,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
              f"\nORACLE: the default's scores catch at most {caught} of {total} fault events at 1 false alarm "
              "event per entity-day, each entity's threshold chosen with the labels (ablation.oracle_alert_ceiling).\n")
     head = (f"{cfg.data}, checkpoint {cfg.ckpt} (best epoch {ckpt.get('epoch', '?')} of {ckpt.get('config', {}).get('epochs', '?')}), "
-            f"means over {len(per_variant[next(iter(run_variants))])} entities (alert figures summed over them)\n\n")
+            f"means over {len(per_variant[names[0]])} entities (alert figures summed over them)\n\n")
     print("\n" + head + table)
     out = Path(cfg.out_dir)
     atomic_write(out / "ablation.md", lambda tmp: Path(tmp).write_text(head + table))

@@ -524,7 +524,8 @@ def fetch_window(prometheus: str, metric_set: str | os.PathLike | dict, service:
 
 # ---------------------------------------------------------------- CLI
 
-def main(argv: list[str] | None = None) -> int:
+def make_parser() -> argparse.ArgumentParser:
+    """export_metrics.py's options."""
     parser = argparse.ArgumentParser(
         prog=PROG, description=__doc__.split("\n\n")[0],
         epilog="See the top of export_metrics.py for the grid, gap, split and label rules.")
@@ -560,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="only write OUT/<service>/interpretation.csv of an exported folder "
                         "from its test_label.csv, --fault_log and the metric set's "
                         "interpretation mapping (no Prometheus)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     services = ([s.strip() for s in args.services.split(",") if s.strip()]
                 if args.services else None)

@@ -559,22 +559,26 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
     )
     out.update(alert_metrics(held_alarms(pred, hold), y, faults, step_s))
     if faults is not None:
-        fk = np.asarray(faults, dtype=object).ravel()
-        if fk.size != s.size:
-            raise ValueError("faults and scores differ in length")
-        fk = np.array(["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-                       for v in fk], dtype=object)
-        normal = (y == 0) & (fk == "")
-        per: dict[str, dict[str, float]] = {}
-        for kind in sorted(set(fk.tolist()) - {""}):
-            pos = fk == kind
-            keep = pos | normal
-            yk = pos[keep].astype(np.int64)
-            _, rk, f1k = prf(yk, pred[keep])
-            per[kind] = {"recall": rk, "f1": f1k, "auc_roc": auc_roc(s[keep], yk),
-                         "n_points": int(pos.sum())}
-        out["per_fault"] = per
+        out["per_fault"] = per_fault(s, y, pred, faults)
     return out
+
+
+def per_fault(s: np.ndarray, y: np.ndarray, pred: np.ndarray, faults: Any) -> dict[str, dict[str, float]]:
+    """Recall, F1, AUC-ROC and points of each fault kind (fault-kind strings per point, '' or
+    None outside faults): that kind's points positive, normal points negative, other kinds out."""
+    fk = np.asarray(faults, dtype=object).ravel()
+    if fk.size != s.size:
+        raise ValueError("faults and scores differ in length")
+    fk = np.array(["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in fk], dtype=object)
+    normal = (y == 0) & (fk == "")
+    per: dict[str, dict[str, float]] = {}
+    for kind in sorted(set(fk.tolist()) - {""}):
+        pos = fk == kind
+        keep = pos | normal
+        yk = pos[keep].astype(np.int64)
+        _, rk, f1k = prf(yk, pred[keep])
+        per[kind] = {"recall": rk, "f1": f1k, "auc_roc": auc_roc(s[keep], yk), "n_points": int(pos.sum())}
+    return per
 
 
 def is_num(v: Any) -> bool:

@@ -293,6 +293,20 @@ def grouped_query(metric: dict, metric_set: dict, services: list[str]) -> tuple[
                                  f"metric '{metric['column']}' (grouped)", regexes=frozenset({"services"})), label
     if not _PLACEHOLDER.search(template):
         return None
+    matchers, label, copy = _service_matchers(metric, template, services)
+    edits = [(a, b, text.replace("$", "$$")) for a, b, text, _ in matchers]  # (start, end, replacement)
+    edits += _aggregation_edits(metric, template, [a for a, *_ in matchers], label, copy)
+    query = template
+    for start, end, text in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
+        query = query[:start] + text + query[end:]
+    return fill_placeholders(query, {"namespace": metric_set["namespace"], "rate_window": metric_set["rate_window"]},
+                             f"metric '{metric['column']}'"), label
+
+
+def _service_matchers(metric: dict, template: str, services: list[str]) -> tuple[list, str, tuple | None]:
+    """grouped_query's matchers: each `L op "...$service..."` as (start, end, its regex form,
+    copy), the label the answer is split by, and the (source label, regex) a label_replace()
+    copies the service from when the matcher holds more than the placeholder (else None)."""
     alternatives = "|".join(regex_literal(s) for s in sorted(services, key=lambda s: (-len(s), s)))
     matchers, label = [], None
     for m in _MATCHER.finditer(template):
@@ -314,19 +328,21 @@ def grouped_query(metric: dict, metric_set: dict, services: list[str]) -> tuple[
             raise ExportError(f"metric '{metric['column']}': $service in matchers of different labels; give 'grouped'")
         label = want
         matchers.append((m.start(), m.end(), f'{name}=~"{_string_literal(regex)}"', copy))
-    # a metric without $service in any matcher was handled above
-    if not matchers:
+    if not matchers or _PLACEHOLDER.search(_MATCHER.sub("", template)):
         raise ExportError(f"metric '{metric['column']}': $service outside a label matcher; give 'grouped'")
-    if _PLACEHOLDER.search(_MATCHER.sub("", template)):
-        raise ExportError(f"metric '{metric['column']}': $service outside a label matcher; give 'grouped'")
-    copy = next((c for *_, c in matchers if c is not None), None)
-    # edits as (start, end, replacement), applied right to left
-    edits = [(a, b, text.replace("$", "$$")) for a, b, text, _ in matchers]
-    pairs = _parens(template)
+    return matchers, label, next((c for *_, c in matchers if c is not None), None)
+
+
+def _aggregation_edits(metric: dict, template: str, starts: list[int], label: str,
+                       copy: tuple | None) -> list[tuple[int, int, str]]:
+    """The edits (start, end, text) that give every aggregation around a matcher (its position
+    in `starts`) the label in its `by`, and wrap the innermost one (or the whole query) in the
+    label_replace() that copies the service out of a longer matcher."""
+    edits = []
     aggs = []
-    for open_, close in pairs.items():
+    for open_, close in _parens(template).items():
         agg = _AGG.search(template[:open_ + 1])
-        if agg and any(open_ < a < close for a, *_ in matchers):
+        if agg and any(open_ < a < close for a in starts):
             aggs.append((agg, open_, close))
     innermost = min(aggs, key=lambda a: a[2] - a[1]) if aggs else None
     for agg, open_, close in aggs:
@@ -349,11 +365,7 @@ def grouped_query(metric: dict, metric_set: dict, services: list[str]) -> tuple[
             edits += [(open_ + 1, open_ + 1, "label_replace("), (close, close, _label_replace_args(label, *copy))]
     if copy is not None and innermost is None:
         edits += [(0, 0, "label_replace("), (len(template), len(template), _label_replace_args(label, *copy))]
-    query = template
-    for start, end, text in sorted(edits, key=lambda e: (e[0], e[1]), reverse=True):
-        query = query[:start] + text + query[end:]
-    return fill_placeholders(query, {"namespace": metric_set["namespace"], "rate_window": metric_set["rate_window"]},
-                             f"metric '{metric['column']}'"), label
+    return edits
 
 
 def _label_replace_args(label: str, source: str, regex: str) -> str:

@@ -135,10 +135,32 @@ def make_step(model: PUAD, cfg: Config, dev: torch.device, use_local: bool, star
     return step_fn, (model.pot.g_local if use_local else model.pot.g_global)
 
 
+def agree_finite(finite: bool, running: torch.Tensor, world: int) -> bool:
+    """Whether every rank's loss is finite (one collective under torchrun, which also averages
+    the Sinkhorn potentials `running`): a step is skipped on every rank or on none."""
+    if world == 1:
+        return finite
+    with torch.no_grad():
+        packed = torch.cat([running, running.new_tensor([float(finite)])])
+        dist.all_reduce(packed)
+        running.copy_(packed[:-1] / world)
+    return bool(packed[-1] == world)
+
+
+def epoch_line(row: dict, epochs: int, n: int) -> str:
+    """The log line of one epoch (a loss.csv row; n windows trained on)."""
+    return (f"{row['stage']} {row['entity']} epoch {row['epoch']}/{epochs}: total {row['total']:.4g} "
+            f"recon {row['recon']:.4g} kl0 {row['kl0']:.3g} kl1 {row['kl1']:.3g} ot {row['ot']:.3g} | "
+            f"val {row['val_total']:.4g} | {row['seconds']:.1f}s {n / max(row['seconds'], 1e-9):.0f} windows/s"
+            + (f" | skipped {row['skipped']}" if row['skipped'] else ""))
+
+
 def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w: Windows, cfg: Config,
                stage: str, entity: str, epochs: int, lr: float, save, history: list[dict],
                start_epoch: int = 0, opt_state: dict | None = None, best_val: float = math.inf) -> float:
-    """The training loop shared by both stages; save(epoch, best, optimizer, improved) persists state."""
+    """The training loop shared by both stages; save(epoch, best, optimizer, improved) persists
+    state. One loop on purpose (a train script that reads top to bottom, as nanoGPT's): each
+    epoch's steps, skips and torchrun collectives, then its validation, log row and save."""
     use_local = stage == "local"
     opt = torch.optim.Adam(params, lr=lr)
     if opt_state:
@@ -157,14 +179,7 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
         for step, xb in enumerate(bar):
             rho = rho_at(cfg, epoch - 1 + step / steps_per_epoch, not use_local)
             out = step_fn(xb, rho, use_local)
-            finite = bool(torch.isfinite(out["total"]))
-            if world > 1:  # one collective: average the potentials, skip the step on every rank or none
-                with torch.no_grad():
-                    packed = torch.cat([running, running.new_tensor([float(finite)])])
-                    dist.all_reduce(packed)
-                    running.copy_(packed[:-1] / world)
-                finite = bool(packed[-1] == world)
-            if not finite:
+            if not agree_finite(bool(torch.isfinite(out["total"])), running, world):
                 skipped, bad_run = skipped + 1, bad_run + 1
                 log.warning("%s epoch %d step %d: non-finite loss, step skipped", stage, epoch, step)
                 if bad_run >= MAX_BAD_STEPS:
@@ -197,10 +212,7 @@ def run_epochs(model: PUAD, params: list[torch.Tensor], train_w: Windows, val_w:
                    val_total=val, rho1=rho[0], rho2=rho[1], rho3=rho[2], lr=opt.param_groups[0]["lr"],
                    seconds=round(time.time() - t0, 3), skipped=skipped)
         history.append(row)
-        print(f"{stage} {entity} epoch {epoch}/{epochs}: total {row['total']:.4g} recon {row['recon']:.4g} "
-              f"kl0 {row['kl0']:.3g} kl1 {row['kl1']:.3g} ot {row['ot']:.3g} | val {val:.4g} | "
-              f"{row['seconds']:.1f}s {n / max(row['seconds'], 1e-9):.0f} windows/s"
-              + (f" | skipped {skipped}" if skipped else ""), flush=True)
+        print(epoch_line(row, epochs, n), flush=True)
         improved = math.isfinite(val) and val < best_val
         best_val = val if improved else best_val
         if rank == 0:  # the only writer under torchrun
@@ -241,6 +253,47 @@ def flat(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
     return [p for entity in parts for p in entity]
 
 
+def resume_global(cfg: Config, model: PUAD, entities: list[Entity], last_path: Path,
+                  device: torch.device) -> tuple[list[dict], int, dict | None, float]:
+    """--resume of the global stage from last_path (loaded into model) -> (history, epoch it
+    stopped after, optimizer state, best validation loss); a fresh start without --resume or
+    without the file. A file of other features or model sizes is refused (one line)."""
+    if not cfg.resume or not last_path.is_file():
+        if cfg.resume:
+            log.warning("--resume: %s not found; starting from scratch", last_path)
+        return [], 0, None, math.inf
+    last = read_checkpoint(last_path, device)
+    try:
+        for e in entities:
+            align_features(e, list(last["features"]), f"{cfg.data}/{e.name}", str(last_path), extra="refuse")
+    except DataError as e:
+        fail(f"{last_path}: --resume: trained on other features than {cfg.data} has ({e}); "
+             f"drop --resume or use another --ckpt")
+    try:
+        model.load_state_dict(last["model"])
+    except RuntimeError:
+        changed = {k: (v, getattr(cfg, k)) for k, v in checkpoint_args(last).items()
+                   if k in ("seq_len", "d_model", "n_heads", "n_layers", "d_ff", "d_h1", "d_theta",
+                            "n_global", "n_local") and v != getattr(cfg, k)}
+        fail(f"{last_path}: --resume: model of other sizes (saved vs now: {changed or 'see the config'}); "
+             f"drop --resume or use the same sizes")
+    print(f"resuming the global stage after epoch {last['epoch']} from {last_path}")
+    return ([r for r in last["history"] if r["stage"] == "global"], last["epoch"], last["optimizer"],
+            last["best_val"])
+
+
+def warn_stale_locals(ckpt_path: Path) -> None:
+    """After a new shared model: the local files beside it that belong to the previous one (now
+    refused by test.py and detect_live.py) are named in a warning."""
+    locals_ = sorted(ckpt_path.parent.glob(f"{ckpt_path.stem}.local-*.pt"))
+    shared = read_checkpoint(ckpt_path) if locals_ else None
+    stale = [p for p in locals_ if local_mismatch(read_checkpoint(p, kind="local"), shared, p.stem.split(".local-", 1)[1])]
+    if stale:
+        log.warning("%d local file(s) beside %s belong to the previous shared model and are now refused "
+                    "by test.py and detect_live.py: %s; refit them with --stage=local",
+                    len(stale), ckpt_path, ", ".join(p.name for p in stale))
+
+
 def train_global(cfg: Config, device: torch.device) -> Path:
     entities = load_dataset(cfg.data, cfg.entities, min_rows=cfg.seq_len)
     trains, vals, scalers = prepare(entities, cfg)
@@ -253,28 +306,7 @@ def train_global(cfg: Config, device: torch.device) -> Path:
     model.pot.freeze_global(False)
     model.pot.beta_l.requires_grad_(False)  # not trained in stage 1 (DDP needs every trainable tensor used)
     params = [p for n, p in model.named_parameters() if n != "pot.beta_l"]
-    history, start_epoch, opt_state, best_val = [], 0, None, math.inf
-    if cfg.resume and last_path.is_file():
-        last = read_checkpoint(last_path, device)
-        try:
-            for e in entities:
-                align_features(e, list(last["features"]), f"{cfg.data}/{e.name}", str(last_path), extra="refuse")
-        except DataError as e:
-            fail(f"{last_path}: --resume: trained on other features than {cfg.data} has ({e}); "
-                 f"drop --resume or use another --ckpt")
-        try:
-            model.load_state_dict(last["model"])
-        except RuntimeError:
-            changed = {k: (v, getattr(cfg, k)) for k, v in checkpoint_args(last).items()
-                       if k in ("seq_len", "d_model", "n_heads", "n_layers", "d_ff", "d_h1", "d_theta",
-                                "n_global", "n_local") and v != getattr(cfg, k)}
-            fail(f"{last_path}: --resume: model of other sizes (saved vs now: {changed or 'see the config'}); "
-                 f"drop --resume or use the same sizes")
-        start_epoch, opt_state, best_val = last["epoch"], last["optimizer"], last["best_val"]
-        history = [r for r in last["history"] if r["stage"] == "global"]
-        print(f"resuming the global stage after epoch {start_epoch} from {last_path}")
-    elif cfg.resume:
-        log.warning("--resume: %s not found; starting from scratch", last_path)
+    history, start_epoch, opt_state, best_val = resume_global(cfg, model, entities, last_path, device)
     meta = dict(config=dataclasses.asdict(cfg), model_args=model_args(cfg), n_features=len(entities[0].features),
                 features=entities[0].features, entities=[e.name for e in entities],
                 scalers={k: s.state_dict() for k, s in scalers.items()}, stage="global", version=1,
@@ -308,14 +340,8 @@ def train_global(cfg: Config, device: torch.device) -> Path:
         print(f"saved {ckpt_path} ({ckpt_path.stat().st_size / 1e6:.2f} MB): epoch {saved[-1]} of {cfg.epochs}, the "
               f"lowest validation loss; {last_path.name} holds epoch {cfg.epochs} for --resume" if saved else
               f"kept {ckpt_path}: no better epoch after resuming")
-        locals_ = sorted(ckpt_path.parent.glob(f"{ckpt_path.stem}.local-*.pt")) if cfg.stage == "global" else []
-        shared = read_checkpoint(ckpt_path) if locals_ else None
-        stale = [p for p in locals_
-                 if local_mismatch(read_checkpoint(p, kind="local"), shared, p.stem.split(".local-", 1)[1])]
-        if stale:
-            log.warning("%d local file(s) beside %s belong to the previous shared model and are now refused "
-                        "by test.py and detect_live.py: %s; refit them with --stage=local",
-                        len(stale), ckpt_path, ", ".join(p.name for p in stale))
+        if cfg.stage == "global":
+            warn_stale_locals(ckpt_path)
     return ckpt_path
 
 

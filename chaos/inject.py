@@ -162,7 +162,9 @@ def print_plan(plan: list[dict]) -> None:
 def run_plan(plan: list[dict], fault_log: str | Path, kubectl: str = "kubectl",
              inject_timeout: float = 60) -> int:
     """Apply, hold, delete and log every fault of the plan -> exit code (0, 1 when a kubectl
-    call failed, 128 + signal number when stopped by SIGINT/SIGTERM)."""
+    call failed, 128 + signal number when stopped by SIGINT/SIGTERM). One function on purpose:
+    the signal handler and the loop share `state`, and the invariant (a fault applied is deleted
+    and logged before any exit) reads in one place."""
     # in_flight: (entry, start) from just before apply until the fault is logged
     state = {"cleaning": False, "pending": None, "in_flight": None}
 
