@@ -116,7 +116,9 @@ def results_table(paths: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="compare.py", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="compare.py", description=__doc__.split("\n")[0],
+                                 epilog="--table RUN [RUN ...]: the results table of any number of runs instead "
+                                        "(metrics.json or their folders; no other option)")
     ap.add_argument("a", help="metrics.json of run A (or its folder; several joined by commas: their mean)")
     ap.add_argument("b", help="metrics.json of run B (the same forms)")
     ap.add_argument("--metrics", default=DEFAULT_METRICS, help=f"comma-separated keys (default {DEFAULT_METRICS})")

@@ -15,7 +15,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIG_SCRIPTS = {"train_safe.py", "test.py", "ablation.py", "detect_live.py", "baselines.py", "meta_eval.py"}
-README_MAX_BYTES = 12_000
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
@@ -50,9 +49,8 @@ def help_options(script: tuple[str, ...]) -> set[str]:
 COMMANDS = documented_commands()
 
 
-def test_docs_hold_commands_and_readme_is_short():
+def test_docs_hold_commands():
     assert len(COMMANDS) >= 20, [c for c, _ in COMMANDS]
-    assert len((ROOT / "README.md").read_bytes()) <= README_MAX_BYTES
 
 
 @pytest.mark.parametrize("where,argv", COMMANDS, ids=[c for c, _ in COMMANDS])
