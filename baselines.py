@@ -7,13 +7,12 @@ Per entity: a scaler fitted on the train series only (as train_safe.prepare does
 ``val_frac`` of train held out, each model fitted on the rest (flattened windows of
 ``seq_len``), then validation and test windows scored, point t by the window ending at t.
 PCA and the autoencoder reconstruct their input and go through the project's scorer exactly
-as PUAD does (``scoring.calibrate``/``scoring.apply``: ``--score``, ``--score_floor``,
+as PUAD does (``scoring.Scorer``, fitted on the validation rows: ``--score_floor``,
 ``--smooth``); kNN, IsolationForest, random and TranAD (tranad.py, Tuli et al. 2022, on windows
 of seq_len, its score at each window's last point, mean over features; run only when --methods
 names it) give scalar scores, which get the same smoothing. The threshold is chosen on the
 *validation* scores without labels (SPOT at the alarm budget, ``spot_q``/``spot_level``), and
-``metrics.evaluate`` computes every metric. ``--score=se --smooth=1`` is the protocol of the
-first results (mean squared error, no smoothing).
+``metrics.evaluate`` computes every metric (alarm events under ``--alarm_hold``).
 For an entity with interpretation labels (interpretation.csv), PCA and the autoencoder, whose
 scores are sums over features, also report ``hitrate_100``/``hitrate_150`` from their per-feature
 contributions (metrics.interpretation_metrics) and the random-ranking floors
