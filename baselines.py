@@ -169,7 +169,7 @@ def point_output(out: dict, x: np.ndarray, seq_len: int) -> scoring.Reconstructi
     return scoring.Reconstruction(x, scores=window_to_point_scores(out["scores"], seq_len))
 
 
-def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, Any]:
+def run_entity(ent: Entity, method: str, cfg: Config, opt: dict, elsewhere: np.ndarray | None = None) -> dict[str, Any]:
     """Fit one baseline on one entity; calibrate on the held-out rows (scoring.Scorer, as PUAD);
     evaluate on test."""
     t0 = time.perf_counter()
@@ -184,7 +184,7 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict) -> dict[str, An
     rec = point_output(model(_flat(test, cfg.seq_len)), test, cfg.seq_len)
     test_scores = scorer.score(rec)
     res = metrics.evaluate(test_scores, scorer.thresholds(test_scores), ent.labels, ent.faults, step_s=time_step([ent]),
-                           hold=cfg.alarm_hold)
+                           hold=cfg.alarm_hold, elsewhere=elsewhere)
     if ent.interpretation is not None and rec.mu is not None:  # named as PUAD's (Scorer.explain)
         recon = lambda w: model(np.ascontiguousarray(w.reshape(len(w), -1), dtype=np.float32))["mu"]  # noqa: E731
         segs = interpretation_segments(ent, ent.features)
@@ -230,12 +230,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     except DataError as e:
         raise SystemExit(f"baselines.py: error: {e}") from None
     out: dict[str, dict] = {}
+    tested = [e for e in entities if e.test is not None]
+    elsewhere = metrics.elsewhere_masks({e.name: (e.test_ts, e.labels) for e in tested}, time_step(tested))
     for method in methods:
         t0 = time.perf_counter()
         set_seed(cfg.seed)
         per_entity = {}
         for ent in entities:
-            per_entity[ent.name] = run_entity(ent, method, cfg, opt)
+            per_entity[ent.name] = run_entity(ent, method, cfg, opt, elsewhere.get(ent.name))
             r = per_entity[ent.name]
             log.info("%s %s: auc_pr=%.3f f1=%.3f best_f1=%.3f (%.1fs)", method, ent.name,
                      r.get("auc_pr", float("nan")), r.get("f1", float("nan")),

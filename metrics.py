@@ -449,8 +449,8 @@ def _fault_kind(faults: np.ndarray | None, a: int, b: int) -> str:
     return max(set(kinds), key=kinds.count) if kinds else ""
 
 
-def alert_metrics(pred: Any, labels: Any, faults: Any | None = None, step_s: float | None = None
-                  ) -> dict[str, Any]:
+def alert_metrics(pred: Any, labels: Any, faults: Any | None = None, step_s: float | None = None,
+                  elsewhere: Any | None = None) -> dict[str, Any]:
     """What an SRE reads off a series of alarms (pred: 1 = the alarm is on at that point).
 
     An alarm event is a maximal run of flagged points; it is false when it touches no labelled
@@ -461,6 +461,9 @@ def alert_metrics(pred: Any, labels: Any, faults: Any | None = None, step_s: flo
     without one (timestamps that are row numbers and no --step_s) they are NaN, and
     ``false_alarms_per_1k`` (per 1,000 points) is the rate to read. ``per_fault_events`` counts
     the fault events and those caught by kind (``faults``: a kind per point, '' outside faults).
+    ``elsewhere`` (a mask per point: another entity of the data set is in a labelled fault,
+    elsewhere_masks) adds ``false_alarms_elsewhere``: the false alarm events that touch such a
+    point, a symptom of a fault elsewhere (a caller's latency, a shared node) rather than noise.
     """
     y = _labels(labels)
     p = np.asarray(pred).ravel().astype(bool)
@@ -495,6 +498,31 @@ def alert_metrics(pred: Any, labels: Any, faults: Any | None = None, step_s: flo
     }
     if fk is not None:
         out["per_fault_events"] = {k: dict(v, caught_share=v["caught"] / v["events"]) for k, v in sorted(per_kind.items())}
+    if elsewhere is not None:
+        e = np.asarray(elsewhere, bool).ravel()
+        out["false_alarms_elsewhere"] = sum(1 for a, b in alarms if not y[a:b].any() and e[a:b].any())
+    return out
+
+
+def elsewhere_masks(series: Mapping[str, tuple[np.ndarray, np.ndarray | None]], step_s: float | None
+                    ) -> dict[str, np.ndarray]:
+    """Per entity {name: (test timestamps, labels)}: a mask of its points within one step of a
+    labelled point of another entity (alert_metrics' ``elsewhere``). Only where timestamps are
+    times (step_s given): entities whose rows are row numbers do not share a clock."""
+    if not step_s or step_s <= 0:
+        return {}
+    labelled = {n: np.sort(np.asarray(ts, np.float64)[np.asarray(y).ravel() > 0])
+                for n, (ts, y) in series.items() if y is not None}
+    out = {}
+    for name, (ts, _) in series.items():
+        other = np.concatenate([v for n, v in labelled.items() if n != name] or [np.zeros(0)])
+        other.sort()
+        t = np.asarray(ts, np.float64)
+        if not len(other):
+            out[name] = np.zeros(len(t), bool)
+            continue
+        i = np.searchsorted(other, t - step_s)  # the first labelled time >= t - step
+        out[name] = (i < len(other)) & (other[np.minimum(i, len(other) - 1)] <= t + step_s)
     return out
 
 
@@ -513,7 +541,8 @@ def interpretation_metrics(contrib: np.ndarray, segments: list, ps: tuple[int, .
 
 def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
              faults: Any | None = None, vus_max_window: int = VUS_MAX_WINDOW,
-             pred: Any | None = None, step_s: float | None = None, hold: int = 1) -> dict[str, Any]:
+             pred: Any | None = None, step_s: float | None = None, hold: int = 1,
+             elsewhere: Any | None = None) -> dict[str, Any]:
     """All metrics for one series at a (label-free) threshold; pred = score > threshold unless
     the alarm state per point is given (``pred``), and the alert figures of alert_metrics
     (``step_s``: seconds between rows, for the per-day ones) of the alarms the flags raise under
@@ -557,7 +586,7 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
         vus_max_window=int(vus_max_window),
         n_anomalies=int(y.sum()),
     )
-    out.update(alert_metrics(held_alarms(pred, hold), y, faults, step_s))
+    out.update(alert_metrics(held_alarms(pred, hold), y, faults, step_s, elsewhere))
     if faults is not None:
         out["per_fault"] = per_fault(s, y, pred, faults)
     return out
@@ -619,7 +648,7 @@ def alert_totals(per_entity: list[Mapping[str, Any]]) -> dict[str, Any]:
     """alert_metrics summed over entities: the events, and the rates of the sums (false alarm
     events per entity-day = all false alarms over all entity-days; the share of all fault events
     caught, overall and per kind), which a mean of per-entity rates would weigh wrongly."""
-    count = ("alarm_events", "false_alarm_events", "fault_events", "faults_caught", "days")
+    count = ("alarm_events", "false_alarm_events", "false_alarms_elsewhere", "fault_events", "faults_caught", "days")
     tot: dict[str, Any] = {k: float(np.nansum([e[k] for e in per_entity if is_num(e.get(k))]))
                            for k in count if any(k in e for e in per_entity)}
     if not tot:

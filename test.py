@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from config import SCORES, Config, cli, print_config  # noqa: E402
-from metrics import evaluate, held_alarms, interpretation_metrics, sample_weights, segments, summarize  # noqa: E402
+from metrics import elsewhere_masks, evaluate, held_alarms, interpretation_metrics, sample_weights, segments, summarize  # noqa: E402
 import scoring  # noqa: E402
 from puad import (build_model, fit_scorer, history_warning, read_checkpoint, reconstruct_entity, run_config,  # noqa: E402
                   window_reconstructor)
@@ -61,7 +61,9 @@ def alerts_text(m: dict) -> str:
     """The alert figures of a metrics dict (one entity's or the totals) as a log fragment."""
     per = f"{m['false_alarms_per_day']:.2f} per day" if np.isfinite(m.get("false_alarms_per_day", np.nan)) \
         else f"{1000 * m['false_alarm_events'] / max(m.get('n_points', 0), 1):.2f} per 1k points"
-    return (f"false alarms {m['false_alarm_events']:.0f} ({per}), faults caught "
+    during = (f", {m['false_alarms_elsewhere']:.0f} of them during another entity's fault"
+              if "false_alarms_elsewhere" in m else "")
+    return (f"false alarms {m['false_alarm_events']:.0f} ({per}{during}), faults caught "
             f"{m['faults_caught']:.0f}/{m['fault_events']:.0f}")
 
 
@@ -263,14 +265,16 @@ def evaluate_checkpoint(cfg: Config, given: set[str] = frozenset()) -> dict:
         raise SystemExit(f"test.py: error: cannot write the outputs in {cfg.out_dir} ({e.strerror or e})") from None
 
 
-def evaluate_entity(cfg: Config, ckpt: dict, model, ent: Entity, out: Path) -> tuple[dict, dict]:
+def evaluate_entity(cfg: Config, ckpt: dict, model, ent: Entity, out: Path,
+                    elsewhere: np.ndarray | None = None) -> tuple[dict, dict]:
     """One entity: scores, threshold, metrics (labels read only now), its outputs in `out`, its
     result line; for an entity without labelled anomalies, the preview of the alarms it would
     raise (preview_lines); a warning when the threshold is extrapolated (puad.history_warning)
     -> (its metrics, score_entity's result)."""
     r = score_entity(model, ckpt, cfg, ent)
     step = time_step([ent])
-    m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults, step_s=step, hold=cfg.alarm_hold)
+    m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults, step_s=step, hold=cfg.alarm_hold,
+                 elsewhere=elsewhere)
     m.update(threshold=r["scorer"].threshold_,  # the fitted one; threshold_max: the drift guard's highest
              threshold_method="spot", local_prototypes=r["use_local"], smooth=cfg.smooth, alarm_hold=cfg.alarm_hold,
              calibration_rows=r["scorer"].n_rows_)
@@ -320,6 +324,8 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float, out: Path | None = N
         raise SystemExit(f"test.py: error: {e}") from None
     out = Path(out or cfg.out_dir)
     per_entity, plans, plan_labels, plans_before, local_used_all = {}, [], [], [], []
+    tested = [e for e in entities if e.test is not None]  # false alarms during another entity's fault
+    elsewhere = elsewhere_masks({e.name: (e.test_ts, e.labels) for e in tested}, time_step(tested))
     for ent in entities:
         if ent.test is None:
             log.warning("%s: no test.csv; skipped", ent.name)
@@ -328,7 +334,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float, out: Path | None = N
             ent = align_features(ent, ckpt["features"], f"{cfg.data}/{ent.name}")
         except DataError as e:
             raise SystemExit(f"test.py: error: {e}") from None
-        per_entity[ent.name], r = evaluate_entity(cfg, ckpt, model, ent, out)
+        per_entity[ent.name], r = evaluate_entity(cfg, ckpt, model, ent, out, elsewhere.get(ent.name))
         plans.append(r["rec"].plan)
         plan_labels.append(ent.labels)
         # the plan before adaptation: None for an adapted entity under --local_score=always

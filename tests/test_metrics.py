@@ -387,3 +387,21 @@ def test_held_alarms_wait_for_the_hold_and_end_with_the_flags():
     ev = M.evaluate(pred.astype(float), 0.5, y, hold=2)  # the blips at 0 and 6-7: only 6-7 survives
     assert ev["false_alarm_events"] == 1 and ev["faults_caught"] == 1 and ev["delay_steps"] == 1
     assert ev["f1"] == M.evaluate(pred.astype(float), 0.5, y)["f1"]  # point-wise metrics are of the flags
+
+
+def test_false_alarms_during_another_entitys_fault_are_counted_apart():
+    import metrics
+    ts = np.arange(10) * 60.0
+    y_a = np.zeros(10, int)
+    y_b = np.zeros(10, int)
+    y_b[3:5] = 1  # b's fault at points 3-4
+    masks = metrics.elsewhere_masks({"a": (ts, y_a), "b": (ts, y_b)}, 60.0)
+    np.testing.assert_array_equal(masks["a"], [0, 0, 1, 1, 1, 1, 0, 0, 0, 0])  # within one step of b's fault
+    assert not masks["b"].any()  # a has no fault
+    assert metrics.elsewhere_masks({"a": (np.arange(10), y_a)}, None) == {}  # row numbers share no clock
+    pred = np.zeros(10, bool)
+    pred[[5, 8]] = True  # two false alarms for a: one during b's fault, one not
+    m = metrics.alert_metrics(pred, y_a, step_s=60.0, elsewhere=masks["a"])
+    assert m["false_alarm_events"] == 2 and m["false_alarms_elsewhere"] == 1
+    assert "false_alarms_elsewhere" not in metrics.alert_metrics(pred, y_a, step_s=60.0)
+    assert metrics.alert_totals([m, m])["false_alarms_elsewhere"] == 2
