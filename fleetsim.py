@@ -8,13 +8,14 @@ loopback scraping it. Used by `bench.py --fleet=N` and tests/test_fleet.py.
 
 Every series of a service is the lab's (shop_*, pod_*, process_*, and an `up` gauge per service,
 since one exporter target stands for all of them); node_* come from /node (job "node").
-Normal load: each service has its own request rate, latency, CPU and memory level with
-+-10 % noise per scrape; faults: "cpu" (the pod uses one more core, the process 3x its CPU),
-"latency" (8x the median latency), "down" (up = 0, no requests). Counters are written with
-every digit (as Prometheus' client libraries do): at 10 digits the rounding of the bucket
-counters made the latency quantiles, constant here, jitter by 1e-8 of their value, and the
-scaler, fitted on that jitter alone, turned it into full-range swings (false alarms named
-latency_p99 in the quiet fleet).
+Normal load: each service has its own request rate, median latency (requests lognormal
+around it, sigma 0.5), CPU and memory level with +-10 % noise per scrape; faults: "cpu" (the
+pod uses one more core, the process 3x its CPU), "latency" (8x the median latency), "down"
+(up = 0, no requests). The latency's noise matters: with a constant median, the quantiles of
+the histogram were constant up to the rounding of its counters, and the scaler, fitted on that
+rounding alone, stretched it to full range (false alarms named latency_p99 in the quiet fleet),
+or, with counters written with every digit, scaled them by 1 (a latency fault hardly moved the
+score). Counters are written with every digit, as Prometheus' client libraries write them.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -86,7 +88,7 @@ class Exporter:
         reqs = np.where(up, self.req_rate * noise() * dt, 0.0).clip(0)
         self.requests += reqs
         self.errors += reqs * self.err_frac
-        median = self.latency * np.where(kind == "latency", 8.0, 1.0)
+        median = self.latency * noise().clip(0.5) * np.where(kind == "latency", 8.0, 1.0)
         z = (np.log(np.array(BUCKETS[:-1]))[None, :] - np.log(median)[:, None]) / 0.5
         cdf = 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))
         self.buckets += reqs[:, None] * np.concatenate([cdf, np.ones((n, 1))], axis=1)
@@ -488,11 +490,13 @@ def main(argv: list[str] | None = None) -> None:
     quiet.add_argument("--run_min", type=float, default=30, help="minutes of normal running (default 30)")
     quiet.add_argument("--fault_s", type=float, default=30, help="seconds of the two faults (default 30)")
     quiet.add_argument("--n_services", type=int, default=3, help="services of the fleet, 2 or more (default 3)")
+    quiet.add_argument("--train_args", default="", help="more options of train_safe.py, e.g. '--val_frac=0.3'")
     args = parser.parse_args(argv)
     if args.quiet:
         if args.n_services < 2:
             parser.error(f"--n_services={args.n_services}: the quiet fleet needs 2 or more (a fault on each of two)")
-        report = quiet_fleet(Path(args.out), 60 * args.record_min, 60 * args.run_min, args.fault_s, args.n_services)
+        report = quiet_fleet(Path(args.out), 60 * args.record_min, 60 * args.run_min, args.fault_s, args.n_services,
+                             tuple(shlex.split(args.train_args)))
         print(json.dumps(report, indent=2))
         return
     if not args.services or args.port is None:
