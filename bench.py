@@ -6,6 +6,7 @@
     python bench.py --fleet=1000 --threads=1         # live detection of 1,000 services (only that)
     python bench.py --fleet=100,1000,5000 --threads=1
     python bench.py --vs_tranad --threads=1            # PUAD's default scoring against TranAD's (only that)
+    python bench.py --naming --threads=1               # test.py with naming by repair against without (only that)
 
 Measured on this machine, on the device utils.get_device picks (--device=cpu|cuda):
   - the matmul peak (GFLOP/s) in fp32, and in bf16 (only fast with hardware bf16: AMX, AVX512-BF16, GPUs);
@@ -46,6 +47,14 @@ split once (PUAD's default path, TranAD), each model in a fresh process (PeakMem
 --ckpt (with the entity's local file), else a cpu-preset model trained here with both stages;
 TranAD is trained here; --vs_epochs epochs of --vs_windows windows each (speed is per window:
 a model to time, not a good one). Prints PUAD / TranAD for each; writes res_hr/bench-vs-tranad.json.
+--naming (bench_naming): what naming by repair costs test.py on one entity with local
+prototypes (--vs_data, SMD machine-1-6 by default; --ckpt with the entity's local file, else
+trained as for --vs_tranad): `python test.py --entity=E` with the default naming against
+`--repair_weight=0` (scores, thresholds and detection metrics are the same; only the features
+named differ), --vs_rounds rounds alternating the two, each run a process of its own with
+--num_threads=--threads. Prints each one's wall time (the process, imports included) and
+test.py's own seconds (metrics.json: after the imports), their medians, the median of the
+rounds' ratios, and both runs' HitRate@150 %; writes res_hr/bench-naming.json.
 The machine may be shared: the load average before and after is recorded; timings are the
 best of a few repeats.
 """
@@ -81,7 +90,7 @@ from utils import (DataError, Scaler, Windows, align_features, create_sequences,
 OPTIONS = dict(presets="cpu,paper", quick=False, out="res_hr/bench.json", data="../shared/datasets/ASD",
                device="auto", threads=0, score_batch=1024, entities="1,4,12", fleet="",
                fleet_polls=6, vs_tranad=False, vs_data="../shared/datasets/SMD/machine-1-6", ckpt="",
-               vs_epochs=1, vs_windows=4096, vs_rounds=3)
+               vs_epochs=1, vs_windows=4096, vs_rounds=3, naming=False)
 V, SEQ_LEN, N_TRAIN, N_TEST = 19, 20, 8640, 4320  # ASD's shape
 NAMED_POINTS = 100  # consecutive flagged points whose features the naming benchmark ranks
 
@@ -93,9 +102,12 @@ OPTION_HELP = dict(presets="comma list of config.py presets to measure", quick="
                    fleet="comma list of fleet sizes: benchmark only live detection of that many services (see above)",
                    fleet_polls="polls timed per fleet size (after the first)",
                    vs_tranad="benchmark only PUAD's default scoring against TranAD's (tranad.py) on --vs_data (see above)",
-                   vs_data="one entity folder for --vs_tranad", ckpt="--vs_tranad: a PUAD checkpoint with a local file "
-                   "for the entity ('' = train one here)", vs_epochs="--vs_tranad: training epochs of both models",
-                   vs_windows="--vs_tranad: training windows per epoch", vs_rounds="--vs_tranad: alternating timed runs")
+                   vs_data="one entity folder for --vs_tranad and --naming", ckpt="--vs_tranad, --naming: a PUAD "
+                   "checkpoint with a local file for the entity ('' = train one here)",
+                   vs_epochs="--vs_tranad: training epochs of both models (--naming: of PUAD)",
+                   vs_windows="--vs_tranad, --naming: training windows per epoch",
+                   vs_rounds="--vs_tranad, --naming: alternating timed runs",
+                   naming="benchmark only test.py with naming by repair against --repair_weight=0 on --vs_data (see above)")
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -528,12 +540,18 @@ def vs_checkpoint(opts: dict, folder: Path, tmp: Path) -> Path:
     return ckpt
 
 
-def vs_setup(opts: dict, tmp: Path) -> dict:
-    """The entity (--vs_data, one entity folder), PUAD (its checkpoint, local file and the
-    calibrations test.py fits) and a TranAD trained on the same scaled train rows."""
+def entity_folder(opts: dict) -> Path:
+    """--vs_data, checked: one entity folder with its labels."""
     folder = Path(opts["vs_data"])
     if not (folder / "test_label.csv").is_file() and not (folder / "test_label.csv.gz").is_file():
         cli_error(f"--vs_data={folder}: not an entity folder with train, test and test_label files")
+    return folder
+
+
+def vs_setup(opts: dict, tmp: Path) -> dict:
+    """The entity (--vs_data, one entity folder), PUAD (its checkpoint, local file and the
+    calibrations test.py fits) and a TranAD trained on the same scaled train rows."""
+    folder = entity_folder(opts)
     ckpt_path = vs_checkpoint(opts, folder, tmp)
     ckpt = read_checkpoint(ckpt_path)
     cfg = run_config(parse_config([f"--data={folder}", f"--ckpt={ckpt_path}", f"--score_batch={opts['score_batch']}"]),
@@ -693,6 +711,57 @@ def print_vs_tranad(r: dict, threads: int) -> None:
           f"calibrations) {r['setup_s']:.0f} s")
 
 
+# ---- naming by repair (--naming): test.py with and without it, alternating processes
+
+def naming_run(ckpt: Path, folder: Path, out: Path, threads: int, repair: bool) -> dict:
+    """One `python test.py` on the entity, in a process of its own -> its wall seconds (imports
+    included), test.py's own seconds (metrics.json) and the entity's metrics."""
+    cmd = [sys.executable, "test.py", f"--ckpt={ckpt}", f"--data={folder}", f"--entity={folder.name}",
+           f"--out_dir={out}", *([f"--num_threads={threads}"] if threads else []), *([] if repair else ["--repair_weight=0"])]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if r.returncode:
+        raise SystemExit(f"bench.py: error: {' '.join(cmd[1:])} failed: {r.stderr.strip().splitlines()[-1:]}")
+    doc = json.loads((out / "metrics.json").read_text())
+    return dict(wall_s=wall, test_s=doc["seconds"], metrics=doc["entities"][folder.name])
+
+
+def bench_naming(opts: dict) -> dict:
+    """test.py with the default naming against --repair_weight=0 on --vs_data, --vs_rounds rounds
+    alternating the two (which goes first alternates too)."""
+    folder = entity_folder(opts)
+    with tempfile.TemporaryDirectory(prefix="naming-") as tmp:
+        ckpt = vs_checkpoint(opts, folder, Path(tmp))
+        if not local_path(ckpt, folder.name).is_file():
+            raise SystemExit(f"bench.py: error: {local_path(ckpt, folder.name)}: no local file; --naming times "
+                             f"test.py with local prototypes")
+        runs: dict[str, list[dict]] = {"repair": [], "no_repair": []}
+        for i in range(opts["vs_rounds"]):
+            for repair in ((True, False) if i % 2 == 0 else (False, True)):
+                key = "repair" if repair else "no_repair"
+                runs[key].append(naming_run(ckpt, folder, Path(tmp) / f"{key}-{i}", opts["threads"], repair))
+    med = {k: {t: float(np.median([r[t] for r in v])) for t in ("wall_s", "test_s")} for k, v in runs.items()}
+    ratio = {t: float(np.median([a[t] / b[t] for a, b in zip(runs["repair"], runs["no_repair"])])) for t in ("wall_s", "test_s")}
+    m = {k: v[0]["metrics"] for k, v in runs.items()}
+    return dict(data=str(folder), entity=folder.name, checkpoint=opts["ckpt"] or "trained here", runs=runs, median=med,
+                ratio=ratio, hitrate_150={k: v.get("hitrate_150") for k, v in m.items()},
+                auc_pr={k: v.get("auc_pr") for k, v in m.items()}, local_prototypes=m["repair"]["local_prototypes"])
+
+
+def print_naming(r: dict, threads: int) -> None:
+    med, ratio, n = r["median"], r["ratio"], len(r["runs"]["repair"])
+    print(f"test.py on {r['entity']} (local prototypes: {r['local_prototypes']}), --num_threads={threads}, "
+          f"median of {n} alternating runs each")
+    print(f"  {'':<32}{'wall (process)':>16}{'test.py own':>14}")
+    for key, name in (("repair", "default naming (by repair)"), ("no_repair", "--repair_weight=0")):
+        print(f"  {name:<32}{med[key]['wall_s']:>14.1f} s{med[key]['test_s']:>12.1f} s")
+    print(f"  {'default / --repair_weight=0':<32}{ratio['wall_s']:>15.2f}x{ratio['test_s']:>13.2f}x   (median of the rounds' ratios)")
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"  HitRate@150%: {fmt(r['hitrate_150']['repair'])} with repair, {fmt(r['hitrate_150']['no_repair'])} without; "
+          f"AUC-PR {fmt(r['auc_pr']['repair'])} and {fmt(r['auc_pr']['no_repair'])}")
+
+
 def fmt_bytes(b) -> str:
     return "n/a" if b is None else f"{b / 2**20:.0f} MiB"
 
@@ -709,6 +778,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"load average {results['load_average_start'][0]:.2f} at the start, "
               f"{results['load_average_end'][0]:.2f} at the end")
         write_json_atomic(opts["out"] if opts["out"] != OPTIONS["out"] else "res_hr/bench-vs-tranad.json", results)
+        return results
+    if opts["naming"]:
+        results = dict(threads=opts["threads"], load_average_start=os.getloadavg(), options=opts)
+        results["naming"] = r = bench_naming(opts)
+        results["load_average_end"] = os.getloadavg()
+        print_naming(r, opts["threads"])
+        print(f"load average {results['load_average_start'][0]:.2f} at the start, "
+              f"{results['load_average_end'][0]:.2f} at the end")
+        write_json_atomic(opts["out"] if opts["out"] != OPTIONS["out"] else "res_hr/bench-naming.json", results)
         return results
     if opts["fleet"]:
         results = {"threads": torch.get_num_threads(), "load_average_start": os.getloadavg(), "fleet": []}

@@ -100,3 +100,30 @@ def test_test_py_block_mode(trained, tmp_path):
     scores = pd.read_csv(out / "scores_omi-1.csv")
     assert len(scores) == 4320 and np.isfinite(scores.score).all()
     assert 0.3 < m["entities"]["omi-1"]["auc_roc"] <= 1
+
+
+def test_bench_naming_times_test_py_both_ways(tmp_path, capsys):
+    """`bench.py --naming --ckpt=...` on a tiny entity with local prototypes: test.py run in its own
+    processes with the default naming and with --repair_weight=0, both times and the ratio printed;
+    the two runs detect the same (naming changes only which features are named)."""
+    import json
+
+    import bench
+    from test_reliability import make_dataset, targs
+    data = make_dataset(tmp_path / "data", entities=("e1",))
+    out = tmp_path / "naming.json"
+    train_safe.main(targs(tmp_path, data, "--stage=both"))
+    bench.main(["--naming", f"--vs_data={data / 'e1'}", f"--ckpt={tmp_path}/puad.ckpt", "--threads=1", "--vs_rounds=1",
+                f"--out={out}"])
+    printed = capsys.readouterr().out
+    assert "default / --repair_weight=0" in printed and "--num_threads=1" in printed
+    r = json.loads(out.read_text())["naming"]
+    assert r["entity"] == "e1" and r["local_prototypes"] is True
+    assert len(r["runs"]["repair"]) == len(r["runs"]["no_repair"]) == 1
+    for run in r["runs"]["repair"] + r["runs"]["no_repair"]:
+        assert run["wall_s"] > run["test_s"] > 0  # the process waits for the imports too
+    assert r["auc_pr"]["repair"] == r["auc_pr"]["no_repair"]
+    assert r["ratio"]["wall_s"] > 0 and r["ratio"]["test_s"] > 0
+    with pytest.raises(SystemExit, match="no local file"):
+        (tmp_path / "puad.local-e1.pt").unlink()
+        bench.main(["--naming", f"--vs_data={data / 'e1'}", f"--ckpt={tmp_path}/puad.ckpt", "--threads=1"])
