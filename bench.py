@@ -32,7 +32,8 @@ the previous poll's last point has changed since; the first poll, which reads an
 windows, is printed too); the CPU time of a poll in the detector (all its threads) and in
 Prometheus; the detector's resident memory (VmRSS) after the polls; what one service holds, by
 part (service_bytes). A step over 1,000 ms means a 1 s poll interval is too short for that
-fleet on this machine: the detector then polls late (--live_step=15 leaves 15 s).
+fleet on this machine: the detector then polls late (--live_step=15 leaves 15 s). Each size
+runs in a process of its own (its resident memory is its own).
 --vs_tranad (bench_vs_tranad): PUAD against TranAD (tranad.py, written from Tuli et al. 2022)
 on one entity (--vs_data, SMD machine-1-6 by default), in one process, --vs_rounds rounds that
 alternate the two: training windows/s (the train_safe.py step of the cpu preset, batch 256;
@@ -474,6 +475,25 @@ def bench_fleet(n: int, opts: dict) -> dict:
                 faulty=len(faults), alarms=alarms, alarms_on_faulty=caught, polls=len(warm))
 
 
+def fleet_run(n: int, opts: dict) -> dict:
+    """bench_fleet(n) in a process of its own (fleet_child), so that each size's resident memory
+    is its own, not what an earlier size left allocated."""
+    with tempfile.TemporaryDirectory(prefix="fleet-run-") as tmp:
+        out = Path(tmp) / "fleet.json"
+        spec = json.dumps(dict(n=n, opts=opts, out=str(out)))
+        r = subprocess.run([sys.executable, "-c", "import bench, sys; bench.fleet_child(sys.argv[1])", spec],
+                           cwd=Path(__file__).parent)
+        if r.returncode or not out.is_file():
+            raise SystemExit(f"bench.py: error: the fleet of {n} services failed (exit code {r.returncode})")
+        return json.loads(out.read_text())
+
+
+def fleet_child(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    set_threads(spec["opts"]["threads"])
+    write_json_atomic(spec["out"], bench_fleet(spec["n"], spec["opts"]))
+
+
 def fleet_state(names: list[str], faults: dict, model: PUAD, cfg, session, prometheus: str, metric_set: dict,
                 rows: int) -> tuple[dict, dict, float]:
     """Every service's own state, as a real fleet holds it: a scaler, and a Scorer fitted on its
@@ -791,7 +811,7 @@ def main(argv: list[str] | None = None) -> dict:
     if opts["fleet"]:
         results = {"threads": torch.get_num_threads(), "load_average_start": os.getloadavg(), "fleet": []}
         for n in [int(v) for v in str(opts["fleet"]).split(",") if v.strip()]:
-            r = bench_fleet(n, opts)
+            r = fleet_run(n, opts)
             results["fleet"].append(r)
             print(f"fleet {n} entities: step {r['step_ms']:.0f} ms (query {r['query_ms']:.0f} ms, "
                   f"score {r['score_ms']:.0f} ms)", flush=True)
