@@ -552,7 +552,7 @@ def vs_checkpoint(opts: dict, folder: Path, tmp: Path) -> Path:
     ckpt = tmp / "puad.ckpt"
     cmd = [sys.executable, "train_safe.py", "--preset=cpu", f"--data={folder}", f"--ckpt={ckpt}",
            f"--loss_csv={tmp}/loss.csv", "--stage=both", f"--epochs={opts['vs_epochs']}",
-           f"--local_epochs={opts['vs_epochs']}", f"--max_train_windows={opts['vs_windows']}", "--no-progress",
+           f"--local_epochs={opts['vs_epochs']}", f"--max_train_windows={opts['vs_windows']}",
            f"--num_threads={opts['threads']}"]
     r = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True)
     if r.returncode:

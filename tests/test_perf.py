@@ -127,3 +127,15 @@ def test_bench_naming_times_test_py_both_ways(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no local file"):
         (tmp_path / "puad.local-e1.pt").unlink()
         bench.main(["--naming", f"--vs_data={data / 'e1'}", f"--ckpt={tmp_path}/puad.ckpt", "--threads=1"])
+
+
+def test_bench_trains_its_own_checkpoint_with_local_prototypes(tmp_path):
+    """Without --ckpt, --vs_tranad and --naming train a cpu-preset PUAD with both stages on the
+    entity (bench.vs_checkpoint): the shared checkpoint and the entity's local file."""
+    import bench
+    from puad import local_path, read_checkpoint
+    from test_reliability import make_dataset
+    data = make_dataset(tmp_path / "data", entities=("e1",))
+    ckpt = bench.vs_checkpoint(dict(bench.OPTIONS, threads=1, vs_windows=64), data / "e1", tmp_path)
+    assert read_checkpoint(ckpt)["entities"] == ["e1"]
+    assert read_checkpoint(local_path(ckpt, "e1"), kind="local")["entity"] == "e1"
