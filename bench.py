@@ -78,7 +78,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import prototype_ot
-from config import Config, OneLineParser, cli_error, parse_bool, parse_config
+from config import OneLineParser, cli_error, parse_bool, parse_config
 import scoring
 import tranad
 from puad import (LATENT_MEMORY, PUAD, apply_local_state, build_model, calibrate_entity, entity_state, fit_scorer, latent_memory,
@@ -868,7 +868,8 @@ def main(argv: list[str] | None = None) -> dict:
         point = r["score"].get("point")
         if point and "name_s_per_point" in point:
             print(f"  naming (scoring.explain): {point['name_s_per_point'] * 1e3:.1f} ms per flagged point "
-                  f"({V + 1} windows each; a live alarm: its last {Config.smooth} points, once when raised or re-sent)")
+                  f"(up to {V + 1} windows each, global prototypes; a live alarm: its last point, once when raised or "
+                  f"re-sent; test.py: bench.py --naming)")
         if point:
             print(f"  latent memory: {point['memory_windows']} windows in {point['memory_s'] * 1e3:.0f} ms "
                   f"(once per entity, at calibration)")
