@@ -6,6 +6,7 @@
     python bench.py --fleet=1000 --threads=1         # live detection of 1,000 services (only that)
     python bench.py --fleet=100,1000,5000 --threads=1
     python bench.py --vs_tranad --threads=1            # PUAD's default scoring against TranAD's (only that)
+    python bench.py --naming --threads=1               # test.py with naming by repair against without (only that)
 
 Measured on this machine, on the device utils.get_device picks (--device=cpu|cuda):
   - the matmul peak (GFLOP/s) in fp32, and in bf16 (only fast with hardware bf16: AMX, AVX512-BF16, GPUs);
@@ -31,7 +32,8 @@ the previous poll's last point has changed since; the first poll, which reads an
 windows, is printed too); the CPU time of a poll in the detector (all its threads) and in
 Prometheus; the detector's resident memory (VmRSS) after the polls; what one service holds, by
 part (service_bytes). A step over 1,000 ms means a 1 s poll interval is too short for that
-fleet on this machine: the detector then polls late (--live_step=15 leaves 15 s).
+fleet on this machine: the detector then polls late (--live_step=15 leaves 15 s). Each size
+runs in a process of its own (its resident memory is its own).
 --vs_tranad (bench_vs_tranad): PUAD against TranAD (tranad.py, written from Tuli et al. 2022)
 on one entity (--vs_data, SMD machine-1-6 by default), in one process, --vs_rounds rounds that
 alternate the two: training windows/s (the train_safe.py step of the cpu preset, batch 256;
@@ -46,6 +48,14 @@ split once (PUAD's default path, TranAD), each model in a fresh process (PeakMem
 --ckpt (with the entity's local file), else a cpu-preset model trained here with both stages;
 TranAD is trained here; --vs_epochs epochs of --vs_windows windows each (speed is per window:
 a model to time, not a good one). Prints PUAD / TranAD for each; writes res_hr/bench-vs-tranad.json.
+--naming (bench_naming): what naming by repair costs test.py on one entity with local
+prototypes (--vs_data, SMD machine-1-6 by default; --ckpt with the entity's local file, else
+trained as for --vs_tranad): `python test.py --entity=E` with the default naming against
+`--repair_weight=0` (scores, thresholds and detection metrics are the same; only the features
+named differ), --vs_rounds rounds alternating the two, each run a process of its own with
+--num_threads=--threads. Prints each one's wall time (the process, imports included) and
+test.py's own seconds (metrics.json: after the imports), their medians, the median of the
+rounds' ratios, and both runs' HitRate@150 %; writes res_hr/bench-naming.json.
 The machine may be shared: the load average before and after is recorded; timings are the
 best of a few repeats.
 """
@@ -68,7 +78,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import prototype_ot
-from config import Config, OneLineParser, cli_error, parse_bool, parse_config
+from config import OneLineParser, cli_error, parse_bool, parse_config
 import scoring
 import tranad
 from puad import (LATENT_MEMORY, PUAD, apply_local_state, build_model, calibrate_entity, entity_state, fit_scorer, latent_memory,
@@ -81,7 +91,7 @@ from utils import (DataError, Scaler, Windows, align_features, create_sequences,
 OPTIONS = dict(presets="cpu,paper", quick=False, out="res_hr/bench.json", data="../shared/datasets/ASD",
                device="auto", threads=0, score_batch=1024, entities="1,4,12", fleet="",
                fleet_polls=6, vs_tranad=False, vs_data="../shared/datasets/SMD/machine-1-6", ckpt="",
-               vs_epochs=1, vs_windows=4096, vs_rounds=3)
+               vs_epochs=1, vs_windows=4096, vs_rounds=3, naming=False)
 V, SEQ_LEN, N_TRAIN, N_TEST = 19, 20, 8640, 4320  # ASD's shape
 NAMED_POINTS = 100  # consecutive flagged points whose features the naming benchmark ranks
 
@@ -93,9 +103,12 @@ OPTION_HELP = dict(presets="comma list of config.py presets to measure", quick="
                    fleet="comma list of fleet sizes: benchmark only live detection of that many services (see above)",
                    fleet_polls="polls timed per fleet size (after the first)",
                    vs_tranad="benchmark only PUAD's default scoring against TranAD's (tranad.py) on --vs_data (see above)",
-                   vs_data="one entity folder for --vs_tranad", ckpt="--vs_tranad: a PUAD checkpoint with a local file "
-                   "for the entity ('' = train one here)", vs_epochs="--vs_tranad: training epochs of both models",
-                   vs_windows="--vs_tranad: training windows per epoch", vs_rounds="--vs_tranad: alternating timed runs")
+                   vs_data="one entity folder for --vs_tranad and --naming", ckpt="--vs_tranad, --naming: a PUAD "
+                   "checkpoint with a local file for the entity ('' = train one here)",
+                   vs_epochs="--vs_tranad: training epochs of both models (--naming: of PUAD)",
+                   vs_windows="--vs_tranad, --naming: training windows per epoch",
+                   vs_rounds="--vs_tranad, --naming: alternating timed runs",
+                   naming="benchmark only test.py with naming by repair against --repair_weight=0 on --vs_data (see above)")
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -462,6 +475,25 @@ def bench_fleet(n: int, opts: dict) -> dict:
                 faulty=len(faults), alarms=alarms, alarms_on_faulty=caught, polls=len(warm))
 
 
+def fleet_run(n: int, opts: dict) -> dict:
+    """bench_fleet(n) in a process of its own (fleet_child), so that each size's resident memory
+    is its own, not what an earlier size left allocated."""
+    with tempfile.TemporaryDirectory(prefix="fleet-run-") as tmp:
+        out = Path(tmp) / "fleet.json"
+        spec = json.dumps(dict(n=n, opts=opts, out=str(out)))
+        r = subprocess.run([sys.executable, "-c", "import bench, sys; bench.fleet_child(sys.argv[1])", spec],
+                           cwd=Path(__file__).parent)
+        if r.returncode or not out.is_file():
+            raise SystemExit(f"bench.py: error: the fleet of {n} services failed (exit code {r.returncode})")
+        return json.loads(out.read_text())
+
+
+def fleet_child(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    set_threads(spec["opts"]["threads"])
+    write_json_atomic(spec["out"], bench_fleet(spec["n"], spec["opts"]))
+
+
 def fleet_state(names: list[str], faults: dict, model: PUAD, cfg, session, prometheus: str, metric_set: dict,
                 rows: int) -> tuple[dict, dict, float]:
     """Every service's own state, as a real fleet holds it: a scaler, and a Scorer fitted on its
@@ -520,7 +552,7 @@ def vs_checkpoint(opts: dict, folder: Path, tmp: Path) -> Path:
     ckpt = tmp / "puad.ckpt"
     cmd = [sys.executable, "train_safe.py", "--preset=cpu", f"--data={folder}", f"--ckpt={ckpt}",
            f"--loss_csv={tmp}/loss.csv", "--stage=both", f"--epochs={opts['vs_epochs']}",
-           f"--local_epochs={opts['vs_epochs']}", f"--max_train_windows={opts['vs_windows']}", "--no-progress",
+           f"--local_epochs={opts['vs_epochs']}", f"--max_train_windows={opts['vs_windows']}",
            f"--num_threads={opts['threads']}"]
     r = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True)
     if r.returncode:
@@ -528,12 +560,18 @@ def vs_checkpoint(opts: dict, folder: Path, tmp: Path) -> Path:
     return ckpt
 
 
-def vs_setup(opts: dict, tmp: Path) -> dict:
-    """The entity (--vs_data, one entity folder), PUAD (its checkpoint, local file and the
-    calibrations test.py fits) and a TranAD trained on the same scaled train rows."""
+def entity_folder(opts: dict) -> Path:
+    """--vs_data, checked: one entity folder with its labels."""
     folder = Path(opts["vs_data"])
     if not (folder / "test_label.csv").is_file() and not (folder / "test_label.csv.gz").is_file():
         cli_error(f"--vs_data={folder}: not an entity folder with train, test and test_label files")
+    return folder
+
+
+def vs_setup(opts: dict, tmp: Path) -> dict:
+    """The entity (--vs_data, one entity folder), PUAD (its checkpoint, local file and the
+    calibrations test.py fits) and a TranAD trained on the same scaled train rows."""
+    folder = entity_folder(opts)
     ckpt_path = vs_checkpoint(opts, folder, tmp)
     ckpt = read_checkpoint(ckpt_path)
     cfg = run_config(parse_config([f"--data={folder}", f"--ckpt={ckpt_path}", f"--score_batch={opts['score_batch']}"]),
@@ -693,6 +731,57 @@ def print_vs_tranad(r: dict, threads: int) -> None:
           f"calibrations) {r['setup_s']:.0f} s")
 
 
+# ---- naming by repair (--naming): test.py with and without it, alternating processes
+
+def naming_run(ckpt: Path, folder: Path, out: Path, threads: int, repair: bool) -> dict:
+    """One `python test.py` on the entity, in a process of its own -> its wall seconds (imports
+    included), test.py's own seconds (metrics.json) and the entity's metrics."""
+    cmd = [sys.executable, "test.py", f"--ckpt={ckpt}", f"--data={folder}", f"--entity={folder.name}",
+           f"--out_dir={out}", *([f"--num_threads={threads}"] if threads else []), *([] if repair else ["--repair_weight=0"])]
+    t = time.perf_counter()
+    r = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if r.returncode:
+        raise SystemExit(f"bench.py: error: {' '.join(cmd[1:])} failed: {r.stderr.strip().splitlines()[-1:]}")
+    doc = json.loads((out / "metrics.json").read_text())
+    return dict(wall_s=wall, test_s=doc["seconds"], metrics=doc["entities"][folder.name])
+
+
+def bench_naming(opts: dict) -> dict:
+    """test.py with the default naming against --repair_weight=0 on --vs_data, --vs_rounds rounds
+    alternating the two (which goes first alternates too)."""
+    folder = entity_folder(opts)
+    with tempfile.TemporaryDirectory(prefix="naming-") as tmp:
+        ckpt = vs_checkpoint(opts, folder, Path(tmp))
+        if not local_path(ckpt, folder.name).is_file():
+            raise SystemExit(f"bench.py: error: {local_path(ckpt, folder.name)}: no local file; --naming times "
+                             f"test.py with local prototypes")
+        runs: dict[str, list[dict]] = {"repair": [], "no_repair": []}
+        for i in range(opts["vs_rounds"]):
+            for repair in ((True, False) if i % 2 == 0 else (False, True)):
+                key = "repair" if repair else "no_repair"
+                runs[key].append(naming_run(ckpt, folder, Path(tmp) / f"{key}-{i}", opts["threads"], repair))
+    med = {k: {t: float(np.median([r[t] for r in v])) for t in ("wall_s", "test_s")} for k, v in runs.items()}
+    ratio = {t: float(np.median([a[t] / b[t] for a, b in zip(runs["repair"], runs["no_repair"])])) for t in ("wall_s", "test_s")}
+    m = {k: v[0]["metrics"] for k, v in runs.items()}
+    return dict(data=str(folder), entity=folder.name, checkpoint=opts["ckpt"] or "trained here", runs=runs, median=med,
+                ratio=ratio, hitrate_150={k: v.get("hitrate_150") for k, v in m.items()},
+                auc_pr={k: v.get("auc_pr") for k, v in m.items()}, local_prototypes=m["repair"]["local_prototypes"])
+
+
+def print_naming(r: dict, threads: int) -> None:
+    med, ratio, n = r["median"], r["ratio"], len(r["runs"]["repair"])
+    print(f"test.py on {r['entity']} (local prototypes: {r['local_prototypes']}), --num_threads={threads}, "
+          f"median of {n} alternating runs each")
+    print(f"  {'':<32}{'wall (process)':>16}{'test.py own':>14}")
+    for key, name in (("repair", "default naming (by repair)"), ("no_repair", "--repair_weight=0")):
+        print(f"  {name:<32}{med[key]['wall_s']:>14.1f} s{med[key]['test_s']:>12.1f} s")
+    print(f"  {'default / --repair_weight=0':<32}{ratio['wall_s']:>15.2f}x{ratio['test_s']:>13.2f}x   (median of the rounds' ratios)")
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"  HitRate@150%: {fmt(r['hitrate_150']['repair'])} with repair, {fmt(r['hitrate_150']['no_repair'])} without; "
+          f"AUC-PR {fmt(r['auc_pr']['repair'])} and {fmt(r['auc_pr']['no_repair'])}")
+
+
 def fmt_bytes(b) -> str:
     return "n/a" if b is None else f"{b / 2**20:.0f} MiB"
 
@@ -710,10 +799,19 @@ def main(argv: list[str] | None = None) -> dict:
               f"{results['load_average_end'][0]:.2f} at the end")
         write_json_atomic(opts["out"] if opts["out"] != OPTIONS["out"] else "res_hr/bench-vs-tranad.json", results)
         return results
+    if opts["naming"]:
+        results = dict(threads=opts["threads"], load_average_start=os.getloadavg(), options=opts)
+        results["naming"] = r = bench_naming(opts)
+        results["load_average_end"] = os.getloadavg()
+        print_naming(r, opts["threads"])
+        print(f"load average {results['load_average_start'][0]:.2f} at the start, "
+              f"{results['load_average_end'][0]:.2f} at the end")
+        write_json_atomic(opts["out"] if opts["out"] != OPTIONS["out"] else "res_hr/bench-naming.json", results)
+        return results
     if opts["fleet"]:
         results = {"threads": torch.get_num_threads(), "load_average_start": os.getloadavg(), "fleet": []}
         for n in [int(v) for v in str(opts["fleet"]).split(",") if v.strip()]:
-            r = bench_fleet(n, opts)
+            r = fleet_run(n, opts)
             results["fleet"].append(r)
             print(f"fleet {n} entities: step {r['step_ms']:.0f} ms (query {r['query_ms']:.0f} ms, "
                   f"score {r['score_ms']:.0f} ms)", flush=True)
@@ -770,7 +868,8 @@ def main(argv: list[str] | None = None) -> dict:
         point = r["score"].get("point")
         if point and "name_s_per_point" in point:
             print(f"  naming (scoring.explain): {point['name_s_per_point'] * 1e3:.1f} ms per flagged point "
-                  f"({V + 1} windows each; a live alarm: its last {Config.smooth} points, once when raised or re-sent)")
+                  f"(up to {V + 1} windows each, global prototypes; a live alarm: its last point, once when raised or "
+                  f"re-sent; test.py: bench.py --naming)")
         if point:
             print(f"  latent memory: {point['memory_windows']} windows in {point['memory_s'] * 1e3:.0f} ms "
                   f"(once per entity, at calibration)")

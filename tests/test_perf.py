@@ -100,3 +100,42 @@ def test_test_py_block_mode(trained, tmp_path):
     scores = pd.read_csv(out / "scores_omi-1.csv")
     assert len(scores) == 4320 and np.isfinite(scores.score).all()
     assert 0.3 < m["entities"]["omi-1"]["auc_roc"] <= 1
+
+
+def test_bench_naming_times_test_py_both_ways(tmp_path, capsys):
+    """`bench.py --naming --ckpt=...` on a tiny entity with local prototypes: test.py run in its own
+    processes with the default naming and with --repair_weight=0, both times and the ratio printed;
+    the two runs detect the same (naming changes only which features are named)."""
+    import json
+
+    import bench
+    from test_reliability import make_dataset, targs
+    data = make_dataset(tmp_path / "data", entities=("e1",))
+    out = tmp_path / "naming.json"
+    train_safe.main(targs(tmp_path, data, "--stage=both"))
+    bench.main(["--naming", f"--vs_data={data / 'e1'}", f"--ckpt={tmp_path}/puad.ckpt", "--threads=1", "--vs_rounds=1",
+                f"--out={out}"])
+    printed = capsys.readouterr().out
+    assert "default / --repair_weight=0" in printed and "--num_threads=1" in printed
+    r = json.loads(out.read_text())["naming"]
+    assert r["entity"] == "e1" and r["local_prototypes"] is True
+    assert len(r["runs"]["repair"]) == len(r["runs"]["no_repair"]) == 1
+    for run in r["runs"]["repair"] + r["runs"]["no_repair"]:
+        assert run["wall_s"] > run["test_s"] > 0  # the process waits for the imports too
+    assert r["auc_pr"]["repair"] == r["auc_pr"]["no_repair"]
+    assert r["ratio"]["wall_s"] > 0 and r["ratio"]["test_s"] > 0
+    with pytest.raises(SystemExit, match="no local file"):
+        (tmp_path / "puad.local-e1.pt").unlink()
+        bench.main(["--naming", f"--vs_data={data / 'e1'}", f"--ckpt={tmp_path}/puad.ckpt", "--threads=1"])
+
+
+def test_bench_trains_its_own_checkpoint_with_local_prototypes(tmp_path):
+    """Without --ckpt, --vs_tranad and --naming train a cpu-preset PUAD with both stages on the
+    entity (bench.vs_checkpoint): the shared checkpoint and the entity's local file."""
+    import bench
+    from puad import local_path, read_checkpoint
+    from test_reliability import make_dataset
+    data = make_dataset(tmp_path / "data", entities=("e1",))
+    ckpt = bench.vs_checkpoint(dict(bench.OPTIONS, threads=1, vs_windows=64), data / "e1", tmp_path)
+    assert read_checkpoint(ckpt)["entities"] == ["e1"]
+    assert read_checkpoint(local_path(ckpt, "e1"), kind="local")["entity"] == "e1"
