@@ -786,50 +786,71 @@ def fmt_bytes(b) -> str:
     return "n/a" if b is None else f"{b / 2**20:.0f} MiB"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    opts = parse_args(sys.argv[1:] if argv is None else argv)
-    set_threads(opts["threads"])
-    if opts["vs_tranad"]:
-        results = dict(threads=torch.get_num_threads(), load_average_start=os.getloadavg(), torch=torch.__version__,
-                       cpu=platform.processor() or platform.machine(), options=opts)
-        results["vs_tranad"] = r = bench_vs_tranad(opts)
-        results["load_average_end"] = os.getloadavg()
-        print_vs_tranad(r, results["threads"])
-        print(f"load average {results['load_average_start'][0]:.2f} at the start, "
-              f"{results['load_average_end'][0]:.2f} at the end")
-        write_json_atomic(opts["out"] if opts["out"] != OPTIONS["out"] else "res_hr/bench-vs-tranad.json", results)
-        return results
-    if opts["naming"]:
-        results = dict(threads=opts["threads"], load_average_start=os.getloadavg(), options=opts)
-        results["naming"] = r = bench_naming(opts)
-        results["load_average_end"] = os.getloadavg()
-        print_naming(r, opts["threads"])
-        print(f"load average {results['load_average_start'][0]:.2f} at the start, "
-              f"{results['load_average_end'][0]:.2f} at the end")
-        write_json_atomic(opts["out"] if opts["out"] != OPTIONS["out"] else "res_hr/bench-naming.json", results)
-        return results
-    if opts["fleet"]:
-        results = {"threads": torch.get_num_threads(), "load_average_start": os.getloadavg(), "fleet": []}
-        for n in [int(v) for v in str(opts["fleet"]).split(",") if v.strip()]:
-            r = fleet_run(n, opts)
-            results["fleet"].append(r)
-            print(f"fleet {n} entities: step {r['step_ms']:.0f} ms (query {r['query_ms']:.0f} ms, "
-                  f"score {r['score_ms']:.0f} ms)", flush=True)
-            print(f"  first poll {r['first_step_ms']:.0f} ms (score {r['first_score_ms']:.0f} ms, every window "
-                  f"new); metrics update {r['update_ms']:.0f} ms; {r['scored']} entities scored per poll, "
-                  f"{r['model_windows']:.0f} windows through the model; load average {r['load_average']:.1f}; "
-                  f"median of {r['polls']} polls", flush=True)
-            print(f"  CPU per poll: detector {r['cpu_ms']:.0f} ms (all its threads), Prometheus {r['prometheus_cpu_ms']:.0f} ms "
-                  f"(it uses {1e3 * r['prometheus_idle_cpu']:.0f} ms/s between polls, scraping and ingesting)", flush=True)
-            print(f"  detector resident memory {fmt_bytes(r['rss_bytes'])} after the polls, {fmt_bytes(r['rss_before_bytes'])} before "
-                  f"the services' state: a scaler, a Scorer and a latent memory of {r['memory_windows']} windows "
-                  f"each, built in {r['setup_s']:.0f} s)", flush=True)
-            print("  one service holds " + ", ".join(f"{k.replace('_', ' ')} {v / 1024:.1f} kB"
-                                                     for k, v in r["service_bytes"].items()), flush=True)
-        results["load_average_end"] = os.getloadavg()
-        if opts["out"] != OPTIONS["out"]:
-            write_json_atomic(opts["out"], results)
-        return results
+def run_vs_tranad(opts: dict) -> dict:
+    """--vs_tranad: bench_vs_tranad, printed and written to --out (res_hr/bench-vs-tranad.json)."""
+    results = dict(threads=torch.get_num_threads(), load_average_start=os.getloadavg(), torch=torch.__version__,
+                   cpu=platform.processor() or platform.machine(), options=opts)
+    results["vs_tranad"] = r = bench_vs_tranad(opts)
+    results["load_average_end"] = os.getloadavg()
+    print_vs_tranad(r, results["threads"])
+    print(f"load average {results['load_average_start'][0]:.2f} at the start, "
+          f"{results['load_average_end'][0]:.2f} at the end")
+    write_json_atomic(opts["out"] if opts["out"] != OPTIONS["out"] else "res_hr/bench-vs-tranad.json", results)
+    return results
+
+
+def run_naming(opts: dict) -> dict:
+    """--naming: bench_naming, printed and written to --out (res_hr/bench-naming.json)."""
+    results = dict(threads=opts["threads"], load_average_start=os.getloadavg(), options=opts)
+    results["naming"] = r = bench_naming(opts)
+    results["load_average_end"] = os.getloadavg()
+    print_naming(r, opts["threads"])
+    print(f"load average {results['load_average_start'][0]:.2f} at the start, "
+          f"{results['load_average_end'][0]:.2f} at the end")
+    write_json_atomic(opts["out"] if opts["out"] != OPTIONS["out"] else "res_hr/bench-naming.json", results)
+    return results
+
+
+def run_fleet(opts: dict) -> dict:
+    """--fleet=N,...: fleet_run per size (each in a process of its own), printed; --out if given."""
+    results = {"threads": torch.get_num_threads(), "load_average_start": os.getloadavg(), "fleet": []}
+    for n in [int(v) for v in str(opts["fleet"]).split(",") if v.strip()]:
+        r = fleet_run(n, opts)
+        results["fleet"].append(r)
+        print(f"fleet {n} entities: step {r['step_ms']:.0f} ms (query {r['query_ms']:.0f} ms, "
+              f"score {r['score_ms']:.0f} ms)", flush=True)
+        print(f"  first poll {r['first_step_ms']:.0f} ms (score {r['first_score_ms']:.0f} ms, every window "
+              f"new); metrics update {r['update_ms']:.0f} ms; {r['scored']} entities scored per poll, "
+              f"{r['model_windows']:.0f} windows through the model; load average {r['load_average']:.1f}; "
+              f"median of {r['polls']} polls", flush=True)
+        print(f"  CPU per poll: detector {r['cpu_ms']:.0f} ms (all its threads), Prometheus {r['prometheus_cpu_ms']:.0f} ms "
+              f"(it uses {1e3 * r['prometheus_idle_cpu']:.0f} ms/s between polls, scraping and ingesting)", flush=True)
+        print(f"  detector resident memory {fmt_bytes(r['rss_bytes'])} after the polls, {fmt_bytes(r['rss_before_bytes'])} before "
+              f"the services' state: a scaler, a Scorer and a latent memory of {r['memory_windows']} windows "
+              f"each, built in {r['setup_s']:.0f} s)", flush=True)
+        print("  one service holds " + ", ".join(f"{k.replace('_', ' ')} {v / 1024:.1f} kB"
+                                                 for k, v in r["service_bytes"].items()), flush=True)
+    results["load_average_end"] = os.getloadavg()
+    if opts["out"] != OPTIONS["out"]:
+        write_json_atomic(opts["out"], results)
+    return results
+
+
+def run_scaling(opts: dict, device: torch.device) -> list[dict]:
+    """--entities: bench_scaling's rows, printed."""
+    rows = bench_scaling(opts, device)
+    print(f"\n[scaling, cpu preset] {rows[0]['source'] if rows else ''}")
+    print(f"  {'entities':>8}{'train windows':>15}{'load s':>8}{'train win/s':>13}{'epoch s':>9}"
+          f"{'test points':>13}{'score block s':>15}")
+    for r in rows:
+        print(f"  {r['entities']:>8}{r['train_windows']:>15}{r['load_s']:>8.2f}{r['train_windows_per_s']:>13.0f}"
+              f"{r['epoch_s_projected']:>9.1f}{r['test_points']:>13}{r['score_block_s']:>15.2f}")
+    return rows
+
+
+def run_presets(opts: dict) -> dict:
+    """The default run: matmul peak, each preset's training and scoring (bench_preset), the
+    scaling over entities (--entities), printed and written to --out."""
     device = get_device(opts["device"])
     load0 = os.getloadavg()
     t_start = time.time()
@@ -876,13 +897,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "score_batch_sweep" in r:
             print("  point scoring vs --score_batch: " + ", ".join(f"{b}: {v:.0f}/s" for b, v in r["score_batch_sweep"].items()))
     if opts["entities"]:
-        results["scaling"] = rows = bench_scaling(opts, device)
-        print(f"\n[scaling, cpu preset] {rows[0]['source'] if rows else ''}")
-        print(f"  {'entities':>8}{'train windows':>15}{'load s':>8}{'train win/s':>13}{'epoch s':>9}"
-              f"{'test points':>13}{'score block s':>15}")
-        for r in rows:
-            print(f"  {r['entities']:>8}{r['train_windows']:>15}{r['load_s']:>8.2f}{r['train_windows_per_s']:>13.0f}"
-                  f"{r['epoch_s_projected']:>9.1f}{r['test_points']:>13}{r['score_block_s']:>15.2f}")
+        results["scaling"] = run_scaling(opts, device)
     results["load_average_end"] = os.getloadavg()
     results["seconds"] = round(time.time() - t_start, 1)
     write_json_atomic(opts["out"], results)
@@ -890,6 +905,17 @@ def main(argv: list[str] | None = None) -> dict:
           f"wrote {opts['out']} in {results['seconds']:.0f}s")
     return results
 
+
+def main(argv: list[str] | None = None) -> dict:
+    opts = parse_args(sys.argv[1:] if argv is None else argv)
+    set_threads(opts["threads"])
+    if opts["vs_tranad"]:
+        return run_vs_tranad(opts)
+    if opts["naming"]:
+        return run_naming(opts)
+    if opts["fleet"]:
+        return run_fleet(opts)
+    return run_presets(opts)
 
 if __name__ == "__main__":
     main()

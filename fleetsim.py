@@ -481,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--services", help="file of service names, one a line (the exporter)")
     parser.add_argument("--port", type=int, help="the exporter's port")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the services' noise and faults (default 0)")
     parser.add_argument("--faults", default="", help="service=kind,... (kind: cpu, latency, down)")
     quiet = parser.add_argument_group("the quiet fleet (--quiet; docs/live.md)")
     quiet.add_argument("--quiet", action="store_true", help="run the quiet fleet end to end and report")
