@@ -83,7 +83,7 @@ READS = ("data", "entities", "entity", "ckpt", "smooth", "alarm_budget", "alarm_
 QUERY_WORKERS = 4  # queries of a poll in flight at once
 REFRESH_STEPS = 3  # a poll asks again for the last this many grid points (and for every point it lacks)
 RESEND_S = 60.0  # a firing alert is re-posted this often (Alertmanager's resolve_timeout is 5m)
-NAMED_PER_POLL = 50  # alarms named by repair (scoring.explain, ~20 ms each) in one poll; the rest of a
+NAMED_PER_POLL = 50  # alarms named by repair (scoring.explain: V + 1 windows each) in one poll; the rest of a
                      # storm keep the plain ranking until their next re-send
 log = logging.getLogger("puad.live")
 
