@@ -360,7 +360,8 @@ def inject(fleet: "Fleet", faults: dict[str, str], fault_s: float, port: int, pr
                        "raised": len(raised), "resolved": len(changes) - len(raised)})
     return {"faults": report, "fault_s": fault_s,
             "others_raised": sum(e["state"] == "anomalous" and e["entity"] not in faults for e in new),
-            "firing_posts": after["firing"] - before["firing"], "resolved_posts": after["resolved"] - before["resolved"]}
+            "firing_posts": after["firing"] - before["firing"],
+            "resolved_posts": after["resolved"] - before["resolved"]}
 
 
 def quiet_fleet(out: Path, record_s: float = 1800, run_s: float = 1800, fault_s: float = 30, n: int = 3,
@@ -434,7 +435,8 @@ def detect(fleet: "Fleet", out: Path, names: list[str], alertmanager: str, run_s
     with ThreadPoolExecutor(1) as pool:
         previews = []
         faults = inject(fleet, {names[0]: "cpu", names[1]: "latency"}, fault_s, port, process, alertmanager, live_log,
-                        lambda: previews.append(pool.submit(preview, fleet.prometheus, out, start, end, holds, score_args)))
+                        lambda: previews.append(pool.submit(preview, fleet.prometheus, out, start, end, holds,
+                                                            score_args)))
         laps.done("faults")
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
