@@ -236,6 +236,7 @@ ROOT = Path(__file__).resolve().parent
 ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 RATE_WINDOW_S = 5  # the metric set's rate window at 1 s scrapes (>= 4 scrape intervals)
 SETTLE_S = 2 * RATE_WINDOW_S + 5  # after the first scrape: rates settled, the first row recorded
+PREVIEW_LEAD_S = 30  # >= seq_len + smooth - 1 grid points (24 at the defaults) before the normal run
 EXPECTED = {"cpu": ("cpu_rate", "process_cpu_rate"), "latency": ("latency_p50", "latency_p99")}  # named first
 
 
@@ -455,11 +456,17 @@ def preview(prometheus: str, out: Path, start: float, end: float, holds: tuple[i
             score_args: tuple[str, ...] = ()) -> dict:
     """test.py's preview of the normal run: the recording's train.csv beside the normal run as an
     unlabelled test.csv (the detector's calibration), under each alarm hold -> the alarm events
-    (and per entity-day) test.py predicts, to set beside the detector's. At a lower CPU
-    priority than the detector it runs beside."""
+    (and per entity-day) test.py predicts, to set beside the detector's. The test rows start
+    PREVIEW_LEAD_S before the normal run and only events from its start are counted: test.py
+    scores a series' first seq_len - 1 points with its first window, which the detector, with
+    the rows before them in Prometheus, never does. At a lower CPU priority than the detector
+    it runs beside."""
+    import pandas as pd
+
+    from metrics import held_alarms, segments
     if not holds:
         return {}
-    export(prometheus, out / "metrics.yaml", start, end, out / "run-export", nice=10)
+    export(prometheus, out / "metrics.yaml", start - PREVIEW_LEAD_S, end, out / "run-export", nice=10)
     for folder in sorted((out / "run-export").iterdir()):
         (out / "run" / folder.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(out / "data" / folder.name / "train.csv", out / "run" / folder.name / "train.csv")
@@ -470,8 +477,14 @@ def preview(prometheus: str, out: Path, start: float, end: float, holds: tuple[i
         run_step([sys.executable, "test.py", f"--ckpt={out / 'puad.ckpt'}", f"--data={out / 'run'}",
                   f"--out_dir={res}", "--plots=False", "--num_threads=1", f"--alarm_hold={hold}", *score_args],
                  out / f"preview-hold{hold}.log", nice=10)
-        total = json.loads((res / "metrics.json").read_text())["total"]
-        got[hold] = {"alarm_events": total["alarm_events"], "per_entity_day": total["alarms_per_day"],
+        starts = []  # of the alarm events test.py reports (scores_<entity>.csv's predictions, held)
+        for f in sorted(res.glob("scores_*.csv")):
+            rows = pd.read_csv(f)
+            ts = rows["timestamp"].to_numpy()
+            starts += [float(ts[a]) for a, _ in segments(held_alarms(rows["prediction"].to_numpy(), hold))]
+        n = sum(t >= start for t in starts)
+        days = len(list(res.glob("scores_*.csv"))) * (end - start) / 86400
+        got[hold] = {"alarm_events": n, "per_entity_day": n / days, "before_start": len(starts) - n,
                      "warned_short_history": "SPOT extrapolates" in (out / f"preview-hold{hold}.log").read_text()}
     return got
 

@@ -409,8 +409,8 @@ def test_quiet_fleet_end_to_end(fleet, tmp_path):
     debounce (--alarm_hold) with the right metric named first, one firing and one resolved
     alert each, no other service alarmed meanwhile; Alertmanager received exactly those posts
     and holds no active alert once the detector has stopped (exit 0); test.py's preview of the
-    normal run under the same hold and threshold predicts at most 1 alarm event and warns that
-    the history is short. About a minute.
+    normal run under the same hold and threshold predicts at most 1 alarm event from the run's
+    start (fleetsim.preview) and warns that the history is short. About a minute.
     --spot_level=0.8 (live and in the preview): the recording's 14 calibration rows hold one
     score above their 0.98 quantile, too few for SPOT's tail, so the threshold would be their
     largest score, which a normal run of N points exceeds with a chance of about N / (N + 14)
