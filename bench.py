@@ -78,9 +78,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import prototype_ot
+import puad
 from config import OneLineParser, cli_error, parse_bool, parse_config
 import scoring
 import tranad
+from transformer import bf16_native
 from puad import (LATENT_MEMORY, PUAD, apply_local_state, build_model, calibrate_entity, entity_state, fit_scorer, latent_memory,
                   local_path, read_checkpoint, reconstruct_entity, run_config, score_kwargs, score_series,
                   window_reconstructor)
@@ -599,12 +601,17 @@ def vs_setup(opts: dict, tmp: Path) -> dict:
     return ctx
 
 
-def puad_scores(ctx: dict, use_local: bool) -> np.ndarray:
+def puad_scores(ctx: dict, use_local: bool, bf16: bool = True) -> np.ndarray:
     """The test split through test.py's scorer: score_series, Scorer.score (the latent term
-    included), the drift guard's thresholds."""
+    included), the drift guard's thresholds; bf16=False: the encoder in fp32 even where the
+    device runs bf16 natively (puad.SCORE_BF16)."""
     scorer, cfg = ctx["cals"][use_local], ctx["cfg"]
-    return scorer.thresholds(scorer.score(score_series(ctx["model"], ctx["test"], cfg.seq_len, use_local,
-                                                       **score_kwargs(cfg))))
+    default, puad.SCORE_BF16 = puad.SCORE_BF16, bf16 and puad.SCORE_BF16
+    try:
+        return scorer.thresholds(scorer.score(score_series(ctx["model"], ctx["test"], cfg.seq_len, use_local,
+                                                           **score_kwargs(cfg))))
+    finally:
+        puad.SCORE_BF16 = default
 
 
 def puad_entity(ctx: dict) -> np.ndarray:
@@ -687,11 +694,12 @@ def bench_vs_tranad(opts: dict) -> dict:
         tran = copy.deepcopy(ctx["tranad"])
         n_test = len(ctx["test"])
         runs: dict[str, list[float]] = {k: [] for k in ("train_puad", "train_tranad", "global_puad", "default_puad",
-                                                        "default_tranad", "entity_puad", "entity_tranad")}
+                                                        "default_fp32", "default_tranad", "entity_puad", "entity_tranad")}
         for _ in range(rounds):  # alternating, so that a busy spell of the machine hits both
             runs["train_puad"].append(train_bench(cfg, puad_model, windows, torch.device("cpu"), 10)["windows_per_s"])
             runs["train_tranad"].append(tranad_train_bench(tran, ctx["tranad_windows"], 20))
             for key, fn in (("global_puad", lambda: puad_scores(ctx, False)), ("default_puad", lambda: puad_scores(ctx, True)),
+                            ("default_fp32", lambda: puad_scores(ctx, True, bf16=False)),
                             ("default_tranad", lambda: tranad_scores(ctx, ctx["test"], ctx["tcal"])),
                             ("entity_puad", lambda: puad_entity(ctx)), ("entity_tranad", lambda: tranad_scores(ctx, ctx["test"]))):
                 t = time.perf_counter()
@@ -700,11 +708,12 @@ def bench_vs_tranad(opts: dict) -> dict:
         memory = {which: vs_memory(ctx, which, opts, Path(tmp)) for which in ("puad", "tranad")}
     best = {k: max(v) for k, v in runs.items()}
     pairs = dict(train=("train_puad", "train_tranad"), global_path=("global_puad", "default_tranad"),
-                 default_path=("default_puad", "default_tranad"), entity=("entity_puad", "entity_tranad"))
+                 default_path=("default_puad", "default_tranad"), default_fp32=("default_fp32", "default_tranad"),
+                 entity=("entity_puad", "entity_tranad"))
     paired = {k: float(np.median(np.divide(runs[p], runs[q]))) for k, (p, q) in pairs.items()}  # round by round
     return dict(data=str(ctx["folder"]), entity=ctx["ent"].name, features=ctx["ent"].test.shape[1],
                 train_rows=len(ctx["train"]), test_points=n_test, puad_seq_len=cfg.seq_len, tranad_window=tranad.WINDOW,
-                checkpoint=opts["ckpt"] or "trained here", setup_s=setup_s, score_batch=cfg.score_batch, runs=runs, best=best, memory=memory, paired=paired,
+                checkpoint=opts["ckpt"] or "trained here", bf16_native=bf16_native(torch.device("cpu")), setup_s=setup_s, score_batch=cfg.score_batch, runs=runs, best=best, memory=memory, paired=paired,
                 puad_parameters=sum(p.numel() for p in ctx["model"].parameters()),
                 tranad_parameters=sum(p.numel() for p in ctx["tranad"].parameters()))
 
@@ -719,13 +728,15 @@ def print_vs_tranad(r: dict, threads: int) -> None:
     rows = [("training (windows/s)", b["train_puad"], b["train_tranad"], "train"),
             ("scoring the test split, global prototypes (points/s)", b["global_puad"], b["default_tranad"], "global_path"),
             ("scoring the test split, default path (points/s)", b["default_puad"], b["default_tranad"], "default_path"),
+            ("  the same, the encoder in fp32 everywhere (points/s)", b["default_fp32"], b["default_tranad"], "default_fp32"),
             ("per entity, test.py without naming (test points/s)", b["entity_puad"], b["entity_tranad"], "entity")]
     for name, p, t, key in rows:
         print(f"  {name:<58}{p:>12,.0f}{t:>12,.0f}{p / t:>14.2f}x{r['paired'][key]:>8.2f}x")
     mp, mt = m["puad"]["bytes"], m["tranad"]["bytes"]
     ratio = f"{mp / mt:>14.2f}x" if mp and mt else ""
     print(f"  {'peak extra memory scoring the test split, default path':<58}{fmt_bytes(mp):>12}{fmt_bytes(mt):>12}{ratio}")
-    print(f"  default path: local prototypes (--local_score=closer) + latent term; TranAD through the same smoothing "
+    print(f"  default path: local prototypes (each point the closer reconstruction) + latent term, the encoder in bf16 "
+          f"{'(native here)' if r['bf16_native'] else '(not native here: fp32)'}; TranAD (fp32) through the same smoothing "
           f"and threshold; both in batches of {r['score_batch']} windows. Memory: {m['puad']['kind']}, each model in a "
           f"fresh process. paired: the median over rounds of the round's ratio. Setup (training both models, "
           f"calibrations) {r['setup_s']:.0f} s")

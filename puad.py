@@ -33,6 +33,7 @@ INPUT_CLIP = 10.0  # scaled inputs are clipped to +-this before the model (score
 HISTORY_CALIB_ROWS = 4000  # the most calibration rows a stage-1 checkpoint stores (history_calibration)
 LATENT_MEMORY = 1000  # the most normal windows an entity's latent memory keeps (500 to all: within 0.005 AUC-PR,
                       # docs/decisions.md)
+SCORE_BF16 = True  # scoring runs the encoder in bf16 where the device does natively (transformer.bf16_native)
 
 
 class PUAD(nn.Module):
@@ -101,7 +102,7 @@ class PUAD(nn.Module):
         """
         was_training = self.training
         self.eval()
-        h0 = self.encoder(x)
+        h0 = self.encoder(x, bf16=SCORE_BF16)
         h1, theta0 = self.to_h1(h0), self.vae.phi.mean(h0)
         xs = x[:, -1:] if last else x
 
@@ -398,8 +399,9 @@ def latent_memory(model: PUAD, parts: list[np.ndarray], cfg: Config, size: int =
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = [model.encode(torch.as_tensor(np.ascontiguousarray(windows[i:i + cfg.score_batch]), device=device),
-                        sample=False)[3].cpu().numpy() for i in range(0, len(windows), cfg.score_batch)]
+    out = [model.vae.phi.mean(model.encoder(torch.as_tensor(np.ascontiguousarray(windows[i:i + cfg.score_batch]),
+                                                            device=device), bf16=SCORE_BF16)).cpu().numpy()
+           for i in range(0, len(windows), cfg.score_batch)]  # theta0 as PUAD.reconstruct makes it
     model.train(was_training)
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, cfg.d_theta), np.float32)
 

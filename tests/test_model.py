@@ -95,9 +95,12 @@ def test_scoring_does_not_depend_on_the_batch():
     assert torch.allclose(alone, together, atol=1e-5)
 
 
-def test_fast_scoring_path_equals_the_full_forward():
+def test_fast_scoring_path_equals_the_full_forward(monkeypatch):
     """reconstruct() (no KL, prior head or OT loss) gives the numbers of the full forward pass
-    with posterior means and each window transported alone."""
+    with posterior means and each window transported alone (in fp32, as the forward runs:
+    puad.SCORE_BF16 off; tests/test_perf.py compares the bf16 encoder)."""
+    import puad
+    monkeypatch.setattr(puad, "SCORE_BF16", False)
     torch.manual_seed(5)
     cfg = parse_config(["--preset=test"])
     model = PUAD(cfg, 5)
@@ -163,12 +166,15 @@ def test_local_init_global_starts_at_the_history_models_reconstruction():
     assert torch.allclose(a["x_mu"], b["x_mu"], atol=1e-5)
 
 
-def test_local_prototypes_reconstruct_a_point_only_where_closer():
+def test_local_prototypes_reconstruct_a_point_only_where_closer(monkeypatch):
     """With local prototypes each point's mean comes from the pass, with or without them, whose
-    mean is closer to it (the encoder runs once for both); score_series keeps it per point."""
+    mean is closer to it (the encoder runs once for both); score_series keeps it per point. In
+    fp32, as the forward it is compared with (puad.SCORE_BF16 off)."""
     import numpy as np
 
+    import puad
     from puad import score_series
+    monkeypatch.setattr(puad, "SCORE_BF16", False)
     from utils import create_sequences
     torch.manual_seed(7)
     cfg = parse_config(["--preset=test"])

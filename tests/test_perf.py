@@ -1,4 +1,5 @@
-"""Scale-out and fast scoring: torchrun/DDP training against one process, block scoring mode."""
+"""Scale-out and fast scoring: torchrun/DDP training against one process, block scoring mode,
+the bf16 encoder of scoring."""
 import os
 import socket
 import subprocess
@@ -89,6 +90,39 @@ def test_block_scoring_matches_point_scoring_where_the_same_window_scores(asd):
     assert not np.allclose(b, p)  # elsewhere another window scores the point
     with pytest.raises(ValueError, match="point or block"):
         score_series(model, x, cfg.seq_len, mode="blocks")
+
+
+def test_bf16_scoring_agrees_with_fp32_and_training_stays_fp32(asd, monkeypatch):
+    """Scoring's encoder in bf16 (forced here, as on a CPU with AVX-512 BF16, so the test also
+    runs on one without) ranks points as fp32 does and moves scores by little; training and
+    validation (model.loss) run the encoder in fp32."""
+    import puad
+    import transformer
+    torch.manual_seed(0)
+    cfg = parse_config(["--preset=test"])
+    model = PUAD(cfg, 19).eval()
+    with torch.no_grad():
+        model.pot.g_global.normal_()
+    ent = load_dataset(asd, "omi-1")[0]
+    x = Scaler().fit(ent.train).transform(ent.test[:600])
+    seen: list[torch.dtype] = []
+    model.encoder.layers.layers[0].linear1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    monkeypatch.setattr(transformer, "bf16_native", lambda device: True)
+    scores = {}
+    for bf16 in (False, True):
+        monkeypatch.setattr(puad, "SCORE_BF16", bf16)
+        o = score_series(model, x, cfg.seq_len, batch_size=256)
+        scores[bf16] = ((o.x - o.mu) ** 2).sum(1)
+    assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16  # the switch reaches the layers
+    a, b = scores[False], scores[True]
+    assert not np.array_equal(a, b)
+    np.testing.assert_allclose(b, a, rtol=0.05, atol=0.05 * np.median(a))
+    assert np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1] > 0.99  # Spearman
+    seen.clear()
+    model.loss(torch.as_tensor(x[None, :cfg.seq_len], dtype=torch.float32), (0.01, 0.01, 0.01))
+    with torch.no_grad():
+        model(torch.as_tensor(x[None, :cfg.seq_len], dtype=torch.float32), sample=False, batch_plan=False)
+    assert seen == [torch.float32, torch.float32]
 
 
 def test_test_py_block_mode(trained, tmp_path):

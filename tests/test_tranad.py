@@ -95,5 +95,7 @@ def test_bench_vs_tranad_prints_the_ratios(tmp_path, capsys):
     v = res["vs_tranad"]
     assert v["entity"] == "e1" and v["test_points"] == 160
     assert all(x > 0 for x in v["best"].values()) and set(v["best"]) == {
-        "train_puad", "train_tranad", "global_puad", "default_puad", "default_tranad", "entity_puad", "entity_tranad"}
+        "train_puad", "train_tranad", "global_puad", "default_puad", "default_fp32", "default_tranad", "entity_puad",
+        "entity_tranad"}
+    assert isinstance(v["bf16_native"], bool) and "the encoder in fp32" in printed
     assert all(m["bytes"] is not None and m["bytes"] >= 0 for m in v["memory"].values())
