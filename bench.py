@@ -539,7 +539,7 @@ def service_bytes(det, name: str) -> dict[str, int]:
         latent_memory=sum(t.numel() * t.element_size() for t in (m.states, m.norms, m.center)) if m else 0,
         scorer=sum(a.nbytes for a in (sc.center_, sc.scale_, sc.pinned_, sc.usual_, sc.recent_) if a is not None),
         scaler=st.scaler.shift.nbytes + st.scaler.scale.nbytes,
-        drift_history=sys.getsizeof(live.history[name]) + sum(sys.getsizeof(v) for v in live.history[name]),
+        drift_history=live.history[name].buffer.nbytes,
         window_cache=sum(sys.getsizeof(k) + mu.nbytes + z.nbytes for k, (mu, z) in live.window_cache[name].items()),
         last_rows=rec.x.nbytes + rec.mu.nbytes + named.nbytes)
 
@@ -888,12 +888,14 @@ def run_presets(opts: dict) -> dict:
         tr = r["train"]
         print(f"\n[{name}] {r['parameters'] / 1e6:.2f} M parameters; {r['flops_fwd_per_window'] / 1e6:.1f} MFLOP/window "
               f"forward, {r['flops_fwd_bwd_per_window'] / 1e6:.1f} MFLOP forward+backward")
-        print(f"  {'phase':<22}{'throughput':>22}{'GFLOP/s':>10}{'% fp32 peak':>13}{'peak memory':>13}")
+        score_peak = "bf16" if bf16_native(device) and puad.SCORE_BF16 else "fp32"  # the encoder's precision when scoring
+        print(f"  {'phase':<22}{'throughput':>22}{'GFLOP/s':>10}{'% of peak':>13}{'peak memory':>13}"
+              f"  (training: of the fp32 peak; scoring: of the {score_peak} peak, the encoder's precision there)")
         print(f"  {'train (batch ' + str(tr['batch']) + ')':<22}{tr['windows_per_s']:>14.0f} win/s"
               f"{tr['gflops']:>10.1f}{100 * tr['fraction_of_fp32_peak']:>12.1f}%{fmt_bytes(tr['peak_memory_bytes']):>13}")
         for s in r["score"].values():
             print(f"  {'score ' + s['mode']:<22}{s['points_per_s']:>11.0f} points/s{s['gflops']:>10.1f}"
-                  f"{100 * s['gflops'] / peak['fp32']:>12.1f}%{fmt_bytes(s['peak_memory_bytes']):>13}")
+                  f"{100 * s['gflops'] / peak[score_peak]:>12.1f}%{fmt_bytes(s['peak_memory_bytes']):>13}")
         print(f"  train step {tr['step_s'] * 1e3:.1f} ms: Sinkhorn {tr['sinkhorn_s_per_step'] * 1e3:.2f} ms "
               f"({100 * tr['sinkhorn_share']:.1f} %), data gather {tr['data_s_per_step'] * 1e3:.2f} ms "
               f"({100 * tr['data_share']:.2f} %)")
