@@ -444,7 +444,7 @@ class Recent:
     round: the guard takes their median, which needs their values, not their order, and a poll then
     converts no list (at 1,000 services a deque's conversion cost 20-30 ms a poll)."""
 
-    def __init__(self, scores, size: int):
+    def __init__(self, scores: np.ndarray | list[float], size: int):
         self.buffer, self.n = np.empty(size), 0
         for s in list(scores)[-size:]:
             self.append(s)
