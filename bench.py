@@ -15,7 +15,8 @@ Measured on this machine, on the device utils.get_device picks (--device=cpu|cud
     Adam) and so the fraction of the fp32 peak reached; the share of a step in Sinkhorn
     (prototype_ot.sinkhorn_log, forward and its unrolled backward) and in data loading
     (Windows.batches gather); scoring points/s in both modes (puad.score_series,
-    --score_mode=point|block); peak memory (CPU: VmHWM of /proc/self/status above the RSS before
+    --score_mode=point|block; its encoder in bf16 where native, so its fraction is of the bf16
+    peak there); peak memory (CPU: VmHWM of /proc/self/status above the RSS before
     the phase, reset through /proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated);
   - scaling (cpu preset): data loading and train/score time against 1, 4, 12 ASD entities (real
     data from --data, else synthetic series of ASD's shape: V=19, 8640 train and 4320 test rows).
