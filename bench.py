@@ -73,6 +73,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -798,29 +799,30 @@ def fmt_bytes(b) -> str:
     return "n/a" if b is None else f"{b / 2**20:.0f} MiB"
 
 
-def run_vs_tranad(opts: dict) -> dict:
-    """--vs_tranad: bench_vs_tranad, printed and written to --out (res_hr/bench-vs-tranad.json)."""
-    results = dict(threads=torch.get_num_threads(), load_average_start=os.getloadavg(), torch=torch.__version__,
-                   cpu=platform.processor() or platform.machine(), options=opts)
-    results["vs_tranad"] = r = bench_vs_tranad(opts)
+def run_and_write(opts: dict, key: str, bench: Callable[[dict], dict], show: Callable[[dict, int], None],
+                  default_out: str, **header) -> dict:
+    """One side-by-side benchmark: bench(opts) under results[key], bracketed by the load average,
+    printed by show(result, threads) and written to --out (default_out when --out is not given)."""
+    results = dict(header, load_average_start=os.getloadavg(), options=opts)
+    results[key] = r = bench(opts)
     results["load_average_end"] = os.getloadavg()
-    print_vs_tranad(r, results["threads"])
+    show(r, results["threads"])
     print(f"load average {results['load_average_start'][0]:.2f} at the start, "
           f"{results['load_average_end'][0]:.2f} at the end")
-    write_json_atomic(opts["out"] if opts["out"] != OPTIONS["out"] else "res_hr/bench-vs-tranad.json", results)
+    write_json_atomic(opts["out"] if opts["out"] != OPTIONS["out"] else default_out, results)
     return results
+
+
+def run_vs_tranad(opts: dict) -> dict:
+    """--vs_tranad: bench_vs_tranad, printed and written to --out (res_hr/bench-vs-tranad.json)."""
+    return run_and_write(opts, "vs_tranad", bench_vs_tranad, print_vs_tranad, "res_hr/bench-vs-tranad.json",
+                         threads=torch.get_num_threads(), torch=torch.__version__,
+                         cpu=platform.processor() or platform.machine())
 
 
 def run_naming(opts: dict) -> dict:
     """--naming: bench_naming, printed and written to --out (res_hr/bench-naming.json)."""
-    results = dict(threads=opts["threads"], load_average_start=os.getloadavg(), options=opts)
-    results["naming"] = r = bench_naming(opts)
-    results["load_average_end"] = os.getloadavg()
-    print_naming(r, opts["threads"])
-    print(f"load average {results['load_average_start'][0]:.2f} at the start, "
-          f"{results['load_average_end'][0]:.2f} at the end")
-    write_json_atomic(opts["out"] if opts["out"] != OPTIONS["out"] else "res_hr/bench-naming.json", results)
-    return results
+    return run_and_write(opts, "naming", bench_naming, print_naming, "res_hr/bench-naming.json", threads=opts["threads"])
 
 
 def run_fleet(opts: dict) -> dict:

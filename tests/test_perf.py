@@ -64,14 +64,20 @@ def test_torchrun_two_processes_match_one_process(asd, tmp_path):
     assert torch.isfinite(g).all() and g.abs().sum() > 0  # the running potentials were kept
 
 
-def test_block_scoring_matches_point_scoring_where_the_same_window_scores(asd):
+def untrained_on_omi1(asd, n: int):
+    """A test-preset model with seed-0 weights and random running potentials, and omi-1's first n
+    test rows scaled with its train rows -> (cfg, model, x)."""
     torch.manual_seed(0)
     cfg = parse_config(["--preset=test"])
     model = PUAD(cfg, 19).eval()
     with torch.no_grad():
         model.pot.g_global.normal_()
     ent = load_dataset(asd, "omi-1")[0]
-    x = Scaler().fit(ent.train).transform(ent.test[:1013])  # 50 blocks and a tail of 13 points
+    return cfg, model, Scaler().fit(ent.train).transform(ent.test[:n])
+
+
+def test_block_scoring_matches_point_scoring_where_the_same_window_scores(asd):
+    cfg, model, x = untrained_on_omi1(asd, 1013)  # 50 blocks and a tail of 13 points
     calls = []
     real = model.reconstruct
     model.reconstruct = lambda xb, *a, **k: calls.append(len(xb)) or real(xb, *a, **k)
@@ -98,13 +104,7 @@ def test_bf16_scoring_agrees_with_fp32_and_training_stays_fp32(asd, monkeypatch)
     validation (model.loss) run the encoder in fp32."""
     import puad
     import transformer
-    torch.manual_seed(0)
-    cfg = parse_config(["--preset=test"])
-    model = PUAD(cfg, 19).eval()
-    with torch.no_grad():
-        model.pot.g_global.normal_()
-    ent = load_dataset(asd, "omi-1")[0]
-    x = Scaler().fit(ent.train).transform(ent.test[:600])
+    cfg, model, x = untrained_on_omi1(asd, 600)
     seen: list[torch.dtype] = []
     model.encoder.layers.layers[0].linear1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     monkeypatch.setattr(transformer, "bf16_native", lambda device: True)
