@@ -279,6 +279,9 @@ def _gpd_fit(peaks: np.ndarray) -> tuple[float, float] | None:
     return float(gamma), float(sigma)
 
 
+SPOT_LOWEST_LEVEL = 0.5  # the lowest initial quantile spot_threshold lowers init_level to
+
+
 def spot_threshold(init_scores: Any, q: float = 1e-3, init_level: float = 0.99,
                    min_peaks: int = 10) -> float:
     """Peaks-Over-Threshold threshold (SPOT, Siffer et al., KDD 2017) on label-free scores.
@@ -286,6 +289,12 @@ def spot_threshold(init_scores: Any, q: float = 1e-3, init_level: float = 0.99,
     t = quantile(init_scores, init_level); a generalized Pareto distribution
     (loc 0) is fitted to the excesses over t by maximum likelihood and
     z_q = t + sigma/gamma * ((q n / N_t)^(-gamma) - 1)   (t - sigma log(q n / N_t) if gamma = 0).
+    Short histories: where n (1 - init_level) < ``min_peaks``, init_level is lowered (to 0.5 at
+    most) so the tail is fitted on ``min_peaks`` excesses, not on the 2-4 that 100-200 rows hold
+    above their 0.98 quantile; and where the threshold lies beyond the scores (q n < 1) a
+    bounded tail (gamma < 0, whose z_q is about the largest score) is replaced by the
+    exponential one, since a few hundred rows say nothing about a bound beyond them
+    (docs/decisions.md: the quiet fleet's 180 calibration rows, nezha_ob's 93).
     With fewer than ``min_peaks`` excesses or a failed fit an exponential tail
     (sigma = mean excess) is used, and with < 2 distinct excesses the empirical
     (1 - q) quantile; both are logged as warnings.
@@ -296,6 +305,8 @@ def spot_threshold(init_scores: Any, q: float = 1e-3, init_level: float = 0.99,
     if not (0 < q < 1 and 0 < init_level < 1):
         raise ValueError("q and init_level must lie in (0, 1)")
     n = s.size
+    if n * (1 - init_level) < min_peaks:
+        init_level = min(init_level, max(1 - min_peaks / n, SPOT_LOWEST_LEVEL))
     t = float(np.quantile(s, init_level))
     peaks = s[s > t] - t
     n_t = peaks.size
@@ -313,6 +324,8 @@ def spot_threshold(init_scores: Any, q: float = 1e-3, init_level: float = 0.99,
             log.warning("SPOT: GPD fit unusable; exponential tail used")
             fit = (0.0, float(peaks.mean()))
     gamma, sigma = fit
+    if gamma < 0 and q * n < 1:  # extrapolating beyond the rows: no bound
+        gamma, sigma = 0.0, float(peaks.mean())
     if abs(gamma) < 1e-8:
         z = t - sigma * math.log(ratio)
     else:
