@@ -291,13 +291,12 @@ def spot_threshold(init_scores: Any, q: float = 1e-3, init_level: float = 0.99,
     z_q = t + sigma/gamma * ((q n / N_t)^(-gamma) - 1)   (t - sigma log(q n / N_t) if gamma = 0).
     Short histories: where n (1 - init_level) < ``min_peaks``, init_level is lowered (to 0.5 at
     most) so the tail is fitted on ``min_peaks`` excesses, not on the 2-4 that 100-200 rows hold
-    above their 0.98 quantile; and where the threshold lies beyond the scores (q n < 1) a
-    bounded tail (gamma < 0, whose z_q is about the largest score) is replaced by the
-    exponential one, since a few hundred rows say nothing about a bound beyond them
-    (docs/decisions.md: the quiet fleet's 180 calibration rows, nezha_ob's 93).
-    With fewer than ``min_peaks`` excesses or a failed fit an exponential tail
-    (sigma = mean excess) is used, and with < 2 distinct excesses the empirical
-    (1 - q) quantile; both are logged as warnings.
+    above their 0.98 quantile; and where z_q lies beyond the scores (q n < 1) the tail is the
+    exponential (gamma = 0, sigma = mean excess): a few dozen peaks cannot tell a bounded tail,
+    whose z_q sits at the largest score, from a heavy one, whose z_q explodes (docs/decisions.md:
+    the quiet fleet's 180 calibration rows, nezha_ob's 93, the lab).
+    With fewer than ``min_peaks`` excesses or a failed fit the exponential tail is used too (logged
+    as a warning), and with < 2 distinct excesses the empirical (1 - q) quantile (logged).
     """
     s = _scores(init_scores)
     if s.size == 0:
@@ -315,8 +314,9 @@ def spot_threshold(init_scores: Any, q: float = 1e-3, init_level: float = 0.99,
                     n_t, t, 1 - q)
         return float(max(np.quantile(s, 1 - q), t))
     ratio = q * n / n_t
-    if n_t < min_peaks:
-        log.warning("SPOT: only %d peaks (< %d); exponential tail used", n_t, min_peaks)
+    if n_t < min_peaks or q * n < 1:
+        if n_t < min_peaks:
+            log.warning("SPOT: only %d peaks (< %d); exponential tail used", n_t, min_peaks)
         fit = (0.0, float(peaks.mean()))
     else:
         fit = _gpd_fit(peaks)
@@ -324,8 +324,6 @@ def spot_threshold(init_scores: Any, q: float = 1e-3, init_level: float = 0.99,
             log.warning("SPOT: GPD fit unusable; exponential tail used")
             fit = (0.0, float(peaks.mean()))
     gamma, sigma = fit
-    if gamma < 0 and q * n < 1:  # extrapolating beyond the rows: no bound
-        gamma, sigma = 0.0, float(peaks.mean())
     if abs(gamma) < 1e-8:
         z = t - sigma * math.log(ratio)
     else:
