@@ -91,7 +91,8 @@ class Config:
     score_mode: str = _f("point", "point: the window ending at each point | block: non-overlapping windows, each "
                                   "scores all its points (~seq_len x fewer passes, lower quality)")
     spot_q: float = _f(1e-2, "SPOT risk level where the step is unknown (timestamps that are row numbers)")
-    spot_level: float = _f(0.98, "initial quantile of the peaks-over-threshold fit")
+    spot_level: float = _f(0.98, "initial quantile of the peaks-over-threshold fit (lowered, to 0.5 at most, where "
+                                 "fewer than 10 calibration scores lie above it)")
     drift_window: int = _f(1000, "drift guard: the threshold rises by as much as the median of the last N scores "
                                  "stands above the calibration median (0 = fixed threshold)")
     # outputs

@@ -384,15 +384,13 @@ def quiet_fleet(out: Path, record_s: float = 1800, run_s: float = 1800, fault_s:
 
 
 def quiet_run(fleet: "Fleet", names: list[str], out: Path, rec_start: float, rec_end: float, run_s: float,
-              fault_s: float, train_args: tuple[str, ...] = (), holds: tuple[int, ...] = (1, 2, 3),
-              score_args: tuple[str, ...] = ()) -> dict:
+              fault_s: float, train_args: tuple[str, ...] = (), holds: tuple[int, ...] = (1, 2, 3)) -> dict:
     """The quiet fleet on a running Fleet, as a user goes from Prometheus to alerts: the services'
     normal data of [rec_start, rec_end] exported (export_metrics.py) and trained on
     (train_safe.py); detect_live.py run for run_s seconds of normal running with --webhook to a
     real Alertmanager; a CPU fault on the first service and a latency fault on the second, both
     at once for fault_s seconds; SIGTERM. Meanwhile (once the faults end) the preview: test.py
-    on the normal run under each alarm hold in `holds`. score_args: scoring options given to
-    both detect_live.py and test.py (the same threshold live and offline). The report: false alarms of the normal
+    on the normal run under each alarm hold in `holds`. The report: false alarms of the normal
     run, each fault's delay and first-named metric, the posts Alertmanager received during the
     faults and the alerts it still holds after the detector stopped, the preview's alarm events,
     and the seconds of each phase."""
@@ -407,7 +405,7 @@ def quiet_run(fleet: "Fleet", names: list[str], out: Path, rec_start: float, rec
         run_step([sys.executable, "train_safe.py", f"--data={out / 'data'}", f"--ckpt={out / 'puad.ckpt'}",
                   f"--loss_csv={out / 'loss.csv'}", "--num_threads=1", *train_args], out / "train.log")
         laps.done("train")
-        report = detect(fleet, out, names, alertmanager, run_s, fault_s, holds, laps, score_args)
+        report = detect(fleet, out, names, alertmanager, run_s, fault_s, holds, laps)
     finally:
         fleet.procs.stop_matching(("detect_live", "alertmanager"))
     report.update(record_minutes=(rec_end - rec_start) / 60, seconds=laps)
@@ -415,7 +413,7 @@ def quiet_run(fleet: "Fleet", names: list[str], out: Path, rec_start: float, rec
 
 
 def detect(fleet: "Fleet", out: Path, names: list[str], alertmanager: str, run_s: float, fault_s: float,
-           holds: tuple[int, ...], laps: Laps, score_args: tuple[str, ...] = ()) -> dict:
+           holds: tuple[int, ...], laps: Laps) -> dict:
     """detect_live.py on the fleet (as a user runs it): run_s seconds of normal running, the two
     faults, SIGTERM; the preview (test.py on the normal run) beside the faults' end -> the report."""
     port, live_log = free_port(), out / "live_events.jsonl"
@@ -423,7 +421,7 @@ def detect(fleet: "Fleet", out: Path, names: list[str], alertmanager: str, run_s
     process = fleet.procs.spawn([sys.executable, "detect_live.py", f"--ckpt={out / 'puad.ckpt'}",
                                  f"--data={out / 'data'}", f"--metrics_file={out / 'metrics.yaml'}",
                                  f"--prometheus={fleet.prometheus}", f"--port={port}", f"--live_log={live_log}",
-                                 f"--webhook={alertmanager}/api/v2/alerts", "--num_threads=1", *score_args],
+                                 f"--webhook={alertmanager}/api/v2/alerts", "--num_threads=1"],
                                 "detect_live")
     wait_metric(port, lambda m: all(m.get(f'puad_windows_scored_total{{entity="{s}"}}', 0) >= 1 for s in names),
                 600, "a scored window of every service", process)
@@ -436,8 +434,7 @@ def detect(fleet: "Fleet", out: Path, names: list[str], alertmanager: str, run_s
     with ThreadPoolExecutor(1) as pool:
         previews = []
         faults = inject(fleet, {names[0]: "cpu", names[1]: "latency"}, fault_s, port, process, alertmanager, live_log,
-                        lambda: previews.append(pool.submit(preview, fleet.prometheus, out, start, end, holds,
-                                                            score_args)))
+                        lambda: previews.append(pool.submit(preview, fleet.prometheus, out, start, end, holds)))
         laps.done("faults")
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
@@ -452,8 +449,7 @@ def detect(fleet: "Fleet", out: Path, names: list[str], alertmanager: str, run_s
     return report
 
 
-def preview(prometheus: str, out: Path, start: float, end: float, holds: tuple[int, ...],
-            score_args: tuple[str, ...] = ()) -> dict:
+def preview(prometheus: str, out: Path, start: float, end: float, holds: tuple[int, ...]) -> dict:
     """test.py's preview of the normal run: the recording's train.csv beside the normal run as an
     unlabelled test.csv (the detector's calibration), under each alarm hold -> the alarm events
     (and per entity-day) test.py predicts, to set beside the detector's. The test rows start
@@ -475,7 +471,7 @@ def preview(prometheus: str, out: Path, start: float, end: float, holds: tuple[i
     for hold in holds:
         res = out / f"preview-hold{hold}"
         run_step([sys.executable, "test.py", f"--ckpt={out / 'puad.ckpt'}", f"--data={out / 'run'}",
-                  f"--out_dir={res}", "--plots=False", "--num_threads=1", f"--alarm_hold={hold}", *score_args],
+                  f"--out_dir={res}", "--plots=False", "--num_threads=1", f"--alarm_hold={hold}"],
                  out / f"preview-hold{hold}.log", nice=10)
         starts = []  # of the alarm events test.py reports (scores_<entity>.csv's predictions, held)
         for f in sorted(res.glob("scores_*.csv")):

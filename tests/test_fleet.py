@@ -413,18 +413,15 @@ def test_quiet_fleet_end_to_end(fleet, tmp_path):
     Quiet here means at most 4 alarms in the 20 s normal run and the fault phase together (5 runs
     here: 1 to 3): 45 s of history cannot hold a service's normal range (a p99 latency leaves it
     within a minute), so the detector warns and may alarm; the 30-minute fleet is the measure of
-    quiet (docs/live.md).
-    --spot_level=0.8 (live and in the preview): the recording's 14 calibration rows hold one
-    score above their 0.98 quantile, too few for SPOT's tail, so the threshold would be their
-    largest score, which a normal run of N points exceeds with a chance of about N / (N + 14)
-    (docs/byo.md: 52 calibration rows or more give the tail its 2 peaks)."""
+    quiet (docs/live.md). The recording's 14 calibration rows: SPOT fits its exponential tail
+    over their median (metrics.spot_threshold)."""
     import fleetsim
     from config import Config
     f, hold = fleet["fleet"], Config.alarm_hold
     time.sleep(max(0.0, f.started + fleetsim.SETTLE_S + QUIET_RECORD_S + 2 - time.time()))  # recorded enough
     end = time.time() - 2
     report = fleetsim.quiet_run(f, fleet["names"][:3], tmp_path, end - QUIET_RECORD_S, end, run_s=QUIET_RUN_S,
-                                fault_s=6, holds=(hold,), score_args=("--spot_level=0.8",),
+                                fault_s=6, holds=(hold,),
                                 train_args=("--preset=test", "--epochs=4", "--seq_len=10", "--lr=3e-3",
                                             "--val_frac=0.3"))
     print("\n" + json.dumps(report, indent=1))
