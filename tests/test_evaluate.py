@@ -202,7 +202,7 @@ def test_preview_on_unlabelled_data_prints_alarm_events_per_day(tmp_path, capsys
     for name in ("e1", "e2"):
         t = np.arange(2 * n)
         x = np.stack([np.sin(t / (7 + j)) + 0.05 * rng.standard_normal(2 * n) for j in range(3)], 1)
-        x[n + 300:n + 320, 1] += 4.0  # an unlabelled incident on b, rows 300-319 of the test split
+        x[n + 300:n + 320, 1] += 8.0  # an unlabelled incident on b, rows 300-319 of the test split (4 train ranges)
         frame = pd.DataFrame(x, columns=["a", "b", "c"])
         frame.insert(0, "timestamp", t0 + step * t)
         (tmp_path / "data" / name).mkdir(parents=True)
