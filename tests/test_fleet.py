@@ -411,7 +411,7 @@ def test_quiet_fleet_end_to_end(fleet, tmp_path):
     stopped (exit 0); test.py's preview of the normal run under the same hold and threshold warns
     that the history is short.
     Quiet here means at most 4 alarms in the 20 s normal run and the fault phase together (18 runs
-    with today's SPOT: 0 to 3; a 19th failed a fault assertion, its log not kept): 45 s of history
+    with today's SPOT: 0 to 3; one more failed a fault assertion, its log not kept): 45 s of history
     cannot hold a service's normal range (a p99 latency leaves it within a minute), so the detector
     warns and may alarm; the 30-minute fleet is the measure of quiet (docs/live.md). The recording's 14 calibration rows: SPOT fits its exponential tail
     over their median (metrics.spot_threshold)."""
