@@ -55,6 +55,12 @@ class PUAD(nn.Module):
         theta0 = mu0 + std0 * torch.randn_like(std0) if sample else mu0
         return self.to_h1(h0), mu0, std0, theta0
 
+    def encode_mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scoring's encoding of windows x (B, T, V): h1 and theta0, q(theta0 | x)'s mean, the
+        encoder in bf16 where the device runs it natively (SCORE_BF16)."""
+        h0 = self.encoder(x, bf16=SCORE_BF16)
+        return self.to_h1(h0), self.vae.phi.mean(h0)
+
     def generate(self, theta0: torch.Tensor, h1: torch.Tensor, use_local: bool, sample: bool = True,
                  batch_plan: bool = True, need_loss: bool = True) -> dict[str, torch.Tensor]:
         """theta0 -> transport to the prototypes (eq. 2-4), theta1 (eq. 9), the decoder's x_mu
@@ -102,8 +108,7 @@ class PUAD(nn.Module):
         """
         was_training = self.training
         self.eval()
-        h0 = self.encoder(x, bf16=SCORE_BF16)
-        h1, theta0 = self.to_h1(h0), self.vae.phi.mean(h0)
+        h1, theta0 = self.encode_mean(x)
         xs = x[:, -1:] if last else x
 
         def decode(local: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -399,8 +404,8 @@ def latent_memory(model: PUAD, parts: list[np.ndarray], cfg: Config, size: int =
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = [model.vae.phi.mean(model.encoder(torch.as_tensor(np.ascontiguousarray(windows[i:i + cfg.score_batch]),
-                                                            device=device), bf16=SCORE_BF16)).cpu().numpy()
+    out = [model.encode_mean(torch.as_tensor(np.ascontiguousarray(windows[i:i + cfg.score_batch]),
+                                             device=device))[1].cpu().numpy()
            for i in range(0, len(windows), cfg.score_batch)]  # theta0 as PUAD.reconstruct makes it
     model.train(was_training)
     return np.concatenate(out).astype(np.float32) if out else np.zeros((0, cfg.d_theta), np.float32)
