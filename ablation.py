@@ -6,10 +6,11 @@ Reconstructs every entity's calibration rows and test split once (puad.calibrati
 puad.score_series, as test.py), then scores them under each variant of VARIANTS through the
 one calibration (scoring.Scorer) and prints a markdown table of the means
 over entities: AUC-PR, F1 at the label-free threshold, VUS-PR, point-adjusted F1, and the
-share of test points flagged, and the alert figures (alarm events held --alarm_hold points, as
-test.py counts them; the default's also under holds 1-3). Labels are used only for the metrics. Scorer options given on the
-command line (e.g. --score_floor=0.2) apply to every row, and the first row is then named for
-them instead of "default". Writes the table to <out_dir>/ablation.md and every number to
+share of test points flagged, and the alert figures (alarm events held --alarm_hold points and
+cleared after --alarm_clear, as test.py counts them; the default's also under other holds and
+clears). Labels are used only for the metrics. Scorer options given on the command line (e.g.
+--score_floor=0.2) apply to every row, and the first row is then named for them instead of
+"default". Writes the table to <out_dir>/ablation.md and every number to
 <out_dir>/ablation.json.
 """
 from __future__ import annotations
@@ -135,7 +136,7 @@ VARIANTS.update({
     "residual scale at least 2 % of the feature's level": level_floor(0.02),
     "residual scale at least 5 % of the feature's level": level_floor(0.05),
 })
-HOLDS = (1, 2, 3)  # the alert figures of the default under these holds (metrics.held_alarms)
+ALARMS = ((1, 5), (3, 5), (2, 1), (2, 3))  # the default's alert figures under these (hold, clear) (metrics.held_alarms)
 
 
 def variants(cfg: Config) -> dict[str, dict]:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"ablation.py: error: {e}") from None
     run_variants = variants(cfg)
     per_variant: dict[str, dict] = {name: {} for name in run_variants}
-    held: dict[int, dict] = {h: {} for h in HOLDS}
+    held: dict[tuple[int, int], dict] = {a: {} for a in ALARMS}
     series = []
     for ent in entities:
         if ent.labels is None:
@@ -216,16 +217,17 @@ def main(argv: list[str] | None = None) -> dict:
                 scorer = fit_scorer(dataclasses.replace(cfg, **variant), calib, step)
                 scores = scorer.score(test)
                 thr = scorer.thresholds(scores)
-            per_variant[name][ent.name] = evaluate(scores, thr, ent.labels, ent.faults, step_s=step, hold=cfg.alarm_hold)
+            per_variant[name][ent.name] = evaluate(scores, thr, ent.labels, ent.faults, step_s=step, hold=cfg.alarm_hold,
+                                                   clear=cfg.alarm_clear)
             if name == next(iter(run_variants)):
                 series.append((scores, ent.labels, ent.faults, step))
-                for h in HOLDS:
-                    held[h][ent.name] = evaluate(scores, thr, ent.labels, ent.faults, step_s=step, hold=h)
+                for h, c in ALARMS:
+                    held[h, c][ent.name] = evaluate(scores, thr, ent.labels, ent.faults, step_s=step, hold=h, clear=c)
         print(f"{ent.name} done ({time.time() - t0:.0f}s)", flush=True)
     return write_report(cfg, ckpt, list(run_variants), per_variant, held, series, t0)
 
 
-def write_report(cfg: Config, ckpt: dict, names: list[str], per_variant: dict[str, dict], held: dict[int, dict],
+def write_report(cfg: Config, ckpt: dict, names: list[str], per_variant: dict[str, dict], held: dict[tuple[int, int], dict],
                  series: list, t0: float) -> dict:
     """The variants' and holds' summaries, the oracle alert ceiling of the default's scores, and
     the table: printed, and written to <out_dir>/ablation.md and ablation.json -> the results."""
@@ -234,10 +236,10 @@ def write_report(cfg: Config, ckpt: dict, names: list[str], per_variant: dict[st
         summary = summarize(per_variant[name])
         results[name] = dict(mean=summary["mean"], total=summary["total"], entities=per_variant[name])
         rows.append(f"| {name} | " + _cells(summary))
-    for h in HOLDS:
-        summary = summarize(held[h])
-        results[f"default, alarms held {h} steps"] = dict(mean=summary["mean"], total=summary["total"])
-        rows.append(f"| default, alarms held {h} steps (metrics.held_alarms) | " + _cells(summary))
+    for h, c in ALARMS:
+        summary = summarize(held[h, c])
+        results[f"default, alarms held {h} steps, cleared after {c}"] = dict(mean=summary["mean"], total=summary["total"])
+        rows.append(f"| default, alarms held {h} steps, cleared after {c} (metrics.held_alarms) | " + _cells(summary))
     caught, total = oracle_alert_ceiling(series)
     results["oracle_alert_ceiling"] = dict(caught=caught, fault_events=total)
     table = ("| variant | AUC-PR | F1 (label-free threshold) | VUS-PR | F1-PA | AUC-ROC | best F1 (oracle) | "

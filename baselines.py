@@ -12,7 +12,7 @@ as PUAD does (``scoring.Scorer``, fitted on the validation rows: ``--score_floor
 of seq_len, its score at each window's last point, mean over features; run only when --methods
 names it) give scalar scores, which get the same smoothing. The threshold is chosen on the
 *validation* scores without labels (SPOT at the alarm budget, ``spot_q``/``spot_level``), and
-``metrics.evaluate`` computes every metric (alarm events under ``--alarm_hold``).
+``metrics.evaluate`` computes every metric (alarm events under ``--alarm_hold`` and ``--alarm_clear``).
 For an entity with interpretation labels (interpretation.csv), PCA and the autoencoder, whose
 scores are sums over features, also report ``hitrate_100``/``hitrate_150`` from their per-feature
 contributions (metrics.interpretation_metrics) and the random-ranking floors
@@ -44,7 +44,7 @@ from utils import (DataError, Entity, Scaler, create_sequences, interpretation_s
                    set_seed, set_threads, split_train_val, time_step, window_to_point_scores, write_json_atomic)
 
 # the Config fields baselines.py takes: the data, its split and window, the scorer, the AE's batch
-READS = ("data", "entities", "out_dir", "smooth", "alarm_budget", "alarm_hold", "num_threads", "seed", "seq_len",
+READS = ("data", "entities", "out_dir", "smooth", "alarm_budget", "alarm_hold", "alarm_clear", "num_threads", "seed", "seq_len",
          "val_frac", "val_blocks", "score_floor", "name_q", "repair_weight", "spot_q", "spot_level", "drift_window",
          "batch_size", "score_batch")
 METHODS = ("random", "pca", "iforest", "knn", "ae", "tranad")
@@ -184,7 +184,7 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict, elsewhere: np.n
     rec = point_output(model(_flat(test, cfg.seq_len)), test, cfg.seq_len)
     test_scores = scorer.score(rec)
     res = metrics.evaluate(test_scores, scorer.thresholds(test_scores), ent.labels, ent.faults, step_s=time_step([ent]),
-                           hold=cfg.alarm_hold, elsewhere=elsewhere)
+                           hold=cfg.alarm_hold, clear=cfg.alarm_clear, elsewhere=elsewhere)
     if ent.interpretation is not None and rec.mu is not None:  # named as PUAD's (Scorer.explain)
         recon = lambda w: model(np.ascontiguousarray(w.reshape(len(w), -1), dtype=np.float32))["mu"]  # noqa: E731
         segs = interpretation_segments(ent, ent.features)

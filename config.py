@@ -41,6 +41,9 @@ class Config:
                                   "budget x step / 1 day when the timestamps give the step (0 = --spot_q always)")
     alarm_hold: int = _f(2, "an alarm is raised once the score has been above the threshold for N points in a row "
                             "(Prometheus' for:): test.py's alarm events, detect_live.py's alerts")
+    alarm_clear: int = _f(5, "an alarm ends once the score has been at or below the threshold for N points in a "
+                             "row, so a series flapping around it keeps one alarm: test.py's alarm events, "
+                             "detect_live.py's alerts (1 = at the first)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     num_threads: int = _f(0, "torch CPU threads (0 = torch default)")
     seed: int = _f(0, "seed of training, sampling and the baselines")
@@ -108,7 +111,7 @@ class Config:
 # the groups --help lists, in order: (title, the fields)
 GROUPS: dict[str, tuple[str, ...]] = {
     "common": ("data", "entities", "entity", "ckpt", "out_dir", "epochs", "smooth", "alarm_budget", "alarm_hold",
-               "device", "num_threads", "seed"),
+               "alarm_clear", "device", "num_threads", "seed"),
     "data": ("seq_len", "val_frac", "val_blocks"),
     "model": ("d_model", "n_heads", "n_layers", "d_ff", "d_h1", "d_theta", "n_global", "n_local", "sinkhorn_eps",
               "sinkhorn_iters", "ot_momentum", "dropout", "min_std"),
@@ -120,8 +123,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 # what each kind of script reads (cli(reads=...)): its --help lists those, and only those are taken
 TRAINS = GROUPS["common"] + GROUPS["data"] + GROUPS["model"] + GROUPS["training"] + ("score_batch", "score_mode")
-SCORES = ("data", "entities", "entity", "ckpt", "out_dir", "smooth", "alarm_budget", "alarm_hold", "device",
-          "num_threads", "seed", "val_frac", "val_blocks") + GROUPS["scoring and thresholds"]
+SCORES = ("data", "entities", "entity", "ckpt", "out_dir", "smooth", "alarm_budget", "alarm_hold", "alarm_clear",
+          "device", "num_threads", "seed", "val_frac", "val_blocks") + GROUPS["scoring and thresholds"]
 
 
 PRESETS: dict[str, dict] = {
@@ -389,7 +392,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "score_mode": _choice("point", "block"),
     "score_floor": _positive,
     "smooth": _pos, "latent_weight": _nonneg, "repair_weight": _nonneg, "name_q": ((lambda v: 0 <= v < 1), "in [0, 1)"),
-    "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"), "alarm_budget": _nonneg, "alarm_hold": _pos,
+    "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"), "alarm_budget": _nonneg, "alarm_hold": _pos, "alarm_clear": _pos,
     "spot_level": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "drift_window": _nonneg,
     "ckpt": _nonempty, "loss_csv": _nonempty, "out_dir": _nonempty,

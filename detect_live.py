@@ -19,12 +19,13 @@ entities whose name hashes to I modulo N (Prometheus' hashmod); a shard with non
 serves /metrics.
 
 Alerts: an entity's alert fires once its score has been above its threshold for --alarm_hold
-polls in a row (Prometheus' for:; test.py counts alarm events the same way) and resolves after
---clear_steps polls in a row at or below it, so a service flapping around its threshold keeps one
-alert. Each change is a JSON line in --live_log with the 3 metrics that name it (scoring.explain,
-as test.py names a flagged point) and, with --webhook, an Alertmanager /api/v2/alerts POST (a
-firing alert is re-sent every minute, then resolved with endsAt). SIGTERM, SIGINT or the end of
---max_polls resolves every open alert (one POST) before the exit 0.
+polls in a row (Prometheus' for:) and resolves after --alarm_clear polls in a row at or below
+it, so a service flapping around its threshold keeps one alert (metrics.AlertState: test.py counts
+alarm events with the same lifecycle). Each change is a JSON line in --live_log with the 3
+metrics that name it (scoring.explain, as test.py names a flagged point) and, with --webhook, an
+Alertmanager /api/v2/alerts POST (a firing alert is re-sent every minute, then resolved with
+endsAt). SIGTERM, SIGINT or the end of --max_polls resolves every open alert (one POST) before
+the exit 0.
 
 New services: an entity named in --entities that the checkpoint was not trained on and that has
 no local file is scored by the shared model with the history's pooled scaler, calibrated on its
@@ -66,6 +67,7 @@ import puad  # noqa: E402
 import scoring  # noqa: E402
 from config import SCORES, Config, ConfigError, check_fields, cli, cli_error, print_config  # noqa: E402
 from faultlog import ExportError  # noqa: E402
+from metrics import AlertState  # noqa: E402
 from prometheus import (DEFAULT_PROMETHEUS, grouped_query, load_metric_set, make_session,  # noqa: E402
                         parse_shard, parse_step, query_range, redact_url, render_query, shard_services,
                         split_by_label)
@@ -75,7 +77,7 @@ from utils import DataError, Scaler, align_features, load_dataset, set_threads, 
 
 PROG = "detect_live.py"
 # the Config fields detect_live.py reads: the checkpoint, its data, the scorer and the alarms
-READS = ("data", "entities", "entity", "ckpt", "smooth", "alarm_budget", "alarm_hold", "num_threads", "val_frac",
+READS = ("data", "entities", "entity", "ckpt", "smooth", "alarm_budget", "alarm_hold", "alarm_clear", "num_threads", "val_frac",
          "val_blocks") + tuple(f for f in SCORES if f in ("score_floor", "name_q", "repair_weight", "latent_weight",
                                                            "use_local", "min_calib_rows", "score_batch", "score_mode",
                                                            "spot_q", "spot_level", "drift_window"))
@@ -116,8 +118,6 @@ class LiveOptions:
                               "another is refused; 15 for a checkpoint without one)")
     fixed_threshold: float | None = _opt(None, "a fixed threshold for every entity instead of SPOT at --alarm_budget "
                                                "with the drift guard", float)
-    clear_steps: int = _opt(5, "an alert resolves after this many polls in a row at or below the threshold (it "
-                               "lasts at least this long; a flapping service keeps one alert)")
     port: int = _opt(9109, "/metrics of the detector (0 = any free port)")
     listen: str = _opt("127.0.0.1", "address the detector listens on")
     live_log: str = _opt("live_events.jsonl", "one JSON line per alert state change")
@@ -137,7 +137,7 @@ LIVE_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prometheus": (_url, "an http:// or https:// URL"), "metrics_file": _nonempty,
     "rate_window": ((lambda v: v == "" or re.fullmatch(r"(\d+(ms|s|m|h|d|w|y))+", v) is not None),
                     "'' or a Prometheus duration like 30s or 1m"),
-    "live_step": _pos, "clear_steps": _pos,
+    "live_step": _pos,
     "port": ((lambda v: 0 <= v <= 65535), "in [0, 65535]"), "listen": _nonempty,
     "live_log": _nonempty, "webhook": ((lambda v: v == "" or _url(v)), "'' or an http:// or https:// URL"),
     "stale_steps": _pos, "max_backoff": _positive, "query_timeout": _positive, "max_polls": ((lambda v: v >= 0), ">= 0"),
@@ -571,26 +571,6 @@ class LiveScorer:
 # ---------------------------------------------------------------- alerting
 
 @dataclass
-class AlertState:
-    """One entity's alert: raised when `hold` scores in a row are above the threshold (Prometheus'
-    for:; with clear=1 exactly metrics.held_alarms, the alarm events test.py counts), resolved
-    when `clear` scores in a row are not. An alert lasts at least `clear` polls and a quiet spell
-    at least `hold`, so a service flapping around its threshold keeps one alert."""
-    hold: int
-    clear: int
-    on: bool = False
-    run: int = 0  # scores in a row that disagree with the state (flagged while off, not while on)
-
-    def update(self, flagged: bool) -> bool:
-        """Take one scored poll's flag (score > threshold) -> whether the state changed."""
-        self.run = self.run + 1 if flagged != self.on else 0
-        if self.run < (self.clear if self.on else self.hold):
-            return False
-        self.on, self.run = not self.on, 0
-        return True
-
-
-@dataclass
 class Reading:
     """An entity's last scored window, as its events and alerts report it."""
     score: float
@@ -605,9 +585,10 @@ class Alerts:
     RESEND_S while it lasts), and at stop every open alert resolved (resolve_all). A failed log
     append or POST is logged and counted (the counters), never fatal."""
 
-    def __init__(self, opts: LiveOptions, entities: list[str], hold: int, log_errors: Counter, webhook_errors: Counter):
+    def __init__(self, opts: LiveOptions, entities: list[str], hold: int, clear: int, log_errors: Counter,
+                 webhook_errors: Counter):
         self.opts = opts
-        self.states = {e: AlertState(hold, opts.clear_steps) for e in entities}
+        self.states = {e: AlertState(hold, clear) for e in entities}
         self.log_errors, self.webhook_errors = log_errors, webhook_errors
         self.start: dict[str, float] = {}  # when each entity's alert fired
         self.last_post: dict[str, float] = {}
@@ -704,7 +685,7 @@ class LiveMetrics:
         self.score = Gauge("puad_anomaly_score", "PUAD score of the last scored window (higher = more anomalous)", ["entity"], registry=r)
         self.anomaly = Gauge("puad_anomaly", "1 when the last scored window's score exceeds the threshold", ["entity"], registry=r)
         self.alert = Gauge("puad_alert", "1 while the entity's alert fires (held --alarm_hold polls, resolved after "
-                           "--clear_steps polls at or below the threshold)", ["entity"], registry=r)
+                           "--alarm_clear polls at or below the threshold)", ["entity"], registry=r)
         self.threshold = Gauge("puad_threshold", "Anomaly threshold of the entity", ["entity"], registry=r)
         self.stale = Gauge("puad_stale", "1 when the last scored window is older than stale_steps steps", ["entity"], registry=r)
         self.calibrating = Gauge("puad_calibrating", "1 while a new entity waits for --min_calib_rows rows of its own",
@@ -765,7 +746,7 @@ class Detector:
         self.pending = [e for e in entities if e not in scorers]  # new entities, calibrating
         self.last_scored = {e: 0.0 for e in entities}
         self.gauges = LiveMetrics(entities, self.step, self.is_stale)
-        self.alerts = Alerts(opts, entities, cfg.alarm_hold, self.gauges.log_errors, self.gauges.webhook_errors)
+        self.alerts = Alerts(opts, entities, cfg.alarm_hold, cfg.alarm_clear, self.gauges.log_errors, self.gauges.webhook_errors)
         self.top: dict[str, list[str]] = {}  # the metrics behind each entity's last score
         self.children: dict[str, tuple] = {}  # each entity's gauges of every poll (update; a labels() lookup is ~2 us)
         for e in entities:

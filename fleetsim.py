@@ -459,6 +459,7 @@ def preview(prometheus: str, out: Path, start: float, end: float, holds: tuple[i
     it runs beside."""
     import pandas as pd
 
+    from config import Config
     from metrics import held_alarms, segments
     if not holds:
         return {}
@@ -467,17 +468,17 @@ def preview(prometheus: str, out: Path, start: float, end: float, holds: tuple[i
         (out / "run" / folder.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(out / "data" / folder.name / "train.csv", out / "run" / folder.name / "train.csv")
         shutil.copy(folder / "train.csv", out / "run" / folder.name / "test.csv")
-    got = {}
+    got, clear = {}, Config().alarm_clear
     for hold in holds:
         res = out / f"preview-hold{hold}"
         run_step([sys.executable, "test.py", f"--ckpt={out / 'puad.ckpt'}", f"--data={out / 'run'}",
                   f"--out_dir={res}", "--plots=False", "--num_threads=1", f"--alarm_hold={hold}"],
                  out / f"preview-hold{hold}.log", nice=10)
-        starts = []  # of the alarm events test.py reports (scores_<entity>.csv's predictions, held)
+        starts = []  # of the alarm events test.py reports (scores_<entity>.csv's predictions, held and cleared)
         for f in sorted(res.glob("scores_*.csv")):
             rows = pd.read_csv(f)
             ts = rows["timestamp"].to_numpy()
-            starts += [float(ts[a]) for a, _ in segments(held_alarms(rows["prediction"].to_numpy(), hold))]
+            starts += [float(ts[a]) for a, _ in segments(held_alarms(rows["prediction"].to_numpy(), hold, clear))]
         n = sum(t >= start for t in starts)
         days = len(list(res.glob("scores_*.csv"))) * (end - start) / 86400
         got[hold] = {"alarm_events": n, "per_entity_day": n / days, "before_start": len(starts) - n,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -31,7 +32,7 @@ __all__ = [
     "best_f1_oracle", "best_f1_pa_oracle", "soft_range_labels", "range_pr_auc",
     "vus_pr", "spot_threshold", "percentile_threshold", "select_threshold",
     "evaluate", "summarize", "hitrate", "hitrate_random", "interpretation_metrics",
-    "alert_metrics", "held_alarms", "alert_totals", "sample_weights", "segment_sample",
+    "AlertState", "alert_metrics", "held_alarms", "alert_totals", "sample_weights", "segment_sample",
 ]
 
 DAY_S = 86400.0
@@ -441,15 +442,40 @@ def hitrate_random(segments: Any, n_features: int, p: float) -> float:
 
 
 # --------------------------------------------------------------------------- alerts
-def held_alarms(pred: Any, hold: int = 1) -> np.ndarray:
-    """The alarm state of flagged points under a hold (Prometheus' ``for:``): on at a point when
-    it and the hold - 1 before it are all flagged, off at the first point that is not. hold=1:
-    the flags themselves."""
+@dataclass
+class AlertState:
+    """One entity's alarm, point by point: raised when `hold` scores in a row are above the
+    threshold (Prometheus' ``for:``), resolved when `clear` scores in a row are not. An alarm
+    lasts at least `clear` points and a quiet spell at least `hold`, so a series flapping around
+    its threshold keeps one alarm. The one lifecycle: detect_live.py's alerts, and held_alarms,
+    which test.py, baselines.py and ablation.py count alarm events with."""
+    hold: int = 1
+    clear: int = 1
+    on: bool = False
+    run: int = 0  # points in a row that disagree with the state (flagged while off, not while on)
+
+    def update(self, flagged: bool) -> bool:
+        """Take one point's flag (score > threshold) -> whether the state changed."""
+        self.run = self.run + 1 if flagged != self.on else 0
+        if self.run < (self.clear if self.on else self.hold):
+            return False
+        self.on, self.run = not self.on, 0
+        return True
+
+
+def held_alarms(pred: Any, hold: int = 1, clear: int = 1) -> np.ndarray:
+    """The alarm state at each point of a series of flags (AlertState: on once `hold` points in a
+    row are flagged, off once `clear` in a row are not). hold=1, clear=1: the flags themselves."""
     p = np.asarray(pred).ravel().astype(bool)
-    if hold <= 1 or p.size == 0:
-        return p
-    run = np.convolve(p.astype(np.int64), np.ones(int(hold), np.int64))[:p.size]
-    return run >= hold
+    if clear <= 1:  # the same state, vectorised: on exactly where the last `hold` points are flagged
+        if hold <= 1 or p.size == 0:
+            return p
+        return np.convolve(p.astype(np.int64), np.ones(int(hold), np.int64))[:p.size] >= hold
+    state, out = AlertState(int(hold), int(clear)), np.zeros(p.size, bool)
+    for i, f in enumerate(p.tolist()):
+        state.update(f)
+        out[i] = state.on
+    return out
 
 
 def _fault_kind(faults: np.ndarray | None, a: int, b: int) -> str:
@@ -553,11 +579,11 @@ def interpretation_metrics(contrib: np.ndarray, segments: list, ps: tuple[int, .
 def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
              faults: Any | None = None, vus_max_window: int = VUS_MAX_WINDOW,
              pred: Any | None = None, step_s: float | None = None, hold: int = 1,
-             elsewhere: Any | None = None) -> dict[str, Any]:
+             clear: int = 1, elsewhere: Any | None = None) -> dict[str, Any]:
     """All metrics for one series at a (label-free) threshold; pred = score > threshold unless
     the alarm state per point is given (``pred``), and the alert figures of alert_metrics
     (``step_s``: seconds between rows, for the per-day ones) of the alarms the flags raise under
-    ``hold`` (held_alarms; point-wise metrics are of the flags). Without labels, only the alarms
+    ``hold`` and ``clear`` (held_alarms; point-wise metrics are of the flags). Without labels, only the alarms
     (``alarm_events``, ``alarms_per_day``, ``flagged``).
 
     ``threshold``: a number, or one per point (scoring.thresholds: the drift guard); then
@@ -579,7 +605,7 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
     if thr.ndim:
         out["threshold_max"] = float(thr.max()) if thr.size else float("nan")
     if labels is None:
-        alarms = alert_metrics(held_alarms(pred, hold), np.zeros(s.size, np.int64), step_s=step_s)
+        alarms = alert_metrics(held_alarms(pred, hold, clear), np.zeros(s.size, np.int64), step_s=step_s)
         out.update(alarm_events=alarms["alarm_events"], alarms_per_day=alarms["false_alarms_per_day"],
                    alarms_per_1k=alarms["false_alarms_per_1k"], flagged=float(pred.mean()) if s.size else NAN,
                    days=alarms["days"], note="no labels: detection metrics need labels")
@@ -597,7 +623,7 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
         vus_max_window=int(vus_max_window),
         n_anomalies=int(y.sum()),
     )
-    out.update(alert_metrics(held_alarms(pred, hold), y, faults, step_s, elsewhere))
+    out.update(alert_metrics(held_alarms(pred, hold, clear), y, faults, step_s, elsewhere))
     if faults is not None:
         out["per_fault"] = per_fault(s, y, pred, faults)
     return out

@@ -77,16 +77,18 @@ def when(t) -> str:
     return f"row {float(t):g}"
 
 
-def preview_lines(ent: Entity, pred: np.ndarray, segs: pd.DataFrame | None, hold: int, step_s: float | None,
-                  shown: int = 10) -> list[str]:
+def preview_lines(ent: Entity, pred: np.ndarray, segs: pd.DataFrame | None, hold: int, clear: int,
+                  step_s: float | None, shown: int = 10) -> list[str]:
     """What an entity without labelled anomalies (recent normal data) would page: its alarm
-    events (flags held `hold` points, metrics.held_alarms) per day, when each starts and ends, and
+    events (raised after `hold` flagged points in a row, ended after `clear` unflagged: metrics.held_alarms, as
+    detect_live.py alerts) per day, when each starts and ends, and
     the 3 metrics naming it (its flagged run's row of segments_<entity>.csv); the first `shown`."""
-    events = segments(held_alarms(pred, hold))
+    events = segments(held_alarms(pred, hold, clear))
     days = len(pred) * step_s / 86400 if step_s else None
     rate = f"{len(events) / days:.1f} per day over {days * 24:.1f} h" if days else \
         f"{1000 * len(events) / max(len(pred), 1):.2f} per 1k points (no time step)"
-    lines = [f"{ent.name}: {len(events)} alarm event{'' if len(events) == 1 else 's'} ({rate}; alarms held {hold} points)"]
+    lines = [f"{ent.name}: {len(events)} alarm event{'' if len(events) == 1 else 's'} ({rate}; alarms held {hold} points, "
+                                                                              f"cleared after {clear})"]
     for a, b in events[:shown]:
         run = segs[(segs["start"] <= a) & (segs["end"] >= a)] if segs is not None else segs
         names = run["top_features"].iloc[0].replace(";", ", ") if run is not None and len(run) else "n/a"
@@ -274,10 +276,10 @@ def evaluate_entity(cfg: Config, ckpt: dict, model, ent: Entity, out: Path,
     r = score_entity(model, ckpt, cfg, ent)
     step = time_step([ent])
     m = evaluate(r["test_scores"], r["threshold"], ent.labels, ent.faults, step_s=step, hold=cfg.alarm_hold,
-                 elsewhere=elsewhere)
+                 clear=cfg.alarm_clear, elsewhere=elsewhere)
     m.update(threshold=r["scorer"].threshold_,  # the fitted one; threshold_max: the drift guard's highest
              threshold_method="spot", local_prototypes=r["use_local"], smooth=cfg.smooth, alarm_hold=cfg.alarm_hold,
-             calibration_rows=r["scorer"].n_rows_)
+             alarm_clear=cfg.alarm_clear, calibration_rows=r["scorer"].n_rows_)
     local_used = r["rec"].local_used
     if r["use_local"]:  # which points the local prototypes reconstruct (where closer)
         m.update(local_share=float(local_used.mean()))
@@ -309,7 +311,7 @@ def evaluate_entity(cfg: Config, ckpt: dict, model, ent: Entity, out: Path,
     if warning:
         print(f"WARNING: {ent.name}: {warning}", flush=True)
     if ent.labels is None or not ent.labels.any():  # recent normal data: what it would page
-        print("\n".join(preview_lines(ent, pred, segs, cfg.alarm_hold, step)), flush=True)
+        print("\n".join(preview_lines(ent, pred, segs, cfg.alarm_hold, cfg.alarm_clear, step)), flush=True)
     return m, r
 
 

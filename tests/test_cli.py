@@ -22,7 +22,7 @@ SCRIPTS = {
     "baselines.py": ["--methods", "--knn_k", "--seq_len"],
     "bench.py": ["--presets", "--quick", "--threads"],
     "meta_eval.py": ["--adapt_windows", "--epochs"],
-    "detect_live.py": ["--prometheus", "--live_step", "--fixed_threshold", "--alarm_hold", "--clear_steps",
+    "detect_live.py": ["--prometheus", "--live_step", "--fixed_threshold", "--alarm_hold", "--alarm_clear",
                        "live detection"],
     "export_metrics.py": ["--start", "--fault_log", "--out"],
     "lab.py": ["--minutes", "--ci", "--out"],

@@ -65,7 +65,7 @@ def test_ablation_first_row_is_test_py_and_an_override_renames_it(trained, tmp_p
     first = next(iter(base))
     assert first.startswith("default") and list(base)[:len(ablation.VARIANTS)] == list(ablation.variants(ablation.Config()))
     assert base["oracle_alert_ceiling"]["fault_events"] >= base["oracle_alert_ceiling"]["caught"] >= 0
-    assert sum(k.startswith("default, alarms held") for k in base) == len(ablation.HOLDS)
+    assert sum(k.startswith("default, alarms held") for k in base) == len(ablation.ALARMS)
     _, m = run(tmp_path, ckpt_dir, data, "res", "--plots=False")
     for k in ("auc_pr", "f1", "threshold"):
         assert base[first]["entities"]["omi-1"][k] == pytest.approx(m["entities"]["omi-1"][k]), k
@@ -217,7 +217,7 @@ def test_preview_on_unlabelled_data_prints_alarm_events_per_day(tmp_path, capsys
     out = capsys.readouterr().out
     for name in ("e1", "e2"):
         e = m["entities"][name]
-        head = re.search(rf"^{name}: (\d+) alarm events? \((\d+\.\d) per day over 10\.0 h; alarms held 2 points\)$",
+        head = re.search(rf"^{name}: (\d+) alarm events? \((\d+\.\d) per day over 10\.0 h; alarms held 2 points, cleared after 5\)$",
                          out, re.M)
         assert head, out
         assert int(head.group(1)) == e["alarm_events"] and float(head.group(2)) == pytest.approx(e["alarms_per_day"], abs=0.05)

@@ -348,7 +348,7 @@ def test_live_detection_fault_outage_and_sigterm(live_lab):
         t_end = time.time()
         first = next((i for i, (a, _) in enumerate(during) if a == 1), None)
         assert first is not None and first <= 10, f"no alarm within 10 steps of the CPU fault: {during}"
-        after = wait_for(lambda m: m['puad_alert{entity="catalogue"}'] == 0, 30, "the alert to resolve (--clear_steps)",
+        after = wait_for(lambda m: m['puad_alert{entity="catalogue"}'] == 0, 30, "the alert to resolve (--alarm_clear)",
                          port, detector)
         assert after['puad_anomaly{entity="catalogue"}'] == 0
         lines = [json.loads(line) for line in events.read_text().splitlines() if '"catalogue"' in line]
@@ -582,31 +582,6 @@ def test_alerts_resolved_when_detector_stops(live_lab, tmp_path):
         assert received == {"firing": 2 * len(ENTITIES), "resolved": 2 * len(ENTITIES)}, received
     finally:
         procs.stop_all()
-
-
-def test_alert_state_is_the_offline_hold_and_clears_after_clear_steps():
-    """detect_live's alert state machine: with clear_steps=1 it is exactly metrics.held_alarms (the
-    alarm events test.py, baselines.py and ablation.py count under --alarm_hold); with clear_steps=C
-    an alert resolves only after C unflagged polls in a row, so flapping keeps one alert and one
-    entity changes state at most twice per hold + C polls."""
-    import detect_live
-    from metrics import held_alarms, segments
-    rng = np.random.default_rng(0)
-    flags = rng.random(3000) < 0.35
-    def states(hold: int, clear: int, seq) -> np.ndarray:
-        state, on = detect_live.AlertState(hold, clear), []
-        for f in seq:
-            state.update(bool(f))
-            on.append(state.on)
-        return np.array(on)
-    for hold in (1, 2, 3):
-        assert np.array_equal(states(hold, 1, flags), held_alarms(flags, hold)), hold
-    state = detect_live.AlertState(2, 5)
-    flapping = [1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1]
-    changes = [i for i, f in enumerate(flapping) if state.update(bool(f))]
-    assert changes == [1, 12]  # raised at the 2nd flag in a row, resolved at the 5th clear poll in a row
-    runs = segments(states(2, 5, flags))
-    assert all(b - a >= 5 for a, b in runs) and len(runs) < len(segments(held_alarms(flags, 2)))
 
 
 @needs_binaries

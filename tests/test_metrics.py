@@ -411,6 +411,36 @@ def test_held_alarms_wait_for_the_hold_and_end_with_the_flags():
     assert ev["f1"] == M.evaluate(pred.astype(float), 0.5, y)["f1"]  # point-wise metrics are of the flags
 
 
+
+def test_alarm_lifecycle_is_one_for_live_and_offline():
+    """metrics.AlertState (detect_live.py's alerts, one poll at a time) and held_alarms (the alarm
+    events test.py counts): on after `hold` flags in a row, off after `clear` unflagged in a row.
+    With clear=1 the vectorised held_alarms is the state machine's; with clear=C an alarm lasts at
+    least C points, so flapping keeps one alarm, and evaluate counts its events that way."""
+    def streamed(flags, hold: int, clear: int) -> np.ndarray:
+        state, on = M.AlertState(hold, clear), []
+        for f in flags:
+            state.update(bool(f))
+            on.append(state.on)
+        return np.array(on, bool)
+    flags = np.random.default_rng(0).random(3000) < 0.35
+    for hold in (1, 2, 3):
+        assert np.array_equal(M.held_alarms(flags, hold), streamed(flags, hold, 1)), hold
+        assert np.array_equal(M.held_alarms(flags, hold, 5), streamed(flags, hold, 5)), hold
+    state = M.AlertState(2, 5)
+    flapping = [1, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert [i for i, f in enumerate(flapping) if state.update(bool(f))] == [1, 12]  # raised at the 2nd flag, cleared at the 5th quiet point
+    assert M.held_alarms(flapping, 2, 5).astype(int).tolist() == [0] + [1] * 11 + [0] * 4
+    runs, held = M.segments(M.held_alarms(flags, 2, 5)), M.segments(M.held_alarms(flags, 2))
+    assert all(b - a >= 5 for a, b in runs) and len(runs) < len(held) / 2
+    y = np.zeros(16, int)
+    y[7:9] = 1  # a fault on the second flagged pair
+    flap = np.array(flapping, float)
+    once, apart = M.evaluate(flap, 0.5, y, hold=2, clear=5), M.evaluate(flap, 0.5, y, hold=2)
+    assert (once["alarm_events"], once["false_alarm_events"], once["faults_caught"]) == (1, 0, 1)
+    assert (apart["alarm_events"], apart["false_alarm_events"], apart["faults_caught"]) == (2, 1, 1)
+    assert once["f1"] == apart["f1"]  # point-wise metrics are of the flags
+
 def test_false_alarms_during_another_entitys_fault_are_counted_apart():
     import metrics
     ts = np.arange(10) * 60.0

@@ -76,7 +76,7 @@ def test_detect_live_bad_port_is_one_line(tmp_path, data, capsys):
     train_safe.main(targs(tmp_path, data, "--stage=global"))
     for option, message in (("--port=70000", "--port=70000: must be in [0, 65535]"),
                             ("--fixed_threshold=nan", "--fixed_threshold=nan: must be a finite number"),
-                            ("--clear_steps=0", "--clear_steps=0: must be >= 1"),
+                            ("--alarm_clear=0", "--alarm_clear=0: must be >= 1"),
                             ("--threshold=3", "unknown option --threshold")):
         with pytest.raises(SystemExit) as e:
             detect_live.main([f"--ckpt={tmp_path}/puad.ckpt", option])
