@@ -15,6 +15,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Mapping
 
 import numpy as np
@@ -30,7 +31,7 @@ VUS_MAX_WINDOW = 40
 __all__ = [
     "segments", "point_adjust", "prf", "auc_roc", "auc_pr",
     "best_f1_oracle", "best_f1_pa_oracle", "soft_range_labels", "range_pr_auc",
-    "vus_pr", "spot_threshold", "percentile_threshold", "select_threshold",
+    "vus_pr", "spot_threshold", "exponential_scale_bound", "percentile_threshold", "select_threshold",
     "evaluate", "summarize", "hitrate", "hitrate_random", "interpretation_metrics",
     "AlertState", "alert_metrics", "held_alarms", "alert_totals", "sample_weights", "segment_sample",
 ]
@@ -281,6 +282,18 @@ def _gpd_fit(peaks: np.ndarray) -> tuple[float, float] | None:
 
 
 SPOT_LOWEST_LEVEL = 0.5  # the lowest initial quantile spot_threshold lowers init_level to
+SPOT_TAIL_CONFIDENCE = 0.95  # beyond the rows, the tail's scale is taken at this upper bound
+
+
+def exponential_scale_bound(excesses: np.ndarray, confidence: float = SPOT_TAIL_CONFIDENCE) -> float:
+    """The one-sided upper `confidence` bound of an exponential tail's scale from k excesses:
+    2 k mean / chi2_{1 - confidence}(2 k), the chi-square quantile by Wilson-Hilferty (within
+    0.1 % at 2 k >= 20). At k = 10 and 0.95: 1.84 x the mean."""
+    k = excesses.size
+    nu = 2.0 * k
+    z = NormalDist().inv_cdf(1.0 - confidence)
+    chi2 = nu * max(1.0 - 2.0 / (9.0 * nu) + z * math.sqrt(2.0 / (9.0 * nu)), 1e-3) ** 3
+    return float(2.0 * k * excesses.mean() / chi2)
 
 
 def spot_threshold(init_scores: Any, q: float = 1e-3, init_level: float = 0.99,
@@ -293,9 +306,12 @@ def spot_threshold(init_scores: Any, q: float = 1e-3, init_level: float = 0.99,
     Short histories: where n (1 - init_level) < ``min_peaks``, init_level is lowered (to 0.5 at
     most) so the tail is fitted on ``min_peaks`` excesses, not on the 2-4 that 100-200 rows hold
     above their 0.98 quantile; and where z_q lies beyond the scores (q n < 1) the tail is the
-    exponential (gamma = 0, sigma = mean excess): a few dozen peaks cannot tell a bounded tail,
-    whose z_q sits at the largest score, from a heavy one, whose z_q explodes (docs/decisions.md:
-    the quiet fleet's 180 calibration rows, nezha_ob's 93, the lab).
+    exponential (gamma = 0): a few dozen peaks cannot tell a bounded tail, whose z_q sits at the
+    largest score, from a heavy one, whose z_q explodes. Its scale there is the upper
+    SPOT_TAIL_CONFIDENCE bound of the mean excess (exponential_scale_bound): the few peaks of a
+    short, autocorrelated history are one or two excursions, and their mean understates the tail
+    the next hours reach (docs/decisions.md: the quiet fleet's 180 calibration rows, nezha_ob's
+    93, the lab).
     With fewer than ``min_peaks`` excesses or a failed fit the exponential tail is used too (logged
     as a warning), and with < 2 distinct excesses the empirical (1 - q) quantile (logged).
     """
@@ -318,7 +334,7 @@ def spot_threshold(init_scores: Any, q: float = 1e-3, init_level: float = 0.99,
     if n_t < min_peaks or q * n < 1:
         if n_t < min_peaks:
             log.warning("SPOT: only %d peaks (< %d); exponential tail used", n_t, min_peaks)
-        fit = (0.0, float(peaks.mean()))
+        fit = (0.0, exponential_scale_bound(peaks) if q * n < 1 else float(peaks.mean()))
     else:
         fit = _gpd_fit(peaks)
         if fit is None:
