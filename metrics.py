@@ -483,10 +483,6 @@ def held_alarms(pred: Any, hold: int = 1, clear: int = 1) -> np.ndarray:
     """The alarm state at each point of a series of flags (AlertState: on once `hold` points in a
     row are flagged, off once `clear` in a row are not). hold=1, clear=1: the flags themselves."""
     p = np.asarray(pred).ravel().astype(bool)
-    if clear <= 1:  # the same state, vectorised: on exactly where the last `hold` points are flagged
-        if hold <= 1 or p.size == 0:
-            return p
-        return np.convolve(p.astype(np.int64), np.ones(int(hold), np.int64))[:p.size] >= hold
     state, out = AlertState(int(hold), int(clear)), np.zeros(p.size, bool)
     for i, f in enumerate(p.tolist()):
         state.update(f)
@@ -599,8 +595,8 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
     """All metrics for one series at a (label-free) threshold; pred = score > threshold unless
     the alarm state per point is given (``pred``), and the alert figures of alert_metrics
     (``step_s``: seconds between rows, for the per-day ones) of the alarms the flags raise under
-    ``hold`` and ``clear`` (held_alarms; point-wise metrics are of the flags). Without labels, only the alarms
-    (``alarm_events``, ``alarms_per_day``, ``flagged``).
+    ``hold`` and ``clear`` (held_alarms; point-wise metrics are of the flags). Without labels,
+    only the alarms (``alarm_events``, ``alarms_per_day``, ``flagged``).
 
     ``threshold``: a number, or one per point (scoring.thresholds: the drift guard); then
     ``threshold`` in the result is the lowest and ``threshold_max`` the highest.

@@ -80,9 +80,9 @@ def when(t) -> str:
 def preview_lines(ent: Entity, pred: np.ndarray, segs: pd.DataFrame | None, hold: int, clear: int,
                   step_s: float | None, shown: int = 10) -> list[str]:
     """What an entity without labelled anomalies (recent normal data) would page: its alarm
-    events (raised after `hold` flagged points in a row, ended after `clear` unflagged: metrics.held_alarms, as
-    detect_live.py alerts) per day, when each starts and ends, and
-    the 3 metrics naming it (its flagged run's row of segments_<entity>.csv); the first `shown`."""
+    events (raised after `hold` flagged points in a row, ended after `clear` unflagged:
+    metrics.held_alarms, as detect_live.py alerts) per day, when each starts and ends, and the 3
+    metrics naming it (its flagged run's row of segments_<entity>.csv); the first `shown`."""
     events = segments(held_alarms(pred, hold, clear))
     days = len(pred) * step_s / 86400 if step_s else None
     rate = f"{len(events) / days:.1f} per day over {days * 24:.1f} h" if days else \

@@ -425,7 +425,6 @@ def test_held_alarms_wait_for_the_hold_and_end_with_the_flags():
     assert ev["f1"] == M.evaluate(pred.astype(float), 0.5, y)["f1"]  # point-wise metrics are of the flags
 
 
-
 def test_alarm_lifecycle_is_one_for_live_and_offline():
     """metrics.AlertState (detect_live.py's alerts, one poll at a time) and held_alarms (the alarm
     events test.py counts): on after `hold` flags in a row, off after `clear` unflagged in a row.
@@ -454,6 +453,7 @@ def test_alarm_lifecycle_is_one_for_live_and_offline():
     assert (once["alarm_events"], once["false_alarm_events"], once["faults_caught"]) == (1, 0, 1)
     assert (apart["alarm_events"], apart["false_alarm_events"], apart["faults_caught"]) == (2, 1, 1)
     assert once["f1"] == apart["f1"]  # point-wise metrics are of the flags
+
 
 def test_false_alarms_during_another_entitys_fault_are_counted_apart():
     import metrics
