@@ -114,6 +114,69 @@ def level_floor(rel: float) -> Experiment:
     return run
 
 
+def two_scales(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, step_s: float | None):
+    """The larger of the capped mean and the raw point score, each over its median on the
+    calibration rows: a short fault's first points keep their own score, a long anomaly the
+    mean's; the threshold and drift guard fitted on that score."""
+    scorer = fit_scorer(cfg, calib, step_s)
+    raw_c = scorer.raw_scores(calib.rows)
+    m_mean = max(float(np.median(scoring.smooth_scores(raw_c, cfg.smooth, scorer.cap_))), 1e-12)
+    m_raw = max(float(np.median(raw_c)), 1e-12)
+    return _rescored(scorer, raw_c, scorer.raw_scores(test), step_s,
+                     lambda r: np.maximum(scoring.smooth_scores(r, cfg.smooth, scorer.cap_) / m_mean, r / m_raw))
+
+
+def two_thresholds(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, step_s: float | None):
+    """The capped mean over its threshold or the raw point score over its own (SPOT and the
+    drift guard fitted the same way on the calibration rows' raw scores), whichever is larger;
+    alarm above 1: every point the default flags is still flagged."""
+    scorer = fit_scorer(cfg, calib, step_s)
+    s_mean = scorer.score(test)
+    raw, thr_raw = _rescored(scorer, scorer.raw_scores(calib.rows), scorer.raw_scores(test), step_s, lambda r: r)
+    s = np.maximum(s_mean / scorer.thresholds(s_mean), raw / np.maximum(thr_raw, 1e-12))
+    return s, np.ones_like(s)
+
+
+def _past_median(history: np.ndarray, a: np.ndarray, window: int) -> np.ndarray:
+    """Per column, the median of the `window` rows before each row of `a` (n, V), `history`'s
+    rows first (causal)."""
+    past = np.concatenate([history, a])
+    med = pd.DataFrame(past).rolling(window, min_periods=1).median().to_numpy()
+    return med[len(history) - 1:len(past) - 1]
+
+
+def feature_guard(window: int) -> Experiment:
+    """A drift guard per feature: each feature's normalised residual z divided by max(1, its
+    median |z| over the previous `window` points, the calibration rows' first), so a feature
+    that has sat far from its calibration level for most of the window no longer drowns the
+    others; the latent term as it is."""
+    def run(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, step_s: float | None):
+        scorer = fit_scorer(cfg, calib, step_s)
+        z = lambda rec: (np.asarray(rec.x, np.float64) - rec.mu - scorer.center_) / scorer.scale_  # noqa: E731
+        z_test = z(test)
+        level = _past_median(np.abs(z(calib.rows))[-window:], np.abs(z_test), window)
+        c = np.minimum((z_test / np.maximum(level, 1.0)) ** 2, scoring.MAX_CONTRIBUTION)
+        s = scoring.smooth_scores(c.mean(-1) + scorer.latent_term(test.theta0), cfg.smooth, scorer.cap_)
+        return s, scorer.thresholds(s)
+    return run
+
+
+def spread_guard(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, step_s: float | None):
+    """The drift guard that also follows the scores' spread: the threshold's margin over the
+    calibration median grows with the median absolute deviation of the previous drift_window
+    scores over the calibration rows' (never shrinks)."""
+    scorer = fit_scorer(cfg, calib, step_s)
+    s = scorer.score(test)
+    w = cfg.drift_window
+    if w <= 0 or len(scorer.recent_) == 0:
+        return s, scorer.thresholds(s)
+    mad = lambda a: float(np.median(np.abs(a - np.median(a))))  # noqa: E731
+    past = pd.Series(np.concatenate([scorer.recent_, s]))
+    mads = past.rolling(w, min_periods=1).apply(mad, raw=True).to_numpy()[len(scorer.recent_) - 1:len(past) - 1]
+    grow = np.maximum(mads / max(mad(scorer.recent_), 1e-12) - 1.0, 0.0)
+    return s, scorer.thresholds(s) + (scorer.threshold_ - scorer.median_) * grow
+
+
 VARIANTS.update({
     "default (norm, latent term 0.5, smooth 5 capped, floor 0.1, constant-feature floor 0.01, SPOT at the alarm budget "
     "(1 a day) or q=1e-2, level 0.98, drift guard 1000)": {},
@@ -135,6 +198,11 @@ VARIANTS.update({
     "each feature's residual centred on its median over the last 1000 points": recentred(1000),
     "residual scale at least 2 % of the feature's level": level_floor(0.02),
     "residual scale at least 5 % of the feature's level": level_floor(0.05),
+    "two time scales: max(capped mean, raw score), each over its calibration median": two_scales,
+    "two thresholds: capped mean over its threshold or raw score over its own, the larger": two_thresholds,
+    "per-feature drift guard over 100 points (z over its recent median |z|)": feature_guard(100),
+    "per-feature drift guard over 1000 points": feature_guard(1000),
+    "drift guard that also follows the scores' spread (MAD)": spread_guard,
 })
 ALARMS = ((1, 5), (3, 5), (2, 1), (2, 3))  # the default's alert figures under these (hold, clear) (metrics.held_alarms)
 
@@ -148,6 +216,23 @@ def variants(cfg: Config) -> dict[str, dict]:
     if changed:
         rows[0] = (f"this run's scorer ({', '.join(changed)})", {})
     return dict(rows)
+
+
+def normal_load(scorer: scoring.Scorer, calib: CalibrationData, test: scoring.Reconstruction, labels: np.ndarray,
+                features: list[str], top: int = 3) -> list[dict]:
+    """What carries the test split's score where nothing is labelled: the `top` features by mean
+    contribution to the raw point score (c_tv / V) over the test's normal points, each beside its
+    mean over the calibration rows, and the latent term the same way (a diagnosis of drift; the
+    labels only pick the normal points)."""
+    normal = np.asarray(labels) == 0
+    c_test, c_cal = scorer.contributions(test)[normal], scorer.contributions(calib.rows)
+    v = c_test.shape[1]
+    rows = [dict(feature=features[k], test_normal=float(c_test[:, k].mean() / v), calibration=float(c_cal[:, k].mean() / v))
+            for k in np.argsort(-c_test.mean(0))[:top]]
+    if scorer.latent_ > 0:
+        rows.append(dict(feature="(latent term)", test_normal=float(np.mean(scorer.latent_term(test.theta0)[normal])),
+                         calibration=float(np.mean(scorer.latent_term(calib.rows.theta0)))))
+    return rows
 
 
 def oracle_alert_ceiling(series: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, float | None]],
@@ -196,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     run_variants = variants(cfg)
     per_variant: dict[str, dict] = {name: {} for name in run_variants}
     held: dict[tuple[int, int], dict] = {a: {} for a in ALARMS}
-    series = []
+    series, load = [], {}
     for ent in entities:
         if ent.labels is None:
             log.warning("%s: no labels; skipped", ent.name)
@@ -209,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
         calib, test, step = r.calib, r.test, time_step([ent])
         scaler = entity_state(ckpt, cfg.ckpt, ent.name)[1] or Scaler().fit(ent.train)
         level = np.abs(np.median(ent.train, 0)) / scaler.scale
+        if calib.rows.mu is not None:
+            load[ent.name] = normal_load(fit_scorer(cfg, calib, step), calib, test, ent.labels, list(ckpt["features"]))
         for name, variant in run_variants.items():
             if callable(variant):
                 scores, thr = (variant(calib, test, cfg, step, level=level) if getattr(variant, "needs_level", False)
@@ -224,11 +311,11 @@ def main(argv: list[str] | None = None) -> dict:
                 for h, c in ALARMS:
                     held[h, c][ent.name] = evaluate(scores, thr, ent.labels, ent.faults, step_s=step, hold=h, clear=c)
         print(f"{ent.name} done ({time.time() - t0:.0f}s)", flush=True)
-    return write_report(cfg, ckpt, list(run_variants), per_variant, held, series, t0)
+    return write_report(cfg, ckpt, list(run_variants), per_variant, held, series, t0, load)
 
 
 def write_report(cfg: Config, ckpt: dict, names: list[str], per_variant: dict[str, dict], held: dict[tuple[int, int], dict],
-                 series: list, t0: float) -> dict:
+                 series: list, t0: float, load: dict[str, list[dict]] | None = None) -> dict:
     """The variants' and holds' summaries, the oracle alert ceiling of the default's scores, and
     the table: printed, and written to <out_dir>/ablation.md and ablation.json -> the results."""
     rows, results = [], {}
@@ -248,11 +335,16 @@ def write_report(cfg: Config, ckpt: dict, names: list[str], per_variant: dict[st
              "event per entity-day, each entity's threshold chosen with the labels (ablation.oracle_alert_ceiling).\n")
     head = (f"{cfg.data}, checkpoint {cfg.ckpt} (best epoch {ckpt.get('epoch', '?')} of {ckpt.get('config', {}).get('epochs', '?')}), "
             f"means over {len(per_variant[names[0]])} entities (alert figures summed over them)\n\n")
+    if load:
+        table += ("\nWhat carries the default's raw score over the test's normal points (ablation.normal_load: mean "
+                  "contribution, calibration rows' in brackets):\n\n" + "\n".join(
+                      f"- {name}: " + ", ".join(f"{r['feature']} {r['test_normal']:.3g} ({r['calibration']:.3g})" for r in rows)
+                      for name, rows in load.items()) + "\n")
     print("\n" + head + table)
     out = Path(cfg.out_dir)
     atomic_write(out / "ablation.md", lambda tmp: Path(tmp).write_text(head + table))
     write_json_atomic(out / "ablation.json", dict(data=cfg.data, checkpoint=str(cfg.ckpt), variants=results,
-                                                  seconds=round(time.time() - t0, 1)))
+                                                  normal_load=load or {}, seconds=round(time.time() - t0, 1)))
     return results
 
 

@@ -75,6 +75,32 @@ def test_ablation_first_row_is_test_py_and_an_override_renames_it(trained, tmp_p
     for k in ("auc_pr", "f1", "vus_pr"):
         assert floor[first_b]["mean"][k] == pytest.approx(base["floor 0.2"]["mean"][k]), k
     assert base["floor 0.2"]["mean"]["auc_pr"] != pytest.approx(base[first]["mean"]["auc_pr"])
+    # the "two thresholds" variant keeps every point the default flags
+    assert base["two thresholds: capped mean over its threshold or raw score over its own, the larger"]["entities"][
+        "omi-1"]["recall"] >= base[first]["entities"]["omi-1"]["recall"]
+
+
+def test_normal_load_ranks_the_feature_that_drifts_on_normal_points():
+    """ablation.normal_load names what carries the score where nothing is labelled: a feature
+    whose residual sits far off on the normal test points ranks first, and the labelled points do
+    not count."""
+    import ablation
+    from puad import CalibrationData
+    from scoring import Reconstruction, Scorer
+
+    rng = np.random.default_rng(0)
+    cal = Reconstruction(x=rng.normal(0.5, 0.05, (200, 3)), mu=np.full((200, 3), 0.5))
+    x = rng.normal(0.5, 0.05, (100, 3))
+    x[:, 2] += 1.0  # feature c drifts over the whole test split
+    labels = np.zeros(100, int)
+    labels[40:45] = 1
+    x[40:45, 0] += 50.0  # feature a moves only on the labelled points
+    test = Reconstruction(x=x, mu=np.full((100, 3), 0.5))
+    scorer = Scorer(latent_weight=0.0).fit(cal)
+    rows = ablation.normal_load(scorer, CalibrationData(cal, np.zeros(3, bool)), test, labels, ["a", "b", "c"])
+    assert rows[0]["feature"] == "c" and len(rows) == 3
+    assert rows[0]["test_normal"] > 10 * rows[0]["calibration"]
+    assert rows[0]["test_normal"] > 100 * max(r["test_normal"] for r in rows[1:])
 
 
 def test_shuffled_test_split_gives_the_same_metrics(trained, omi1_copy, tmp_path):
