@@ -10,8 +10,9 @@ share of test points flagged, and the alert figures (alarm events held --alarm_h
 cleared after --alarm_clear, as test.py counts them; the default's also under other holds and
 clears). Labels are used only for the metrics. Scorer options given on the command line (e.g.
 --score_floor=0.2) apply to every row, and the first row is then named for them instead of
-"default". Writes the table to <out_dir>/ablation.md and every number to
-<out_dir>/ablation.json.
+"default". Closes with what carries the default's score over each entity's normal test points
+(normal_load: the drift behind false alarms). Writes the table to <out_dir>/ablation.md and every
+number to <out_dir>/ablation.json.
 """
 from __future__ import annotations
 
