@@ -10,7 +10,7 @@ share of test points flagged, and the alert figures (alarm events held --alarm_h
 cleared after --alarm_clear, as test.py counts them; the default's also under other holds and
 clears). Labels are used only for the metrics. Scorer options given on the command line (e.g.
 --score_floor=0.2) apply to every row, and the first row is then named for them instead of
-"default". Closes with what carries the default's score over each entity's normal test points
+"default". Closes with what carries the first row's score over each entity's normal test points
 (normal_load: the drift behind false alarms). Writes the table to <out_dir>/ablation.md and every
 number to <out_dir>/ablation.json.
 """
@@ -140,7 +140,9 @@ def two_thresholds(calib: CalibrationData, test: scoring.Reconstruction, cfg: Co
 
 def _past_median(history: np.ndarray, a: np.ndarray, window: int) -> np.ndarray:
     """Per column, the median of the `window` rows before each row of `a` (n, V), `history`'s
-    rows first (causal)."""
+    rows first (causal; no history: 0 before the first row)."""
+    if len(history) == 0:
+        history = np.zeros((1, a.shape[1]))
     past = np.concatenate([history, a])
     med = pd.DataFrame(past).rolling(window, min_periods=1).median().to_numpy()
     return med[len(history) - 1:len(past) - 1]
@@ -337,10 +339,10 @@ def write_report(cfg: Config, ckpt: dict, names: list[str], per_variant: dict[st
     head = (f"{cfg.data}, checkpoint {cfg.ckpt} (best epoch {ckpt.get('epoch', '?')} of {ckpt.get('config', {}).get('epochs', '?')}), "
             f"means over {len(per_variant[names[0]])} entities (alert figures summed over them)\n\n")
     if load:
-        table += ("\nWhat carries the default's raw score over the test's normal points (ablation.normal_load: mean "
+        table += ("\nWhat carries the first row's raw score over the test's normal points (ablation.normal_load: mean "
                   "contribution, calibration rows' in brackets):\n\n" + "\n".join(
-                      f"- {name}: " + ", ".join(f"{r['feature']} {r['test_normal']:.3g} ({r['calibration']:.3g})" for r in rows)
-                      for name, rows in load.items()) + "\n")
+                      f"- {entity}: " + ", ".join(f"{r['feature']} {r['test_normal']:.3g} ({r['calibration']:.3g})" for r in top)
+                      for entity, top in load.items()) + "\n")
     print("\n" + head + table)
     out = Path(cfg.out_dir)
     atomic_write(out / "ablation.md", lambda tmp: Path(tmp).write_text(head + table))
