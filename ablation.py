@@ -61,17 +61,24 @@ def uncapped(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, 
                      lambda r: scoring.smooth(r, cfg.smooth))
 
 
+def _past_median(history: np.ndarray, a: np.ndarray, window: int) -> np.ndarray:
+    """Per column, the median of the `window` rows before each row of `a` (n, V), `history`'s
+    rows first (causal; no history: 0 before the first row)."""
+    if len(history) == 0:
+        history = np.zeros((1, a.shape[1]))
+    past = np.concatenate([history, a])
+    med = pd.DataFrame(past).rolling(window, min_periods=1).median().to_numpy()
+    return med[len(history) - 1:len(past) - 1]
+
+
 def recentred(window: int) -> Experiment:
     """Each feature's residual centred on its median over the previous `window` points (the
     calibration rows' first) instead of the calibration median: a per-feature drift guard."""
     def run(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, step_s: float | None):
         scorer = fit_scorer(cfg, calib, step_s)
-        past = np.concatenate([(np.asarray(calib.rows.x, np.float64) - calib.rows.mu)[-window:],
-                               np.asarray(test.x, np.float64) - test.mu])
-        med = pd.DataFrame(past).rolling(window, min_periods=1).median().to_numpy()
-        n_cal = len(past) - len(test)
         moved = copy.copy(scorer)
-        moved.center_ = med[n_cal - 1:len(past) - 1]  # point t: the `window` residuals before it
+        moved.center_ = _past_median((np.asarray(calib.rows.x, np.float64) - calib.rows.mu)[-window:],
+                                     np.asarray(test.x, np.float64) - test.mu, window)
         s = moved.score(test)
         return s, scorer.thresholds(s)
     return run
@@ -136,16 +143,6 @@ def two_thresholds(calib: CalibrationData, test: scoring.Reconstruction, cfg: Co
     raw, thr_raw = _rescored(scorer, scorer.raw_scores(calib.rows), scorer.raw_scores(test), step_s, lambda r: r)
     s = np.maximum(s_mean / scorer.thresholds(s_mean), raw / np.maximum(thr_raw, 1e-12))
     return s, np.ones_like(s)
-
-
-def _past_median(history: np.ndarray, a: np.ndarray, window: int) -> np.ndarray:
-    """Per column, the median of the `window` rows before each row of `a` (n, V), `history`'s
-    rows first (causal; no history: 0 before the first row)."""
-    if len(history) == 0:
-        history = np.zeros((1, a.shape[1]))
-    past = np.concatenate([history, a])
-    med = pd.DataFrame(past).rolling(window, min_periods=1).median().to_numpy()
-    return med[len(history) - 1:len(past) - 1]
 
 
 def feature_guard(window: int) -> Experiment:
@@ -297,8 +294,6 @@ def main(argv: list[str] | None = None) -> dict:
         calib, test, step = r.calib, r.test, time_step([ent])
         scaler = entity_state(ckpt, cfg.ckpt, ent.name)[1] or Scaler().fit(ent.train)
         level = np.abs(np.median(ent.train, 0)) / scaler.scale
-        if calib.rows.mu is not None:
-            load[ent.name] = normal_load(fit_scorer(cfg, calib, step), calib, test, ent.labels, list(ckpt["features"]))
         for name, variant in run_variants.items():
             if callable(variant):
                 scores, thr = (variant(calib, test, cfg, step, level=level) if getattr(variant, "needs_level", False)
@@ -309,8 +304,10 @@ def main(argv: list[str] | None = None) -> dict:
                 thr = scorer.thresholds(scores)
             per_variant[name][ent.name] = evaluate(scores, thr, ent.labels, ent.faults, step_s=step, hold=cfg.alarm_hold,
                                                    clear=cfg.alarm_clear)
-            if name == next(iter(run_variants)):
+            if name == next(iter(run_variants)):  # the first row: a scorer option set, never an experiment
                 series.append((scores, ent.labels, ent.faults, step))
+                if calib.rows.mu is not None:
+                    load[ent.name] = normal_load(scorer, calib, test, ent.labels, list(ckpt["features"]))
                 for h, c in ALARMS:
                     held[h, c][ent.name] = evaluate(scores, thr, ent.labels, ent.faults, step_s=step, hold=h, clear=c)
         print(f"{ent.name} done ({time.time() - t0:.0f}s)", flush=True)
