@@ -96,6 +96,10 @@ class Config:
     spot_q: float = _f(1e-2, "SPOT risk level where the step is unknown (timestamps that are row numbers)")
     spot_level: float = _f(0.98, "initial quantile of the peaks-over-threshold fit (lowered, to 0.5 at most, where "
                                  "fewer than 10 calibration scores lie above it)")
+    level_window: float = _f(1800.0, "level gauges (features that moved < 10 % of their magnitude over train): "
+                                     "centred on each window's mean in the model (training); scored on their "
+                                     "rise above their mean over this many seconds before (a 60 s step where "
+                                     "the timestamps give none; 0 = no level gauges / the window's own mean)")
     drift_window: int = _f(1000, "drift guard: the threshold rises by as much as the median of the last N scores "
                                  "stands above the calibration median (0 = fixed threshold)")
     # outputs
@@ -119,10 +123,11 @@ GROUPS: dict[str, tuple[str, ...]] = {
                  "warmup_epochs", "grad_clip", "max_train_windows", "resume", "loss_csv"),
     "scoring and thresholds": ("score_floor", "name_q", "repair_weight", "latent_weight", "use_local",
                                "min_calib_rows", "score_batch", "score_mode", "spot_q", "spot_level",
-                               "drift_window", "plots"),
+                               "level_window", "drift_window", "plots"),
 }
 # what each kind of script reads (cli(reads=...)): its --help lists those, and only those are taken
-TRAINS = GROUPS["common"] + GROUPS["data"] + GROUPS["model"] + GROUPS["training"] + ("score_batch", "score_mode")
+TRAINS = GROUPS["common"] + GROUPS["data"] + GROUPS["model"] + GROUPS["training"] + ("score_batch", "score_mode",
+                                                                                   "level_window")
 SCORES = ("data", "entities", "entity", "ckpt", "out_dir", "smooth", "alarm_budget", "alarm_hold", "alarm_clear",
           "device", "num_threads", "seed", "val_frac", "val_blocks") + GROUPS["scoring and thresholds"]
 
@@ -394,7 +399,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "smooth": _pos, "latent_weight": _nonneg, "repair_weight": _nonneg, "name_q": ((lambda v: 0 <= v < 1), "in [0, 1)"),
     "spot_q": ((lambda v: 0 < v < 1), "in (0, 1)"), "alarm_budget": _nonneg, "alarm_hold": _pos, "alarm_clear": _pos,
     "spot_level": ((lambda v: 0 < v < 1), "in (0, 1)"),
-    "drift_window": _nonneg,
+    "drift_window": _nonneg, "level_window": _nonneg,
     "ckpt": _nonempty, "loss_csv": _nonempty, "out_dir": _nonempty,
     "device": ((lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None), "auto | cpu | cuda | cuda:N"),
     "num_threads": _nonneg,

@@ -9,7 +9,8 @@ checkpoint, serve the results as Prometheus metrics and raise alerts (docs/live.
 Every --live_step seconds (the step of the checkpoint's training rows, its step_s; another is
 refused, one line) one query per column of the metric set, for all entities at once (the
 $service matcher turned into a regex, the answer split by the service label), fetches the last
-seq_len + smooth - 1 grid points of every entity (= the metric set's $service), its columns
+seq_len + smooth - 1 grid points of every entity (= the metric set's $service), and before them
+--level_window's worth where the checkpoint has level gauges (their recent level), its columns
 matched BY NAME to the checkpoint's features; rows already fetched are kept. Each entity's rows
 are scaled with its scaler (its local file's when adapted, else the checkpoint's) and scored in
 one batch as test.py scores a point (the score of the window ending at it, smoothed over the
@@ -73,7 +74,7 @@ from prometheus import (DEFAULT_PROMETHEUS, grouped_query, load_metric_set, make
                         split_by_label)
 from puad import (apply_local_state, build_model, calibrate_entity, clip_inputs, local_path,  # noqa: E402
                   read_checkpoint, run_config, window_reconstructor)
-from utils import DataError, Scaler, align_features, load_dataset, set_threads, time_step  # noqa: E402
+from utils import DataError, Scaler, align_features, load_dataset, set_threads, time_step, trailing_mean  # noqa: E402
 
 PROG = "detect_live.py"
 # the Config fields detect_live.py reads: the checkpoint, its data, the scorer and the alarms
@@ -259,7 +260,7 @@ def calibrate_new(model, ckpt: dict, cfg: Config, entity: str, st: EntityState, 
     reconstructed with the global prototypes are the calibration rows, its constant features
     those constant over them, the latent memory the history's (puad.history_memory)."""
     x = st.scaler.transform(raw)
-    rows = puad.score_series(model, x, cfg.seq_len, False, **puad.score_kwargs(cfg))
+    rows = puad.score_series(model, x, cfg.seq_len, False, **puad.score_kwargs(cfg, step_s))
     calib = puad.CalibrationData(rows, scoring.constant_features(x), puad.history_memory(ckpt, entity))
     return puad.fit_scorer(cfg, calib, step_s)
 
@@ -462,7 +463,8 @@ class LiveScorer:
     (score), each entity's threshold at each poll (the drift guard over its past scores, the
     calibration's last ones first), and the metrics that name an alarm (name_alarm)."""
 
-    def __init__(self, cfg: Config, model, states: dict[str, EntityState], scorers: dict[str, scoring.Scorer]):
+    def __init__(self, cfg: Config, model, states: dict[str, EntityState], scorers: dict[str, scoring.Scorer],
+                 step_s: float | None = None):
         self.cfg, self.model, self.states = cfg, model, states
         self.scorers: dict[str, scoring.Scorer] = {}
         self.thresholds: dict[str, float] = {}
@@ -472,6 +474,7 @@ class LiveScorer:
         self.window_cache: dict[str, dict[bytes, tuple[np.ndarray, np.ndarray]]] = {}  # window -> mu, theta0
         self.last_input: dict[str, tuple[scoring.Reconstruction, np.ndarray]] = {}  # last rows, named contributions
         self.model_windows = 0  # windows the last batch ran through the model
+        self.level_rows = puad.level_rows(cfg, step_s) if model.has_level else 0  # rows of recent level (score)
 
     def add(self, entity: str, scorer: scoring.Scorer) -> None:
         """Score an entity with this fitted Scorer from now on."""
@@ -522,14 +525,15 @@ class LiveScorer:
         self.model_windows = len(todo[False]) + len(todo[True])
         return fresh
 
-    def score(self, raws: dict[str, np.ndarray]) -> dict[str, float]:
+    def score(self, raws: dict[str, np.ndarray], before: dict[str, np.ndarray] | None = None) -> dict[str, float]:
         """Scores of many entities' windows (raw: seq_len + smooth - 1 rows each), batched: each
         entity's rows scaled with its own scaler and clipped at once (Scaler.transform_many,
         puad.clip_inputs, as in score_series), its windows through the model (_run_model; a
         window the model saw in an earlier poll, same scaled values, is not run again: posterior
         means are deterministic), then scoring.score_many with each entity's Scorer (one latent
         search for all). The same numbers as score_series and Scorer.score on each entity alone
-        (tested)."""
+        (tested), `before` the raw rows before each entity's (score_series' history: the level
+        gauges' recent level, the last level_rows of them)."""
         seq_len, entities = self.cfg.seq_len, list(raws)
         xs = clip_inputs(Scaler.transform_many([self.states[e].scaler for e in entities],
                                                np.stack([raws[e] for e in entities])))  # (E, n, V)
@@ -550,9 +554,21 @@ class LiveScorer:
         # to points, as window_to_point_scores and window_values_to_points: (E, n, V) and (E, n, d)
         mu = np.concatenate([mu_w[:, 0, :-1], mu_w[:, :, -1]], axis=1)
         theta0 = np.concatenate([np.repeat(z_w[:, :1], seq_len - 1, axis=1), z_w], axis=1)
-        scores, named = scoring.score_many([self.scorers[e] for e in entities], xs, mu, theta0)
+        fall = None
+        if self.level_rows:  # as score_series: around the lower of the window's mean and the recent level
+            lvl, fall = self.model.level.cpu().numpy(), np.zeros_like(mu)
+            c_w = windows.mean(axis=2)  # (E, W, V)
+            c = np.concatenate([np.repeat(c_w[:, :1], seq_len - 1, axis=1), c_w], axis=1)
+            for i, e in enumerate(entities):
+                past = (before or {}).get(e)
+                h = None if past is None or not len(past) else clip_inputs(self.states[e].scaler.transform(past))
+                base = trailing_mean(xs[i], self.level_rows, h)
+                mu[i][:, lvl] += (np.minimum(c[i], base) - c[i])[:, lvl].astype(mu.dtype)
+                fall[i][:, lvl] = np.maximum(base - c[i], 0.0)[:, lvl]
+        scores, named = scoring.score_many([self.scorers[e] for e in entities], xs, mu, theta0, fall=fall)
         for i, e in enumerate(entities):
-            self.last_input[e] = (scoring.Reconstruction(xs[i], mu[i]), named[i])
+            rec = scoring.Reconstruction(xs[i], mu[i], fall=None if fall is None else fall[i])
+            self.last_input[e] = (rec, named[i])
             self.window_cache[e] = dict(zip(keys[i], known[i]))
         return {e: float(scores[i, -1]) for i, e in enumerate(entities)}
 
@@ -742,7 +758,7 @@ class Detector:
         self.prometheus = opts.prometheus
         self.session = make_session()
         self.source = RowCache(self.session, self.prometheus, metric_set, metrics, self.step, opts.query_timeout)
-        self.scoring = LiveScorer(cfg, model, states, {e: s for e, s in scorers.items() if e in entities})
+        self.scoring = LiveScorer(cfg, model, states, {e: s for e, s in scorers.items() if e in entities}, self.step)
         self.pending = [e for e in entities if e not in scorers]  # new entities, calibrating
         self.last_scored = {e: 0.0 for e in entities}
         self.gauges = LiveMetrics(entities, self.step, self.is_stale)
@@ -775,22 +791,24 @@ class Detector:
             return
         t0 = time.perf_counter()
         n = self.cfg.seq_len + max(self.cfg.smooth, 1) - 1  # the last `smooth` windows
-        windows = self.source.windows(self.entities, end, n)
+        n_level = self.scoring.level_rows  # and the level gauges' recent level before them
+        windows = self.source.windows(self.entities, end, n + n_level)
         if self.pending:
             self.calibrate_pending(end)
         self.gauges.success.set(time.time())
         t1 = time.perf_counter()
-        ready = {}
-        for entity, (x, n_missing) in windows.items():
+        ready, before = {}, {}
+        for entity, (x, _) in windows.items():
             if entity in self.pending:
                 continue
+            x, past = x[len(x) - n:], x[:len(x) - n]
             if np.isnan(x).all():
                 self.gauges.skipped.labels(entity, "no_data").inc()
-            elif n_missing:
+            elif np.isnan(x).any():  # mark_missing: a missing point's row is NaN
                 self.gauges.skipped.labels(entity, "missing_points").inc()
             else:
-                ready[entity] = x
-        scores = self.scoring.score(ready) if ready else {}
+                ready[entity], before[entity] = x, past[~np.isnan(past).any(axis=1)]
+        scores = self.scoring.score(ready, before) if ready else {}
         if ready:
             for _ in ready:  # a poll's batch time over its windows
                 self.gauges.latency.observe((time.perf_counter() - t1) / len(ready))

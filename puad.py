@@ -25,7 +25,8 @@ from config import Config, ConfigError, config_from_dict
 from faultlog import ExportError, path_name
 from prototype_ot import PrototypeOT
 from transformer import TransformerEncoder
-from utils import Entity, Scaler, atomic_write, create_sequences, log, split_train_val, window_values_to_points
+from utils import (Entity, Scaler, atomic_write, create_sequences, log, split_bounds, split_train_val, time_step,
+                   trailing_mean, window_values_to_points)
 from vae_loss import HierarchicalVAE, gaussian_kl, gaussian_nll, total_loss
 
 
@@ -46,11 +47,29 @@ class PUAD(nn.Module):
                                cfg.sinkhorn_iters, cfg.ot_momentum)
         self.vae = HierarchicalVAE(self.encoder.out_dim, cfg.d_h1, cfg.d_theta, cfg.seq_len,
                                    n_features, cfg.min_std)
+        # the level gauges (utils.level_gauges; the checkpoint's "level"): centred on each window's
+        # mean before the encoder, in training and scoring, and reconstructed around it
+        self.register_buffer("level", torch.zeros(n_features, dtype=torch.bool), persistent=False)
+        self.has_level = False
+
+    def set_level(self, mask) -> "PUAD":
+        """Mark the level gauges ((V,) bool; None or all False: none, the model as before them)."""
+        mask = torch.as_tensor(False if mask is None else mask, dtype=torch.bool).expand(len(self.level))
+        self.level.copy_(mask.to(self.level.device))
+        self.has_level = bool(mask.any())
+        return self
+
+    def center(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, V) -> (x less each window's mean on the level gauges, that mean (B, 1, V); 0 elsewhere)."""
+        if not self.has_level:
+            return x, torch.zeros_like(x[:, :1])
+        c = x.mean(1, keepdim=True) * self.level.to(x.dtype)
+        return x - c, c
 
     def encode(self, x: torch.Tensor, sample: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, T, V) -> h1, q(theta0 | x)'s mean and std, theta0 (sampled, or the mean)."""
-        h0 = self.encoder(x)
+        h0 = self.encoder(self.center(x)[0])
         mu0, std0 = self.vae.phi(h0)
         theta0 = mu0 + std0 * torch.randn_like(std0) if sample else mu0
         return self.to_h1(h0), mu0, std0, theta0
@@ -58,7 +77,7 @@ class PUAD(nn.Module):
     def encode_mean(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scoring's encoding of windows x (B, T, V): h1 and theta0, q(theta0 | x)'s mean, the
         encoder in bf16 where the device runs it natively (SCORE_BF16)."""
-        h0 = self.encoder(x, bf16=SCORE_BF16)
+        h0 = self.encoder(self.center(x)[0], bf16=SCORE_BF16)
         return self.to_h1(h0), self.vae.phi.mean(h0)
 
     def generate(self, theta0: torch.Tensor, h1: torch.Tensor, use_local: bool, sample: bool = True,
@@ -77,6 +96,7 @@ class PUAD(nn.Module):
         """x (B, T, V) -> the loss parts (batch means), the per-point NLL (B, T, V) and the plan
         (B, K). Training samples and transports a batch together (batch_plan); validation uses
         posterior means, each window transported alone (sample=batch_plan=False)."""
+        x = self.center(x)[0]  # the level gauges' shape is reconstructed, their level is the window's
         h1, mu0, std0, theta0 = self.encode(x, sample)
         g = self.generate(theta0, h1, use_local, sample, batch_plan)
         mu_p, std_p = self.vae.f1(g["theta0_prime"])
@@ -94,7 +114,8 @@ class PUAD(nn.Module):
     @torch.inference_mode()
     def reconstruct(self, x: torch.Tensor, use_local: bool = False, last: bool = False) -> dict[str, torch.Tensor]:
         """The decoder's mean of every point of every window (B, T, V), or of each window's last
-        point only (last=True: (B, 1, V)), from posterior means; the row-normalised transport plan
+        point only (last=True: (B, 1, V)), from posterior means (on the level gauges: around the
+        window's mean, "center" (B, 1, V), PUAD.center); the row-normalised transport plan
         (B, K) and theta0 (B, d_theta), what the encoder makes of each window (the same with or
         without the local prototypes).
 
@@ -108,6 +129,7 @@ class PUAD(nn.Module):
         """
         was_training = self.training
         self.eval()
+        x, center = self.center(x)
         h1, theta0 = self.encode_mean(x)
         xs = x[:, -1:] if last else x
 
@@ -117,13 +139,15 @@ class PUAD(nn.Module):
             return self.vae.decode_mean(theta1, last), plan / plan.sum(-1, keepdim=True)
 
         x_mu, plan = decode(False)
-        res = {"x_mu": x_mu, "plan": plan, "theta0": theta0,
+        res = {"x_mu": x_mu, "plan": plan, "theta0": theta0, "center": center.expand(xs.shape),
                "local_used": torch.zeros(xs.shape[:2], dtype=torch.bool, device=x.device)}
         if use_local:
             local_mu, local_plan = decode(True)
             used = ((xs - local_mu) ** 2).sum(-1) <= ((xs - x_mu) ** 2).sum(-1)  # (B, T or 1)
             res.update(x_mu=torch.where(used[..., None], local_mu, x_mu), plan=local_plan, local_used=used,
                        plan_global=plan)
+        if self.has_level:
+            res["x_mu"] = res["x_mu"] + center
         self.train(was_training)
         return res
 
@@ -261,6 +285,10 @@ def build_model(ckpt: dict, device: torch.device | str = "cpu") -> tuple[PUAD, C
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         fail(f"checkpoint model does not match its own model_args ({str(e).splitlines()[0]})")
+    level = ckpt.get("level")  # absent in checkpoints from before the level gauges: none
+    if level is not None and len(level) != n:
+        fail(f"checkpoint level has {len(level)} entries for {n} features")
+    model.set_level(level)
     model.eval()
     return model, cfg
 
@@ -319,11 +347,22 @@ def calibration_rows(x_train: np.ndarray, ckpt: dict, local: dict | None, cfg: C
     return split_train_val(x_train, cfg.val_frac, cfg.seq_len, cfg.val_blocks)[1]
 
 
-def score_parts(model: "PUAD", parts: list[np.ndarray], seq_len: int, use_local: bool = False, **kwargs
-                ) -> Reconstruction:
+def calibration_history(x_train: np.ndarray, ckpt: dict, local: dict | None, cfg: Config) -> list[np.ndarray | None]:
+    """For each part of calibration_rows, the train rows before it (the level gauges' recent
+    level, score_series' history); None for a part that starts the series."""
+    bounds = None if adapted_windows(ckpt, local) else split_bounds(len(x_train), cfg.val_frac, cfg.seq_len,
+                                                                     cfg.val_blocks)
+    return [x_train[:cut] if cut else None for _, cut, _ in bounds] if bounds else [None]
+
+
+def score_parts(model: "PUAD", parts: list[np.ndarray], seq_len: int, use_local: bool = False,
+                histories: list[np.ndarray | None] | None = None, **kwargs) -> Reconstruction:
     """score_series of several stretches of one series (held-out parts), concatenated in order:
-    each part is reconstructed on its own, no window crosses from one into the next."""
-    return Reconstruction.concat([score_series(model, p, seq_len, use_local, **kwargs) for p in parts])
+    each part is reconstructed on its own, no window crosses from one into the next; `histories`,
+    the rows before each part (score_series' history)."""
+    histories = histories or [None] * len(parts)
+    return Reconstruction.concat([score_series(model, p, seq_len, use_local, history=h, **kwargs)
+                                  for p, h in zip(parts, histories)])
 
 
 @dataclass
@@ -342,13 +381,21 @@ class EntityReconstruction:
     use_local: bool
 
 
-def score_kwargs(cfg: Config) -> dict:
+LEVEL_STEP_S = 60.0  # the step level_window assumes where the timestamps give none
+
+
+def level_rows(cfg: Config, step_s: float | None) -> int:
+    """--level_window in rows of this step (at least 1; 0 = off)."""
+    return max(1, int(round(cfg.level_window / (step_s or LEVEL_STEP_S)))) if cfg.level_window > 0 else 0
+
+
+def score_kwargs(cfg: Config, step_s: float | None = None) -> dict:
     """score_series' options from a Config (the same for calibration and test rows)."""
-    return dict(batch_size=cfg.score_batch, mode=cfg.score_mode)
+    return dict(batch_size=cfg.score_batch, mode=cfg.score_mode, level_rows=level_rows(cfg, step_s))
 
 
 def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, local: dict | None,
-                      use_local: bool, name: str = "") -> CalibrationData:
+                      use_local: bool, name: str = "", step_s: float | None = None) -> CalibrationData:
     """What an entity's calibration is fitted on: the reconstruction of its calibration rows
     (x_train already scaled), which features were constant over the rows training saw, and the
     latent term's memory, never of the calibration rows themselves: theta0 of the train rows
@@ -370,7 +417,8 @@ def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray,
         log.warning("%s: %d calibration rows (< --min_calib_rows=%d) and no history calibration in the "
                     "checkpoint (trained before it was stored): calibrating on them anyway",
                     name or "entity", len(rows), cfg.min_calib_rows)
-    out = score_parts(model, parts, cfg.seq_len, use_local, **score_kwargs(cfg))
+    out = score_parts(model, parts, cfg.seq_len, use_local, calibration_history(x_train, ckpt, local, cfg),
+                      **score_kwargs(cfg, step_s))
     seen = rows if adapted else x_train
     if adapted:  # its own windows are its calibration rows
         memory = history_memory(ckpt, name)
@@ -412,7 +460,7 @@ def latent_memory(model: PUAD, parts: list[np.ndarray], cfg: Config, size: int =
 
 
 def history_calibration(model: PUAD, vals: list[list[np.ndarray]], trains: list[list[np.ndarray]], cfg: Config,
-                        max_rows: int = HISTORY_CALIB_ROWS) -> dict[str, torch.Tensor]:
+                        max_rows: int = HISTORY_CALIB_ROWS, step_s: float | None = None) -> dict[str, torch.Tensor]:
     """The history's calibration rows, stored in a stage-1 checkpoint: every history entity's
     validation tail (scaled) reconstructed by the trained model with the global prototypes,
     the last max_rows / E rows of each, pooled; constant = constant over every train series;
@@ -421,7 +469,8 @@ def history_calibration(model: PUAD, vals: list[list[np.ndarray]], trains: list[
     An entity adapted from a few windows compares its theta0s with this memory, and one adapted
     from too few is also calibrated on these rows (calibration_input)."""
     per = max(cfg.seq_len, max_rows // max(1, len(vals)))
-    outs = [score_parts(model, v, cfg.seq_len, False, **score_kwargs(cfg)).tail(per) for v in vals]
+    outs = [score_parts(model, v, cfg.seq_len, False, None if cfg.adapt_windows else t,  # the rows before each part
+                        **score_kwargs(cfg, step_s)).tail(per) for v, t in zip(vals, trains)]
     const = np.logical_and.reduce([scoring.constant_features(np.concatenate(t)) for t in trains])
     pooled = {k: torch.from_numpy(np.concatenate([getattr(o, k) for o in outs]).astype(np.float32))
               for k in ("x", "mu", "theta0")}
@@ -436,7 +485,7 @@ def calibrate_entity(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, 
     """The one calibration of an entity: its Scorer fitted on its calibration input
     (calibration_input; detect_live.py; test.py and ablation.py fit the same through
     reconstruct_entity and fit_scorer)."""
-    return fit_scorer(cfg, calibration_input(model, ckpt, cfg, x_train, local, use_local, name), step_s)
+    return fit_scorer(cfg, calibration_input(model, ckpt, cfg, x_train, local, use_local, name, step_s), step_s)
 
 
 def fit_scorer(cfg: Config, calib: CalibrationData, step_s: float | None = None) -> scoring.Scorer:
@@ -487,9 +536,11 @@ def reconstruct_entity(model: PUAD, ckpt: dict, cfg: Config, ent: Entity) -> Ent
         log.warning("%s: not seen in training and not adapted; scaling with its own train data "
                     "and global prototypes only", ent.name)
         scaler = Scaler().fit(ent.train)
+    step_s, x_train = time_step([ent]), scaler.transform(ent.train)
     return EntityReconstruction(
-        calibration_input(model, ckpt, cfg, scaler.transform(ent.train), local, use_local, ent.name),
-        score_series(model, scaler.transform(ent.test), cfg.seq_len, use_local, **score_kwargs(cfg)), use_local)
+        calibration_input(model, ckpt, cfg, x_train, local, use_local, ent.name, step_s),
+        score_series(model, scaler.transform(ent.test), cfg.seq_len, use_local, history=x_train,
+                     **score_kwargs(cfg, step_s)), use_local)
 
 
 def window_reconstructor(model: PUAD, use_local: bool) -> Callable[[np.ndarray], np.ndarray]:
@@ -505,7 +556,8 @@ def window_reconstructor(model: PUAD, use_local: bool) -> Callable[[np.ndarray],
 
 
 def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = False,
-                 batch_size: int = 1024, mode: str = "point", clip: float = INPUT_CLIP) -> Reconstruction:
+                 batch_size: int = 1024, mode: str = "point", clip: float = INPUT_CLIP, level_rows: int = 0,
+                 history: np.ndarray | None = None) -> Reconstruction:
     """Reconstruct every point of a scaled series (n, V): the one scorer's model half.
 
     Returns its scoring.Reconstruction: x, the input as the model saw it (n, V); mu, the
@@ -519,6 +571,12 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
     only the last point is kept. mode="block": non-overlapping windows (stride seq_len), every
     point of a window by it, about seq_len times fewer windows; the tail that no full window
     covers comes from the window ending at the last point. Windows go through in batches.
+
+    The level gauges (PUAD.set_level) are reconstructed around their window's mean; with
+    level_rows, around the lower of that and their mean over the level_rows rows before the point
+    (utils.trailing_mean; `history`, the scaled rows before x, counted first): a gauge's rise above
+    its recent level is scored until that level catches up, a fall below it (a restarted pod's
+    memory) is not, but names the gauge (Reconstruction.fall; docs/decisions.md, "Level gauges").
     """
     if mode not in ("point", "block"):
         raise ValueError(f"score mode must be point or block, not {mode!r}")
@@ -529,6 +587,8 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
     n_full = len(windows)
     tail = n - n_full * seq_len if mode == "block" else 0  # points after the last full block
     per_point: dict[str, list[np.ndarray]] = {"mu": [], "local_used": []}
+    if model.has_level and level_rows:
+        per_point["center"] = []
     per_window: dict[str, list[np.ndarray]] = {"plan": [], "theta0": [], "plan_global": []}
     for i in range(0, n_full, batch_size):
         batch = windows[i:i + batch_size]
@@ -553,6 +613,11 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
             if k in out:
                 per_window[k].append(out[k].cpu().numpy())
     res = {k: np.concatenate(v) for k, v in per_point.items()}
+    if "center" in res:
+        c, lvl = res.pop("center"), model.level.cpu().numpy()
+        base = trailing_mean(x, level_rows, None if history is None else clip_inputs(history, clip))
+        res["mu"][:, lvl] += (np.minimum(c, base) - c)[:, lvl].astype(res["mu"].dtype)
+        res["fall"] = np.where(lvl, np.maximum(base - c, 0.0), 0.0).astype(res["mu"].dtype)
     for k, v in per_window.items():
         if v:
             w = np.concatenate(v)

@@ -80,6 +80,8 @@ class Reconstruction:
     plan: np.ndarray | None = None         # (n, K) PUAD: that window's transport plan
     plan_global: np.ndarray | None = None  # (n, K_g) PUAD with local prototypes: the plan without them
     local_used: np.ndarray | None = None   # (n,) PUAD: the point went through the local prototypes
+    fall: np.ndarray | None = None         # (n, V) PUAD: how far a level gauge's window sits below its recent
+                                           # level (>= 0; not scored, named: Scorer.name; puad.score_series)
 
     def __len__(self) -> int:
         return len(self.x)
@@ -331,6 +333,8 @@ class Scorer:
         fitted or with name_q=0); None for a scalar model."""
         if rec.scores is not None or rec.mu is None:
             return None
+        if rec.fall is not None:  # a level gauge's fall names it, though it does not raise the score
+            rec = dataclasses.replace(rec, mu=rec.mu + rec.fall, fall=None)
         c = smooth(attribution(self.contributions(rec), rec.x, self.pinned_), self.smooth)
         return c if self.usual_ is None else np.minimum(c / self.usual_, MAX_CONTRIBUTION)
 
@@ -409,9 +413,10 @@ class Scorer:
 
 
 def score_many(scorers: list[Scorer], x: np.ndarray, mu: np.ndarray | None, theta0: np.ndarray | None,
-               raw: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+               raw: np.ndarray | None = None, fall: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Scorer.score and Scorer.name of E series of the same length at once (detect_live.py's
-    batched poll): x, mu (E, n, V), theta0 (E, n, d) or a scalar model's raw scores (E, n), one
+    batched poll): x, mu (E, n, V) and fall (E, n, V) or None (Reconstruction.fall), theta0 (E, n, d)
+    or a scalar model's raw scores (E, n), one
     fitted Scorer per series, all with the same smoothing -> scores (E, n) and named (E, n, V),
     the numbers each scorer gives its series alone (the same operations along the same axis)."""
     k = scorers[0].smooth
@@ -428,7 +433,9 @@ def score_many(scorers: list[Scorer], x: np.ndarray, mu: np.ndarray | None, thet
     latent = t(latent_many(scorers, theta0, c.shape[0]))  # (n, E)
     pinned = np.stack([s.pinned_ for s in scorers])[None]
     usual = np.stack([np.ones(c.shape[-1]) if s.usual_ is None else s.usual_ for s in scorers])[None]
-    named = np.minimum(smooth(attribution(c, xt, pinned), k) / usual, MAX_CONTRIBUTION)
+    if fall is not None:
+        c_named = np.minimum(((xt - t(mu) - t(fall) - center) / scale) ** 2, MAX_CONTRIBUTION)
+    named = np.minimum(smooth(attribution(c if fall is None else c_named, xt, pinned), k) / usual, MAX_CONTRIBUTION)
     return (np.swapaxes(smooth_scores(c.mean(-1) + latent, k, cap), 0, 1), np.swapaxes(named, 0, 1))
 
 

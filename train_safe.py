@@ -35,8 +35,8 @@ from tqdm import tqdm
 from config import TRAINS, Config, cli
 from puad import (PUAD, build_model, checkpoint_args, fail, history_calibration, local_mismatch, local_path, model_args,
                   model_id, read_checkpoint, run_config, save_checkpoint)
-from utils import (DataError, Entity, LockError, Scaler, Windows, align_features, get_device, load_dataset, log,
-                   output_lock, set_seed, set_threads, split_train_val, time_step, write_csv_atomic)
+from utils import (DataError, Entity, LockError, Scaler, Windows, align_features, get_device, level_gauges, load_dataset,
+                   log, output_lock, set_seed, set_threads, split_train_val, time_step, write_csv_atomic)
 from vae_loss import total_loss
 
 MAX_BAD_STEPS = 20  # non-finite losses in a row that stop a run (a divergence, not a bad batch)
@@ -249,6 +249,19 @@ def prepare(entities: list[Entity], cfg: Config, scalers: dict[str, Scaler] | No
     return trains, vals, scalers
 
 
+def level_mask(entities: list[Entity], cfg: Config) -> np.ndarray:
+    """The model's level gauges: a feature that is one (utils.level_gauges) over the rows training
+    sees of any entity; none with --level_window=0. Named in the log."""
+    mask = np.zeros(len(entities[0].features), bool)
+    if cfg.level_window > 0:
+        for e in entities:
+            mask |= level_gauges(used_rows(e, cfg))
+    if mask.any():
+        print(f"level gauges ({int(mask.sum())}, centred on each window's mean): "
+              + ", ".join(f for f, m in zip(entities[0].features, mask) if m))
+    return mask
+
+
 def flat(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
     return [p for entity in parts for p in entity]
 
@@ -302,7 +315,8 @@ def train_global(cfg: Config, device: torch.device) -> Path:
     print(f"global stage: {len(entities)} entities, {len(entities[0].features)} features, "
           f"{len(train_w)} train windows, {len(val_w)} validation windows")
     ckpt_path, last_path = Path(cfg.ckpt), Path(cfg.ckpt).with_suffix(".last.ckpt")
-    model = PUAD(cfg, len(entities[0].features)).to(device)
+    level = level_mask(entities, cfg)
+    model = PUAD(cfg, len(entities[0].features)).to(device).set_level(level)
     model.pot.freeze_global(False)
     model.pot.beta_l.requires_grad_(False)  # not trained in stage 1 (DDP needs every trainable tensor used)
     params = [p for n, p in model.named_parameters() if n != "pot.beta_l"]
@@ -311,6 +325,7 @@ def train_global(cfg: Config, device: torch.device) -> Path:
                 features=entities[0].features, entities=[e.name for e in entities],
                 scalers={k: s.state_dict() for k, s in scalers.items()}, stage="global", version=1,
                 step_s=time_step(entities),  # seconds between rows; detect_live.py polls at this step (None: row numbers)
+                level=[bool(v) for v in level],  # the level gauges (PUAD.set_level)
                 # pooled over every history entity: the scaler a new entity adapted from a few windows borrows
                 history_scaler=Scaler().fit(np.concatenate([used_rows(e, cfg) for e in entities])).state_dict())
 
@@ -336,7 +351,8 @@ def train_global(cfg: Config, device: torch.device) -> Path:
         if saved:  # the best epoch's model, with the history's calibration rows (puad.history_calibration)
             best = read_checkpoint(ckpt_path, device)
             model.load_state_dict(best["model"])
-            save_checkpoint(ckpt_path, dict(best, history_calib=history_calibration(model, vals, trains, cfg)))
+            save_checkpoint(ckpt_path, dict(best, history_calib=history_calibration(model, vals, trains, cfg,
+                                                                                step_s=time_step(entities))))
         print(f"saved {ckpt_path} ({ckpt_path.stat().st_size / 1e6:.2f} MB): epoch {saved[-1]} of {cfg.epochs}, the "
               f"lowest validation loss; {last_path.name} holds epoch {cfg.epochs} for --resume" if saved else
               f"kept {ckpt_path}: no better epoch after resuming")

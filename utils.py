@@ -479,19 +479,48 @@ def split_train_val(x: np.ndarray, val_frac: float, seq_len: int, blocks: int = 
     held-out rows sample the whole series (every time of day of a one-day history) instead of
     its last stretch. B is lowered until every part holds at least one window; a series too short
     for any split validates on itself ([x], [x])."""
-    n = len(x)
+    bounds = split_bounds(len(x), val_frac, seq_len, blocks)
+    if bounds is None:
+        log.warning("series of %d rows too short for a validation split; validating on train", len(x))
+        return [x], [x]
+    return [x[lo:cut] for lo, cut, _ in bounds], [x[cut:hi] for _, cut, hi in bounds]
+
+
+def split_bounds(n: int, val_frac: float, seq_len: int, blocks: int = 1) -> list[tuple[int, int, int]] | None:
+    """split_train_val's cuts of a series of n rows: (lo, cut, hi) per block, rows lo..cut trained
+    on and cut..hi held out; None where the series is too short to split."""
     n_val = max(int(round(n * val_frac)), seq_len) if val_frac > 0 else 0
     if n_val == 0 or n - n_val < seq_len:
-        log.warning("series of %d rows too short for a validation split; validating on train", n)
-        return [x], [x]
+        return None
     b = max(1, min(int(blocks), n_val // seq_len, (n - n_val) // seq_len))
     edges = np.linspace(0, n, b + 1).round().astype(int)
-    train, held = [], []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        cut = hi - int(round(n_val * (hi - lo) / n))
-        train.append(x[lo:cut])
-        held.append(x[cut:hi])
-    return train, held
+    return [(lo, hi - int(round(n_val * (hi - lo) / n)), hi) for lo, hi in zip(edges[:-1], edges[1:])]
+
+
+LEVEL_RANGE = 0.1  # a level gauge moved less than this share of its largest |value| over train
+
+
+def level_gauges(train: np.ndarray) -> np.ndarray:
+    """(V,) bool: the features that moved, but less than LEVEL_RANGE of their largest |value|, over
+    a train series (n, V): gauges such as a pod's memory, whose level sits where the pod, its node
+    or its last restart put it, so min-max scaling over one day makes the next level many train
+    ranges away (docs/decisions.md, "Level gauges"). Constant features are not level gauges."""
+    x = np.asarray(train, np.float64)
+    span = np.nanmax(x, 0) - np.nanmin(x, 0)
+    return (span > 0) & (span < LEVEL_RANGE * np.nanmax(np.abs(x), 0))
+
+
+def trailing_mean(x: np.ndarray, rows: int, history: np.ndarray | None = None) -> np.ndarray:
+    """(n, V): each row's mean over the `rows` rows before it, `history` (rows before x, oldest
+    first) counted as before x; fewer where fewer precede, the row itself where none does."""
+    x = np.asarray(x, np.float64)
+    h = np.zeros((0, x.shape[1])) if history is None or rows < 1 else np.asarray(history, np.float64)[-rows:]
+    full = np.concatenate([h, x])
+    csum = np.concatenate([np.zeros((1, x.shape[1])), np.cumsum(full, 0)])
+    end = np.arange(len(x)) + len(h)  # row t of x is row end[t] of full; the mean is over [lo, end)
+    lo = np.maximum(end - max(rows, 1), 0)
+    count = (end - lo)[:, None]
+    return np.where(count > 0, (csum[end] - csum[lo]) / np.maximum(count, 1), x)
 
 
 def create_sequences(data: np.ndarray, seq_len: int, stride: int = 1) -> np.ndarray:

@@ -331,18 +331,19 @@ def test_kubernetes_manifests_and_rules():
 def test_batched_scoring_with_local_and_global_entities():
     """Two groups: entities on the global prototypes share a batch, each entity with local
     prototypes (its own beta_l and g_local) has one; the scores are score_series' per entity,
-    in the first poll and in the next one (window cache), whatever the order."""
+    in the first poll and in the next one (window cache), whatever the order; with level gauges
+    too, their recent level taken from the rows before the poll's (score_series' history)."""
     import torch
 
     import detect_live
     import scoring
     from config import PRESETS, Config
-    from puad import PUAD, apply_local_state, latent_memory, score_series
+    from puad import PUAD, apply_local_state, latent_memory, level_rows, score_series
     from utils import Scaler
-    for _ in range(1):
+    for level in (None, [True, False, False, True]):
         torch.manual_seed(0)
         cfg = Config(**PRESETS["test"], seq_len=SEQ_LEN, num_threads=1)
-        model = PUAD(cfg, 4).eval()
+        model = PUAD(cfg, 4).eval().set_level(level)
         rng = np.random.default_rng(0)
         names = ["g1", "l1", "g2", "l2"]
         states, cals, series = {}, {}, {}
@@ -363,19 +364,26 @@ def test_batched_scoring_with_local_and_global_entities():
                                    {"rate_window": "1s"}, [], states, cals)
         n = cfg.seq_len + cfg.smooth - 1
 
-        def reference(s, raw, use_local):
+        rows = level_rows(cfg, detect_live.LiveOptions().live_step)
+        assert det.scoring.level_rows == (rows if level else 0)
+
+        def reference(s, raw, before, use_local):
             if states[s].local is not None:
                 apply_local_state(model, states[s].local)
-            out = score_series(model, states[s].scaler.transform(raw), SEQ_LEN, use_local)
+            out = score_series(model, states[s].scaler.transform(raw), SEQ_LEN, use_local, level_rows=rows,
+                               history=states[s].scaler.transform(before))
+            assert (out.fall is not None) == bool(level)
+            np.testing.assert_allclose(det.scoring.last_input[s][1], cals[s].name(out), rtol=1e-5, atol=1e-6)
             return float(cals[s].score(out)[-1])
 
         for end in (30, 31):
             raws = {s: series[s][end - n:end] for s in names}
-            got = det.scoring.score(raws)
+            befores = {s: series[s][:end - n] for s in names}
+            got = det.scoring.score(raws, befores)
             assert det.scoring.model_windows == (len(names) * cfg.smooth if end == 30 else len(names))
             for s in names:
-                assert got[s] == pytest.approx(reference(s, raws[s], states[s].use_local), rel=1e-5, abs=1e-6), \
-                    (s, end)
+                assert got[s] == pytest.approx(reference(s, raws[s], befores[s], states[s].use_local), rel=1e-5,
+                                               abs=1e-6), (s, end, level)
 
 
 def test_kubernetes_metric_set_template_is_valid_promql(fleet):

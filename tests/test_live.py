@@ -259,7 +259,8 @@ def live_lab(tmp_path_factory):
 @needs_binaries
 def test_threshold_is_test_py_s(live_lab):
     """detect_live computes the threshold exactly as test.py does (SPOT on the validation tail),
-    and scores a window as the offline scorer scores its last point."""
+    and scores a window as the offline scorer scores its last point, the level gauges' recent
+    level from the rows before it too."""
     import detect_live
     import test as evaluate_script
     from puad import build_model, read_checkpoint
@@ -282,8 +283,9 @@ def test_threshold_is_test_py_s(live_lab):
         np.testing.assert_allclose(cal.scale_, r["scorer"].scale_, rtol=1e-6)
         # a live window's score is the offline (smoothed) score of its last point
         x = ent.train[:, [ent.features.index(f) for f in ckpt["features"]]]
-        for i in (k - 1, len(x) - 1):
-            got = det.scoring.score({ent.name: x[i - k + 1:i + 1]})[ent.name]
+        for i in (k - 1, len(x) - 1):  # the rows before the window (train, as the test split's history) too
+            before = np.concatenate([x, x[:i - k + 1]])
+            got = det.scoring.score({ent.name: x[i - k + 1:i + 1]}, {ent.name: before})[ent.name]
             assert got == pytest.approx(r["test_scores"][i], rel=1e-4, abs=1e-4)
     live_lab["spot"] = det.scoring.thresholds
 

@@ -213,3 +213,55 @@ def test_local_prototypes_reconstruct_a_point_only_where_closer(monkeypatch):
         assert out.local_used.shape == (60,) and out.local_used.any() and not glob.local_used.any()
         np.testing.assert_allclose(out.plan_global, glob.plan, atol=1e-6)
         assert out.plan.shape == (60, cfg.n_global + cfg.n_local) and glob.plan_global is None
+
+
+def test_level_gauges_are_reconstructed_around_their_recent_level(monkeypatch):
+    """A level gauge (PUAD.set_level) enters the model less its window's mean, in training and
+    scoring, so a constant shift of it changes nothing but its reconstruction's level; score_series
+    then reconstructs it around the lower of the window's mean and its mean over level_rows rows
+    before (history first): a rise above the recent level stays in the residual until the level
+    catches up, a fall does not. Without level gauges nothing changes."""
+    import numpy as np
+
+    import puad
+    from puad import score_series
+    monkeypatch.setattr(puad, "SCORE_BF16", False)
+    torch.manual_seed(3)
+    cfg = parse_config(["--preset=test"])
+    model = PUAD(cfg, 3).eval()
+    x = torch.rand(8, cfg.seq_len, 3)
+    shift = torch.tensor([0.0, 5.0, 0.0])
+    plain = model.reconstruct(x)["x_mu"]
+    assert not model.has_level and torch.equal(model.reconstruct(x)["center"], torch.zeros(8, cfg.seq_len, 3))
+    with torch.no_grad():
+        loss = model(x, sample=False, batch_plan=False)["recon"]
+    model.set_level([False, True, False])
+    a, b = model.reconstruct(x), model.reconstruct(x + shift)
+    assert torch.allclose(b["x_mu"] - a["x_mu"], shift.expand_as(a["x_mu"]), atol=1e-5)  # only the level moves
+    assert torch.allclose(a["theta0"], b["theta0"], atol=1e-5)
+    assert not torch.allclose(a["x_mu"], plain, atol=1e-3)  # the gauge enters centred: another reconstruction
+    with torch.no_grad():
+        assert torch.allclose(model(x + shift, sample=False, batch_plan=False)["recon"],
+                              model(x, sample=False, batch_plan=False)["recon"], atol=1e-3)
+        assert not torch.allclose(model(x, sample=False, batch_plan=False)["recon"], loss, atol=1e-3)
+    # the recent level: a step up of the gauge at row 60 shows until the 30-row level has caught up;
+    # a step down at row 130 does not
+    n, seq = 200, cfg.seq_len
+    rng = np.random.default_rng(0)
+    series = (0.5 + 0.01 * rng.standard_normal((n, 3))).astype(np.float32)
+    series[60:130, 1] += 2.0
+    windowed = score_series(model, series, seq)  # level_rows=0: around the window's own mean
+    recent = score_series(model, series, seq, level_rows=30, history=series[:40])
+    assert np.abs(series - recent.mu)[62, 1] > 1.5  # shown at the step,
+    # gone once 30 rows sit above it
+    np.testing.assert_allclose(recent.mu[90:130, 1], windowed.mu[90:130, 1], atol=0.05)
+    np.testing.assert_allclose(recent.mu[130:, 1], windowed.mu[130:, 1], atol=0.05)  # the fall back is no level anomaly
+    assert recent.fall[140, 1] > 0.3 and (recent.fall >= 0).all() and not recent.fall[:, [0, 2]].any()  # but names it
+    assert windowed.fall is None
+    np.testing.assert_allclose(recent.mu[:, [0, 2]], windowed.mu[:, [0, 2]], atol=1e-6)  # other features untouched
+    # a window wholly above the step: its own mean hides the step, the recent level (20 of 30 rows up) does not
+    assert np.abs(series - recent.mu)[80, 1] > np.abs(series - windowed.mu)[80, 1] + 0.5
+    # without level gauges level_rows and history change nothing
+    model.set_level(None)
+    np.testing.assert_array_equal(score_series(model, series, seq, level_rows=30, history=series).mu,
+                                  score_series(model, series, seq).mu)

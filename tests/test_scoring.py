@@ -316,7 +316,7 @@ def test_live_detector_never_reads_a_non_finite_score_as_normal(tmp_path, monkey
                           cfg.seq_len)
     assert det.top["svc"] == [f for f, _ in scoring.top_features(weights[-1], ["a", "b", "c"], 3)]
     assert det.top["svc"][0] == "a"
-    monkeypatch.setattr(det.scoring, "score", lambda ready: {e: float("nan") for e in ready})
+    monkeypatch.setattr(det.scoring, "score", lambda ready, before=None: {e: float("nan") for e in ready})
     det.poll(end + step)
     assert g.skipped.labels("svc", "non_finite")._value.get() == 1
     assert g.scored.labels("svc")._value.get() == 1

@@ -103,3 +103,23 @@ def test_plot_loss_draws_both_stages_and_refuses_bad_files(trained, tmp_path):
     with pytest.raises(SystemExit, match="bad.csv: not a loss_metrics.csv"):
         plot_loss.plot_loss(tmp_path / "bad.csv", tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_checkpoint_records_the_level_gauges(tmp_path):
+    """Stage 1 marks the features that moved less than 10 % of their magnitude over train (the
+    lab's memory columns) as level gauges in the checkpoint, and the model it builds centres them;
+    --level_window=0 marks none, and a checkpoint from before them ("level" absent) has none."""
+    from conftest import ROOT
+    lab = ROOT / "Dataset" / "lab"
+    for window, want in (("1800", {"memory_usage", "process_rss", "node_memory_available"}), ("0", set())):
+        train_safe.main(args(tmp_path, lab, "--entities=payment", "--stage=global", "--epochs=1",
+                             "--max_train_windows=256", f"--level_window={window}"))
+        ckpt = read_checkpoint(tmp_path / "puad.ckpt")
+        assert {f for f, m in zip(ckpt["features"], ckpt["level"]) if m} == want
+        model, _ = build_model(ckpt)
+        assert model.has_level == bool(want)
+        assert model.level.tolist() == ckpt["level"]
+    ckpt["level"] = [True] * len(ckpt["features"])
+    assert build_model(ckpt)[0].has_level
+    del ckpt["level"]
+    assert not build_model(ckpt)[0].has_level

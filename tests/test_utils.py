@@ -228,3 +228,32 @@ def test_split_train_val_holds_out_blocks_spread_over_the_series():
     assert len(held) == 5 and min(map(len, held)) >= 20 and min(map(len, tr)) >= 20
     tr, held = split_train_val(x[:30], 0.1, 20)  # too short to hold anything out: validates on itself
     assert tr[0] is held[0]
+
+
+def test_level_gauges_and_trailing_mean():
+    """A level gauge moved, but less than 10 % of its magnitude (a pod's memory around 50 Mi);
+    a constant, a load-like column and a gauge near 0 are none. trailing_mean is the mean of the
+    rows before each row, history counted first."""
+    from utils import level_gauges, trailing_mean
+    t = np.arange(100.0)
+    train = np.column_stack([50 + 0.01 * np.sin(t), np.full(100, 7.0), 10 + 5 * np.sin(t), 0.01 * np.sin(t),
+                             -200 + np.cos(t)])
+    assert level_gauges(train).tolist() == [True, False, False, False, True]
+    x = np.arange(10.0)[:, None]
+    got = trailing_mean(x, 3)
+    assert got[0, 0] == 0.0 and got[1, 0] == 0.0 and got[2, 0] == 0.5  # the row itself, then what precedes
+    np.testing.assert_allclose(got[3:, 0], [1, 2, 3, 4, 5, 6, 7])  # mean of the 3 before
+    hist = np.array([[-3.0], [-2.0], [-1.0], [100.0]])[:-1]
+    np.testing.assert_allclose(trailing_mean(x, 3, hist)[:3, 0], [-2.0, -1.0, 0.0])
+    np.testing.assert_allclose(trailing_mean(x, 3, hist)[3:], got[3:])
+
+
+def test_split_bounds_are_split_train_val_s_cuts():
+    from utils import split_bounds, split_train_val
+    x = np.arange(1000.0)[:, None]
+    for blocks in (1, 4):
+        train, held = split_train_val(x, 0.1, 20, blocks)
+        bounds = split_bounds(1000, 0.1, 20, blocks)
+        assert [(p[0, 0], p[-1, 0] + 1) for p in held] == [(cut, hi) for _, cut, hi in bounds]
+        assert [(p[0, 0], p[-1, 0] + 1) for p in train] == [(lo, cut) for lo, cut, _ in bounds]
+    assert split_bounds(25, 0.1, 20) is None
