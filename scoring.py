@@ -305,8 +305,7 @@ class Scorer:
     # ---- score
     def contributions(self, rec: Reconstruction) -> np.ndarray:
         """Each feature's part c_tv of the raw point score (n, V), before smoothing."""
-        r = np.asarray(rec.x, np.float64) - rec.mu
-        return np.minimum(((r - self.center_) / self.scale_) ** 2, MAX_CONTRIBUTION)
+        return contributions_of(rec.x, rec.mu, self.center_, self.scale_)
 
     def latent_term(self, theta0: np.ndarray | None) -> np.ndarray | float:
         """What theta0's distance to the entity's memory adds to each raw point score (n,)."""
@@ -406,10 +405,15 @@ class Scorer:
 
     def _log_named(self, x: np.ndarray, mu: np.ndarray) -> np.ndarray:
         """log(1 + each feature's named contribution) of single points (B, V), unsmoothed."""
-        c = attribution(np.minimum(((np.asarray(x, np.float64) - mu - self.center_) / self.scale_) ** 2,
-                                   MAX_CONTRIBUTION), x, self.pinned_)
+        c = attribution(contributions_of(x, mu, self.center_, self.scale_), x, self.pinned_)
         c = c if self.usual_ is None else np.minimum(c / self.usual_, MAX_CONTRIBUTION)
         return np.log1p(np.maximum(c, 0.0))
+
+
+def contributions_of(x: np.ndarray, mu: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Each feature's contribution: its residual x - mu, less the normaliser's center, over its
+    scale, squared, capped at MAX_CONTRIBUTION (Scorer.contributions; score_many for E series)."""
+    return np.minimum(((np.asarray(x, np.float64) - mu - center) / scale) ** 2, MAX_CONTRIBUTION)
 
 
 def score_many(scorers: list[Scorer], x: np.ndarray, mu: np.ndarray | None, theta0: np.ndarray | None,
@@ -429,13 +433,12 @@ def score_many(scorers: list[Scorer], x: np.ndarray, mu: np.ndarray | None, thet
     center = np.stack([s.center_ for s in scorers])[None]  # (1, E, V)
     scale = np.stack([s.scale_ for s in scorers])[None]
     xt = t(x).astype(np.float64)
-    c = np.minimum(((xt - t(mu) - center) / scale) ** 2, MAX_CONTRIBUTION)
+    c = contributions_of(xt, t(mu), center, scale)
     latent = t(latent_many(scorers, theta0, c.shape[0]))  # (n, E)
     pinned = np.stack([s.pinned_ for s in scorers])[None]
     usual = np.stack([np.ones(c.shape[-1]) if s.usual_ is None else s.usual_ for s in scorers])[None]
-    if fall is not None:
-        c_named = np.minimum(((xt - t(mu) - t(fall) - center) / scale) ** 2, MAX_CONTRIBUTION)
-    named = np.minimum(smooth(attribution(c if fall is None else c_named, xt, pinned), k) / usual, MAX_CONTRIBUTION)
+    c_named = c if fall is None else contributions_of(xt, t(mu) + t(fall), center, scale)
+    named = np.minimum(smooth(attribution(c_named, xt, pinned), k) / usual, MAX_CONTRIBUTION)
     return (np.swapaxes(smooth_scores(c.mean(-1) + latent, k, cap), 0, 1), np.swapaxes(named, 0, 1))
 
 
