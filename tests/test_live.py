@@ -51,7 +51,7 @@ RATE_WINDOW = 5  # seconds; the lab's default is 5 x the scrape interval
 COLUMNS = ["up", "request_rate", "error_rate", "cpu_rate", "process_cpu_rate"]
 ENTITIES = ["catalogue", "payment"]
 RECORD_S = 25   # seconds of normal data the test trains on
-MARGIN = 1.0    # the test's explicit threshold = MARGIN x the SPOT threshold (see the E2E test)
+MARGIN = 0.4    # the test's explicit threshold = MARGIN x the SPOT threshold (see the E2E test)
 
 
 def free_port() -> int:
@@ -296,8 +296,9 @@ def test_live_detection_fault_outage_and_sigterm(live_lab):
     RECORD_S seconds of data a test can afford, the validation tail holds a handful of windows.
     Before SPOT took the tail's scale at its upper bound (metrics.exponential_scale_bound) its
     threshold sat at the top of the normal noise and the test used 6 x; now it lies far above the
-    normal scores (89 and 103 in two runs, against 1-6), and a CPU fault passes it in about 5
-    steps."""
+    normal scores (89 to 104 in four runs, against up to 13). How far the CPU fault lifts the score
+    depends on the machine: 207 here, 90 on a CI machine, where 1 x SPOT (104) missed it. 0.4 x
+    SPOT keeps a margin of about 3 x over the normal stretch and 2 x under the weaker fault."""
     import detect_live
     import lab
     tmp, procs = live_lab["tmp"], live_lab["procs"]
@@ -351,7 +352,7 @@ def test_live_detection_fault_outage_and_sigterm(live_lab):
             injector.stop(handle)
         t_end = time.time()
         first = next((i for i, (a, _) in enumerate(during) if a == 1), None)
-        assert first is not None and first <= 10, f"no alarm within 10 steps of the CPU fault: {during}"
+        assert first is not None and first <= 10, f"no alarm within 10 steps of the CPU fault (threshold {threshold:.4g}, normal {normal}): {during}"
         after = wait_for(lambda m: m['puad_alert{entity="catalogue"}'] == 0, 30, "the alert to resolve (--alarm_clear)",
                          port, detector)
         assert after['puad_anomaly{entity="catalogue"}'] == 0
