@@ -498,6 +498,14 @@ def _fault_kind(faults: np.ndarray | None, a: int, b: int) -> str:
     return max(set(kinds), key=kinds.count) if kinds else ""
 
 
+def _fault_kinds(faults: Any | None) -> np.ndarray | None:
+    """Fault kinds per point as strings, '' outside faults (None, NaN and '' alike)."""
+    if faults is None:
+        return None
+    return np.array(["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                     for v in np.asarray(faults, dtype=object).ravel()], dtype=object)
+
+
 def alert_metrics(pred: Any, labels: Any, faults: Any | None = None, step_s: float | None = None,
                   elsewhere: Any | None = None) -> dict[str, Any]:
     """What an SRE reads off a series of alarms (pred: 1 = the alarm is on at that point).
@@ -518,10 +526,7 @@ def alert_metrics(pred: Any, labels: Any, faults: Any | None = None, step_s: flo
     p = np.asarray(pred).ravel().astype(bool)
     if p.size != y.size:
         raise ValueError("labels and pred differ in length")
-    fk = None
-    if faults is not None:
-        fk = np.array(["" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-                       for v in np.asarray(faults, dtype=object).ravel()], dtype=object)
+    fk = _fault_kinds(faults)
     alarms, faults_ = segments(p), segments(y)
     false = sum(1 for a, b in alarms if not y[a:b].any())
     delays, per_kind = [], {}
@@ -573,6 +578,34 @@ def elsewhere_masks(series: Mapping[str, tuple[np.ndarray, np.ndarray | None]], 
         i = np.searchsorted(other, t - step_s)  # the first labelled time >= t - step
         out[name] = (i < len(other)) & (other[np.minimum(i, len(other) - 1)] <= t + step_s)
     return out
+
+
+def faults_seen(series: Mapping[str, tuple[np.ndarray, np.ndarray | None, Any | None, np.ndarray]],
+                step_s: float | None) -> dict[str, Any]:
+    """The fleet's view of every entity's fault events, {name: (test timestamps, labels, fault
+    kinds or None, alarm on per point)}: a fault event is seen when the alarm of any entity, its
+    own or another's, is on within one step of it (a callee's network delay shows in its caller's
+    client latency). Beside alert_metrics' faults caught, which counts only the entity's own
+    alarm. Only where timestamps are times (step_s given), else {} -> fault_events, faults_seen,
+    faults_seen_share, per_fault_events {kind: {events, seen}}."""
+    if not step_s or step_s <= 0:
+        return {}
+    on = np.sort(np.concatenate([np.asarray(ts, np.float64)[np.asarray(a, bool).ravel()]
+                                 for ts, _, _, a in series.values()] or [np.zeros(0)]))
+    events = seen = 0
+    kinds: dict[str, dict[str, int]] = {}
+    for ts, y, faults, _ in series.values():
+        if y is None:
+            continue
+        t, fk = np.asarray(ts, np.float64), _fault_kinds(faults)
+        for a, b in segments(y):
+            hit = bool(np.searchsorted(on, t[a] - step_s) < np.searchsorted(on, t[b - 1] + step_s, side="right"))
+            kind = kinds.setdefault(_fault_kind(fk, a, b) or "unlabelled", {"events": 0, "seen": 0})
+            events, seen = events + 1, seen + hit
+            kind["events"] += 1
+            kind["seen"] += hit
+    return {"fault_events": events, "faults_seen": seen, "faults_seen_share": seen / events if events else NAN,
+            "per_fault_events": dict(sorted(kinds.items()))}
 
 
 # --------------------------------------------------------------------------- evaluate / summarize
@@ -706,6 +739,9 @@ def alert_totals(per_entity: list[Mapping[str, Any]]) -> dict[str, Any]:
         tot["alarms_per_day"] = tot["alarm_events"] / tot["days"] if tot.get("days") else NAN
     if "false_alarm_events" in tot:
         tot["false_alarms_per_day"] = tot["false_alarm_events"] / tot["days"] if tot.get("days") else NAN
+    if "false_alarms_elsewhere" in tot:  # away from every entity's fault: what no incident explains
+        tot["false_alarms_quiet"] = tot["false_alarm_events"] - tot["false_alarms_elsewhere"]
+        tot["false_alarms_quiet_per_day"] = tot["false_alarms_quiet"] / tot["days"] if tot.get("days") else NAN
     tot["faults_caught_share"] = tot["faults_caught"] / tot["fault_events"] if tot.get("fault_events") else NAN
     kinds: dict[str, dict[str, float]] = {}
     for e in per_entity:
