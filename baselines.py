@@ -169,10 +169,9 @@ def point_output(out: dict, x: np.ndarray, seq_len: int) -> scoring.Reconstructi
     return scoring.Reconstruction(x, scores=window_to_point_scores(out["scores"], seq_len))
 
 
-def run_entity(ent: Entity, method: str, cfg: Config, opt: dict,
-               elsewhere: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray]:
+def run_entity(ent: Entity, method: str, cfg: Config, opt: dict, elsewhere: np.ndarray | None = None) -> dict[str, Any]:
     """Fit one baseline on one entity; calibrate on the held-out rows (scoring.Scorer, as PUAD);
-    evaluate on test -> (its metrics, its alarm per test point: metrics.held_alarms)."""
+    evaluate on test."""
     t0 = time.perf_counter()
     if ent.test is None:
         raise SystemExit(f"{ent.name}: no test split to score")
@@ -184,8 +183,7 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict,
     test = scaler.transform(ent.test)
     rec = point_output(model(_flat(test, cfg.seq_len)), test, cfg.seq_len)
     test_scores = scorer.score(rec)
-    thresholds = scorer.thresholds(test_scores)
-    res = metrics.evaluate(test_scores, thresholds, ent.labels, ent.faults, step_s=time_step([ent]),
+    res = metrics.evaluate(test_scores, scorer.thresholds(test_scores), ent.labels, ent.faults, step_s=time_step([ent]),
                            hold=cfg.alarm_hold, clear=cfg.alarm_clear, elsewhere=elsewhere)
     if ent.interpretation is not None and rec.mu is not None:  # named as PUAD's (Scorer.explain)
         recon = lambda w: model(np.ascontiguousarray(w.reshape(len(w), -1), dtype=np.float32))["mu"]  # noqa: E731
@@ -195,7 +193,7 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict,
                                                   weights=metrics.sample_weights(len(test), segs, scoring.NAMED_PER_SEGMENT)))
     res["n_val"] = int(scorer.n_rows_)
     res["time_s"] = round(time.perf_counter() - t0, 3)
-    return res, metrics.held_alarms(test_scores > thresholds, cfg.alarm_hold, cfg.alarm_clear)
+    return res
 
 
 OPTION_HELP = {"knn_k": "kNN: neighbours averaged", "knn_max_train": "kNN: train windows kept (a random subset)",
@@ -237,16 +235,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for method in methods:
         t0 = time.perf_counter()
         set_seed(cfg.seed)
-        per_entity, fleet = {}, {}
+        per_entity = {}
         for ent in entities:
-            per_entity[ent.name], alarms = run_entity(ent, method, cfg, opt, elsewhere.get(ent.name))
-            fleet[ent.name] = (ent.test_ts, ent.labels, ent.faults, alarms)
+            per_entity[ent.name] = run_entity(ent, method, cfg, opt, elsewhere.get(ent.name))
             r = per_entity[ent.name]
             log.info("%s %s: auc_pr=%.3f f1=%.3f best_f1=%.3f (%.1fs)", method, ent.name,
                      r.get("auc_pr", float("nan")), r.get("f1", float("nan")),
                      r.get("best_f1_oracle", float("nan")), r["time_s"])
         summary = metrics.summarize(per_entity)
-        summary["fleet"] = metrics.faults_seen(fleet, time_step(tested))
         summary.update(method=method, data=str(cfg.data), wall_s=round(time.perf_counter() - t0, 2),
                        options={k: opt[k] for k in opt if k != "methods"},
                        config=dataclasses.asdict(cfg))
@@ -260,11 +256,6 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                  method, *(_fmt(m.get(k)) for k in ("auc_roc", "auc_pr", "f1", "best_f1_oracle",
                                                      "best_f1_pa_oracle", "vus_pr")),
                  summary["wall_s"])
-        if summary["fleet"]:
-            f = summary["fleet"]
-            log.info("%s fleet: %d of %d fault events with some entity's alarm on; %s false alarm events away from "
-                     "every fault", method, f["faults_seen"], f["fault_events"],
-                     _fmt(summary["total"].get("false_alarms_quiet")))
         out[method] = summary
     return out
 

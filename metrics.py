@@ -580,34 +580,6 @@ def elsewhere_masks(series: Mapping[str, tuple[np.ndarray, np.ndarray | None]], 
     return out
 
 
-def faults_seen(series: Mapping[str, tuple[np.ndarray, np.ndarray | None, Any | None, np.ndarray]],
-                step_s: float | None) -> dict[str, Any]:
-    """The fleet's view of every entity's fault events, {name: (test timestamps, labels, fault
-    kinds or None, alarm on per point)}: a fault event is seen when the alarm of any entity, its
-    own or another's, is on within one step of it (a callee's network delay shows in its caller's
-    client latency). Beside alert_metrics' faults caught, which counts only the entity's own
-    alarm. Only where timestamps are times (step_s given), else {} -> fault_events, faults_seen,
-    faults_seen_share, per_fault_events {kind: {events, seen}}."""
-    if not step_s or step_s <= 0:
-        return {}
-    on = np.sort(np.concatenate([np.asarray(ts, np.float64)[np.asarray(a, bool).ravel()]
-                                 for ts, _, _, a in series.values()] or [np.zeros(0)]))
-    events = seen = 0
-    kinds: dict[str, dict[str, int]] = {}
-    for ts, y, faults, _ in series.values():
-        if y is None:
-            continue
-        t, fk = np.asarray(ts, np.float64), _fault_kinds(faults)
-        for a, b in segments(y):
-            hit = bool(np.searchsorted(on, t[a] - step_s) < np.searchsorted(on, t[b - 1] + step_s, side="right"))
-            kind = kinds.setdefault(_fault_kind(fk, a, b) or "unlabelled", {"events": 0, "seen": 0})
-            events, seen = events + 1, seen + hit
-            kind["events"] += 1
-            kind["seen"] += hit
-    return {"fault_events": events, "faults_seen": seen, "faults_seen_share": seen / events if events else NAN,
-            "per_fault_events": dict(sorted(kinds.items()))}
-
-
 # --------------------------------------------------------------------------- evaluate / summarize
 def interpretation_metrics(contrib: np.ndarray, segments: list, ps: tuple[int, ...] = (100, 150),
                            weights: np.ndarray | None = None) -> dict[str, float]:

@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from config import SCORES, Config, cli, print_config  # noqa: E402
-from metrics import elsewhere_masks, evaluate, faults_seen, held_alarms, interpretation_metrics, sample_weights, segments, summarize  # noqa: E402
+from metrics import elsewhere_masks, evaluate, held_alarms, interpretation_metrics, sample_weights, segments, summarize  # noqa: E402
 import scoring  # noqa: E402
 from puad import (build_model, fit_scorer, history_warning, read_checkpoint, reconstruct_entity, run_config,  # noqa: E402
                   window_reconstructor)
@@ -65,15 +65,6 @@ def alerts_text(m: dict) -> str:
               if "false_alarms_elsewhere" in m else "")
     return (f"false alarms {m['false_alarm_events']:.0f} ({per}{during}), faults caught "
             f"{m['faults_caught']:.0f}/{m['fault_events']:.0f}")
-
-
-def fleet_text(fleet: dict, total: dict) -> str:
-    """metrics.faults_seen and the false alarms away from every fault as a log line."""
-    kinds = ", ".join(f"{k} {v['seen']}/{v['events']}" for k, v in fleet["per_fault_events"].items())
-    quiet = (f"; {total['false_alarms_quiet']:.0f} false alarm events away from every entity's fault "
-             f"({total['false_alarms_quiet_per_day']:.2f} per entity-day)" if "false_alarms_quiet" in total else "")
-    return (f"fleet: {fleet['faults_seen']} of {fleet['fault_events']} fault events with some entity's alarm on "
-            f"(its own or another's){' (' + kinds + ')' if kinds else ''}{quiet}")
 
 
 def when(t) -> str:
@@ -334,7 +325,7 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float, out: Path | None = N
     except DataError as e:
         raise SystemExit(f"test.py: error: {e}") from None
     out = Path(out or cfg.out_dir)
-    per_entity, plans, plan_labels, plans_before, local_used_all, fleet = {}, [], [], [], [], {}
+    per_entity, plans, plan_labels, plans_before, local_used_all = {}, [], [], [], []
     tested = [e for e in entities if e.test is not None]  # false alarms during another entity's fault
     elsewhere = elsewhere_masks({e.name: (e.test_ts, e.labels) for e in tested}, time_step(tested))
     for ent in entities:
@@ -346,8 +337,6 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float, out: Path | None = N
         except DataError as e:
             raise SystemExit(f"test.py: error: {e}") from None
         per_entity[ent.name], r = evaluate_entity(cfg, ckpt, model, ent, out, elsewhere.get(ent.name))
-        fleet[ent.name] = (ent.test_ts, ent.labels, ent.faults,
-                           held_alarms(r["test_scores"] > r["threshold"], cfg.alarm_hold, cfg.alarm_clear))
         plans.append(r["rec"].plan)
         plan_labels.append(ent.labels)
         # the plan before adaptation: None for an adapted entity under --local_score=always
@@ -356,7 +345,6 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float, out: Path | None = N
     if not per_entity:
         raise SystemExit(f"test.py: error: {cfg.data}: no entity with a test.csv")
     results = summarize(per_entity)
-    results["fleet"] = faults_seen(fleet, time_step(tested))
     results.update(checkpoint=str(cfg.ckpt), data=str(cfg.data), threshold_method="spot", score_mode=cfg.score_mode,
                    spot_q=cfg.spot_q, spot_level=cfg.spot_level, seconds=round(time.time() - t0, 2),
                    config=dataclasses.asdict(cfg))
@@ -379,8 +367,6 @@ def evaluate_all(cfg: Config, ckpt: dict, model, t0: float, out: Path | None = N
               f"best-F1-PA(oracle) {mean['best_f1_pa_oracle']:.3f}")
         total = results["total"]
         print(f"alerts over {len(per_entity)} entities: {alerts_text(dict(total, n_points=sum(m['n_points'] for m in per_entity.values())))}")
-        if results["fleet"]:
-            print(fleet_text(results["fleet"], total))
     print(f"wrote {cfg.out_dir}/metrics.json in {results['seconds']:.1f}s")
     return results
 
