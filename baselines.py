@@ -17,7 +17,9 @@ For an entity with interpretation labels (interpretation.csv), PCA and the autoe
 scores are sums over features, also report ``hitrate_100``/``hitrate_150`` from their per-feature
 contributions (metrics.interpretation_metrics) and the random-ranking floors
 ``hitrate_100_random``/``hitrate_150_random``; the other methods report none of these keys.
-Writes ``<out_dir>/<method>/metrics.json`` = {"entities", "mean", meta...} atomically; the
+Writes ``<out_dir>/<method>/metrics.json`` = {"entities", "mean", meta...} and each entity's test
+scores, ``<out_dir>/<method>/scores_<entity>.csv`` (test.py's columns: timestamp, score,
+threshold, prediction, label), atomically; the
 default out_dir is ``res_hr/baselines/<dataset folder name>`` (e.g. res_hr/baselines/ASD).
 
 Baseline-only options (not Config fields): --methods, --knn_k (5), --knn_max_train (5000),
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.decomposition import PCA
 from sklearn.ensemble import IsolationForest
@@ -41,7 +44,8 @@ import scoring
 import tranad
 from config import Config, cli, cli_error
 from utils import (DataError, Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
-                   set_seed, set_threads, split_train_val, time_step, window_to_point_scores, write_json_atomic)
+                   set_seed, set_threads, split_train_val, time_step, window_to_point_scores, write_csv_atomic,
+                   write_json_atomic)
 
 # the Config fields baselines.py takes: the data, its split and window, the scorer, the AE's batch
 READS = ("data", "entities", "out_dir", "smooth", "alarm_budget", "alarm_hold", "alarm_clear", "num_threads", "seed", "seq_len",
@@ -169,9 +173,10 @@ def point_output(out: dict, x: np.ndarray, seq_len: int) -> scoring.Reconstructi
     return scoring.Reconstruction(x, scores=window_to_point_scores(out["scores"], seq_len))
 
 
-def run_entity(ent: Entity, method: str, cfg: Config, opt: dict, elsewhere: np.ndarray | None = None) -> dict[str, Any]:
+def run_entity(ent: Entity, method: str, cfg: Config, opt: dict,
+               elsewhere: np.ndarray | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
     """Fit one baseline on one entity; calibrate on the held-out rows (scoring.Scorer, as PUAD);
-    evaluate on test."""
+    evaluate on test -> (its metrics, its test scores in test.py's scores_<entity>.csv columns)."""
     t0 = time.perf_counter()
     if ent.test is None:
         raise SystemExit(f"{ent.name}: no test split to score")
@@ -183,8 +188,12 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict, elsewhere: np.n
     test = scaler.transform(ent.test)
     rec = point_output(model(_flat(test, cfg.seq_len)), test, cfg.seq_len)
     test_scores = scorer.score(rec)
-    res = metrics.evaluate(test_scores, scorer.thresholds(test_scores), ent.labels, ent.faults, step_s=time_step([ent]),
+    thresholds = scorer.thresholds(test_scores)
+    res = metrics.evaluate(test_scores, thresholds, ent.labels, ent.faults, step_s=time_step([ent]),
                            hold=cfg.alarm_hold, clear=cfg.alarm_clear, elsewhere=elsewhere)
+    pred = (test_scores > thresholds).astype(int)
+    scores = pd.DataFrame({"timestamp": ent.test_ts, "score": test_scores, "threshold": thresholds, "prediction": pred,
+                           "label": ent.labels if ent.labels is not None else np.full(len(pred), -1)})
     if ent.interpretation is not None and rec.mu is not None:  # named as PUAD's (Scorer.explain)
         recon = lambda w: model(np.ascontiguousarray(w.reshape(len(w), -1), dtype=np.float32))["mu"]  # noqa: E731
         segs = interpretation_segments(ent, ent.features)
@@ -193,7 +202,7 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict, elsewhere: np.n
                                                   weights=metrics.sample_weights(len(test), segs, scoring.NAMED_PER_SEGMENT)))
     res["n_val"] = int(scorer.n_rows_)
     res["time_s"] = round(time.perf_counter() - t0, 3)
-    return res
+    return res, scores
 
 
 OPTION_HELP = {"knn_k": "kNN: neighbours averaged", "knn_max_train": "kNN: train windows kept (a random subset)",
@@ -235,9 +244,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     for method in methods:
         t0 = time.perf_counter()
         set_seed(cfg.seed)
-        per_entity = {}
+        per_entity, scores = {}, {}
         for ent in entities:
-            per_entity[ent.name] = run_entity(ent, method, cfg, opt, elsewhere.get(ent.name))
+            per_entity[ent.name], scores[ent.name] = run_entity(ent, method, cfg, opt, elsewhere.get(ent.name))
             r = per_entity[ent.name]
             log.info("%s %s: auc_pr=%.3f f1=%.3f best_f1=%.3f (%.1fs)", method, ent.name,
                      r.get("auc_pr", float("nan")), r.get("f1", float("nan")),
@@ -247,9 +256,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
                        options={k: opt[k] for k in opt if k != "methods"},
                        config=dataclasses.asdict(cfg))
         try:
+            for name, frame in scores.items():
+                write_csv_atomic(f"{cfg.out_dir}/{method}/scores_{name}.csv", frame)
             write_json_atomic(f"{cfg.out_dir}/{method}/metrics.json", summary)
         except OSError as e:
-            raise SystemExit(f"baselines.py: error: cannot write {cfg.out_dir}/{method}/metrics.json "
+            raise SystemExit(f"baselines.py: error: cannot write in {cfg.out_dir}/{method} "
                              f"({e.strerror or e})") from None
         m = summary["mean"]
         log.info("%s mean: auc_roc=%s auc_pr=%s f1=%s best_f1=%s best_f1_pa=%s vus_pr=%s  [%.1fs]",

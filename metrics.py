@@ -580,6 +580,58 @@ def elsewhere_masks(series: Mapping[str, tuple[np.ndarray, np.ndarray | None]], 
     return out
 
 
+def alert_frontier_oracle(scores: Any, labels: Any, faults: Any | None = None, kind: str | None = None,
+                          max_cuts: int = 400) -> list[list[int]]:
+    """ORACLE (labels choose the threshold): over thresholds at the max_cuts highest scores (flags
+    score >= cut, neither held nor cleared), the most fault events caught (of `kind` only, where
+    given) at each count of false alarm events -> [[false alarm events, caught], ...], fewer
+    false alarms first, each pair catching more than the one before."""
+    s, y = _scores(scores), _labels(labels)
+    best: dict[int, int] = {0: 0}
+    for t in np.unique(s)[::-1][:max_cuts]:
+        a = alert_metrics(s >= t, y, faults)
+        c = a["faults_caught"] if kind is None else a.get("per_fault_events", {}).get(kind, {}).get("caught", 0)
+        best[a["false_alarm_events"]] = max(best.get(a["false_alarm_events"], 0), c)
+    front: list[list[int]] = []
+    for fa in sorted(best):
+        if not front or best[fa] > front[-1][1]:
+            front.append([fa, best[fa]])
+    return front
+
+
+def ceiling_oracle(frontiers: list[tuple[list[list[int]], float]], budget: float = 1.0) -> int:
+    """ORACLE: the most fault events the entities catch together, each at a point of its
+    alert_frontier_oracle, with at most `budget` false alarm events per entity-day over all of
+    them (a knapsack; frontiers: (frontier, the entity's days))."""
+    allowed = budget * sum(days for _, days in frontiers)
+    reach = {0: 0}
+    for front, _ in frontiers:
+        nxt: dict[int, int] = {}
+        for used, caught in reach.items():
+            for fa, c in front:
+                if used + fa <= allowed:
+                    nxt[used + fa] = max(nxt.get(used + fa, -1), caught + c)
+        reach = nxt
+    return max(reach.values())
+
+
+def oracle_alert_ceiling(series: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, float | None]],
+                         budget: float = 1.0, kind: str | None = None) -> tuple[int, int]:
+    """ORACLE (labels choose the thresholds): the most fault events the scores could catch with at
+    most `budget` false alarm events per entity-day over all the entities together, each entity's
+    threshold chosen with its labels (ceiling_oracle over their alert_frontier_oracle). What no
+    label-free threshold on these scores beats -> (caught, fault events), counting only the fault
+    events of `kind` where one is given (the thresholds then chosen for that kind alone). series:
+    (scores, labels, faults, step_s) per entity; an entity without a step counts a day as 1,440
+    points."""
+    frontiers, total = [], 0
+    for s, y, faults, step in series:
+        frontiers.append((alert_frontier_oracle(s, y, faults, kind), len(s) * (step or 60.0) / DAY_S))
+        a = alert_metrics(np.zeros(len(s), bool), y, faults)
+        total += a["fault_events"] if kind is None else a.get("per_fault_events", {}).get(kind, {}).get("events", 0)
+    return ceiling_oracle(frontiers, budget), total
+
+
 # --------------------------------------------------------------------------- evaluate / summarize
 def interpretation_metrics(contrib: np.ndarray, segments: list, ps: tuple[int, ...] = (100, 150),
                            weights: np.ndarray | None = None) -> dict[str, float]:
@@ -605,6 +657,9 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
 
     ``threshold``: a number, or one per point (scoring.thresholds: the drift guard); then
     ``threshold`` in the result is the lowest and ``threshold_max`` the highest.
+
+    ``alert_frontier_oracle``: the labels' best (false alarms, caught) pairs over thresholds
+    (alert_frontier_oracle), for alert_totals' oracle ceiling.
 
     ``faults``: fault-kind strings per point ('' outside faults) -> ``per_fault``
     with recall / f1 / auc_roc / n_points per kind (that kind's points positive,
@@ -641,6 +696,7 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
         n_anomalies=int(y.sum()),
     )
     out.update(alert_metrics(held_alarms(pred, hold, clear), y, faults, step_s, elsewhere))
+    out["alert_frontier_oracle"] = alert_frontier_oracle(s, y, faults)
     if faults is not None:
         out["per_fault"] = per_fault(s, y, pred, faults)
     return out
@@ -701,7 +757,10 @@ def summarize(per_entity: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 def alert_totals(per_entity: list[Mapping[str, Any]]) -> dict[str, Any]:
     """alert_metrics summed over entities: the events, and the rates of the sums (false alarm
     events per entity-day = all false alarms over all entity-days; the share of all fault events
-    caught, overall and per kind), which a mean of per-entity rates would weigh wrongly."""
+    caught, overall and per kind), which a mean of per-entity rates would weigh wrongly; and
+    ``caught_at_budget_oracle``, the most fault events the entities' scores could catch at 1 false
+    alarm event per entity-day with each entity's threshold chosen on its labels (ceiling_oracle
+    over evaluate's ``alert_frontier_oracle``): what no label-free threshold can beat."""
     count = ("alarm_events", "false_alarm_events", "false_alarms_elsewhere", "fault_events", "faults_caught", "days")
     tot: dict[str, Any] = {k: float(np.nansum([e[k] for e in per_entity if is_num(e.get(k))]))
                            for k in count if any(k in e for e in per_entity)}
@@ -715,6 +774,10 @@ def alert_totals(per_entity: list[Mapping[str, Any]]) -> dict[str, Any]:
         tot["false_alarms_quiet"] = tot["false_alarm_events"] - tot["false_alarms_elsewhere"]
         tot["false_alarms_quiet_per_day"] = tot["false_alarms_quiet"] / tot["days"] if tot.get("days") else NAN
     tot["faults_caught_share"] = tot["faults_caught"] / tot["fault_events"] if tot.get("fault_events") else NAN
+    fronts = [(e["alert_frontier_oracle"], e["days"] if is_num(e.get("days")) and e["days"] == e["days"]
+               else e.get("n_points", 0) / 1440.0) for e in per_entity if "alert_frontier_oracle" in e]
+    if fronts:  # labels chose each entity's threshold: an ORACLE beside the label-free figures
+        tot["caught_at_budget_oracle"] = float(ceiling_oracle(fronts, 1.0))
     kinds: dict[str, dict[str, float]] = {}
     for e in per_entity:
         for kind, v in e.get("per_fault_events", {}).items():

@@ -63,8 +63,10 @@ def alerts_text(m: dict) -> str:
         else f"{1000 * m['false_alarm_events'] / max(m.get('n_points', 0), 1):.2f} per 1k points"
     during = (f", {m['false_alarms_elsewhere']:.0f} of them during another entity's fault"
               if "false_alarms_elsewhere" in m else "")
+    ceiling = (f" (ORACLE, each threshold chosen on the labels: at most {m['caught_at_budget_oracle']:.0f} at 1 false "
+               "alarm per entity-day)" if "caught_at_budget_oracle" in m else "")
     return (f"false alarms {m['false_alarm_events']:.0f} ({per}{during}), faults caught "
-            f"{m['faults_caught']:.0f}/{m['fault_events']:.0f}")
+            f"{m['faults_caught']:.0f}/{m['fault_events']:.0f}{ceiling}")
 
 
 def when(t) -> str:

@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +42,11 @@ def test_baselines_write_valid_metrics(tmp_path):
         assert ent["n_points"] == 4320 and ent["n_anomalies"] > 0
         assert ent["best_f1_oracle"] >= ent["f1"] - 1e-12  # the oracle bounds the honest F1
         assert doc["method"] == method and doc["config"]["seed"] == 0
+        # the test scores as test.py writes them, the flags those of the metrics
+        scores = pd.read_csv(out / method / "scores_omi-1.csv")
+        assert list(scores.columns) == ["timestamp", "score", "threshold", "prediction", "label"] and len(scores) == 4320
+        assert (scores["prediction"] == (scores["score"] > scores["threshold"])).all()
+        assert scores["prediction"].sum() == ent["n_predicted"] and scores["label"].sum() == ent["n_anomalies"]
         # interpretation: omi-1 has interpretation.csv; only PCA and the AE score features
         keys = ("hitrate_100", "hitrate_150", "hitrate_100_random", "hitrate_150_random")
         if method in ("pca", "ae"):

@@ -61,3 +61,20 @@ def test_compare_averages_runs_joined_by_commas(tmp_path):
     row = [c.strip() for c in r.stdout.splitlines()[-1].split("|")[1:-1]]
     # e1: mean of 0.4 and 0.6 = 0.5 (level with B); e2: 0.6 (the NaN run left out), 0.1 above B
     assert row[:5] == ["auc_pr", "2", "0.550", "0.500", "+0.050"] and row[6] == "1 / 0"
+
+
+def test_results_table_sums_alerts_and_knapsacks_the_oracle_ceiling(tmp_path):
+    """--table: one row per run, the alert figures summed over its entities, and the oracle
+    ceiling from the entities' frontiers: two one-day entities may spend 2 false alarm events
+    together, so a's (1, 2) and b's (1, 1) fit, b's (3, 2) does not."""
+    ent = dict(auc_pr=0.5, f1=0.4, false_alarm_events=1, fault_events=2, faults_caught=1, days=1.0, n_points=1440,
+               delay_steps=1.0, normal_flagged=0.01)
+    a = dict(ent, alert_frontier_oracle=[[0, 0], [1, 2]])
+    b = dict(ent, alert_frontier_oracle=[[0, 0], [1, 1], [3, 2]])
+    r = _run("--table", _write(tmp_path / "run.json", {"a": a, "b": b}))
+    assert r.returncode == 0, r.stderr
+    head, _, row = r.stdout.strip().splitlines()
+    cells = dict(zip([c.strip() for c in head.split("|")[1:-1]], [c.strip() for c in row.split("|")[1:-1]]))
+    assert cells["false alarms / entity-day"] == "1.00" and cells["faults caught"] == "2 / 4"
+    assert cells["caught at 1 false alarm / entity-day (oracle)"] == "3 / 4"
+    assert cells["AUC-PR"] == "0.500"

@@ -474,3 +474,30 @@ def test_false_alarms_during_another_entitys_fault_are_counted_apart():
     assert (tot["false_alarms_elsewhere"], tot["false_alarms_quiet"]) == (2, 2)  # away from every fault
     assert tot["false_alarms_quiet_per_day"] == pytest.approx(2 / (2 * 10 * 60 / 86400))
 
+
+def test_oracle_alert_ceiling_is_a_knapsack_over_entities_and_per_kind():
+    """metrics.oracle_alert_ceiling (an ORACLE: labels choose each entity's threshold): with one
+    false alarm event per entity-day over two one-day entities (2 in all), A's threshold goes
+    below its false spike and catches both of its faults, B's stays above its three spikes; a
+    kind counts only its own fault events, and a budget of 2 a day lets B's fault in too."""
+    import metrics
+    rng = np.random.default_rng(0)
+    series = []
+    for spans in ({"cpu": (100, 5.0), "net": (800, 3.0), "": (500, 9.0)},
+                  {"net": (200, 2.0), " ": (300, 4.0), "  ": (600, 4.5), "   ": (900, 6.0)}):
+        s, y, kinds = rng.uniform(0, 1, 1440), np.zeros(1440, int), np.array([""] * 1440, dtype=object)
+        for kind, (a, v) in spans.items():
+            n = 4 if kind.strip() else 1
+            s[a:a + n] = v
+            if kind.strip():
+                y[a:a + n], kinds[a:a + n] = 1, kind
+        series.append((s, y, kinds, 60.0))
+    assert metrics.oracle_alert_ceiling(series) == (2, 3)
+    assert metrics.oracle_alert_ceiling(series, kind="net") == (1, 2)
+    assert metrics.oracle_alert_ceiling(series, kind="cpu") == (1, 1)
+    assert metrics.oracle_alert_ceiling(series, budget=2.0) == (3, 3)
+    # the same through evaluate's frontiers and alert_totals (what test.py and baselines.py report)
+    fronts = [metrics.evaluate(s, 0.5, y, kinds, step_s=60.0) for s, y, kinds, _ in series]
+    assert fronts[0]["alert_frontier_oracle"] == [[0, 0], [1, 2]]  # the spike tops both faults
+    assert fronts[1]["alert_frontier_oracle"] == [[0, 0], [3, 1]]
+    assert metrics.alert_totals(fronts)["caught_at_budget_oracle"] == 2
