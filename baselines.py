@@ -255,13 +255,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         summary.update(method=method, data=str(cfg.data), wall_s=round(time.perf_counter() - t0, 2),
                        options={k: opt[k] for k in opt if k != "methods"},
                        config=dataclasses.asdict(cfg))
+        path = f"{cfg.out_dir}/{method}/metrics.json"
         try:
+            write_json_atomic(path, summary)
             for name, frame in scores.items():
-                write_csv_atomic(f"{cfg.out_dir}/{method}/scores_{name}.csv", frame)
-            write_json_atomic(f"{cfg.out_dir}/{method}/metrics.json", summary)
+                path = f"{cfg.out_dir}/{method}/scores_{name}.csv"
+                write_csv_atomic(path, frame)
         except OSError as e:
-            raise SystemExit(f"baselines.py: error: cannot write in {cfg.out_dir}/{method} "
-                             f"({e.strerror or e})") from None
+            raise SystemExit(f"baselines.py: error: cannot write {path} ({e.strerror or e})") from None
         m = summary["mean"]
         log.info("%s mean: auc_roc=%s auc_pr=%s f1=%s best_f1=%s best_f1_pa=%s vus_pr=%s  [%.1fs]",
                  method, *(_fmt(m.get(k)) for k in ("auc_roc", "auc_pr", "f1", "best_f1_oracle",
