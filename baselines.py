@@ -44,8 +44,8 @@ import scoring
 import tranad
 from config import Config, cli, cli_error
 from utils import (DataError, Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
-                   set_seed, set_threads, split_train_val, time_step, window_to_point_scores, write_csv_atomic,
-                   write_json_atomic)
+                   scores_frame, set_seed, set_threads, split_train_val, time_step, window_to_point_scores,
+                   write_csv_atomic, write_json_atomic)
 
 # the Config fields baselines.py takes: the data, its split and window, the scorer, the AE's batch
 READS = ("data", "entities", "out_dir", "smooth", "alarm_budget", "alarm_hold", "alarm_clear", "num_threads", "seed", "seq_len",
@@ -191,9 +191,7 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict,
     thresholds = scorer.thresholds(test_scores)
     res = metrics.evaluate(test_scores, thresholds, ent.labels, ent.faults, step_s=time_step([ent]),
                            hold=cfg.alarm_hold, clear=cfg.alarm_clear, elsewhere=elsewhere)
-    pred = (test_scores > thresholds).astype(int)
-    scores = pd.DataFrame({"timestamp": ent.test_ts, "score": test_scores, "threshold": thresholds, "prediction": pred,
-                           "label": ent.labels if ent.labels is not None else np.full(len(pred), -1)})
+    scores = scores_frame(ent, test_scores, thresholds)
     if ent.interpretation is not None and rec.mu is not None:  # named as PUAD's (Scorer.explain)
         recon = lambda w: model(np.ascontiguousarray(w.reshape(len(w), -1), dtype=np.float32))["mu"]  # noqa: E731
         segs = interpretation_segments(ent, ent.features)

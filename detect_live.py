@@ -562,9 +562,7 @@ class LiveScorer:
             for i, e in enumerate(entities):
                 past = (before or {}).get(e)
                 h = None if past is None or not len(past) else clip_inputs(self.states[e].scaler.transform(past))
-                base = trailing_mean(xs[i], self.level_rows, h)
-                mu[i][:, lvl] += (np.minimum(c[i], base) - c[i])[:, lvl].astype(mu.dtype)
-                fall[i][:, lvl] = np.maximum(base - c[i], 0.0)[:, lvl]
+                mu[i], fall[i] = puad.to_recent_level(mu[i], c[i], trailing_mean(xs[i], self.level_rows, h), lvl)
         scores, named = scoring.score_many([self.scorers[e] for e in entities], xs, mu, theta0, fall=fall)
         for i, e in enumerate(entities):
             rec = scoring.Reconstruction(xs[i], mu[i], fall=None if fall is None else fall[i])

@@ -555,6 +555,17 @@ def window_reconstructor(model: PUAD, use_local: bool) -> Callable[[np.ndarray],
     return recon
 
 
+def to_recent_level(mu: np.ndarray, center: np.ndarray, base: np.ndarray, level: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The level gauges (level, (V,) bool) reconstructed around the lower of their window's mean
+    (center, (n, V): what PUAD.reconstruct added back) and their recent level (base, (n, V):
+    utils.trailing_mean) -> (mu, fall): a rise above the recent level is scored, a fall below it
+    only named (Reconstruction.fall). score_series and detect_live.LiveScorer alike."""
+    mu = mu.copy()
+    mu[:, level] += (np.minimum(center, base) - center)[:, level].astype(mu.dtype)
+    return mu, np.where(level, np.maximum(base - center, 0.0), 0.0).astype(mu.dtype)
+
+
 def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = False,
                  batch_size: int = 1024, mode: str = "point", clip: float = INPUT_CLIP, level_rows: int = 0,
                  history: np.ndarray | None = None) -> Reconstruction:
@@ -614,10 +625,8 @@ def score_series(model: PUAD, x: np.ndarray, seq_len: int, use_local: bool = Fal
                 per_window[k].append(out[k].cpu().numpy())
     res = {k: np.concatenate(v) for k, v in per_point.items()}
     if "center" in res:
-        c, lvl = res.pop("center"), model.level.cpu().numpy()
         base = trailing_mean(x, level_rows, None if history is None else clip_inputs(history, clip))
-        res["mu"][:, lvl] += (np.minimum(c, base) - c)[:, lvl].astype(res["mu"].dtype)
-        res["fall"] = np.where(lvl, np.maximum(base - c, 0.0), 0.0).astype(res["mu"].dtype)
+        res["mu"], res["fall"] = to_recent_level(res["mu"], res.pop("center"), base, model.level.cpu().numpy())
     for k, v in per_window.items():
         if v:
             w = np.concatenate(v)

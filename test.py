@@ -34,8 +34,8 @@ import scoring  # noqa: E402
 from puad import (build_model, fit_scorer, history_warning, read_checkpoint, reconstruct_entity, run_config,  # noqa: E402
                   window_reconstructor)
 from utils import (EPOCH_S, DataError, Entity, LockError, align_features, atomic_write, get_device,  # noqa: E402
-                   interpretation_segments, load_dataset, log, output_lock, run_outputs, set_threads, time_step,
-                   write_csv_atomic, write_json_atomic)
+                   interpretation_segments, load_dataset, log, output_lock, run_outputs, scores_frame, set_threads,
+                   time_step, write_csv_atomic, write_json_atomic)
 
 READS = SCORES  # the Config fields test.py takes
 SHOWN_METRICS = ["auc_roc", "auc_pr", "vus_pr", "precision", "recall", "f1", "best_f1_oracle",
@@ -292,9 +292,7 @@ def evaluate_entity(cfg: Config, ckpt: dict, model, ent: Entity, out: Path,
         segs = interpretation_segments(ent, ent.features)
         m.update(interpretation_metrics(r["naming"], segs, weights=sample_weights(len(r["test_scores"]), segs, scoring.NAMED_PER_SEGMENT)))
     pred = (r["test_scores"] > r["threshold"]).astype(int)
-    write_csv_atomic(out / f"scores_{ent.name}.csv", pd.DataFrame({
-        "timestamp": ent.test_ts, "score": r["test_scores"], "threshold": r["threshold"],
-        "prediction": pred, "label": ent.labels if ent.labels is not None else np.full(len(pred), -1)}))
+    write_csv_atomic(out / f"scores_{ent.name}.csv", scores_frame(ent, r["test_scores"], r["threshold"]))
     segs = predicted_segments(ent, r["test_scores"], pred, r["naming"], r["named"])
     if segs is not None:
         write_csv_atomic(out / f"segments_{ent.name}.csv", segs)

@@ -724,5 +724,13 @@ def json_safe(obj):
     return obj
 
 
+def scores_frame(ent: "Entity", scores: np.ndarray, threshold: float | np.ndarray) -> pd.DataFrame:
+    """An entity's test scores as test.py and baselines.py write them (scores_<entity>.csv):
+    timestamp, score, threshold, prediction (score > threshold), label (-1 without labels)."""
+    pred = (np.asarray(scores) > threshold).astype(int)
+    return pd.DataFrame({"timestamp": ent.test_ts, "score": scores, "threshold": threshold, "prediction": pred,
+                         "label": ent.labels if ent.labels is not None else np.full(len(pred), -1)})
+
+
 def write_csv_atomic(path: str | Path, df: pd.DataFrame) -> None:
     atomic_write(path, lambda tmp: df.to_csv(tmp, index=False))
