@@ -95,7 +95,13 @@ def percentile99(calib: CalibrationData, test: scoring.Reconstruction, cfg: Conf
 
 def no_const_floor(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, step_s: float | None):
     """A feature constant over the train series scaled like any other (floor 0.1, not 0.01)."""
-    return fit_scorer(cfg, CalibrationData(calib.rows, np.zeros_like(calib.constant), calib.memory), step_s), test
+    return fit_scorer(cfg, CalibrationData(calib.rows, np.zeros_like(calib.constant), calib.memory, calib.host),
+                      step_s), test
+
+
+def host_scored(calib: CalibrationData, test: scoring.Reconstruction, cfg: Config, step_s: float | None):
+    """The host-level columns (the checkpoint's host) scored like any other (the default before them)."""
+    return fit_scorer(cfg, dataclasses.replace(calib, host=None), step_s), test
 
 
 def _scored(make):
@@ -178,7 +184,8 @@ def spread_guard(calib: CalibrationData, test: scoring.Reconstruction, cfg: Conf
 
 
 VARIANTS.update({
-    "default (norm, latent term 0.5, smooth 5 capped, floor 0.1, constant-feature floor 0.01, SPOT at the alarm budget "
+    "default (norm, latent term 0.5, smooth 5 capped, floor 0.1, constant-feature floor 0.01, host-level columns not scored, "
+    "SPOT at the alarm budget "
     "(1 a day) or q=1e-2, level 0.98, drift guard 1000)": {},
     "smooth 5 without the cap (the previous default)": uncapped,
     "no smoothing": dict(smooth=1),
@@ -189,6 +196,7 @@ VARIANTS.update({
     "floor 0.05": dict(score_floor=0.05),
     "floor 0.2": dict(score_floor=0.2),
     "no constant-feature floor (0.1 for all)": _scored(no_const_floor),
+    "host-level columns scored (the previous default)": _scored(host_scored),
     "no alarm budget (SPOT q=1e-2)": dict(alarm_budget=0.0),
     "alarm budget 0.5 a day": dict(alarm_budget=0.5),
     "percentile 99 of the calibration scores": percentile99,

@@ -44,8 +44,8 @@ import scoring
 import tranad
 from config import Config, cli, cli_error
 from utils import (DataError, Entity, Scaler, create_sequences, interpretation_segments, load_dataset, log,
-                   scores_frame, set_seed, set_threads, split_train_val, time_step, window_to_point_scores,
-                   write_csv_atomic, write_json_atomic)
+                   scores_frame, set_seed, set_threads, shared_features, split_train_val, time_step,
+                   window_to_point_scores, write_csv_atomic, write_json_atomic)
 
 # the Config fields baselines.py takes: the data, its split and window, the scorer, the AE's batch
 READS = ("data", "entities", "out_dir", "smooth", "alarm_budget", "alarm_hold", "alarm_clear", "num_threads", "seed", "seq_len",
@@ -173,10 +173,11 @@ def point_output(out: dict, x: np.ndarray, seq_len: int) -> scoring.Reconstructi
     return scoring.Reconstruction(x, scores=window_to_point_scores(out["scores"], seq_len))
 
 
-def run_entity(ent: Entity, method: str, cfg: Config, opt: dict,
-               elsewhere: np.ndarray | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Fit one baseline on one entity; calibrate on the held-out rows (scoring.Scorer, as PUAD);
-    evaluate on test -> (its metrics, its test scores in test.py's scores_<entity>.csv columns)."""
+def run_entity(ent: Entity, method: str, cfg: Config, opt: dict, elsewhere: np.ndarray | None = None,
+               host: np.ndarray | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Fit one baseline on one entity; calibrate on the held-out rows (scoring.Scorer, as PUAD;
+    host: the data set's host-level features, named but not scored); evaluate on test -> (its
+    metrics, its test scores in test.py's scores_<entity>.csv columns)."""
     t0 = time.perf_counter()
     if ent.test is None:
         raise SystemExit(f"{ent.name}: no test split to score")
@@ -184,7 +185,8 @@ def run_entity(ent: Entity, method: str, cfg: Config, opt: dict,
     tr, held = split_train_val(scaler.transform(ent.train), cfg.val_frac, cfg.seq_len, cfg.val_blocks)
     model = FITTERS[method](np.concatenate([_flat(p, cfg.seq_len) for p in tr]), cfg, opt)
     calib = scoring.Reconstruction.concat([point_output(model(_flat(p, cfg.seq_len)), p, cfg.seq_len) for p in held])
-    scorer = scoring.Scorer.from_config(cfg).fit(calib, scoring.constant_features(ent.train), step_s=time_step([ent]))
+    scorer = scoring.Scorer.from_config(cfg).fit(calib, scoring.constant_features(ent.train), step_s=time_step([ent]),
+                                                 host=host)
     test = scaler.transform(ent.test)
     rec = point_output(model(_flat(test, cfg.seq_len)), test, cfg.seq_len)
     test_scores = scorer.score(rec)
@@ -239,12 +241,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     out: dict[str, dict] = {}
     tested = [e for e in entities if e.test is not None]
     elsewhere = metrics.elsewhere_masks({e.name: (e.test_ts, e.labels) for e in tested}, time_step(tested))
+    host = shared_features(entities)  # as train_safe.py stores in PUAD's checkpoint
     for method in methods:
         t0 = time.perf_counter()
         set_seed(cfg.seed)
         per_entity, scores = {}, {}
         for ent in entities:
-            per_entity[ent.name], scores[ent.name] = run_entity(ent, method, cfg, opt, elsewhere.get(ent.name))
+            per_entity[ent.name], scores[ent.name] = run_entity(ent, method, cfg, opt, elsewhere.get(ent.name), host)
             r = per_entity[ent.name]
             log.info("%s %s: auc_pr=%.3f f1=%.3f best_f1=%.3f (%.1fs)", method, ent.name,
                      r.get("auc_pr", float("nan")), r.get("f1", float("nan")),

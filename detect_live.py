@@ -261,7 +261,8 @@ def calibrate_new(model, ckpt: dict, cfg: Config, entity: str, st: EntityState, 
     those constant over them, the latent memory the history's (puad.history_memory)."""
     x = st.scaler.transform(raw)
     rows = puad.score_series(model, x, cfg.seq_len, False, **puad.score_kwargs(cfg, step_s))
-    calib = puad.CalibrationData(rows, scoring.constant_features(x), puad.history_memory(ckpt, entity))
+    calib = puad.CalibrationData(rows, scoring.constant_features(x), puad.history_memory(ckpt, entity),
+                                 puad.checkpoint_host(ckpt))
     return puad.fit_scorer(cfg, calib, step_s)
 
 

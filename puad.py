@@ -371,6 +371,7 @@ class CalibrationData:
     rows: Reconstruction                 # the calibration rows' reconstruction
     constant: np.ndarray                 # (V,) the features constant over the rows training saw
     memory: np.ndarray | None = None     # (M, d_theta) the latent term's normal windows; None: no term
+    host: np.ndarray | None = None       # (V,) the host-level features (checkpoint_host): named, not scored
 
 
 @dataclass
@@ -413,7 +414,7 @@ def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray,
                      name or "entity", len(rows), cfg.min_calib_rows, len(ckpt["history_calib"]["x"]))
             h = {k: v.numpy() for k, v in ckpt["history_calib"].items()}
             return CalibrationData(Reconstruction(h["x"], h["mu"], h.get("theta0")), h["constant"],
-                                   history_memory(ckpt, name))
+                                   history_memory(ckpt, name), checkpoint_host(ckpt))
         log.warning("%s: %d calibration rows (< --min_calib_rows=%d) and no history calibration in the "
                     "checkpoint (trained before it was stored): calibrating on them anyway",
                     name or "entity", len(rows), cfg.min_calib_rows)
@@ -426,7 +427,14 @@ def calibration_input(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray,
         before, held = split_train_val(x_train, cfg.val_frac, cfg.seq_len, cfg.val_blocks)
         # (a series too short to hold out rows validates on itself: no rows left for a memory)
         memory = latent_memory(model, before, cfg) if before[0] is not held[0] else None
-    return CalibrationData(out, scoring.constant_features(seen), memory)
+    return CalibrationData(out, scoring.constant_features(seen), memory, checkpoint_host(ckpt))
+
+
+def checkpoint_host(ckpt: dict) -> np.ndarray | None:
+    """The checkpoint's host-level features ((V,) bool; utils.shared_features of the entities it
+    was trained on), None in checkpoints from before them."""
+    host = ckpt.get("host")
+    return None if host is None else np.asarray(host, bool)
 
 
 def history_memory(ckpt: dict, name: str = "") -> np.ndarray | None:
@@ -490,7 +498,7 @@ def calibrate_entity(model: PUAD, ckpt: dict, cfg: Config, x_train: np.ndarray, 
 
 def fit_scorer(cfg: Config, calib: CalibrationData, step_s: float | None = None) -> scoring.Scorer:
     """A Scorer with cfg's options fitted on an entity's calibration data."""
-    return scoring.Scorer.from_config(cfg).fit(calib.rows, calib.constant, calib.memory, step_s)
+    return scoring.Scorer.from_config(cfg).fit(calib.rows, calib.constant, calib.memory, step_s, calib.host)
 
 
 def history_warning(scorer: scoring.Scorer, step_s: float | None, val_frac: float) -> str | None:

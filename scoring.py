@@ -239,7 +239,8 @@ class Scorer:
     training value (pinned_: the value, NaN for the others), each feature's usual named level
     (usual_), the latent term (memory_, latent_: its factor, 0 = off), the smoothing cap (cap_),
     the threshold (threshold_), the calibration median (median_) and last scores (recent_) the
-    drift guard starts from, and n_rows_.
+    drift guard starts from, and n_rows_. The host-level features (host_: the same values in
+    entities that share a node, utils.shared_features; None: none) are named but not scored.
     """
 
     def __init__(self, smooth: int = 5, score_floor: float = 0.1, latent_weight: float = 0.5, name_q: float = 0.9,
@@ -253,6 +254,7 @@ class Scorer:
         self.scale_: np.ndarray | None = None
         self.pinned_: np.ndarray | None = None
         self.usual_: np.ndarray | None = None
+        self.host_: np.ndarray | None = None
         self.memory_: Memory | None = None
         self.latent_ = 0.0
         self.cap_ = np.inf
@@ -269,12 +271,14 @@ class Scorer:
 
     # ---- fit
     def fit(self, calib: Reconstruction, constant: np.ndarray | None = None, memory: np.ndarray | None = None,
-            step_s: float | None = None) -> "Scorer":
+            step_s: float | None = None, host: np.ndarray | None = None) -> "Scorer":
         """Learn the normaliser, latent term, cap and threshold from the calibration rows.
         constant: (V,) the features constant over the train series; memory: (M, d) theta0 of the
         entity's normal windows (PUAD's latent term; None: no term); step_s: seconds between rows
-        (the alarm budget needs it)."""
+        (the alarm budget needs it); host: (V,) the host-level features, named but not scored (a
+        node's load moving is not evidence about one service on it: docs/decisions.md)."""
         self.n_rows_ = len(calib)
+        self.host_ = np.asarray(host, bool) if host is not None and np.any(host) else None
         if calib.scores is None:
             const = np.broadcast_to(np.asarray(False if constant is None else constant, bool), calib.x.shape[1:])
             self.pinned_ = np.where(const, np.asarray(calib.x, np.float64)[0], np.nan)
@@ -320,7 +324,7 @@ class Scorer:
         scalar model's own."""
         if rec.scores is not None:
             return np.asarray(rec.scores, np.float64)
-        return self.contributions(rec).mean(-1) + self.latent_term(rec.theta0)
+        return scored(self.contributions(rec), self.host_).mean(-1) + self.latent_term(rec.theta0)
 
     def score(self, rec: Reconstruction) -> np.ndarray:
         """Point scores (n,): higher = more anomalous (module docstring)."""
@@ -410,6 +414,12 @@ class Scorer:
         return np.log1p(np.maximum(c, 0.0))
 
 
+def scored(contrib: np.ndarray, host: np.ndarray | None) -> np.ndarray:
+    """The contributions that make the score: a host-level feature's (host, (..., V) bool) are 0;
+    the mean is still over every feature."""
+    return contrib if host is None else np.where(host, 0.0, contrib)
+
+
 def contributions_of(x: np.ndarray, mu: np.ndarray, center: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Each feature's contribution: its residual x - mu, less the normaliser's center, over its
     scale, squared, capped at MAX_CONTRIBUTION (Scorer.contributions; score_many for E series)."""
@@ -439,7 +449,8 @@ def score_many(scorers: list[Scorer], x: np.ndarray, mu: np.ndarray | None, thet
     usual = np.stack([np.ones(c.shape[-1]) if s.usual_ is None else s.usual_ for s in scorers])[None]
     c_named = c if fall is None else contributions_of(xt, t(mu) + t(fall), center, scale)
     named = np.minimum(smooth(attribution(c_named, xt, pinned), k) / usual, MAX_CONTRIBUTION)
-    return (np.swapaxes(smooth_scores(c.mean(-1) + latent, k, cap), 0, 1), np.swapaxes(named, 0, 1))
+    host = np.stack([np.zeros(c.shape[-1], bool) if s.host_ is None else s.host_ for s in scorers])[None]
+    return (np.swapaxes(smooth_scores(scored(c, host).mean(-1) + latent, k, cap), 0, 1), np.swapaxes(named, 0, 1))
 
 
 _BANK: list = [None]  # the last MemoryBank latent_many stacked: reused while its entities' memories are the same

@@ -36,7 +36,8 @@ from config import TRAINS, Config, cli
 from puad import (PUAD, build_model, checkpoint_args, fail, history_calibration, local_mismatch, local_path, model_args,
                   model_id, read_checkpoint, run_config, save_checkpoint)
 from utils import (DataError, Entity, LockError, Scaler, Windows, align_features, get_device, level_gauges, load_dataset,
-                   log, output_lock, set_seed, set_threads, split_train_val, time_step, write_csv_atomic)
+                   log, output_lock, set_seed, set_threads, shared_features, split_train_val, time_step,
+                   write_csv_atomic)
 from vae_loss import total_loss
 
 MAX_BAD_STEPS = 20  # non-finite losses in a row that stop a run (a divergence, not a bad batch)
@@ -316,6 +317,11 @@ def train_global(cfg: Config, device: torch.device) -> Path:
           f"{len(train_w)} train windows, {len(val_w)} validation windows")
     ckpt_path, last_path = Path(cfg.ckpt), Path(cfg.ckpt).with_suffix(".last.ckpt")
     level = level_mask(entities, cfg)
+    host = shared_features(entities)
+    if host.any():
+        print(f"host-level columns ({int(host.sum())}, the same values in entities that share a node; named, not "
+              "scored: docs/decisions.md): "
+              + ", ".join(f for f, m in zip(entities[0].features, host) if m))
     model = PUAD(cfg, len(entities[0].features)).to(device).set_level(level)
     model.pot.freeze_global(False)
     model.pot.beta_l.requires_grad_(False)  # not trained in stage 1 (DDP needs every trainable tensor used)
@@ -326,6 +332,7 @@ def train_global(cfg: Config, device: torch.device) -> Path:
                 scalers={k: s.state_dict() for k, s in scalers.items()}, stage="global", version=1,
                 step_s=time_step(entities),  # seconds between rows; detect_live.py polls at this step (None: row numbers)
                 level=[bool(v) for v in level],  # the level gauges (PUAD.set_level)
+                host=[bool(v) for v in host],  # the host-level columns (utils.shared_features): named, not scored
                 # pooled over every history entity: the scaler a new entity adapted from a few windows borrows
                 history_scaler=Scaler().fit(np.concatenate([used_rows(e, cfg) for e in entities])).state_dict())
 

@@ -510,6 +510,23 @@ def level_gauges(train: np.ndarray) -> np.ndarray:
     return (span > 0) & (span < LEVEL_RANGE * np.nanmax(np.abs(x), 0))
 
 
+def shared_features(entities: list["Entity"], min_rows: int = 60) -> np.ndarray:
+    """(V,) bool: the features that are host-level, i.e. identical in two entities' train series
+    over at least min_rows common timestamps while moving (a node's CPU read by every pod on that
+    node). Entities whose timestamps are row numbers share no clock and never match."""
+    feats = entities[0].features if entities else []
+    shared = np.zeros(len(feats), bool)
+    for i, a in enumerate(entities):
+        for b in entities[i + 1:]:
+            common, ia, ib = np.intersect1d(a.train_ts, b.train_ts, return_indices=True)
+            if len(common) < min_rows or np.array_equal(common, np.arange(len(common))):
+                continue
+            xa, xb = a.train[ia], b.train[ib]
+            same = np.all(np.isclose(xa, xb, rtol=1e-9, atol=0.0) | (np.isnan(xa) & np.isnan(xb)), 0)
+            shared |= same & (np.nanmax(xa, 0) > np.nanmin(xa, 0))
+    return shared
+
+
 def trailing_mean(x: np.ndarray, rows: int, history: np.ndarray | None = None) -> np.ndarray:
     """(n, V): each row's mean over the `rows` rows before it, `history` (rows before x, oldest
     first) counted as before x; fewer where fewer precede, the row itself where none does."""

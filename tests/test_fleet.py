@@ -388,14 +388,15 @@ def test_batched_scoring_with_local_and_global_entities():
 
 def test_kubernetes_metric_set_template_is_valid_promql(fleet):
     """deploy/metrics-kubernetes.yaml (docs/byo.md's template: cAdvisor CPU, memory, network,
-    threads; kube-state-metrics restarts and readiness; Istio's request rate, errors, latency)
+    threads; kube-state-metrics restarts and readiness; Istio's request rate, errors, latency, the
+    callers' latency)
     loads as a metric set, and every query, per service and grouped, is PromQL this Prometheus
     accepts (no cluster here: empty answers)."""
     from prometheus import grouped_query, load_metric_set, render_query
     ms = load_metric_set(ROOT / "deploy" / "metrics-kubernetes.yaml")
     columns = [m["column"] for m in ms["metrics"]]
     for column in ("cpu_rate", "memory_working_set", "net_rx_rate", "restarts", "pods_ready", "request_rate",
-                   "error_rate", "latency_p99"):
+                   "error_rate", "latency_p99", "caller_latency_p99"):
         assert column in columns, column
     assert set(sum(ms["interpretation"].values(), [])) <= set(columns)
     for m in ms["metrics"]:

@@ -77,6 +77,35 @@ def test_a_feature_is_named_for_leaving_its_own_normal_not_for_being_large():
     assert scoring.top_features(_apply(off, test, np.zeros((1, 2)))[1][0], ["noisy", "quiet"], 1)[0][0] == "noisy"
 
 
+def test_a_host_level_feature_is_named_but_not_scored():
+    """A host-level feature (a node's CPU, the same in every pod on the node: Scorer.fit's host)
+    adds nothing to the score however far it moves, but is still named when it moves with the
+    service's own; score_many gives each series what its scorer gives alone, host or not; an
+    all-False host is none (the scorer as before)."""
+    rng = np.random.default_rng(3)
+    n, V = 2000, 3
+    x = rng.normal(0, 0.2, size=(n, V))
+    cfg = _cfg("--smooth=1", "--latent_weight=0")
+    host = np.array([False, False, True])
+    plain, hosted = _fit(cfg, x, np.zeros((n, V))), scoring.Scorer.from_config(cfg).fit(
+        scoring.Reconstruction(x, np.zeros((n, V))), host=host)
+    assert plain.host_ is None and hosted.host_.tolist() == host.tolist()
+    assert scoring.Scorer.from_config(cfg).fit(scoring.Reconstruction(x, np.zeros((n, V))), host=np.zeros(V, bool)).host_ is None
+    test = np.zeros((3, V))
+    test[1, 2] = 5.0                # only the node moved: 25 sigma
+    test[2, 0], test[2, 2] = 5.0, 5.0  # the service and its node together
+    s_plain, _ = _apply(plain, test, np.zeros((3, V)))
+    s_host, named = _apply(hosted, test, np.zeros((3, V)))
+    assert s_plain[1] > plain.threshold_  # scored, the node alone alarms the service ...
+    assert s_host[1] == pytest.approx(s_host[0]) and s_host[1] < hosted.threshold_  # ... not with host
+    assert s_host[2] > hosted.threshold_
+    assert named[2, 2] > 1 and named[2, 2] == pytest.approx(named[2, 0], rel=0.2)  # the node is named beside it
+    scores, many_named = scoring.score_many([hosted, plain], np.stack([test, test]), np.zeros((2, 3, V)), None)
+    np.testing.assert_allclose(scores[0], s_host)
+    np.testing.assert_allclose(scores[1], s_plain)
+    np.testing.assert_allclose(many_named[0], named)
+
+
 def test_scalar_scores_get_the_same_smoothing_and_threshold_rule():
     rng = np.random.default_rng(1)
     cfg = _cfg("--smooth=4")

@@ -105,6 +105,27 @@ def test_plot_loss_draws_both_stages_and_refuses_bad_files(trained, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_checkpoint_records_the_host_level_columns(tmp_path):
+    """The lab's services share one machine: stage 1 stores its node_* columns as host-level
+    (utils.shared_features), and the calibration puad builds from the checkpoint carries them to
+    the Scorer, which then names but does not score them; a checkpoint without "host" has none."""
+    from conftest import ROOT
+    from puad import calibrate_entity, checkpoint_host
+    lab = ROOT / "Dataset" / "lab"
+    train_safe.main(args(tmp_path, lab, "--entities=payment,catalogue", "--stage=global", "--epochs=1",
+                         "--max_train_windows=256"))
+    ckpt = read_checkpoint(tmp_path / "puad.ckpt")
+    assert [f for f, m in zip(ckpt["features"], ckpt["host"]) if m] == [
+        "node_cpu_user", "node_cpu_system", "node_cpu_idle", "node_load1", "node_memory_available"]
+    model, cfg = build_model(ckpt)
+    ent = load_dataset(lab, ["payment"])[0]
+    x = Scaler.from_state(ckpt["scalers"]["payment"]).transform(ent.train)
+    assert calibrate_entity(model, ckpt, cfg, x, None, False, "payment").host_.tolist() == ckpt["host"]
+    del ckpt["host"]
+    assert checkpoint_host(ckpt) is None
+    assert calibrate_entity(model, ckpt, cfg, x, None, False, "payment").host_ is None
+
+
 def test_checkpoint_records_the_level_gauges(tmp_path):
     """Stage 1 marks the features that moved less than 10 % of their magnitude over train (the
     lab's memory columns) as level gauges in the checkpoint, and the model it builds centres them;
@@ -121,5 +142,6 @@ def test_checkpoint_records_the_level_gauges(tmp_path):
         assert model.level.tolist() == ckpt["level"]
     ckpt["level"] = [True] * len(ckpt["features"])
     assert build_model(ckpt)[0].has_level
+    assert not any(ckpt["host"])  # one entity shares nothing
     del ckpt["level"]
     assert not build_model(ckpt)[0].has_level

@@ -248,6 +248,44 @@ def test_level_gauges_and_trailing_mean():
     np.testing.assert_allclose(trailing_mean(x, 3, hist)[3:], got[3:])
 
 
+def test_shared_features_finds_the_columns_entities_on_one_node_share():
+    """A column with the same moving values in two entities over common timestamps is host-level
+    (a node's CPU read by every pod on it); a column that only correlates, one constant in both,
+    and entities whose timestamps are row numbers (no shared clock) are not; fewer than min_rows
+    common timestamps match nothing."""
+    from utils import Entity, shared_features
+    rng = np.random.default_rng(0)
+    ts = 1.7e9 + 60.0 * np.arange(200)
+    node, own_a, own_b = rng.normal(size=(3, 200))
+    a = Entity("a", ["node", "own", "flat"], np.column_stack([node, own_a, np.ones(200)]), ts)
+    b = Entity("b", ["node", "own", "flat"], np.column_stack([node, own_a + 1e-3 * own_b, np.ones(200)]), ts)
+    c = Entity("c", ["node", "own", "flat"], np.column_stack([own_b, own_b, np.ones(200)]), ts)
+    assert shared_features([a, b, c]).tolist() == [True, False, False]
+    assert shared_features([a, c]).tolist() == [False, False, False]
+    late = Entity("b", b.features, b.train[150:], ts[150:])  # 50 common timestamps only
+    assert shared_features([a, late]).tolist() == [False, False, False]
+    assert shared_features([a, late], min_rows=40).tolist() == [True, False, False]
+    rows = np.arange(200.0)
+    assert not shared_features([Entity("a", a.features, a.train, rows), Entity("b", b.features, b.train, rows)]).any()
+
+
+def test_shared_features_on_the_real_data_sets_are_their_node_columns():
+    """The lab's three services run on one machine: its node_* columns are host-level, and
+    nothing else is (the data set the repository carries). nezha_ob's Node* columns are shared
+    by the pods that sit on one node (checkout and currency); ASD's servers share none."""
+    from utils import shared_features
+    from conftest import DATASETS, ROOT
+    lab = load_dataset(ROOT / "Dataset" / "lab")
+    assert [f for f, m in zip(lab[0].features, shared_features(lab)) if m] == [
+        "node_cpu_user", "node_cpu_system", "node_cpu_idle", "node_load1", "node_memory_available"]
+    if not (DATASETS / "nezha_ob").is_dir() or not (DATASETS / "ASD").is_dir():
+        pytest.skip("../shared/datasets is absent")
+    nezha = load_dataset(DATASETS / "nezha_ob")
+    assert [f for f, m in zip(nezha[0].features, shared_features(nezha)) if m] == [
+        "NodeCpuUsageRate(%)", "NodeMemoryUsageRate(%)", "NodeNetworkReceiveBytes"]
+    assert not shared_features(load_dataset(DATASETS / "ASD")).any()
+
+
 def test_split_bounds_are_split_train_val_s_cuts():
     from utils import split_bounds, split_train_val
     x = np.arange(1000.0)[:, None]
