@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import glob
 import gzip
 import json
@@ -511,19 +512,30 @@ def level_gauges(train: np.ndarray) -> np.ndarray:
 
 
 def shared_features(entities: list["Entity"], min_rows: int = 60) -> np.ndarray:
-    """(V,) bool: the features that are host-level, i.e. identical in two entities' train series
-    over at least min_rows common timestamps while moving (a node's CPU read by every pod on that
-    node). Entities whose timestamps are row numbers share no clock and never match."""
+    """(V,) bool: the host-level features, those that hold the same moving values in two entities'
+    train series over the timestamps every entity has (at least min_rows of them): a node's CPU,
+    read by every pod on that node. Entities whose timestamps are row numbers share no clock and
+    never match (time_step is None). One pass per entity and feature (a hash of its column), so
+    a fleet of thousands costs what reading it does."""
     feats = entities[0].features if entities else []
     shared = np.zeros(len(feats), bool)
-    for i, a in enumerate(entities):
-        for b in entities[i + 1:]:
-            common, ia, ib = np.intersect1d(a.train_ts, b.train_ts, return_indices=True)
-            if len(common) < min_rows or np.array_equal(common, np.arange(len(common))):
+    if len(entities) < 2 or time_step(entities) is None:
+        return shared
+    core = functools.reduce(np.intersect1d, [np.asarray(e.train_ts) for e in entities])
+    if len(core) < min_rows:
+        return shared
+    rows = [np.intersect1d(core, e.train_ts, return_indices=True)[2] for e in entities]
+    for v in range(len(feats)):
+        seen: set[bytes] = set()
+        for e, r in zip(entities, rows):
+            col = np.asarray(e.train[r, v], np.float64) + 0.0  # -0.0 -> 0.0
+            if col.max() == col.min():  # constant: nothing to tell a node by
                 continue
-            xa, xb = a.train[ia], b.train[ib]
-            same = np.all(np.isclose(xa, xb, rtol=1e-9, atol=0.0) | (np.isnan(xa) & np.isnan(xb)), 0)
-            shared |= same & (np.nanmax(xa, 0) > np.nanmin(xa, 0))
+            key = col.tobytes()
+            if key in seen:
+                shared[v] = True
+                break
+            seen.add(key)
     return shared
 
 
