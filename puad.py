@@ -289,6 +289,9 @@ def build_model(ckpt: dict, device: torch.device | str = "cpu") -> tuple[PUAD, C
     if level is not None and len(level) != n:
         fail(f"checkpoint level has {len(level)} entries for {n} features")
     model.set_level(level)
+    host = ckpt.get("host")  # absent in checkpoints from before the host-level columns: none
+    if host is not None and len(host) != n:
+        fail(f"checkpoint host has {len(host)} entries for {n} features")
     model.eval()
     return model, cfg
 

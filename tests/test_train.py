@@ -121,6 +121,8 @@ def test_checkpoint_records_the_host_level_columns(tmp_path):
     ent = load_dataset(lab, ["payment"])[0]
     x = Scaler.from_state(ckpt["scalers"]["payment"]).transform(ent.train)
     assert calibrate_entity(model, ckpt, cfg, x, None, False, "payment").host_.tolist() == ckpt["host"]
+    with pytest.raises(SystemExit, match="checkpoint host has 2 entries for 16 features"):
+        build_model(dict(ckpt, host=[True, False]))
     del ckpt["host"]
     assert checkpoint_host(ckpt) is None
     assert calibrate_entity(model, ckpt, cfg, x, None, False, "payment").host_ is None

@@ -249,10 +249,10 @@ def test_level_gauges_and_trailing_mean():
 
 
 def test_shared_features_finds_the_columns_entities_on_one_node_share():
-    """A column with the same moving values in two entities over common timestamps is host-level
-    (a node's CPU read by every pod on it); a column that only correlates, one constant in both,
-    and entities whose timestamps are row numbers (no shared clock) are not; fewer than min_rows
-    common timestamps match nothing."""
+    """A column with the same moving values in two entities over the timestamps every entity has
+    is host-level (a node's CPU read by every pod on it); a column that only nearly matches, one
+    constant in both, and entities whose timestamps are row numbers (no shared clock) are not;
+    fewer than min_rows common timestamps match nothing."""
     from utils import Entity, shared_features
     rng = np.random.default_rng(0)
     ts = 1.7e9 + 60.0 * np.arange(200)
