@@ -118,6 +118,28 @@ def results_table(paths: list[str]) -> str:
     return "\n".join(out)
 
 
+def kinds_table(paths: list[str]) -> str:
+    """One row per run with fault kinds in its labels: the fault events caught of each kind, the
+    resource faults together (metrics.is_resource_fault) and the ORACLE ceiling for them alone
+    (the most caught at 1 false alarm event per entity-day, each entity's threshold chosen on its
+    labels for the resource faults) -> '' where no run has kinds."""
+    totals = {path: alert_totals(list(read_side(path).values())) for path in paths}
+    kinds = sorted({k for t in totals.values() for k in t.get("per_fault_events", {})})
+    if not kinds:
+        return ""
+    out = ["| run | " + " | ".join(kinds) + " | resource faults | resource faults at 1 false alarm / entity-day "
+           "(oracle) |", "|---" * (len(kinds) + 3) + "|"]
+    for path, tot in totals.items():
+        per = tot.get("per_fault_events", {})
+        cells = [f"{per[k]['caught']}/{per[k]['events']}" if k in per else "" for k in kinds]
+        res = tot.get("resource_faults")
+        cells.append(f"{res['caught']}/{res['events']} ({100 * res['caught_share']:.0f} %)" if res else "")
+        cells.append(f"{tot['resource_caught_at_budget_oracle']:.0f}/{res['events']}"
+                     if res and "resource_caught_at_budget_oracle" in tot else "")
+        out.append(f"| {path} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="compare.py", description=__doc__.split("\n")[0],
                                  epilog="--table RUN [RUN ...]: the results table of any number of runs instead "
@@ -135,6 +157,9 @@ def main(argv: list[str] | None = None) -> None:
         if not runs or any(a.startswith("--") for a in runs):
             cli_error("--table takes one or more metrics.json (or folders), and no other option")
         print(results_table(runs))
+        kinds = kinds_table(runs)
+        if kinds:
+            print("\nFault events caught per kind:\n\n" + kinds)
         return
     args = ap.parse_args(argv)
     if args.boot < 100:

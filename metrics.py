@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -580,17 +581,38 @@ def elsewhere_masks(series: Mapping[str, tuple[np.ndarray, np.ndarray | None]], 
     return out
 
 
-def alert_frontier_oracle(scores: Any, labels: Any, faults: Any | None = None, kind: str | None = None,
-                          max_cuts: int = 400) -> list[list[int]]:
+def is_resource_fault(kind: str) -> bool:
+    """A fault kind that starves or slows a service (CPU, memory, disk or network), as opposed to a
+    code defect (nezha_ob's return and exception) or a pod's loss: the kind's name mentions cpu,
+    memory, disk, io or network (nezha_ob's cpu_contention, cpu_consumed and network_delay, the
+    lab's cpu-stress, memory-stress and network-delay; Chaos Mesh's StressChaos, NetworkChaos and
+    IOChaos names alike)."""
+    return bool(re.search(r"cpu|mem|disk|network|(?<![a-z])io(?![a-z])", str(kind).lower()))
+
+
+def _caught_of(a: Mapping[str, Any], kind: str | Callable[[str], bool] | None) -> int:
+    """The fault events of alert_metrics' result `a` caught: all, of one kind, or of the kinds a
+    predicate accepts (is_resource_fault)."""
+    if kind is None:
+        return a["faults_caught"]
+    per = a.get("per_fault_events", {})
+    if callable(kind):
+        return sum(v["caught"] for k, v in per.items() if kind(k))
+    return per.get(kind, {}).get("caught", 0)
+
+
+def alert_frontier_oracle(scores: Any, labels: Any, faults: Any | None = None,
+                          kind: str | Callable[[str], bool] | None = None, max_cuts: int = 400) -> list[list[int]]:
     """ORACLE (labels choose the threshold): over thresholds at the max_cuts highest scores (flags
     score >= cut, neither held nor cleared), the most fault events caught (of `kind` only, where
-    given) at each count of false alarm events -> [[false alarm events, caught], ...], fewer
-    false alarms first, each pair catching more than the one before."""
+    given: a kind, or a predicate on kinds such as is_resource_fault) at each count of false alarm
+    events -> [[false alarm events, caught], ...], fewer false alarms first, each pair catching
+    more than the one before."""
     s, y = _scores(scores), _labels(labels)
     best: dict[int, int] = {0: 0}
     for t in np.unique(s)[::-1][:max_cuts]:
         a = alert_metrics(s >= t, y, faults)
-        c = a["faults_caught"] if kind is None else a.get("per_fault_events", {}).get(kind, {}).get("caught", 0)
+        c = _caught_of(a, kind)
         best[a["false_alarm_events"]] = max(best.get(a["false_alarm_events"], 0), c)
     front: list[list[int]] = []
     for fa in sorted(best):
@@ -616,7 +638,7 @@ def ceiling_oracle(frontiers: list[tuple[list[list[int]], float]], budget: float
 
 
 def oracle_alert_ceiling(series: list[tuple[np.ndarray, np.ndarray, np.ndarray | None, float | None]],
-                         budget: float = 1.0, kind: str | None = None) -> tuple[int, int]:
+                         budget: float = 1.0, kind: str | Callable[[str], bool] | None = None) -> tuple[int, int]:
     """ORACLE (labels choose the thresholds): the most fault events the scores could catch with at
     most `budget` false alarm events per entity-day over all the entities together, each entity's
     threshold chosen with its labels (ceiling_oracle over their alert_frontier_oracle). What no
@@ -627,8 +649,9 @@ def oracle_alert_ceiling(series: list[tuple[np.ndarray, np.ndarray, np.ndarray |
     frontiers, total = [], 0
     for s, y, faults, step in series:
         frontiers.append((alert_frontier_oracle(s, y, faults, kind), len(s) * (step or 60.0) / DAY_S))
-        a = alert_metrics(np.zeros(len(s), bool), y, faults)
-        total += a["fault_events"] if kind is None else a.get("per_fault_events", {}).get(kind, {}).get("events", 0)
+        per = alert_metrics(np.zeros(len(s), bool), y, faults).get("per_fault_events", {})
+        total += sum(v["events"] for k, v in per.items()
+                     if kind is None or (kind(k) if callable(kind) else k == kind))
     return ceiling_oracle(frontiers, budget), total
 
 
@@ -697,6 +720,8 @@ def evaluate(scores: Any, threshold: float | np.ndarray, labels: Any | None,
     )
     out.update(alert_metrics(held_alarms(pred, hold, clear), y, faults, step_s, elsewhere))
     out["alert_frontier_oracle"] = alert_frontier_oracle(s, y, faults)
+    if any(is_resource_fault(k) for k in out.get("per_fault_events", {})):
+        out["alert_frontier_resource_oracle"] = alert_frontier_oracle(s, y, faults, is_resource_fault)
     if faults is not None:
         out["per_fault"] = per_fault(s, y, pred, faults)
     return out
@@ -774,10 +799,15 @@ def alert_totals(per_entity: list[Mapping[str, Any]]) -> dict[str, Any]:
         tot["false_alarms_quiet"] = tot["false_alarm_events"] - tot["false_alarms_elsewhere"]
         tot["false_alarms_quiet_per_day"] = tot["false_alarms_quiet"] / tot["days"] if tot.get("days") else NAN
     tot["faults_caught_share"] = tot["faults_caught"] / tot["fault_events"] if tot.get("fault_events") else NAN
-    fronts = [(e["alert_frontier_oracle"], e["days"] if is_num(e.get("days")) and e["days"] == e["days"]
-               else e.get("n_points", 0) / 1440.0) for e in per_entity if "alert_frontier_oracle" in e]
-    if fronts:  # labels chose each entity's threshold: an ORACLE beside the label-free figures
-        tot["caught_at_budget_oracle"] = float(ceiling_oracle(fronts, 1.0))
+    ranked = [e for e in per_entity if "alert_frontier_oracle" in e]
+    days = [e["days"] if is_num(e.get("days")) and e["days"] == e["days"] else e.get("n_points", 0) / 1440.0
+            for e in ranked]
+    if ranked:  # labels chose each entity's threshold: an ORACLE beside the label-free figures
+        tot["caught_at_budget_oracle"] = float(ceiling_oracle(
+            [(e["alert_frontier_oracle"], d) for e, d in zip(ranked, days)], 1.0))
+    if any("alert_frontier_resource_oracle" in e for e in ranked):  # the same, resource faults only
+        tot["resource_caught_at_budget_oracle"] = float(ceiling_oracle(
+            [(e.get("alert_frontier_resource_oracle", [[0, 0]]), d) for e, d in zip(ranked, days)], 1.0))
     kinds: dict[str, dict[str, float]] = {}
     for e in per_entity:
         for kind, v in e.get("per_fault_events", {}).items():
@@ -786,6 +816,10 @@ def alert_totals(per_entity: list[Mapping[str, Any]]) -> dict[str, Any]:
             k["caught"] += v["caught"]
     if kinds:
         tot["per_fault_events"] = {k: dict(v, caught_share=v["caught"] / v["events"]) for k, v in kinds.items()}
+        res = [v for k, v in kinds.items() if is_resource_fault(k)]
+        if res:
+            n, c = sum(v["events"] for v in res), sum(v["caught"] for v in res)
+            tot["resource_faults"] = {"events": n, "caught": c, "caught_share": c / n}
     return tot
 
 

@@ -65,8 +65,12 @@ def alerts_text(m: dict) -> str:
               if "false_alarms_elsewhere" in m else "")
     ceiling = (f" (ORACLE, each threshold chosen on the labels: at most {m['caught_at_budget_oracle']:.0f} at 1 false "
                "alarm per entity-day)" if "caught_at_budget_oracle" in m else "")
+    res = m.get("resource_faults")
+    resource = (f"; resource faults {res['caught']:.0f}/{res['events']:.0f}" + (
+        f" (ORACLE: at most {m['resource_caught_at_budget_oracle']:.0f} at 1 false alarm per entity-day)"
+        if "resource_caught_at_budget_oracle" in m else "") if res else "")
     return (f"false alarms {m['false_alarm_events']:.0f} ({per}{during}), faults caught "
-            f"{m['faults_caught']:.0f}/{m['fault_events']:.0f}{ceiling}")
+            f"{m['faults_caught']:.0f}/{m['fault_events']:.0f}{ceiling}{resource}")
 
 
 def when(t) -> str:

@@ -78,3 +78,31 @@ def test_results_table_sums_alerts_and_knapsacks_the_oracle_ceiling(tmp_path):
     assert cells["false alarms / entity-day"] == "1.00" and cells["faults caught"] == "2 / 4"
     assert cells["caught at 1 false alarm / entity-day (oracle)"] == "3 / 4"
     assert cells["AUC-PR"] == "0.500"
+
+
+def test_table_counts_fault_kinds_and_the_resource_ceiling(tmp_path):
+    """--table prints a per-kind table where the runs' labels name fault kinds: each kind's caught
+    / events summed over entities, the resource kinds together (cpu_*, network_* but not exception)
+    and their oracle ceiling knapsacked over the entities' resource frontiers (a's (1, 1) and b's
+    (1, 1) fit two one-day entities' budget of 2, a's (4, 2) does not); no kinds, no second table."""
+    ent = dict(auc_pr=0.5, f1=0.4, false_alarm_events=1, fault_events=3, faults_caught=2, days=1.0, n_points=1440,
+               alert_frontier_oracle=[[0, 0], [1, 2]])
+    a = dict(ent, per_fault_events={"cpu_contention": {"events": 1, "caught": 1},
+                                    "network_delay": {"events": 1, "caught": 0},
+                                    "exception": {"events": 1, "caught": 1}},
+             alert_frontier_resource_oracle=[[0, 0], [1, 1], [4, 2]])
+    b = dict(ent, per_fault_events={"network_delay": {"events": 2, "caught": 1},
+                                    "exception": {"events": 1, "caught": 1}},
+             alert_frontier_resource_oracle=[[0, 0], [1, 1]])
+    r = _run("--table", _write(tmp_path / "run.json", {"a": a, "b": b}))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert "Fault events caught per kind:" in lines
+    head, row = lines[-3], lines[-1]
+    cells = dict(zip([c.strip() for c in head.split("|")[1:-1]], [c.strip() for c in row.split("|")[1:-1]]))
+    assert cells["cpu_contention"] == "1/1" and cells["network_delay"] == "1/3" and cells["exception"] == "2/2"
+    assert cells["resource faults"] == "2/4 (50 %)"
+    assert cells["resource faults at 1 false alarm / entity-day (oracle)"] == "2/4"
+    plain = {k: v for k, v in ent.items()}
+    r = _run("--table", _write(tmp_path / "plain.json", {"a": plain}))
+    assert r.returncode == 0 and "per kind" not in r.stdout

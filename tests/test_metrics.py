@@ -501,3 +501,38 @@ def test_oracle_alert_ceiling_is_a_knapsack_over_entities_and_per_kind():
     assert fronts[0]["alert_frontier_oracle"] == [[0, 0], [1, 2]]  # the spike tops both faults
     assert fronts[1]["alert_frontier_oracle"] == [[0, 0], [3, 1]]
     assert metrics.alert_totals(fronts)["caught_at_budget_oracle"] == 2
+
+
+def test_resource_faults_are_counted_and_ceilinged_apart_from_code_defects():
+    """Resource faults (CPU, memory, disk, network) summed over their kinds in alert_totals, and
+    their own ORACLE ceiling: the thresholds chosen for them alone. One entity-day holds a CPU
+    fault that tops everything, an exception just below it and a network delay under three false
+    spikes; the other holds only an exception. At 1 false alarm per entity-day (2 in all) the
+    thresholds catch both of the first entity's top faults and the second's exception, but the
+    network delay would cost 3 false alarms: 1 of the 2 resource faults."""
+    import metrics
+    assert all(map(metrics.is_resource_fault, ("cpu_contention", "cpu_consumed", "network_delay", "cpu-stress",
+                                               "memory-stress", "network-delay", "io_stress", "disk-fill")))
+    assert not any(map(metrics.is_resource_fault, ("return", "exception", "pod-failure", "unlabelled", "ratio")))
+    rng = np.random.default_rng(0)
+    ents, series = [], []
+    for spans in ({"cpu_contention": (100, 9.0), "exception": (300, 8.0), "network_delay": (500, 3.0),
+                   "": (700, 4.0), " ": (900, 5.0), "  ": (1100, 4.5)},
+                  {"exception": (100, 9.0), "": (700, 6.0)}):
+        s, y, kinds = rng.uniform(0, 1, 1440), np.zeros(1440, int), np.array([""] * 1440, dtype=object)
+        for kind, (a, v) in spans.items():
+            n = 4 if kind.strip() else 1
+            s[a:a + n] = v
+            if kind.strip():
+                y[a:a + n], kinds[a:a + n] = 1, kind
+        ents.append(metrics.evaluate(s, 7.0, y, kinds, step_s=60.0))
+        series.append((s, y, kinds, 60.0))
+    assert metrics.oracle_alert_ceiling(series, kind=metrics.is_resource_fault) == (1, 2)
+    assert metrics.oracle_alert_ceiling(series, budget=3.0, kind=metrics.is_resource_fault) == (2, 2)
+    assert ents[0]["alert_frontier_resource_oracle"] == [[0, 1], [3, 2]]
+    assert "alert_frontier_resource_oracle" not in ents[1]
+    tot = metrics.alert_totals(ents)
+    assert tot["resource_faults"] == {"events": 2, "caught": 1, "caught_share": 0.5}  # the label-free 7.0
+    assert tot["per_fault_events"]["exception"]["caught"] == 2
+    assert tot["caught_at_budget_oracle"] == 3  # both exceptions and the CPU fault, no false alarm
+    assert tot["resource_caught_at_budget_oracle"] == 1
