@@ -590,15 +590,14 @@ def is_resource_fault(kind: str) -> bool:
     return bool(re.search(r"cpu|mem|disk|network|(?<![a-z])io(?![a-z])", str(kind).lower()))
 
 
-def _caught_of(a: Mapping[str, Any], kind: str | Callable[[str], bool] | None) -> int:
-    """The fault events of alert_metrics' result `a` caught: all, of one kind, or of the kinds a
-    predicate accepts (is_resource_fault)."""
+def _count_of(a: Mapping[str, Any], kind: str | Callable[[str], bool] | None, field: str) -> int:
+    """alert_metrics' result `a` counted over its fault events ("events") or those caught
+    ("caught"): all of them, one kind's, or those of the kinds a predicate accepts
+    (is_resource_fault)."""
     if kind is None:
-        return a["faults_caught"]
-    per = a.get("per_fault_events", {})
-    if callable(kind):
-        return sum(v["caught"] for k, v in per.items() if kind(k))
-    return per.get(kind, {}).get("caught", 0)
+        return a["fault_events" if field == "events" else "faults_caught"]
+    match = kind if callable(kind) else kind.__eq__
+    return sum(v[field] for k, v in a.get("per_fault_events", {}).items() if match(k))
 
 
 def alert_frontier_oracle(scores: Any, labels: Any, faults: Any | None = None,
@@ -612,7 +611,7 @@ def alert_frontier_oracle(scores: Any, labels: Any, faults: Any | None = None,
     best: dict[int, int] = {0: 0}
     for t in np.unique(s)[::-1][:max_cuts]:
         a = alert_metrics(s >= t, y, faults)
-        c = _caught_of(a, kind)
+        c = _count_of(a, kind, "caught")
         best[a["false_alarm_events"]] = max(best.get(a["false_alarm_events"], 0), c)
     front: list[list[int]] = []
     for fa in sorted(best):
@@ -649,9 +648,7 @@ def oracle_alert_ceiling(series: list[tuple[np.ndarray, np.ndarray, np.ndarray |
     frontiers, total = [], 0
     for s, y, faults, step in series:
         frontiers.append((alert_frontier_oracle(s, y, faults, kind), len(s) * (step or 60.0) / DAY_S))
-        per = alert_metrics(np.zeros(len(s), bool), y, faults).get("per_fault_events", {})
-        total += sum(v["events"] for k, v in per.items()
-                     if kind is None or (kind(k) if callable(kind) else k == kind))
+        total += _count_of(alert_metrics(np.zeros(len(s), bool), y, faults), kind, "events")
     return ceiling_oracle(frontiers, budget), total
 
 

@@ -475,6 +475,19 @@ def test_false_alarms_during_another_entitys_fault_are_counted_apart():
     assert tot["false_alarms_quiet_per_day"] == pytest.approx(2 / (2 * 10 * 60 / 86400))
 
 
+def _spiked_day(rng: np.random.Generator, spans: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A day of 1,440 uniform(0, 1) scores with, for each kind -> (start, value), a 4-point
+    labelled fault of that kind at that value, or a 1-point false spike where the kind is blank
+    -> scores, labels, fault kinds."""
+    s, y, kinds = rng.uniform(0, 1, 1440), np.zeros(1440, int), np.array([""] * 1440, dtype=object)
+    for kind, (a, v) in spans.items():
+        n = 4 if kind.strip() else 1
+        s[a:a + n] = v
+        if kind.strip():
+            y[a:a + n], kinds[a:a + n] = 1, kind
+    return s, y, kinds
+
+
 def test_oracle_alert_ceiling_is_a_knapsack_over_entities_and_per_kind():
     """metrics.oracle_alert_ceiling (an ORACLE: labels choose each entity's threshold): with one
     false alarm event per entity-day over two one-day entities (2 in all), A's threshold goes
@@ -485,17 +498,13 @@ def test_oracle_alert_ceiling_is_a_knapsack_over_entities_and_per_kind():
     series = []
     for spans in ({"cpu": (100, 5.0), "net": (800, 3.0), "": (500, 9.0)},
                   {"net": (200, 2.0), " ": (300, 4.0), "  ": (600, 4.5), "   ": (900, 6.0)}):
-        s, y, kinds = rng.uniform(0, 1, 1440), np.zeros(1440, int), np.array([""] * 1440, dtype=object)
-        for kind, (a, v) in spans.items():
-            n = 4 if kind.strip() else 1
-            s[a:a + n] = v
-            if kind.strip():
-                y[a:a + n], kinds[a:a + n] = 1, kind
+        s, y, kinds = _spiked_day(rng, spans)
         series.append((s, y, kinds, 60.0))
     assert metrics.oracle_alert_ceiling(series) == (2, 3)
     assert metrics.oracle_alert_ceiling(series, kind="net") == (1, 2)
     assert metrics.oracle_alert_ceiling(series, kind="cpu") == (1, 1)
     assert metrics.oracle_alert_ceiling(series, budget=2.0) == (3, 3)
+    assert metrics.oracle_alert_ceiling([(s, y, None, st) for s, y, _, st in series]) == (2, 3)  # no fault column
     # the same through evaluate's frontiers and alert_totals (what test.py and baselines.py report)
     fronts = [metrics.evaluate(s, 0.5, y, kinds, step_s=60.0) for s, y, kinds, _ in series]
     assert fronts[0]["alert_frontier_oracle"] == [[0, 0], [1, 2]]  # the spike tops both faults
@@ -519,12 +528,7 @@ def test_resource_faults_are_counted_and_ceilinged_apart_from_code_defects():
     for spans in ({"cpu_contention": (100, 9.0), "exception": (300, 8.0), "network_delay": (500, 3.0),
                    "": (700, 4.0), " ": (900, 5.0), "  ": (1100, 4.5)},
                   {"exception": (100, 9.0), "": (700, 6.0)}):
-        s, y, kinds = rng.uniform(0, 1, 1440), np.zeros(1440, int), np.array([""] * 1440, dtype=object)
-        for kind, (a, v) in spans.items():
-            n = 4 if kind.strip() else 1
-            s[a:a + n] = v
-            if kind.strip():
-                y[a:a + n], kinds[a:a + n] = 1, kind
+        s, y, kinds = _spiked_day(rng, spans)
         ents.append(metrics.evaluate(s, 7.0, y, kinds, step_s=60.0))
         series.append((s, y, kinds, 60.0))
     assert metrics.oracle_alert_ceiling(series, kind=metrics.is_resource_fault) == (1, 2)
